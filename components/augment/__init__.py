@@ -1,0 +1,1 @@
+from components.augment.component import augment  # noqa: F401

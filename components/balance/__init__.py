@@ -1,0 +1,1 @@
+from components.balance.component import balance  # noqa: F401

@@ -1,0 +1,29 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def balance(
+    views: Input[Dataset],
+    balance: Output[Dataset],
+    class_counts: Output[Markdown],
+):
+    """Count images per class and split, and compute the training class weights.
+
+    Args:
+        views: Cropped views dataset.
+        balance: Output folder: ``balance.json`` (class weights, counts) and ``class_counts.csv``.
+        class_counts: The per-split class counts as a Markdown table for the UI.
+    """
+    import pandas as pd
+
+    from triview.stages import balance_stage
+
+    rec = balance_stage(views.path, balance.path)
+    balance.metadata.update({"imbalance_ratio": rec["imbalance_ratio"],
+                             "class_weights": rec["class_weights"]})
+    table = pd.read_csv(f"{balance.path}/class_counts.csv")
+    with open(class_counts.path, "w") as fh:
+        fh.write("# Images per class and split\n\n" + table.to_markdown(index=False) + "\n")

@@ -1,0 +1,1 @@
+from components.calibrate_and_crop.component import calibrate_and_crop  # noqa: F401

@@ -1,0 +1,1 @@
+from components.evaluate.component import evaluate  # noqa: F401

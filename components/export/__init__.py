@@ -1,0 +1,1 @@
+from components.export.component import export  # noqa: F401

@@ -1,0 +1,1 @@
+from components.ingest.component import ingest  # noqa: F401

@@ -1,0 +1,1 @@
+from components.train_voter.component import train_voter  # noqa: F401

@@ -1,0 +1,35 @@
+from kfp import dsl
+from kfp.dsl import Input, Markdown, Model, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def train_voter(
+    branch_1: Input[Model],
+    branch_2: Input[Model],
+    branch_3: Input[Model],
+    voter: Output[Model],
+    candidates: Output[Markdown],
+    seed: int = 0,
+):
+    """Fit the voter on the branches' validation probabilities and pick the best candidate.
+
+    Args:
+        branch_1: First view's trained branch (with its validation probabilities).
+        branch_2: Second view's trained branch.
+        branch_3: Third view's trained branch.
+        voter: Output folder: ``voter.json`` (the chosen voter) and ``candidates.csv``.
+        candidates: Validation scores of every candidate voter, as Markdown.
+        seed: Seed of the cross-validation folds.
+    """
+    import pandas as pd
+
+    from triview.stages import train_voter_stage
+
+    dirs = [branch_1.path, branch_2.path, branch_3.path]
+    rec = train_voter_stage(dirs, voter.path, seed=seed)
+    voter.metadata.update({"method": rec["method"], "val_macro_f1": rec["val_macro_f1"]})
+    with open(candidates.path, "w") as fh:
+        fh.write("# Voter candidates (validation split)\n\n"
+                 + pd.DataFrame(rec["candidates"]).to_markdown(index=False) + "\n")

@@ -1,0 +1,1 @@
+"""The triview DAG, its compiled IR YAML and the local (kfp.local) runner."""

@@ -1,0 +1,65 @@
+"""Run the compiled DAG on this machine with kfp.local (the embedded default).
+
+This is the same ``triview_pipeline`` that is compiled for Kubeflow; kfp.local's
+SubprocessRunner runs each task as a subprocess of this Python environment and
+keeps every artifact under ``<out>/pipeline_root``.
+"""
+import inspect
+import time
+import warnings
+from pathlib import Path
+
+from kfp import local
+
+from pipelines.triview_pipeline import triview_pipeline
+from triview.summary import build_summary, write_summary
+
+
+def pipeline_parameters() -> dict[str, inspect.Parameter]:
+    """The pipeline's parameters with their defaults and annotated types."""
+    return dict(inspect.signature(triview_pipeline.pipeline_func).parameters)
+
+
+def parse_params(pairs: list[str]) -> dict:
+    """Turn ``k=v`` strings into pipeline arguments of the declared types."""
+    params = pipeline_parameters()
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ValueError(f"--param expects key=value, got {pair!r}")
+        if key not in params or key == "data":
+            raise ValueError(f"unknown pipeline parameter {key!r}; known: "
+                             f"{sorted(k for k in params if k != 'data')}")
+        kind = params[key].annotation
+        try:
+            out[key] = kind(value) if kind is not bool else value.lower() in ("1", "true", "yes")
+        except ValueError:
+            raise ValueError(f"parameter {key!r} expects {kind.__name__}, got {value!r}") from None
+    return out
+
+
+def run_local(data: str, out_dir: str, params: dict | None = None) -> dict:
+    """Run the whole DAG locally; write and return ``<out_dir>/run_summary.json``."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = str(Path(data).resolve())
+    if not Path(data_path).exists():
+        raise FileNotFoundError(f"input {data!r} does not exist")
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(out / "pipeline_root"), raise_on_error=True)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # kfp.local warns that our cluster images are not Python images; locally it uses this venv.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        result = triview_pipeline(data=data_path, **(params or {}))
+    seconds = time.perf_counter() - start
+    model_dir = Path(result.outputs["model"].path)
+    report = Path(result.outputs["report"].path)
+    run_dir = model_dir.parent.parent  # <root>/<run>/<task>/<output>
+    summary = build_summary(run_dir, model_dir, report)
+    summary["dag_seconds"] = round(seconds, 1)
+    summary["parameters"] = {"data": data_path, **(params or {})}
+    write_summary(summary, out)
+    return summary

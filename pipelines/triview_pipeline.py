@@ -1,0 +1,89 @@
+"""The triview DAG: ingest -> calibrate-and-crop -> balance -> augment ->
+train-branch x3 -> train-voter -> evaluate -> export."""
+
+from typing import NamedTuple
+
+from kfp import compiler, dsl
+from kfp.dsl import HTML, Model
+
+from components.augment import augment
+from components.balance import balance
+from components.calibrate_and_crop import calibrate_and_crop
+from components.evaluate import evaluate
+from components.export import export
+from components.ingest import ingest
+from components.train_branch import train_branch
+from components.train_voter import train_voter
+
+PIPELINE_NAME = "triview"
+#: Display names of the three branch tasks (horizontal layout; vertical is top/center/bottom).
+BRANCH_NAMES = ("left", "center", "right")
+
+
+@dsl.pipeline(name=PIPELINE_NAME,
+              description="Multi-view image classification: three cropped views, one backbone "
+                          "each, a learned voter, evaluation and export.")
+def triview_pipeline(
+    data: str,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    min_size: int = 8,
+    layout: str = "horizontal",
+    overlap: float = 0.5,
+    image_size: int = 32,
+    calibration_file: str = "",
+    augment_copies: int = 1,
+    noise_std: float = 0.05,
+    max_rotation: float = 50.0,
+    border_mode: str = "constant",
+    backbone: str = "shufflenet_v2_x1_0",
+    epochs: int = 8,
+    batch_size: int = 128,
+    lr: float = 0.003,
+    lrf: float = 0.05,
+    hidden: int = 0,
+) -> NamedTuple("Outputs", model=Model, report=HTML):
+    ingest_task = ingest(data=data, seed=seed, val_fraction=val_fraction,
+                         test_fraction=test_fraction, min_size=min_size)
+    ingest_task.set_display_name("ingest")
+    crop_task = calibrate_and_crop(dataset=ingest_task.outputs["dataset"], layout=layout,
+                                   overlap=overlap, image_size=image_size,
+                                   calibration_file=calibration_file)
+    crop_task.set_display_name("calibrate-and-crop")
+    balance_task = balance(views=crop_task.outputs["views"])
+    balance_task.set_display_name("balance")
+    augment_task = augment(views=crop_task.outputs["views"], copies=augment_copies,
+                           noise_std=noise_std, max_rotation=max_rotation,
+                           border_mode=border_mode, seed=seed)
+    augment_task.set_display_name("augment")
+
+    branches = []
+    for index, name in enumerate(BRANCH_NAMES):
+        task = train_branch(views=crop_task.outputs["views"],
+                            augmented=augment_task.outputs["augmented"],
+                            balance=balance_task.outputs["balance"], view_index=index,
+                            backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
+                            lrf=lrf, hidden=hidden, seed=seed)
+        task.set_display_name(f"train-branch-{name}")
+        branches.append(task.outputs["model"])
+
+    voter_task = train_voter(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
+                             seed=seed)
+    voter_task.set_display_name("train-voter")
+    eval_task = evaluate(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
+                         voter=voter_task.outputs["voter"])
+    eval_task.set_display_name("evaluate")
+    export_task = export(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
+                         voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
+                         evaluation=eval_task.outputs["evaluation"])
+    export_task.set_display_name("export")
+
+    outputs = NamedTuple("Outputs", model=Model, report=HTML)
+    return outputs(model=export_task.outputs["model"], report=eval_task.outputs["report"])
+
+
+def compile_pipeline(package_path: str) -> str:
+    """Write the pipeline's IR YAML to ``package_path``."""
+    compiler.Compiler().compile(pipeline_func=triview_pipeline, package_path=package_path)
+    return package_path

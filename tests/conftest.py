@@ -1,0 +1,71 @@
+"""Shared fixtures: a small real digits data set pushed through the first stages once."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# Keep each test process to the machine's two cores without oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    from triview.demo import write_digits
+
+    folder = tmp_path_factory.mktemp("digits")
+    write_digits(folder, per_class=40)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ingested(digits_dir, tmp_path_factory) -> Path:
+    from triview.stages import ingest_stage
+
+    out = tmp_path_factory.mktemp("ingested")
+    ingest_stage(str(digits_dir), out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cropped(ingested, tmp_path_factory) -> Path:
+    from triview.stages import calibrate_and_crop_stage
+
+    out = tmp_path_factory.mktemp("cropped")
+    calibrate_and_crop_stage(ingested, out, image_size=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def balanced(cropped, tmp_path_factory) -> Path:
+    from triview.stages import balance_stage
+
+    out = tmp_path_factory.mktemp("balanced")
+    balance_stage(cropped, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def augmented(cropped, tmp_path_factory) -> Path:
+    from triview.stages import augment_stage
+
+    out = tmp_path_factory.mktemp("augmented")
+    augment_stage(cropped, out, copies=1, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(cropped, augmented, balanced, tmp_path_factory) -> dict[str, Path]:
+    """Three briefly trained branches (enough to exercise voter, evaluate and export)."""
+    from triview.stages import train_branch_stage
+
+    out = {}
+    for view in ("left", "center", "right"):
+        d = tmp_path_factory.mktemp(f"branch_{view}")
+        train_branch_stage(cropped, augmented, balanced, view, d, epochs=3, batch_size=32, seed=0)
+        out[view] = d
+    return out

@@ -1,0 +1,59 @@
+"""End-to-end: the real kfp.local DAG, through the CLI, on real digits."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from triview.demo import write_digits
+
+STAGES = {"ingest", "calibrate-and-crop", "balance", "augment", "train-branch-left",
+          "train-branch-center", "train-branch-right", "train-voter", "evaluate", "export"}
+
+
+def _run(data: Path, out: Path, *params: str) -> dict:
+    cmd = [str(Path(sys.executable).parent / "triview"), "run", "--data", str(data),
+           "--out", str(out)] + [a for p in params for a in ("--param", p)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ensemble" in proc.stdout
+    return json.loads((out / "run_summary.json").read_text())
+
+
+def _check_contract(summary: dict, n_images: int) -> None:
+    assert set(summary["views"]) == {"left", "center", "right"}
+    for scores in list(summary["views"].values()) + [summary["ensemble"]]:
+        assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["macro_f1"] <= 1.0
+    assert summary["ensemble"]["method"]
+    c = summary["counts"]
+    assert c["train"] + c["val"] + c["test"] + c["quarantined"] == n_images
+    assert set(summary["stages"]) == STAGES
+    assert all(s["seconds"] > 0 for s in summary["stages"].values())
+    model = Path(summary["artifacts"]["model"])
+    assert (model / "ensemble.torchscript.pt").is_file() and (model / "model_card.json").is_file()
+    assert Path(summary["artifacts"]["report"]).is_file()
+
+
+@pytest.mark.slow
+def test_small_run_with_params_through_the_cli(tmp_path):
+    write_digits(tmp_path / "data", per_class=40)
+    (tmp_path / "data" / "0" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    summary = _run(tmp_path / "data", tmp_path / "out", "epochs=3", "batch_size=32",
+                   "image_size=24", "augment_copies=0")
+    _check_contract(summary, 401)
+    assert summary["counts"]["quarantined"] == 1
+    card = json.loads((Path(summary["artifacts"]["model"]) / "model_card.json").read_text())
+    assert card["image_size"] == 24 and card["training"]["left"]["config"]["epochs"] == 3
+    assert summary["ensemble"]["macro_f1"] > 0.3  # well above chance (0.1) after 3 epochs
+
+
+@pytest.mark.slow
+def test_full_digits_demo_meets_the_accuracy_bar(tmp_path):
+    """The `make run` job: all 1,797 digits with default parameters."""
+    write_digits(tmp_path / "data")
+    summary = _run(tmp_path / "data", tmp_path / "out")
+    _check_contract(summary, 1797)
+    best_view = max(s["macro_f1"] for s in summary["views"].values())
+    assert summary["ensemble"]["macro_f1"] >= 0.95
+    assert summary["ensemble"]["macro_f1"] > best_view

@@ -1,0 +1,54 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from triview import manifest as mf
+from triview.export import load_ensemble
+from triview.stages import evaluate_stage, export_stage, train_voter_stage
+from triview.train import load_view
+from triview.voter import aligned, apply_voter, load_voter
+from triview.train import load_predictions
+
+
+@pytest.fixture(scope="module")
+def exported(trained, cropped, tmp_path_factory):
+    dirs = list(trained.values())
+    voter_dir = tmp_path_factory.mktemp("voter")
+    eval_dir = tmp_path_factory.mktemp("eval")
+    model_dir = tmp_path_factory.mktemp("model")
+    train_voter_stage(dirs, voter_dir)
+    evaluate_stage(dirs, voter_dir, eval_dir)
+    export_stage(dirs, voter_dir, cropped, eval_dir, model_dir)
+    return voter_dir, eval_dir, model_dir
+
+
+def test_torchscript_ensemble_matches_the_evaluated_probabilities(exported, trained, cropped):
+    voter_dir, eval_dir, model_dir = exported
+    module, card = load_ensemble(model_dir)
+    classes = mf.read_classes(cropped)
+    table = mf.read_views(cropped)
+    inputs = [load_view([(cropped, table)], v, "test", classes) for v in card["views"]]
+    with torch.no_grad():
+        probs = module(*[d.images.float() / 255.0 for d in inputs]).numpy()
+    preds = {v: load_predictions(trained[v]) for v in card["views"]}
+    by_view, y, ids = aligned(preds, "test")
+    expected = apply_voter(load_voter(voter_dir), by_view)
+    order = np.argsort(inputs[0].image_ids)
+    assert np.array(inputs[0].image_ids)[order].tolist() == ids.tolist()
+    assert np.abs(probs[order] - expected).max() < 1e-4
+    evaluation = json.loads((eval_dir / "eval.json").read_text())
+    assert (probs[order].argmax(1) == y).mean() == pytest.approx(evaluation["ensemble"]["accuracy"])
+
+
+def test_model_card_records_what_serving_needs(exported, cropped):
+    _, eval_dir, model_dir = exported
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["classes"] == mf.read_classes(cropped)
+    assert card["views"] == ["left", "center", "right"] and card["image_size"] == 32
+    assert card["crop_geometry"] == {"layout": "horizontal", "overlap": 0.5, "image_size": 32}
+    assert card["test_metrics"]["ensemble"]["macro_f1"] == pytest.approx(
+        json.loads((eval_dir / "eval.json").read_text())["ensemble"]["macro_f1"])
+    assert card["torchscript_max_abs_diff"] <= 1e-5
+    assert set(card["training"]) == {"left", "center", "right"}

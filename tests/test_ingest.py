@@ -1,0 +1,101 @@
+import shutil
+import zipfile
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from triview import manifest as mf
+from triview.cli import main
+from triview.demo import write_digits
+from triview.ingest import IngestError, ingest
+
+
+@pytest.fixture()
+def messy(tmp_path):
+    """Real digits plus every kind of bad file the skeleton must account for."""
+    root = tmp_path / "messy"
+    write_digits(root, per_class=10)
+    good = sorted((root / "1").glob("*.jpg"))[0]
+    (root / "1" / "empty.jpg").write_bytes(b"")
+    (root / "2" / "notes.jpg").write_text("this is not an image")
+    data = good.read_bytes()
+    (root / "3" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    shutil.copy(good, root / "4" / "copy of one.jpg")          # exact duplicate, other class
+    shutil.copy(good, root / "loose.jpg")                        # no class folder
+    (root / "5" / "nested" / "deeper").mkdir(parents=True)
+    with Image.open(sorted((root / "5").glob("*.jpg"))[0]) as img:  # same picture, other bytes
+        img.save(root / "5" / "nested" / "deeper" / "ü b.png")
+    return root
+
+
+def test_every_input_file_is_used_or_quarantined_with_a_reason(messy, tmp_path):
+    out = tmp_path / "out"
+    result = ingest(messy, out)
+    n_files = sum(1 for p in messy.rglob("*") if p.is_file())
+    assert result.n_input == n_files == len(result.manifest) + len(result.quarantine)
+    reasons = dict(zip(result.quarantine["path"], result.quarantine["reason"]))
+    assert reasons["1/empty.jpg"] == "empty_file"
+    assert reasons["2/notes.jpg"] == "not_an_image"
+    assert reasons["3/truncated.jpg"] == "undecodable"
+    assert reasons["loose.jpg"] == "no_label"
+    dup = [p for p, r in reasons.items() if r == "exact_duplicate"]
+    assert len(dup) == 1
+    # the nested PNG with a space and a non-ASCII name is used
+    assert len(result.manifest) == 101
+    assert "5/nested/deeper/ü b.png" in set(result.manifest["original_path"])
+    on_disk = mf.read_manifest(out)
+    assert set(on_disk.columns) >= set(mf.IMAGE_COLUMNS)
+    assert all((out / p).is_file() for p in on_disk["path"])
+    q = pd.read_csv(out / mf.QUARANTINE_FILE)
+    assert list(q.columns) == list(mf.QUARANTINE_COLUMNS) and len(q) == 5
+
+
+def test_split_is_stratified_grouped_and_seeded(ingested, digits_dir, tmp_path):
+    table = mf.read_manifest(ingested)
+    counts = table.groupby(["label", "split"]).size().unstack()
+    assert (counts > 0).all().all(), "every class appears in every split"
+    assert counts["train"].min() >= 25 and counts["test"].min() >= 5
+    assert table.groupby("source_id")["split"].nunique().max() == 1
+    again = ingest(digits_dir, tmp_path / "again", seed=0).manifest
+    other = ingest(digits_dir, tmp_path / "other", seed=1).manifest
+    by_id = table.set_index("image_id")["split"]
+    assert (again.set_index("image_id")["split"] == by_id).all()
+    assert (other.set_index("image_id")["split"] != by_id).any()
+
+
+def test_zip_input_with_a_wrapping_folder(tmp_path):
+    src = tmp_path / "src" / "dataset"
+    write_digits(src, per_class=6)
+    archive = tmp_path / "digits.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in src.rglob("*.jpg"):
+            zf.write(p, p.relative_to(tmp_path / "src").as_posix())
+    result = ingest(archive, tmp_path / "out")
+    assert len(result.manifest) == 60 and result.classes == [str(d) for d in range(10)]
+
+
+def test_zip_slip_is_refused_before_extracting(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../outside.jpg", b"x")
+    with pytest.raises(IngestError, match="unsafe path"):
+        ingest(archive, tmp_path / "out")
+    assert not (tmp_path / "outside.jpg").exists()
+
+
+def test_class_too_small_to_split_names_the_class(tmp_path):
+    write_digits(tmp_path / "d", per_class=5)
+    for p in sorted((tmp_path / "d" / "7").glob("*.jpg"))[2:]:
+        p.unlink()
+    with pytest.raises(IngestError, match="'7' \\(2\\)"):
+        ingest(tmp_path / "d", tmp_path / "out")
+
+
+def test_ingest_cli(tmp_path, capsys):
+    write_digits(tmp_path / "d", per_class=5)
+    assert main(["ingest", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]) == 0
+    assert "50 files" in capsys.readouterr().out
+    assert (tmp_path / "o" / mf.MANIFEST_FILE).is_file()
+    assert main(["ingest", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+    assert "does not exist" in capsys.readouterr().err

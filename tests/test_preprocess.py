@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+
+from triview import manifest as mf
+from triview.augment import AugmentConfig, augment, augment_image, _rng
+from triview.balance import inverse_frequency_weights, read_balance
+from triview.crop import CropGeometry, LensModel, crop_views, read_rgb, undistort_maps, view_boxes
+
+
+def test_view_boxes_overlap_and_cover_the_image():
+    boxes = view_boxes(64, 48, CropGeometry(overlap=0.5))
+    assert boxes == {"left": (0, 0, 32, 48), "center": (16, 0, 48, 48), "right": (32, 0, 64, 48)}
+    thirds = view_boxes(90, 30, CropGeometry(overlap=0.0))
+    assert thirds == {"left": (0, 0, 30, 30), "center": (30, 0, 60, 30), "right": (60, 0, 90, 30)}
+    vertical = view_boxes(40, 100, CropGeometry(layout="vertical", overlap=0.25))
+    assert list(vertical) == ["top", "center", "bottom"]
+    assert vertical["top"] == (0, 0, 40, 40) and vertical["bottom"] == (0, 60, 40, 100)
+
+
+@pytest.mark.parametrize("bad", [dict(layout="diagonal"), dict(overlap=1.0), dict(image_size=2)])
+def test_bad_geometry_is_a_clear_error(bad):
+    with pytest.raises(ValueError):
+        CropGeometry(**bad)
+
+
+def test_crops_see_different_parts_and_have_the_requested_size():
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[:, :30] = 200   # only the left third is bright
+    crops = crop_views(image, CropGeometry(overlap=0.0, image_size=16))
+    assert all(c.shape == (16, 16, 3) for c in crops.values())
+    assert crops["left"].mean() == pytest.approx(200) and crops["right"].mean() == 0
+
+
+def test_identity_lens_has_no_maps_and_a_real_lens_undistorts():
+    assert undistort_maps(LensModel(), 64, 48) is None
+    lens = LensModel(K=[[60.0, 0, 32], [0, 60.0, 24], [0, 0, 1]], dist=[-0.4, 0.1, 0, 0, 0])
+    maps = undistort_maps(lens, 64, 48)
+    grid = np.zeros((48, 64, 3), np.uint8)
+    grid[::8] = 255
+    grid[:, ::8] = 255
+    plain = crop_views(grid, CropGeometry(image_size=32))
+    undistorted = crop_views(grid, CropGeometry(image_size=32), maps)
+    assert any(np.abs(plain[v].astype(int) - undistorted[v]).mean() > 5 for v in plain)
+
+
+def test_calibrate_and_crop_keeps_ids_splits_and_labels(ingested, cropped):
+    images = mf.read_manifest(ingested)
+    views = mf.read_views(cropped)
+    assert len(views) == 3 * len(images)
+    assert set(views["view"]) == {"left", "center", "right"}
+    per_image = views.groupby("image_id").agg(n=("view", "size"), splits=("split", "nunique"),
+                                              sources=("source_id", "nunique"))
+    assert (per_image["n"] == 3).all() and (per_image["splits"] == 1).all()
+    assert (per_image["sources"] == 1).all()
+    merged = views.merge(images[["image_id", "split", "label"]], on="image_id", suffixes=("", "_img"))
+    assert (merged["split"] == merged["split_img"]).all() and (merged["label"] == merged["label_img"]).all()
+    crop = read_rgb(cropped / views["path"].iloc[0])
+    assert crop.shape == (32, 32, 3)
+    geometry = json.loads((cropped / "geometry.json").read_text())
+    assert geometry["views"] == ["left", "center", "right"] and geometry["lens"]["K"] is None
+
+
+def test_class_weights_are_inverse_frequency():
+    y = np.array([0] * 80 + [1] * 20)
+    w = inverse_frequency_weights(y, 3)
+    assert w[0] == pytest.approx(100 / (2 * 80)) and w[1] == pytest.approx(100 / (2 * 20))
+    assert w[2] == 0  # absent from train
+
+
+def test_balance_counts_every_split(cropped, balanced):
+    result = read_balance(balanced)
+    views = mf.read_views(cropped)
+    n_train = views[views["split"] == "train"]["image_id"].nunique()
+    assert sum(result["counts"]["train"].values()) == n_train
+    assert len(result["class_weights"]) == 10 and min(result["class_weights"]) > 0
+
+
+def test_augment_touches_train_only_and_is_deterministic(cropped, augmented, tmp_path):
+    views = mf.read_views(cropped)
+    aug = mf.read_views(augmented)
+    assert set(aug["split"]) == {"train"} and (aug["augmented"] == 1).all()
+    assert len(aug) == (views["split"] == "train").sum()
+    again = tmp_path / "again"
+    augment(cropped, again, AugmentConfig(copies=1, seed=0))
+    first = aug["path"].iloc[0]
+    assert np.array_equal(read_rgb(augmented / first), read_rgb(again / first))
+    original = read_rgb(cropped / views[views["image_id"] == aug["image_id"].iloc[0]]
+                        .query("view == @aug.view.iloc[0]")["path"].iloc[0])
+    assert not np.array_equal(original, read_rgb(augmented / first))
+
+
+def test_noise_sigma_is_a_fraction_of_the_range():
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    out = augment_image(flat, AugmentConfig(noise_std=0.05, max_rotation=0), _rng(0, "x"))
+    assert (out.astype(float) - 128).std() == pytest.approx(0.05 * 255, rel=0.05)
+
+
+def test_rotation_stays_within_the_maximum():
+    img = np.zeros((65, 65, 3), np.uint8)
+    img[32, 32:] = 255  # a ray pointing right from the centre
+    for k in range(20):
+        out = augment_image(img, AugmentConfig(noise_std=0, max_rotation=50), _rng(1, k))
+        ys, xs = np.nonzero(out[..., 0] > 100)
+        far = np.argmax((xs - 32) ** 2 + (ys - 32) ** 2)
+        angle = np.degrees(np.arctan2(-(ys[far] - 32), xs[far] - 32))
+        assert abs(angle) <= 50 + 3

@@ -1,0 +1,59 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from triview import manifest as mf
+from triview.models import BACKBONES, MAX_PARAMS, count_parameters, create_backbone
+from triview.train import load_branch, load_predictions, predict_proba
+
+
+@pytest.mark.parametrize("name", ["resnet18", "shufflenet_v2_x1_0", "densenet121",
+                                  "efficientnet_v2_s", "vit_b_32"])
+def test_registry_builds_backbones_with_a_fresh_head(name):
+    model = create_backbone(name, num_classes=7, image_size=32 if "vit" not in name else 64)
+    x = torch.rand(2, 3, 32 if "vit" not in name else 64, 32 if "vit" not in name else 64)
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+    assert count_parameters(model)["total"] < MAX_PARAMS
+
+
+def test_hidden_head_and_unknown_backbone():
+    model = create_backbone("resnet18", 10, hidden=256)
+    assert isinstance(model.fc, torch.nn.Sequential) and model.fc[0].out_features == 256
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("resnet1000", 10)
+    assert "densenet121" in BACKBONES and "vit_b_16" in BACKBONES
+
+
+def test_trained_branch_outputs(trained, cropped):
+    views = mf.read_views(cropped)
+    for view, folder in trained.items():
+        meta = json.loads((folder / "model.json").read_text())
+        history = pd.read_csv(folder / "history.csv")
+        assert meta["view"] == view and len(history) == 3
+        assert meta["best_epoch"] == int(history["val_macro_f1"].idxmax()) + 1
+        assert meta["val_macro_f1"] == pytest.approx(history["val_macro_f1"].max())
+        assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds"} <= set(history)
+        assert history["lr"].iloc[-1] < history["lr"].iloc[0]  # cosine decay
+        preds = load_predictions(folder)
+        n_val = ((views["split"] == "val") & (views["view"] == view)).sum()
+        assert preds["val_prob"].shape == (n_val, 10)
+        assert np.allclose(preds["test_prob"].sum(1), 1, atol=1e-5)
+        # the branch learned something: better than chance on validation
+        assert meta["val_macro_f1"] > 0.3
+
+
+def test_saved_branch_reloads_to_the_same_predictions(trained, cropped):
+    from triview.train import load_view
+
+    folder = trained["center"]
+    model, meta = load_branch(folder)
+    classes = mf.read_classes(cropped)
+    test = load_view([(cropped, mf.read_views(cropped))], "center", "test", classes)
+    preds = load_predictions(folder)
+    assert list(preds["test_ids"]) == test.image_ids
+    assert np.allclose(predict_proba(model, test.images), preds["test_prob"], atol=1e-5)

@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pytest
+
+from triview.evaluate import evaluate
+from triview.voter import aligned, apply_voter, fit_logistic_voter, fit_voter
+
+
+def _noisy_views(n=300, c=5, seed=0):
+    """Three views that each see the truth through independent noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    probs = {}
+    for v in ("left", "center", "right"):
+        logits = rng.normal(0, 1.0, (n, c))
+        logits[np.arange(n), y] += 1.2
+        e = np.exp(logits)
+        probs[v] = e / e.sum(1, keepdims=True)
+    return probs, y
+
+
+def test_combining_views_beats_each_single_view():
+    probs, y = _noisy_views()
+    voter, table = fit_voter(probs, y, 5)
+    assert voter["method"] in ("mean", "logistic")
+    single = table[table["candidate"].str.startswith("single")]["val_macro_f1"].max()
+    assert voter["val_macro_f1"] > single + 0.05
+    assert table["chosen"].sum() == 1
+    assert set(table["candidate"]) == {"mean", "single:left", "single:center", "single:right", "logistic"}
+
+
+def test_a_dominant_view_is_chosen_alone():
+    probs, y = _noisy_views()
+    perfect = np.eye(5)[y] * 0.9 + 0.02
+    probs["center"] = perfect
+    voter, _ = fit_voter(probs, y, 5)
+    assert voter["name"] == "single:center"
+    assert np.array_equal(apply_voter(voter, probs), perfect)
+
+
+def test_logistic_voter_probabilities_are_valid_and_cover_unseen_classes():
+    probs, y = _noisy_views(c=5)
+    y = np.where(y == 4, 3, y)  # class 4 never appears on validation
+    voter, oof = fit_logistic_voter(probs, y, 5)
+    p = apply_voter(voter, probs)
+    assert np.allclose(p.sum(1), 1) and (p[:, 4] < 1e-3).all() and (oof[:, 4] == 0).all()
+    assert fit_logistic_voter({k: v[:3] for k, v in probs.items()}, np.array([0, 1, 2]), 5) is None
+
+
+def test_evaluate_scores_views_and_ensemble(tmp_path):
+    probs, y = _noisy_views(n=200)
+    ids = np.array([f"img{i:04d}" for i in range(200)])
+    perm = np.random.default_rng(1).permutation(200)
+    preds = {v: {"test_prob": p[perm], "test_ids": ids[perm], "test_labels": y[perm]}
+             for v, p in probs.items()}
+    voter = {"method": "mean", "views": list(probs), "name": "mean"}
+    result = evaluate(preds, voter, [str(i) for i in range(5)], tmp_path)
+    mean = np.mean(list(probs.values()), axis=0)
+    assert result["ensemble"]["accuracy"] == pytest.approx((mean.argmax(1) == y).mean())
+    assert result["views"]["left"]["accuracy"] == pytest.approx((probs["left"].argmax(1) == y).mean())
+    assert np.array(result["confusion_matrix"]).sum() == 200
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["ensemble"]["method"] == "mean"
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table" in html
+    assert "| ensemble" in (tmp_path / "report.md").read_text()
+
+
+def test_views_predicted_on_different_images_are_refused():
+    probs, y = _noisy_views(n=10)
+    preds = {v: {"val_prob": p, "val_ids": np.array([f"{v}{i}" for i in range(10)]),
+                 "val_labels": y} for v, p in probs.items()}
+    with pytest.raises(ValueError, match="different val images"):
+        aligned(preds, "val")

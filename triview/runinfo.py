@@ -1,0 +1,36 @@
+"""Per-stage bookkeeping: every stage leaves a ``stage.json`` in its output folder."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from triview.storage import atomic_write_text
+
+STAGE_FILE = "stage.json"
+
+
+@contextlib.contextmanager
+def stage_record(name: str, out_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Time a stage and write ``{"stage", "seconds", ...}`` to ``out_dir/stage.json``.
+
+    The caller may add counts to the yielded dict; they are written with the timing.
+    """
+    record: dict[str, Any] = {"stage": name}
+    start = time.perf_counter()
+    yield record
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / STAGE_FILE, json.dumps(record, indent=2, default=str))
+
+
+def read_stage_records(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Collect every ``stage.json`` below a run folder, keyed by stage name."""
+    records: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(run_dir).rglob(STAGE_FILE)):
+        rec = json.loads(path.read_text())
+        records[rec["stage"]] = rec
+    return records

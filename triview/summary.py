@@ -1,0 +1,35 @@
+"""The run summary: one JSON per run with metrics, counts, stage timings and artifacts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from triview.runinfo import read_stage_records
+from triview.storage import atomic_write_text
+
+SUMMARY_FILE = "run_summary.json"
+
+
+def build_summary(run_dir: str | Path, model_dir: str | Path, report_path: str | Path) -> dict:
+    """Assemble the summary from the ``stage.json`` files below a pipeline run folder."""
+    stages = read_stage_records(run_dir)
+    missing = [s for s in ("ingest", "evaluate", "export") if s not in stages]
+    if missing:
+        raise FileNotFoundError(f"no stage record for {missing} below {run_dir}")
+    ingest, evaluation = stages["ingest"], stages["evaluate"]
+    counts = {k: int(ingest["counts"][k]) for k in ("train", "val", "test", "quarantined")}
+    return {
+        "views": evaluation["views"],
+        "ensemble": evaluation["ensemble"],
+        "counts": counts,
+        "stages": {name: {"seconds": rec["seconds"]} for name, rec in stages.items()},
+        "artifacts": {"model": str(Path(model_dir).resolve()),
+                      "report": str(Path(report_path).resolve()),
+                      "run_dir": str(Path(run_dir).resolve())},
+    }
+
+
+def write_summary(summary: dict, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / SUMMARY_FILE
+    atomic_write_text(path, json.dumps(summary, indent=2))
+    return path

@@ -1,0 +1,189 @@
+"""Train one view's branch: a torchvision backbone with class-weighted cross-entropy
+and Adam; the best epoch by validation macro-F1 is kept.
+
+The branch also writes its class probabilities on the validation and test splits,
+which the voter and the evaluation consume (no branch ever sees those labels in
+training).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+
+from triview import manifest as mf
+from triview.balance import read_balance
+from triview.crop import read_rgb
+from triview.models import BranchNet, count_parameters, create_backbone
+from triview.storage import atomic_path, atomic_write_text
+
+MODEL_FILE = "model.pt"
+MODEL_META_FILE = "model.json"
+PREDICTIONS_FILE = "predictions.npz"
+HISTORY_FILE = "history.csv"
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "shufflenet_v2_x1_0"
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 3e-3
+    lrf: float = 0.05            # final lr = lr * lrf (cosine decay over the epochs)
+    hidden: int = 0
+    seed: int = 0
+    channels_last: bool = True   # NHWC kernels: ~1.2-1.4x faster on CPU here, and the GPU default
+
+
+@dataclass
+class ViewData:
+    images: torch.Tensor       # uint8 (N, 3, H, W)
+    labels: torch.Tensor       # int64 (N,)
+    image_ids: list[str]
+
+
+def load_view(tables: list[tuple[Path, pd.DataFrame]], view: str, split: str,
+              classes: list[str]) -> ViewData:
+    """Load one view's crops of one split from one or more view tables into memory."""
+    arrays, labels, ids = [], [], []
+    for folder, table in tables:
+        part = table[(table["view"] == view) & (table["split"] == split)]
+        for rec in part.itertuples(index=False):
+            arrays.append(read_rgb(folder / rec.path))
+        labels.extend(mf.encode_labels(part["label"], classes).tolist())
+        ids.extend(part["image_id"].tolist())
+    if not arrays:
+        raise ValueError(f"no {split} crops for view {view!r}")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ViewData(images, torch.tensor(labels, dtype=torch.int64), ids)
+
+
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255.0)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    out = [torch.softmax(model(_as_float(images[i:i + batch_size])), dim=1)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balance_dir: str | Path,
+                 view: str, out_dir: str | Path, config: TrainConfig, log=print) -> dict:
+    """Train the branch for ``view``; write model, history and val/test probabilities.
+
+    Returns a summary with the best epoch and its validation metrics.
+    """
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    views_dir = Path(views_dir)
+    classes = mf.read_classes(views_dir)
+    tables = [(views_dir, mf.read_views(views_dir))]
+    if augmented_dir is not None and (Path(augmented_dir) / mf.VIEWS_FILE).exists():
+        tables.append((Path(augmented_dir), mf.read_views(augmented_dir)))
+    train = load_view(tables, view, "train", classes)
+    val = load_view(tables[:1], view, "val", classes)
+    test = load_view(tables[:1], view, "test", classes)
+    image_size = int(train.images.shape[-1])
+
+    weights = torch.tensor(read_balance(balance_dir)["class_weights"], dtype=torch.float32)
+    model = BranchNet(create_backbone(config.backbone, len(classes), image_size, config.hidden))
+    params = count_parameters(model)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    criterion = nn.CrossEntropyLoss(weight=weights)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps_per_epoch = -(-len(train.labels) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * steps_per_epoch, eta_min=config.lr * config.lrf)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    history, best_f1, best_state, best_epoch = [], -1.0, None, 0
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train.labels), generator=generator)
+        total_loss = 0.0
+        for i in range(0, len(order), config.batch_size):
+            idx = order[i:i + config.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            batch = _as_float(train.images[idx]).contiguous(memory_format=memory_format)
+            loss = criterion(model(batch), train.labels[idx])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(idx)
+        seconds = time.perf_counter() - start
+        val_prob = predict_proba(model, val.images)
+        val_pred = val_prob.argmax(1)
+        y_val = val.labels.numpy()
+        row = {
+            "epoch": epoch,
+            "train_loss": total_loss / len(order),
+            "val_loss": float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_prob) + 1e-12),
+                                                      val.labels, weight=weights)),
+            "val_accuracy": float(accuracy_score(y_val, val_pred)),
+            "val_macro_f1": macro_f1(y_val, val_pred),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(seconds, 3),
+            "images_per_s": round(len(order) / seconds, 1),
+        }
+        history.append(row)
+        log(f"[{view}] epoch {epoch}/{config.epochs} loss {row['train_loss']:.4f} "
+            f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
+            f"val_macro_f1 {row['val_macro_f1']:.4f} ({row['images_per_s']:.0f} img/s)")
+        if row["val_macro_f1"] > best_f1:
+            best_f1, best_epoch = row["val_macro_f1"], epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    model.load_state_dict(best_state)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / MODEL_FILE) as tmp:
+        torch.save(best_state, tmp)
+    meta = {"view": view, "classes": classes, "image_size": image_size, "config": asdict(config),
+            "parameters": params, "best_epoch": best_epoch, "val_macro_f1": best_f1,
+            "input": "float RGB in [0,1], NCHW; ImageNet mean/std applied inside the model"}
+    atomic_write_text(out / MODEL_META_FILE, json.dumps(meta, indent=2))
+    atomic_write_text(out / HISTORY_FILE, pd.DataFrame(history).to_csv(index=False))
+    val_prob, test_prob = predict_proba(model, val.images), predict_proba(model, test.images)
+    with atomic_path(out / PREDICTIONS_FILE) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, val_prob=val_prob, val_ids=np.array(val.image_ids),
+                     val_labels=val.labels.numpy(), test_prob=test_prob,
+                     test_ids=np.array(test.image_ids), test_labels=test.labels.numpy())
+    return {"view": view, "best_epoch": best_epoch, "val_macro_f1": best_f1,
+            "val_accuracy": history[best_epoch - 1]["val_accuracy"], "parameters": params,
+            "epochs_run": len(history),
+            "seconds_per_epoch": float(np.mean([h["seconds"] for h in history]))}
+
+
+def load_branch(folder: str | Path) -> tuple[BranchNet, dict]:
+    """Rebuild a trained branch from its folder (weights_only load)."""
+    folder = Path(folder)
+    meta = json.loads((folder / MODEL_META_FILE).read_text())
+    cfg = meta["config"]
+    model = BranchNet(create_backbone(cfg["backbone"], len(meta["classes"]), meta["image_size"],
+                                      cfg["hidden"]))
+    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    return model.eval(), meta
+
+
+def load_predictions(folder: str | Path) -> dict[str, np.ndarray]:
+    with np.load(Path(folder) / PREDICTIONS_FILE) as data:
+        return {k: data[k] for k in data.files}
