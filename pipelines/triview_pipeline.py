@@ -43,6 +43,8 @@ def triview_pipeline(
     lr: float = 0.003,
     lrf: float = 0.05,
     hidden: int = 0,
+    label_smoothing: float = 0.1,
+    weight_decay: float = 0.0001,
 ) -> NamedTuple("Outputs", model=Model, report=HTML):
     ingest_task = ingest(data=data, seed=seed, val_fraction=val_fraction,
                          test_fraction=test_fraction, min_size=min_size)
@@ -64,7 +66,8 @@ def triview_pipeline(
                             augmented=augment_task.outputs["augmented"],
                             balance=balance_task.outputs["balance"], view_index=index,
                             backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                            lrf=lrf, hidden=hidden, seed=seed)
+                            lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
+                            weight_decay=weight_decay, seed=seed)
         task.set_display_name(f"train-branch-{name}")
         branches.append(task.outputs["model"])
 

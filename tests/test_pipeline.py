@@ -65,3 +65,20 @@ def test_cli_entry_point_is_installed():
                          capture_output=True, text=True, check=True).stdout
     for command in ("demo-data", "ingest", "compile", "run"):
         assert command in out
+
+
+def test_pipeline_and_component_defaults_match_the_library():
+    import dataclasses
+    import inspect
+
+    from components.train_branch import train_branch
+    from pipelines.triview_pipeline import triview_pipeline
+    from triview.train import TrainConfig
+
+    pipeline = inspect.signature(triview_pipeline.pipeline_func).parameters
+    component = inspect.signature(train_branch.python_func).parameters
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "channels_last":
+            continue
+        assert pipeline[f.name].default == f.default, f.name
+        assert component[f.name].default == f.default, f.name

@@ -25,6 +25,18 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from triview.calibration import calibrate_glob, parse_pattern
+
+    cal = calibrate_glob(args.images, pattern=parse_pattern(args.pattern), square=args.square)
+    cal.save(args.out)
+    used = len(cal.per_view_error)
+    print(f"calibrated from {used} images ({len(cal.rejected)} without a board): "
+          f"rms {cal.rms:.4f} px, fx {cal.K[0][0]:.1f} fy {cal.K[1][1]:.1f} "
+          f"cx {cal.K[0][2]:.1f} cy {cal.K[1][2]:.1f} -> {args.out}")
+    return 0
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.triview_pipeline import compile_pipeline
 
@@ -76,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.15)
     p.add_argument("--min-size", type=int, default=8)
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("calibrate", help="calibrate a camera from chessboard photos")
+    p.add_argument("--images", required=True, help="glob of chessboard photos, e.g. 'calib/*.jpg'")
+    p.add_argument("--pattern", default="9x6", help="inner corners per row x column (default 9x6)")
+    p.add_argument("--square", type=float, default=1.0, help="square side, in your unit (default 1.0)")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
     p.add_argument("-o", "--output", default="pipelines/triview.yaml")

@@ -27,18 +27,41 @@ GEOMETRY_FILE = "geometry.json"
 
 @dataclass
 class LensModel:
-    """Pinhole camera with OpenCV distortion coefficients; ``K=None`` means identity."""
+    """Pinhole camera with OpenCV distortion coefficients; ``K=None`` means identity.
+
+    ``image_size`` is the (width, height) K was calibrated at; images of another
+    size get K scaled to theirs. ``alpha`` (0..1) chooses the new camera matrix
+    with ``getOptimalNewCameraMatrix`` (0: only valid pixels, 1: all source
+    pixels); ``None`` keeps K. ``crop_roi`` cuts the result to the valid region.
+    """
     K: list[list[float]] | None = None
     dist: list[float] = field(default_factory=list)
+    image_size: tuple[int, int] | None = None
+    alpha: float | None = None
+    crop_roi: bool = False
 
     @property
     def is_identity(self) -> bool:
         return self.K is None
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "LensModel":
-        data = json.loads(Path(path).read_text())
-        return cls(K=data["K"], dist=list(np.ravel(data.get("dist", []))))
+    def from_file(cls, path: str | Path, alpha: float | None = None,
+                  crop_roi: bool = False) -> "LensModel":
+        """From a calibration JSON written by ``triview calibrate`` or an OpenCV YAML/XML."""
+        from triview.calibration import load_intrinsics
+
+        cal = load_intrinsics(path)
+        return cls(K=cal.K, dist=list(cal.dist),
+                   image_size=tuple(cal.image_size) if cal.image_size else None,
+                   alpha=alpha, crop_roi=crop_roi)
+
+    def camera_matrix(self, width: int, height: int) -> np.ndarray:
+        K = np.asarray(self.K, dtype=np.float64).copy()
+        if self.image_size and tuple(self.image_size) != (width, height):
+            sx, sy = width / self.image_size[0], height / self.image_size[1]
+            K[0, :] *= sx
+            K[1, :] *= sy
+        return K
 
 
 @dataclass
@@ -60,13 +83,39 @@ class CropGeometry:
         return LAYOUTS[self.layout]
 
 
-def undistort_maps(lens: LensModel, width: int, height: int):
-    """Remap tables for one (camera, image size); ``None`` for the identity lens."""
+@dataclass
+class UndistortMaps:
+    map1: np.ndarray
+    map2: np.ndarray
+    roi: tuple[int, int, int, int] | None   # x, y, w, h of the valid region, when cropping
+
+
+def undistort_maps(lens: LensModel, width: int, height: int) -> UndistortMaps | None:
+    """Remap tables for one (camera, image size), computed once and reused for every
+    image of that size; ``None`` for the identity lens."""
     if lens.is_identity:
         return None
-    K = np.asarray(lens.K, dtype=np.float64)
+    K = lens.camera_matrix(width, height)
     dist = np.asarray(lens.dist, dtype=np.float64)
-    return cv2.initUndistortRectifyMap(K, dist, None, K, (width, height), cv2.CV_16SC2)
+    new_K, roi = K, None
+    if lens.alpha is not None:
+        new_K, valid = cv2.getOptimalNewCameraMatrix(K, dist, (width, height), lens.alpha,
+                                                     (width, height))
+        if lens.crop_roi and valid[2] > 0 and valid[3] > 0:
+            roi = tuple(int(v) for v in valid)
+    map1, map2 = cv2.initUndistortRectifyMap(K, dist, None, new_K, (width, height), cv2.CV_16SC2)
+    return UndistortMaps(map1, map2, roi)
+
+
+def undistort(image: np.ndarray, maps: UndistortMaps | None) -> np.ndarray:
+    if maps is None:
+        return image
+    out = cv2.remap(image, maps.map1, maps.map2, interpolation=cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT)
+    if maps.roi is not None:
+        x, y, w, h = maps.roi
+        out = out[y:y + h, x:x + w]
+    return out
 
 
 def view_boxes(width: int, height: int, geometry: CropGeometry) -> dict[str, tuple[int, int, int, int]]:
@@ -86,11 +135,10 @@ def view_boxes(width: int, height: int, geometry: CropGeometry) -> dict[str, tup
     return boxes
 
 
-def crop_views(image: np.ndarray, geometry: CropGeometry, maps=None) -> dict[str, np.ndarray]:
+def crop_views(image: np.ndarray, geometry: CropGeometry,
+               maps: UndistortMaps | None = None) -> dict[str, np.ndarray]:
     """Undistort (when ``maps`` is given) and cut the views, each resized to image_size."""
-    if maps is not None:
-        image = cv2.remap(image, maps[0], maps[1], interpolation=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT)
+    image = undistort(image, maps)
     h, w = image.shape[:2]
     size = (geometry.image_size, geometry.image_size)
     return {name: cv2.resize(image[y0:y1, x0:x1], size, interpolation=cv2.INTER_AREA)
@@ -121,7 +169,7 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     lens = lens or LensModel()
     src, out = Path(dataset_dir), Path(out_dir)
     table = mf.read_manifest(src)
-    maps_cache: dict[tuple[int, int], object] = {}
+    maps_cache: dict[tuple[int, int], UndistortMaps | None] = {}
     rows = []
     for rec in table.itertuples(index=False):
         image = read_rgb(src / rec.path)
@@ -144,4 +192,7 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
 
 def read_geometry(folder: str | Path) -> tuple[CropGeometry, LensModel]:
     data = json.loads((Path(folder) / GEOMETRY_FILE).read_text())
-    return CropGeometry(**data["geometry"]), LensModel(**data["lens"])
+    lens = data["lens"]
+    if lens.get("image_size"):
+        lens["image_size"] = tuple(lens["image_size"])
+    return CropGeometry(**data["geometry"]), LensModel(**lens)

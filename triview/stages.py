@@ -40,7 +40,7 @@ def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, layout: str =
     from triview import crop
 
     with stage_record("calibrate-and-crop", out_dir) as rec:
-        lens = crop.LensModel.from_json(calibration_file) if calibration_file else crop.LensModel()
+        lens = crop.LensModel.from_file(calibration_file) if calibration_file else crop.LensModel()
         geometry = crop.CropGeometry(layout=layout, overlap=overlap, image_size=image_size)
         views = crop.calibrate_and_crop(dataset_dir, out_dir, geometry, lens)
         rec.update(views=list(geometry.views), items_in=int(views["image_id"].nunique()),
@@ -72,12 +72,14 @@ def augment_stage(views_dir: Folder, out_dir: Folder, copies: int = 1, noise_std
 def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_dir: Folder,
                        view: str, out_dir: Folder, backbone: str = "shufflenet_v2_x1_0",
                        epochs: int = 8, batch_size: int = 128, lr: float = 3e-3, lrf: float = 0.05,
-                       hidden: int = 0, seed: int = 0) -> dict:
+                       hidden: int = 0, seed: int = 0, label_smoothing: float = 0.1,
+                       weight_decay: float = 1e-4) -> dict:
     from triview import train as tr
 
     with stage_record(f"train-branch-{view}", out_dir) as rec:
         config = tr.TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                                lrf=lrf, hidden=hidden, seed=seed)
+                                lrf=lrf, hidden=hidden, seed=seed,
+                                label_smoothing=label_smoothing, weight_decay=weight_decay)
         rec.update(tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config))
     return rec
 

@@ -1,5 +1,5 @@
-"""Train one view's branch: a torchvision backbone with class-weighted cross-entropy
-and Adam; the best epoch by validation macro-F1 is kept.
+"""Train one view's branch: a torchvision backbone with class-weighted, label-smoothed
+cross-entropy, AdamW and cosine decay; the best epoch by validation macro-F1 is kept.
 
 The branch also writes its class probabilities on the validation and test splits,
 which the voter and the evaluation consume (no branch ever sees those labels in
@@ -38,6 +38,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 3e-3
     lrf: float = 0.05            # final lr = lr * lrf (cosine decay over the epochs)
+    label_smoothing: float = 0.1
+    weight_decay: float = 1e-4   # decoupled (AdamW)
     hidden: int = 0
     seed: int = 0
     channels_last: bool = True   # NHWC kernels: ~1.2-1.4x faster on CPU here, and the GPU default
@@ -78,6 +80,28 @@ def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256)
     return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
+                          memory_format=torch.contiguous_format, max_images: int = 1024) -> None:
+    """Recompute BatchNorm running statistics as exact averages over training images
+    ("precise BN"). The running averages lag behind fast-moving weights in short
+    trainings, and evaluation with stale statistics can collapse to one class."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average = exact mean over the batches
+    was_training = model.training
+    model.train()
+    for i in range(0, min(len(images), max_images), batch_size):
+        model(_as_float(images[i:i + batch_size]).contiguous(memory_format=memory_format))
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    model.train(was_training)
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
@@ -106,8 +130,8 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     params = count_parameters(model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    criterion = nn.CrossEntropyLoss(weight=weights)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train.labels) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.epochs * steps_per_epoch, eta_min=config.lr * config.lrf)
@@ -128,6 +152,7 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)
+        recalibrate_batchnorm(model, train.images[order], config.batch_size, memory_format)
         seconds = time.perf_counter() - start
         val_prob = predict_proba(model, val.images)
         val_pred = val_prob.argmax(1)

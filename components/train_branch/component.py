@@ -18,6 +18,8 @@ def train_branch(
     lr: float = 0.003,
     lrf: float = 0.05,
     hidden: int = 0,
+    label_smoothing: float = 0.1,
+    weight_decay: float = 0.0001,
     seed: int = 0,
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
@@ -33,9 +35,11 @@ def train_branch(
         backbone: Backbone name from the registry (e.g. resnet18, densenet121, vit_b_16).
         epochs: Training epochs.
         batch_size: Images per optimisation step.
-        lr: Initial learning rate (Adam).
+        lr: Initial learning rate (AdamW).
         lrf: Final learning rate as a fraction of ``lr`` (cosine decay).
         hidden: Units of an extra ReLU layer in the head (0: a single linear layer).
+        label_smoothing: Label smoothing of the cross-entropy loss.
+        weight_decay: Decoupled weight decay (AdamW).
         seed: Seed for initialisation and shuffling.
     """
     import json
@@ -46,7 +50,8 @@ def train_branch(
         view = json.load(fh)["views"][view_index]
     rec = train_branch_stage(views.path, augmented.path, balance.path, view, model.path,
                              backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                             lrf=lrf, hidden=hidden, seed=seed)
+                             lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
+                             weight_decay=weight_decay, seed=seed)
     model.metadata.update({"view": view, "backbone": backbone, "best_epoch": rec["best_epoch"],
                            "parameters": rec["parameters"]["total"]})
     metrics.log_metric("val_macro_f1", rec["val_macro_f1"])
