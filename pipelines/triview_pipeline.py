@@ -33,6 +33,8 @@ def triview_pipeline(
     overlap: float = 0.5,
     image_size: int = 32,
     calibration_file: str = "",
+    class_weighting: str = "inverse_frequency",
+    beta: float = 0.999,
     augment_copies: int = 1,
     noise_std: float = 0.05,
     max_rotation: float = 50.0,
@@ -53,7 +55,8 @@ def triview_pipeline(
                                    overlap=overlap, image_size=image_size,
                                    calibration_file=calibration_file)
     crop_task.set_display_name("calibrate-and-crop")
-    balance_task = balance(views=crop_task.outputs["views"])
+    balance_task = balance(views=crop_task.outputs["views"], class_weighting=class_weighting,
+                           beta=beta)
     balance_task.set_display_name("balance")
     augment_task = augment(views=crop_task.outputs["views"], copies=augment_copies,
                            noise_std=noise_std, max_rotation=max_rotation,

@@ -106,3 +106,26 @@ def test_rotation_stays_within_the_maximum():
         far = np.argmax((xs - 32) ** 2 + (ys - 32) ** 2)
         angle = np.degrees(np.arctan2(-(ys[far] - 32), xs[far] - 32))
         assert abs(angle) <= 50 + 3
+
+
+def test_effective_number_weights_follow_cui_et_al():
+    from triview.balance import effective_number_weights
+
+    y = np.array([0] * 1000 + [1] * 10 + [2] * 100)
+    w = effective_number_weights(y, 4, beta=0.99)
+    raw = np.array([(1 - 0.99) / (1 - 0.99 ** n) for n in (1000, 10, 100)])
+    assert np.allclose(w[:3], raw / raw.sum() * 3) and w[3] == 0
+    assert w.sum() == pytest.approx(3) and w[1] > w[2] > w[0]
+    # beta -> 0 gives equal weights; large beta approaches inverse frequency
+    assert np.allclose(effective_number_weights(y, 3, beta=0.0), 1.0)
+    with pytest.raises(ValueError):
+        effective_number_weights(y, 3, beta=1.0)
+
+
+def test_balance_weighting_is_selectable(cropped, tmp_path):
+    from triview.balance import balance
+
+    eff = balance(cropped, tmp_path / "e", weighting="effective_number", beta=0.9)
+    assert eff["strategy"] == "effective_number" and sum(eff["class_weights"]) == pytest.approx(10)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        balance(cropped, tmp_path / "x", weighting="magic")

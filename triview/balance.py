@@ -32,18 +32,44 @@ def inverse_frequency_weights(train_labels: np.ndarray, n_classes: int) -> np.nd
     return weights
 
 
-def balance(views_dir: str | Path, out_dir: str | Path) -> dict:
-    """Write ``class_counts.csv`` and ``balance.json`` (classes, counts, class weights)."""
+def effective_number_weights(train_labels: np.ndarray, n_classes: int, beta: float = 0.999) -> np.ndarray:
+    """Class-balanced weights of Cui et al. (2019): w_c ∝ (1 − β) / (1 − β^n_c),
+    normalised to sum to the number of classes present; absent classes get 0."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    counts = np.bincount(train_labels, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = (1.0 - beta) / (1.0 - np.power(beta, counts[present]))
+    return weights * (present.sum() / weights.sum())
+
+
+WEIGHTINGS = {
+    "none": lambda y, n, beta: (np.bincount(y, minlength=n) > 0).astype(np.float64),
+    "inverse_frequency": lambda y, n, beta: inverse_frequency_weights(y, n),
+    "effective_number": effective_number_weights,
+}
+
+
+def balance(views_dir: str | Path, out_dir: str | Path, weighting: str = "inverse_frequency",
+            beta: float = 0.999) -> dict:
+    """Write ``class_counts.csv`` and ``balance.json`` (classes, counts, class weights).
+
+    ``weighting`` is one of :data:`WEIGHTINGS`; ``beta`` is the effective-number β.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)}, got {weighting!r}")
     views = mf.read_views(views_dir)
     classes = mf.read_classes(views_dir)
     counts = split_class_counts(views, classes)
     train = views[(views["split"] == "train") & (views["augmented"] == 0)].drop_duplicates("image_id")
     y = mf.encode_labels(train["label"], classes).to_numpy()
-    weights = inverse_frequency_weights(y, len(classes))
+    weights = WEIGHTINGS[weighting](y, len(classes), beta)
     train_counts = counts["train"]
     result = {
         "classes": classes,
-        "strategy": "inverse_frequency",
+        "strategy": weighting,
+        "beta": beta if weighting == "effective_number" else None,
         "class_weights": [round(float(w), 6) for w in weights],
         "counts": {split: {c: int(counts.loc[c, split]) for c in classes} for split in mf.SPLITS},
         "imbalance_ratio": float(train_counts.max() / max(1, train_counts.min())),

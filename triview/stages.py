@@ -48,11 +48,12 @@ def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, layout: str =
     return rec
 
 
-def balance_stage(views_dir: Folder, out_dir: Folder) -> dict:
+def balance_stage(views_dir: Folder, out_dir: Folder, weighting: str = "inverse_frequency",
+                  beta: float = 0.999) -> dict:
     from triview import balance as bal
 
     with stage_record("balance", out_dir) as rec:
-        result = bal.balance(views_dir, out_dir)
+        result = bal.balance(views_dir, out_dir, weighting=weighting, beta=beta)
         rec.update(class_weights=result["class_weights"], imbalance_ratio=result["imbalance_ratio"])
     return rec
 

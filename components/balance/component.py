@@ -9,6 +9,8 @@ def balance(
     views: Input[Dataset],
     balance: Output[Dataset],
     class_counts: Output[Markdown],
+    class_weighting: str = "inverse_frequency",
+    beta: float = 0.999,
 ):
     """Count images per class and split, and compute the training class weights.
 
@@ -16,12 +18,15 @@ def balance(
         views: Cropped views dataset.
         balance: Output folder: ``balance.json`` (class weights, counts) and ``class_counts.csv``.
         class_counts: The per-split class counts as a Markdown table for the UI.
+        class_weighting: ``inverse_frequency`` (N / (C n_c)), ``effective_number``
+            (Cui et al. 2019) or ``none``.
+        beta: The effective-number beta, in [0, 1).
     """
     import pandas as pd
 
     from triview.stages import balance_stage
 
-    rec = balance_stage(views.path, balance.path)
+    rec = balance_stage(views.path, balance.path, weighting=class_weighting, beta=beta)
     balance.metadata.update({"imbalance_ratio": rec["imbalance_ratio"],
                              "class_weights": rec["class_weights"]})
     table = pd.read_csv(f"{balance.path}/class_counts.csv")
