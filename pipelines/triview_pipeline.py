@@ -32,7 +32,14 @@ def triview_pipeline(
     layout: str = "horizontal",
     overlap: float = 0.5,
     image_size: int = 32,
+    window: float = 0.0,
+    resize: str = "stretch",
     calibration_file: str = "",
+    calibration_images: str = "",
+    pattern: str = "9x6",
+    square: float = 1.0,
+    lens_alpha: float = -1.0,
+    crop_roi: bool = False,
     class_weighting: str = "inverse_frequency",
     beta: float = 0.999,
     augment_copies: int = 1,
@@ -52,8 +59,10 @@ def triview_pipeline(
                          test_fraction=test_fraction, min_size=min_size)
     ingest_task.set_display_name("ingest")
     crop_task = calibrate_and_crop(dataset=ingest_task.outputs["dataset"], layout=layout,
-                                   overlap=overlap, image_size=image_size,
-                                   calibration_file=calibration_file)
+                                   overlap=overlap, image_size=image_size, window=window,
+                                   resize=resize, calibration_file=calibration_file,
+                                   calibration_images=calibration_images, pattern=pattern,
+                                   square=square, lens_alpha=lens_alpha, crop_roi=crop_roi)
     crop_task.set_display_name("calibrate-and-crop")
     balance_task = balance(views=crop_task.outputs["views"], class_weighting=class_weighting,
                            beta=beta)

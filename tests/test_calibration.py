@@ -145,3 +145,28 @@ def test_bad_calibration_inputs_are_clear_errors(tmp_path, capsys):
                  str(tmp_path / "c.json")]) == 2
     assert "no files match" in capsys.readouterr().err
     assert board_points((3, 2), 2.0)[-1].tolist() == [4.0, 2.0, 0.0]
+
+
+def test_calibrate_and_crop_stage_calibrates_saves_and_applies_the_lens(ingested, cropped, tmp_path):
+    from triview import manifest as mf
+    from triview.crop import read_geometry, read_rgb
+    from triview.stages import calibrate_and_crop_stage
+
+    data = _opencv_samples()
+    out = tmp_path / "views"
+    rec = calibrate_and_crop_stage(ingested, out, image_size=32,
+                                   calibration_images=str(data / "left[01][0-9].jpg"))
+    assert rec["lens"] == "calibrated" and rec["calibration"]["rms"] == pytest.approx(0.196, abs=0.01)
+    saved = load_intrinsics(out / "calibration.json")
+    _, lens = read_geometry(out)
+    assert lens.K == saved.K and tuple(lens.image_size) == (640, 480)
+    views, plain = mf.read_views(out), mf.read_views(cropped)
+    assert len(views) == len(plain)
+    a = read_rgb(out / views["path"].iloc[0]).astype(float)
+    b = read_rgb(cropped / plain["path"].iloc[0]).astype(float)
+    assert np.abs(a - b).mean() > 1  # the lens changed the pixels
+    # and the saved calibration is reusable as calibration_file
+    again = calibrate_and_crop_stage(ingested, tmp_path / "again", image_size=32,
+                                     calibration_file=str(out / "calibration.json"))
+    assert again["lens"] == "calibrated"
+    assert np.array_equal(read_rgb(tmp_path / "again" / views["path"].iloc[0]).astype(float), a)

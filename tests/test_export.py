@@ -47,7 +47,8 @@ def test_model_card_records_what_serving_needs(exported, cropped):
     card = json.loads((model_dir / "model_card.json").read_text())
     assert card["classes"] == mf.read_classes(cropped)
     assert card["views"] == ["left", "center", "right"] and card["image_size"] == 32
-    assert card["crop_geometry"] == {"layout": "horizontal", "overlap": 0.5, "image_size": 32}
+    assert card["crop_geometry"] == {"layout": "horizontal", "overlap": 0.5, "image_size": 32,
+                                     "window": 0.0, "resize": "stretch"}
     assert card["test_metrics"]["ensemble"]["macro_f1"] == pytest.approx(
         json.loads((eval_dir / "eval.json").read_text())["ensemble"]["macro_f1"])
     assert card["torchscript_max_abs_diff"] <= 1e-5

@@ -99,3 +99,24 @@ def test_ingest_cli(tmp_path, capsys):
     assert (tmp_path / "o" / mf.MANIFEST_FILE).is_file()
     assert main(["ingest", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_decodable_originals_are_kept_byte_for_byte_and_rotated_ones_normalised(tmp_path):
+    root = tmp_path / "d"
+    write_digits(root, per_class=3)
+    rotated = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    rotated.save(root / "1" / "rotated.jpg", exif=exif)
+    cmyk = Image.new("CMYK", (30, 30), (0, 255, 255, 0))
+    cmyk.save(root / "2" / "cmyk.jpg")
+    result = ingest(root, tmp_path / "out")
+    m = result.manifest.set_index("original_path")
+    plain = m.loc["0/" + sorted(p.name for p in (root / "0").glob("*.jpg"))[0]]
+    assert plain["path"].endswith(".jpg")
+    assert (tmp_path / "out" / plain["path"]).read_bytes() == (root / plain.name).read_bytes()
+    rot = m.loc["1/rotated.jpg"]
+    assert rot["path"].endswith(".png") and (rot["width"], rot["height"]) == (20, 40)
+    assert m.loc["2/cmyk.jpg"]["path"].endswith(".png")
+    with Image.open(tmp_path / "out" / m.loc["2/cmyk.jpg"]["path"]) as img:
+        assert img.mode == "RGB" and img.getpixel((5, 5))[0] > 200

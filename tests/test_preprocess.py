@@ -1,5 +1,7 @@
 import json
 
+import cv2
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,62 @@ def test_balance_weighting_is_selectable(cropped, tmp_path):
     assert eff["strategy"] == "effective_number" and sum(eff["class_weights"]) == pytest.approx(10)
     with pytest.raises(ValueError, match="weighting must be one of"):
         balance(cropped, tmp_path / "x", weighting="magic")
+
+
+def _photo(w=640, h=480, seed=0):
+    """A smooth, textured RGB test picture (gradients + blobs), like a real photo."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC), (0, 0), 3)
+
+
+LENS = LensModel(K=[[530.0, 0, 320], [0, 530.0, 240], [0, 0, 1]], dist=[-0.28, 0.1, 0, 0, 0],
+                 image_size=(640, 480))
+
+
+@pytest.mark.parametrize("lens", [LensModel(), LENS], ids=["identity", "calibrated"])
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_fused_sampler_matches_undistort_then_crop(lens, resize):
+    from triview.crop import ViewSampler
+
+    image = _photo()
+    geometry = CropGeometry(image_size=32, resize=resize)
+    reference = crop_views(image, geometry, undistort_maps(lens, 640, 480))
+    fused = ViewSampler(lens, geometry, 640, 480).sample(image)
+    for view in geometry.views:
+        diff = np.abs(reference[view].astype(float) - fused[view])
+        assert diff.mean() < 2.0, (view, diff.mean())
+
+
+def test_reduced_decode_gives_the_same_views(tmp_path):
+    from triview.crop import ViewSampler, choose_reduction, decode_bgr
+
+    image = _photo(1920, 1080)
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    geometry = CropGeometry(image_size=32)
+    r = choose_reduction(1920, 1080, geometry)
+    assert r == 4  # a 960-px wide view still gets >= 4 x 32 px after 1/4 decoding
+    full = ViewSampler(LensModel(), geometry, 1920, 1080).sample(decode_bgr(path))
+    reduced = ViewSampler(LensModel(), geometry, 1920, 1080, r).sample(decode_bgr(path, r))
+    for view in geometry.views:
+        assert np.abs(full[view].astype(float) - reduced[view]).mean() < 2.0
+
+
+def test_window_fraction_centres_the_views():
+    from triview.crop import view_fractions
+
+    g = CropGeometry(window=0.3, overlap=0.5)
+    f = view_fractions(g)
+    assert f["left"] == pytest.approx((0.2, 0.5)) and f["right"] == pytest.approx((0.5, 0.8))
+    assert view_boxes(100, 10, g)["center"] == (35, 0, 65, 10)
+    with pytest.raises(ValueError, match="spans"):
+        CropGeometry(window=0.5, overlap=0.2)
+
+
+def test_letterbox_keeps_the_aspect_ratio():
+    image = np.full((60, 90, 3), 255, np.uint8)
+    views = crop_views(image, CropGeometry(overlap=0.0, image_size=30, resize="letterbox"))
+    left = views["left"]  # a 30x60 crop -> 15x30 content with black bars left and right
+    assert left.shape == (30, 30, 3)
+    assert left[:, :7].max() == 0 and left[:, 8:22].min() == 255 and left[:, 23:].max() == 0

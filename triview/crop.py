@@ -64,11 +64,23 @@ class LensModel:
         return K
 
 
+RESIZE_MODES = ("stretch", "letterbox")
+
+
 @dataclass
 class CropGeometry:
+    """Where the three views lie and how they are resized.
+
+    ``window`` is the share of the layout axis one view spans (0: derived from the
+    overlap so that the three views exactly cover the axis); adjacent views share
+    ``overlap`` of a window. ``resize`` is ``stretch`` (fill image_size²) or
+    ``letterbox`` (keep the aspect ratio, pad with black).
+    """
     layout: str = "horizontal"
     overlap: float = 0.5
     image_size: int = 32
+    window: float = 0.0
+    resize: str = "stretch"
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -77,6 +89,22 @@ class CropGeometry:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if not 0.0 <= self.window <= 1.0:
+            raise ValueError(f"window must be in (0, 1] (or 0 for automatic), got {self.window}")
+        if self.span > 1.0 + 1e-9:
+            raise ValueError(f"window {self.window} with overlap {self.overlap} spans "
+                             f"{self.span:.3f} of the image (> 1)")
+
+    @property
+    def window_fraction(self) -> float:
+        return self.window if self.window > 0 else 1.0 / (3.0 - 2.0 * self.overlap)
+
+    @property
+    def span(self) -> float:
+        """Share of the layout axis the three views cover together."""
+        return self.window_fraction * (3.0 - 2.0 * self.overlap)
 
     @property
     def views(self) -> tuple[str, str, str]:
@@ -118,19 +146,22 @@ def undistort(image: np.ndarray, maps: UndistortMaps | None) -> np.ndarray:
     return out
 
 
-def view_boxes(width: int, height: int, geometry: CropGeometry) -> dict[str, tuple[int, int, int, int]]:
-    """Boxes ``(x0, y0, x1, y1)`` of the three views.
-
-    Adjacent windows share ``overlap`` of a window's extent, so a window spans
-    ``extent / (3 - 2 * overlap)`` along the layout axis and the full other axis.
-    """
-    along = width if geometry.layout == "horizontal" else height
-    window = along / (3.0 - 2.0 * geometry.overlap)
+def view_fractions(geometry: CropGeometry) -> dict[str, tuple[float, float]]:
+    """Start and end of each view along the layout axis, as fractions of it (centred)."""
+    window = geometry.window_fraction
     step = window * (1.0 - geometry.overlap)
+    offset = (1.0 - geometry.span) / 2.0
+    return {name: (offset + i * step, offset + i * step + window)
+            for i, name in enumerate(geometry.views)}
+
+
+def view_boxes(width: int, height: int, geometry: CropGeometry) -> dict[str, tuple[int, int, int, int]]:
+    """Pixel boxes ``(x0, y0, x1, y1)`` of the three views; each spans the full other axis."""
+    along = width if geometry.layout == "horizontal" else height
     boxes = {}
-    for i, name in enumerate(geometry.views):
-        a0 = int(round(i * step))
-        a1 = min(along, int(round(i * step + window)))
+    for name, (f0, f1) in view_fractions(geometry).items():
+        a0 = max(0, int(round(f0 * along)))
+        a1 = min(along, int(round(f1 * along)))
         boxes[name] = (a0, 0, a1, height) if geometry.layout == "horizontal" else (0, a0, width, a1)
     return boxes
 
@@ -140,9 +171,118 @@ def crop_views(image: np.ndarray, geometry: CropGeometry,
     """Undistort (when ``maps`` is given) and cut the views, each resized to image_size."""
     image = undistort(image, maps)
     h, w = image.shape[:2]
-    size = (geometry.image_size, geometry.image_size)
-    return {name: cv2.resize(image[y0:y1, x0:x1], size, interpolation=cv2.INTER_AREA)
+    return {name: resize_view(image[y0:y1, x0:x1], geometry)
             for name, (x0, y0, x1, y1) in view_boxes(w, h, geometry).items()}
+
+
+def letterbox_size(width: int, height: int, side: int) -> tuple[int, int]:
+    scale = side / max(width, height)
+    return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+
+
+def _pad_to_square(image: np.ndarray, side: int, value: float = 0, scale: int = 1) -> np.ndarray:
+    """Centre ``image`` on a side² canvas; with ``scale`` the bars are those of the
+    image at 1/scale size, times scale (so supersampled and final bars line up)."""
+    h, w = image.shape[:2]
+    top, left = ((side - h) // scale // 2) * scale, ((side - w) // scale // 2) * scale
+    return cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left,
+                              cv2.BORDER_CONSTANT, value=value)
+
+
+def resize_view(crop: np.ndarray, geometry: CropGeometry) -> np.ndarray:
+    """Resize one crop to image_size² (stretch, or letterbox with black bars)."""
+    side = geometry.image_size
+    if geometry.resize == "stretch":
+        return cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
+    size = letterbox_size(crop.shape[1], crop.shape[0], side)
+    return _pad_to_square(cv2.resize(crop, size, interpolation=cv2.INTER_AREA), side)
+
+
+#: Views are sampled at this multiple of image_size, then area-averaged down (anti-aliasing).
+SUPERSAMPLE = 4
+_REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                  (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def choose_reduction(width: int, height: int, geometry: CropGeometry) -> int:
+    """Largest JPEG DCT-scaling factor (1, 2, 4, 8) that still leaves every view at
+    least SUPERSAMPLE x image_size pixels on its shorter side."""
+    along, across = (width, height) if geometry.layout == "horizontal" else (height, width)
+    shorter = min(along * geometry.window_fraction, across)
+    for factor, _ in _REDUCED_FLAGS:
+        if shorter / factor >= SUPERSAMPLE * geometry.image_size:
+            return factor
+    return 1
+
+
+def decode_bgr(path: str | Path, reduction: int = 1) -> np.ndarray:
+    """Decode an image file to 8-bit BGR, optionally at 1/2, 1/4 or 1/8 scale (JPEG
+    decodes those directly from its DCT coefficients, far cheaper than a full decode)."""
+    flag = dict(_REDUCED_FLAGS).get(reduction, cv2.IMREAD_COLOR)
+    image = cv2.imread(str(path), flag)
+    if image is None:
+        raise ValueError(f"cannot decode image {path}")
+    return image
+
+
+class ViewSampler:
+    """Undistort + crop + resize of all three views fused into one small remap per view.
+
+    Built once per (lens, geometry, source size, decode reduction): the undistortion
+    table is cut to each view's box and resampled to SUPERSAMPLE x image_size, so each
+    image costs three remaps of a few thousand pixels instead of a full-frame remap.
+    The result matches :func:`crop_views` (full undistort, crop, area resize) to within
+    interpolation error.
+    """
+
+    def __init__(self, lens: LensModel, geometry: CropGeometry, width: int, height: int,
+                 reduction: int = 1) -> None:
+        self.geometry = geometry
+        self.reduction = reduction
+        w, h = -(-width // reduction), -(-height // reduction)   # decoded size (ceil)
+        self.decoded_size = (w, h)
+        if lens.is_identity:
+            xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+            region = (0, 0, w, h)
+        else:
+            K = lens.camera_matrix(width, height)
+            K[:2] /= reduction
+            dist = np.asarray(lens.dist, dtype=np.float64)
+            new_K, region = K, (0, 0, w, h)
+            if lens.alpha is not None:
+                new_K, valid = cv2.getOptimalNewCameraMatrix(K, dist, (w, h), lens.alpha, (w, h))
+                if lens.crop_roi and valid[2] > 0 and valid[3] > 0:
+                    region = tuple(int(v) for v in valid)
+            xs, ys = cv2.initUndistortRectifyMap(K, dist, None, new_K, (w, h), cv2.CV_32FC1)
+        rx, ry, rw, rh = region
+        side = geometry.image_size * SUPERSAMPLE
+        self.maps = {}
+        for name, (x0, y0, x1, y1) in view_boxes(rw, rh, geometry).items():
+            sub_x = xs[ry + y0:ry + y1, rx + x0:rx + x1]
+            sub_y = ys[ry + y0:ry + y1, rx + x0:rx + x1]
+            if geometry.resize == "stretch":
+                size = (side, side)
+            else:
+                iw, ih = letterbox_size(x1 - x0, y1 - y0, geometry.image_size)
+                size = (iw * SUPERSAMPLE, ih * SUPERSAMPLE)
+            fx = cv2.resize(sub_x, size, interpolation=cv2.INTER_LINEAR)
+            fy = cv2.resize(sub_y, size, interpolation=cv2.INTER_LINEAR)
+            if geometry.resize == "letterbox":  # -1 lies outside the image: black bars
+                fx = _pad_to_square(fx, side, -1, SUPERSAMPLE)
+                fy = _pad_to_square(fy, side, -1, SUPERSAMPLE)
+            self.maps[name] = cv2.convertMaps(fx, fy, cv2.CV_16SC2)
+
+    def sample(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        if (image.shape[1], image.shape[0]) != self.decoded_size:
+            raise ValueError(f"sampler built for {self.decoded_size}, image is "
+                             f"{image.shape[1]}x{image.shape[0]}")
+        side = self.geometry.image_size
+        out = {}
+        for name, (m1, m2) in self.maps.items():
+            big = cv2.remap(image, m1, m2, interpolation=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT)
+            out[name] = cv2.resize(big, (side, side), interpolation=cv2.INTER_AREA)
+        return out
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -160,25 +300,90 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
         tmp.write_bytes(buf.tobytes())
 
 
+_JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe")
+
+
+class _Cropper:
+    """Per-process state: one ViewSampler per (source size, reduction)."""
+
+    def __init__(self, lens: LensModel, geometry: CropGeometry) -> None:
+        self.lens, self.geometry = lens, geometry
+        self.samplers: dict[tuple[int, int, int], ViewSampler] = {}
+
+    def views(self, path: Path) -> dict[str, np.ndarray]:
+        """The three RGB views of one image file."""
+        probe_w, probe_h = _image_size(path)
+        reduction = choose_reduction(probe_w, probe_h, self.geometry) \
+            if path.suffix.lower() in _JPEG_SUFFIXES else 1
+        bgr = decode_bgr(path, reduction)
+        key = (probe_w, probe_h, reduction)
+        if key not in self.samplers:
+            self.samplers[key] = ViewSampler(self.lens, self.geometry, probe_w, probe_h, reduction)
+        sampler = self.samplers[key]
+        if (bgr.shape[1], bgr.shape[0]) != sampler.decoded_size:  # decoder rounded otherwise
+            sampler = ViewSampler(self.lens, self.geometry, bgr.shape[1] * reduction,
+                                  bgr.shape[0] * reduction, reduction)
+            sampler.decoded_size = (bgr.shape[1], bgr.shape[0])
+        return {k: cv2.cvtColor(v, cv2.COLOR_BGR2RGB) for k, v in sampler.sample(bgr).items()}
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:  # reads the header only
+        return img.size
+
+
+_WORKER: _Cropper | None = None
+
+
+def _init_worker(lens: LensModel, geometry: CropGeometry) -> None:
+    global _WORKER
+    cv2.setNumThreads(1)  # one image per process; no nested thread pools
+    _WORKER = _Cropper(lens, geometry)
+
+
+def _crop_task(args: tuple[str, str, str]) -> list[str]:
+    src, out_dir, image_id = args
+    rels = []
+    for view, crop in _WORKER.views(Path(src)).items():
+        rel = f"{CROPS_DIR}/{view}/{image_id}.png"
+        write_png(Path(out_dir) / rel, crop)
+        rels.append(rel)
+    return rels
+
+
 def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: CropGeometry,
-                       lens: LensModel | None = None) -> pd.DataFrame:
+                       lens: LensModel | None = None, workers: int = 0) -> pd.DataFrame:
     """Crop every manifest image into views under ``out_dir``; write ``views.csv``.
 
-    Also copies ``classes.json`` and writes ``geometry.json`` (crop geometry and lens).
+    Views are materialised as small PNGs (image_size²): decoding a full photo costs far
+    more than reading a crop, so each photo is decoded once, not once per epoch.
+    ``workers`` processes share the work (0: one per core; small inputs stay in-process).
+    Also writes ``classes.json`` and ``geometry.json`` (crop geometry and lens).
     """
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
     lens = lens or LensModel()
     src, out = Path(dataset_dir), Path(out_dir)
     table = mf.read_manifest(src)
-    maps_cache: dict[tuple[int, int], UndistortMaps | None] = {}
+    for view in geometry.views:
+        (out / CROPS_DIR / view).mkdir(parents=True, exist_ok=True)
+    tasks = [(str(src / rec.path), str(out), rec.image_id) for rec in table.itertuples(index=False)]
+    workers = workers or (os.cpu_count() or 1)
+    if workers > 1 and len(tasks) >= 200:
+        # forkserver: forking a parent whose OpenCV/OpenMP threads are running can deadlock
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                 initializer=_init_worker, initargs=(lens, geometry)) as pool:
+            results = list(pool.map(_crop_task, tasks, chunksize=64))
+    else:
+        _init_worker(lens, geometry)
+        results = [_crop_task(t) for t in tasks]
     rows = []
-    for rec in table.itertuples(index=False):
-        image = read_rgb(src / rec.path)
-        key = (image.shape[1], image.shape[0])
-        if key not in maps_cache:
-            maps_cache[key] = undistort_maps(lens, *key)
-        for view, crop in crop_views(image, geometry, maps_cache[key]).items():
-            rel = f"{CROPS_DIR}/{view}/{rec.image_id}.png"
-            write_png(out / rel, crop)
+    for rec, rels in zip(table.itertuples(index=False), results):
+        for view, rel in zip(geometry.views, rels):
             rows.append({"image_id": rec.image_id, "view": view, "path": rel, "label": rec.label,
                          "labels": rec.labels, "source_id": rec.source_id, "split": rec.split,
                          "augmented": 0})

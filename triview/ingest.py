@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
 from triview import manifest as mf
-from triview.storage import atomic_path
+from triview.storage import atomic_path, atomic_write_bytes
 
 IMAGES_DIR = "images"
 # Never decode more than this many pixels (decompression-bomb guard).
@@ -39,6 +39,13 @@ class IngestResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+# Formats and modes OpenCV decodes to the same pixels as PIL: such files are kept
+# byte for byte (JPEGs can then be decoded at 1/2..1/8 scale downstream).
+_KEEP_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
+_KEEP_MODES = {"RGB", "L"}
+_EXIF_ORIENTATION = 0x0112
+
+
 @dataclass
 class _Decoded:
     rel: str
@@ -47,6 +54,7 @@ class _Decoded:
     image: Image.Image | None
     reason: str | None = None
     detail: str = ""
+    keep_suffix: str | None = None   # store the original bytes under this suffix
 
 
 def _decode(rel: str, label: str | None, data: bytes, min_size: int) -> _Decoded:
@@ -59,6 +67,9 @@ def _decode(rel: str, label: str | None, data: bytes, min_size: int) -> _Decoded
                 return _Decoded(rel, label, sha, None, "decompression_bomb",
                                 f"{img.width}x{img.height}")
             img.load()  # forces a full decode: truncated files fail here
+            rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
+            keep = (_KEEP_FORMATS.get(img.format) if img.mode in _KEEP_MODES and not rotated
+                    else None)
             rgb = ImageOps.exif_transpose(img).convert("RGB")
     except UnidentifiedImageError:
         return _Decoded(rel, label, sha, None, "not_an_image")
@@ -68,7 +79,7 @@ def _decode(rel: str, label: str | None, data: bytes, min_size: int) -> _Decoded
         return _Decoded(rel, label, sha, None, "too_small", f"{rgb.width}x{rgb.height}")
     if label is None:
         return _Decoded(rel, label, sha, None, "no_label", "file is not inside a class folder")
-    return _Decoded(rel, label, sha, rgb)
+    return _Decoded(rel, label, sha, rgb, keep_suffix=keep)
 
 
 def _class_root(root: Path) -> Path:
@@ -137,8 +148,9 @@ def ingest(data: str | Path, out_dir: str | Path, *, seed: int = 0,
     """Ingest a folder or ZIP of class folders into ``out_dir``.
 
     Writes ``manifest.csv`` (one row per used image), ``quarantine.csv`` (one row
-    per rejected file), ``classes.json`` and the normalised RGB images as PNG under
-    ``images/``.
+    per rejected file), ``classes.json`` and the images under ``images/``: the original
+    bytes when OpenCV decodes them to the same RGB pixels (JPEG/PNG/WebP/BMP, RGB or
+    gray, no EXIF rotation), otherwise a normalised 8-bit RGB PNG.
     """
     src = Path(data)
     if not src.exists():
@@ -166,10 +178,14 @@ def ingest(data: str | Path, out_dir: str | Path, *, seed: int = 0,
                 continue
             seen[d.sha256] = rel
             image_id = d.sha256[:16]
-            with atomic_path(out / IMAGES_DIR / f"{image_id}.png") as tmp_png:
-                d.image.save(tmp_png, format="PNG")
+            stored = f"{IMAGES_DIR}/{image_id}{d.keep_suffix or '.png'}"
+            if d.keep_suffix:
+                atomic_write_bytes(out / stored, data_bytes)
+            else:  # normalised: EXIF rotation applied, 8-bit RGB
+                with atomic_path(out / stored) as tmp_png:
+                    d.image.save(tmp_png, format="PNG")
             rows.append({
-                "image_id": image_id, "path": f"{IMAGES_DIR}/{image_id}.png",
+                "image_id": image_id, "path": stored,
                 "label": d.label, "labels": d.label,
                 "source_id": str(PurePosixPath(rel).with_suffix("")),
                 "sha256": d.sha256, "width": d.image.width, "height": d.image.height,

@@ -35,14 +35,38 @@ def ingest_stage(data: str, out_dir: Folder, seed: int = 0, val_fraction: float 
 
 
 def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, layout: str = "horizontal",
-                             overlap: float = 0.5, image_size: int = 32,
-                             calibration_file: str = "") -> dict:
+                             overlap: float = 0.5, image_size: int = 32, window: float = 0.0,
+                             resize: str = "stretch", calibration_file: str = "",
+                             calibration_images: str = "", pattern: str = "9x6",
+                             square: float = 1.0, lens_alpha: float = -1.0,
+                             crop_roi: bool = False, workers: int = 0) -> dict:
+    """Calibrate (from chessboard photos, or read an intrinsics file, or use the
+    identity lens), then undistort and crop every image into three views.
+
+    A lens calibrated here is saved as ``calibration.json`` in the output so later
+    runs (and predict) can reuse it through ``calibration_file``.
+    """
+    from triview import calibration as cal
     from triview import crop
 
     with stage_record("calibrate-and-crop", out_dir) as rec:
-        lens = crop.LensModel.from_file(calibration_file) if calibration_file else crop.LensModel()
-        geometry = crop.CropGeometry(layout=layout, overlap=overlap, image_size=image_size)
-        views = crop.calibrate_and_crop(dataset_dir, out_dir, geometry, lens)
+        alpha = None if lens_alpha < 0 else lens_alpha
+        if calibration_images:
+            result = cal.calibrate_glob(calibration_images, pattern=cal.parse_pattern(pattern),
+                                        square=square)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            result.save(Path(out_dir) / "calibration.json")
+            lens = crop.LensModel(K=result.K, dist=result.dist, image_size=result.image_size,
+                                  alpha=alpha, crop_roi=crop_roi)
+            rec.update(calibration={"rms": result.rms, "used": len(result.per_view_error),
+                                    "rejected": result.rejected})
+        elif calibration_file:
+            lens = crop.LensModel.from_file(calibration_file, alpha=alpha, crop_roi=crop_roi)
+        else:
+            lens = crop.LensModel()
+        geometry = crop.CropGeometry(layout=layout, overlap=overlap, image_size=image_size,
+                                     window=window, resize=resize)
+        views = crop.calibrate_and_crop(dataset_dir, out_dir, geometry, lens, workers=workers)
         rec.update(views=list(geometry.views), items_in=int(views["image_id"].nunique()),
                    items_out=len(views), lens="identity" if lens.is_identity else "calibrated")
     return rec
