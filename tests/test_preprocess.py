@@ -158,19 +158,22 @@ def test_fused_sampler_matches_undistort_then_crop(lens, resize):
         assert diff.mean() < 2.0, (view, diff.mean())
 
 
-def test_reduced_decode_gives_the_same_views(tmp_path):
-    from triview.crop import ViewSampler, choose_reduction, decode_bgr
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+@pytest.mark.parametrize("lens", [LensModel(), LENS], ids=["identity", "calibrated"])
+def test_cropper_on_large_files_matches_the_full_resolution_reference(tmp_path, suffix, lens):
+    from triview.crop import _Cropper, choose_reduction
 
     image = _photo(1920, 1080)
-    path = tmp_path / "big.jpg"
+    path = tmp_path / f"big{suffix}"
     cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
     geometry = CropGeometry(image_size=32)
-    r = choose_reduction(1920, 1080, geometry)
-    assert r == 4  # a 960-px wide view still gets >= 4 x 32 px after 1/4 decoding
-    full = ViewSampler(LensModel(), geometry, 1920, 1080).sample(decode_bgr(path))
-    reduced = ViewSampler(LensModel(), geometry, 1920, 1080, r).sample(decode_bgr(path, r))
+    assert choose_reduction(1920, 1080, geometry) == 8  # 960/8 = 120 px >= 2 x 32
+    decoded = cv2.imread(str(path))
+    reference = crop_views(decoded, geometry, undistort_maps(lens, 1920, 1080))
+    fast = _Cropper(lens, geometry).views(path)  # RGB
     for view in geometry.views:
-        assert np.abs(full[view].astype(float) - reduced[view]).mean() < 2.0
+        ref = cv2.cvtColor(reference[view], cv2.COLOR_BGR2RGB).astype(float)
+        assert np.abs(ref - fast[view]).mean() < 2.0, view
 
 
 def test_window_fraction_centres_the_views():

@@ -199,7 +199,7 @@ def resize_view(crop: np.ndarray, geometry: CropGeometry) -> np.ndarray:
 
 
 #: Views are sampled at this multiple of image_size, then area-averaged down (anti-aliasing).
-SUPERSAMPLE = 4
+SUPERSAMPLE = 2
 _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                   (2, cv2.IMREAD_REDUCED_COLOR_2))
 
@@ -207,8 +207,7 @@ _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_
 def choose_reduction(width: int, height: int, geometry: CropGeometry) -> int:
     """Largest JPEG DCT-scaling factor (1, 2, 4, 8) that still leaves every view at
     least SUPERSAMPLE x image_size pixels on its shorter side."""
-    along, across = (width, height) if geometry.layout == "horizontal" else (height, width)
-    shorter = min(along * geometry.window_fraction, across)
+    shorter = _view_short_side(width, height, geometry)
     for factor, _ in _REDUCED_FLAGS:
         if shorter / factor >= SUPERSAMPLE * geometry.image_size:
             return factor
@@ -228,48 +227,63 @@ def decode_bgr(path: str | Path, reduction: int = 1) -> np.ndarray:
 class ViewSampler:
     """Undistort + crop + resize of all three views fused into one small remap per view.
 
-    Built once per (lens, geometry, source size, decode reduction): the undistortion
-    table is cut to each view's box and resampled to SUPERSAMPLE x image_size, so each
-    image costs three remaps of a few thousand pixels instead of a full-frame remap.
-    The result matches :func:`crop_views` (full undistort, crop, area resize) to within
-    interpolation error.
+    Built once per (lens, geometry, source size, decoded size). For every output pixel
+    of a view (sampled at up to SUPERSAMPLE x image_size, then area-averaged down) it
+    computes where that point of the undistorted view lies in the distorted source —
+    the same model ``initUndistortRectifyMap`` uses, evaluated only at the few thousand
+    points the views need — and scales it to the (possibly DCT-reduced) decoded image.
+    Each image then costs three small remaps instead of a full-frame remap, and the
+    result matches :func:`crop_views` (full undistort, crop, area resize).
     """
 
     def __init__(self, lens: LensModel, geometry: CropGeometry, width: int, height: int,
-                 reduction: int = 1) -> None:
+                 reduction: int = 1, decoded_size: tuple[int, int] | None = None) -> None:
+        """``width``×``height`` is the source image; the sampler reads images decoded
+        at ``decoded_size`` (default: ceil(size / reduction), as JPEG DCT scaling gives)."""
         self.geometry = geometry
-        self.reduction = reduction
-        w, h = -(-width // reduction), -(-height // reduction)   # decoded size (ceil)
+        w, h = decoded_size or (-(-width // reduction), -(-height // reduction))
         self.decoded_size = (w, h)
-        if lens.is_identity:
-            xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-            region = (0, 0, w, h)
-        else:
+        region = (0, 0, width, height)
+        K = new_K = dist = None
+        if not lens.is_identity:
             K = lens.camera_matrix(width, height)
-            K[:2] /= reduction
             dist = np.asarray(lens.dist, dtype=np.float64)
-            new_K, region = K, (0, 0, w, h)
+            new_K = K
             if lens.alpha is not None:
-                new_K, valid = cv2.getOptimalNewCameraMatrix(K, dist, (w, h), lens.alpha, (w, h))
+                new_K, valid = cv2.getOptimalNewCameraMatrix(K, dist, (width, height), lens.alpha,
+                                                             (width, height))
                 if lens.crop_roi and valid[2] > 0 and valid[3] > 0:
                     region = tuple(int(v) for v in valid)
-            xs, ys = cv2.initUndistortRectifyMap(K, dist, None, new_K, (w, h), cv2.CV_32FC1)
         rx, ry, rw, rh = region
-        side = geometry.image_size * SUPERSAMPLE
+        boxes = view_boxes(rw, rh, geometry)
+        # source pixels per output pixel, at the decoded scale
+        shorter = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes.values()) * w / width
+        self.supersample = int(max(1, min(SUPERSAMPLE, shorter // geometry.image_size)))
+        side = geometry.image_size * self.supersample
         self.maps = {}
-        for name, (x0, y0, x1, y1) in view_boxes(rw, rh, geometry).items():
-            sub_x = xs[ry + y0:ry + y1, rx + x0:rx + x1]
-            sub_y = ys[ry + y0:ry + y1, rx + x0:rx + x1]
+        for name, (x0, y0, x1, y1) in boxes.items():
             if geometry.resize == "stretch":
-                size = (side, side)
+                tw = th = side
             else:
                 iw, ih = letterbox_size(x1 - x0, y1 - y0, geometry.image_size)
-                size = (iw * SUPERSAMPLE, ih * SUPERSAMPLE)
-            fx = cv2.resize(sub_x, size, interpolation=cv2.INTER_LINEAR)
-            fy = cv2.resize(sub_y, size, interpolation=cv2.INTER_LINEAR)
+                tw, th = iw * self.supersample, ih * self.supersample
+            # output pixel centres in undistorted source coordinates
+            gx = rx + x0 + (np.arange(tw) + 0.5) * (x1 - x0) / tw - 0.5
+            gy = ry + y0 + (np.arange(th) + 0.5) * (y1 - y0) / th - 0.5
+            GX, GY = np.meshgrid(gx, gy)
+            if K is None:
+                sx, sy = GX, GY
+            else:  # undistorted pixel -> normalised ray -> distorted source pixel
+                rays = np.stack([(GX - new_K[0, 2]) / new_K[0, 0], (GY - new_K[1, 2]) / new_K[1, 1],
+                                 np.ones_like(GX)], -1).reshape(-1, 1, 3)
+                proj, _ = cv2.projectPoints(rays, np.zeros(3), np.zeros(3), K, dist)
+                sx, sy = proj[:, 0, 0].reshape(th, tw), proj[:, 0, 1].reshape(th, tw)
+            # source pixel centres -> decoded pixel centres
+            fx = ((sx + 0.5) * (w / width) - 0.5).astype(np.float32)
+            fy = ((sy + 0.5) * (h / height) - 0.5).astype(np.float32)
             if geometry.resize == "letterbox":  # -1 lies outside the image: black bars
-                fx = _pad_to_square(fx, side, -1, SUPERSAMPLE)
-                fy = _pad_to_square(fy, side, -1, SUPERSAMPLE)
+                fx = _pad_to_square(fx, side, -1, self.supersample)
+                fy = _pad_to_square(fy, side, -1, self.supersample)
             self.maps[name] = cv2.convertMaps(fx, fy, cv2.CV_16SC2)
 
     def sample(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -281,7 +295,8 @@ class ViewSampler:
         for name, (m1, m2) in self.maps.items():
             big = cv2.remap(image, m1, m2, interpolation=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_CONSTANT)
-            out[name] = cv2.resize(big, (side, side), interpolation=cv2.INTER_AREA)
+            out[name] = big if self.supersample == 1 else \
+                cv2.resize(big, (side, side), interpolation=cv2.INTER_AREA)
         return out
 
 
@@ -304,27 +319,36 @@ _JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe")
 
 
 class _Cropper:
-    """Per-process state: one ViewSampler per (source size, reduction)."""
+    """Per-process state: one ViewSampler per (source size, decoded size)."""
 
     def __init__(self, lens: LensModel, geometry: CropGeometry) -> None:
         self.lens, self.geometry = lens, geometry
-        self.samplers: dict[tuple[int, int, int], ViewSampler] = {}
+        self.samplers: dict[tuple[int, int, int, int], ViewSampler] = {}
 
     def views(self, path: Path) -> dict[str, np.ndarray]:
         """The three RGB views of one image file."""
-        probe_w, probe_h = _image_size(path)
-        reduction = choose_reduction(probe_w, probe_h, self.geometry) \
+        src_w, src_h = _image_size(path)
+        reduction = choose_reduction(src_w, src_h, self.geometry) \
             if path.suffix.lower() in _JPEG_SUFFIXES else 1
         bgr = decode_bgr(path, reduction)
-        key = (probe_w, probe_h, reduction)
+        # Where DCT scaling could not shrink enough (not a JPEG, or a huge photo), area-
+        # average down first so the remap never samples more than 2 source px per output.
+        extra = int(_view_short_side(bgr.shape[1], bgr.shape[0], self.geometry)
+                    // (2 * SUPERSAMPLE * self.geometry.image_size))
+        if extra >= 2:
+            bgr = cv2.resize(bgr, (max(1, bgr.shape[1] // extra), max(1, bgr.shape[0] // extra)),
+                             interpolation=cv2.INTER_AREA)
+        key = (src_w, src_h, bgr.shape[1], bgr.shape[0])
         if key not in self.samplers:
-            self.samplers[key] = ViewSampler(self.lens, self.geometry, probe_w, probe_h, reduction)
-        sampler = self.samplers[key]
-        if (bgr.shape[1], bgr.shape[0]) != sampler.decoded_size:  # decoder rounded otherwise
-            sampler = ViewSampler(self.lens, self.geometry, bgr.shape[1] * reduction,
-                                  bgr.shape[0] * reduction, reduction)
-            sampler.decoded_size = (bgr.shape[1], bgr.shape[0])
-        return {k: cv2.cvtColor(v, cv2.COLOR_BGR2RGB) for k, v in sampler.sample(bgr).items()}
+            self.samplers[key] = ViewSampler(self.lens, self.geometry, src_w, src_h,
+                                             decoded_size=(bgr.shape[1], bgr.shape[0]))
+        views = self.samplers[key].sample(bgr)
+        return {k: cv2.cvtColor(v, cv2.COLOR_BGR2RGB) for k, v in views.items()}
+
+
+def _view_short_side(width: int, height: int, geometry: CropGeometry) -> float:
+    along, across = (width, height) if geometry.layout == "horizontal" else (height, width)
+    return min(along * geometry.window_fraction, across)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
