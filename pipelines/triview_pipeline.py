@@ -42,10 +42,21 @@ def triview_pipeline(
     crop_roi: bool = False,
     class_weighting: str = "inverse_frequency",
     beta: float = 0.999,
+    resample: str = "none",
+    resample_target: float = 0.0,
     augment_copies: int = 1,
     noise_std: float = 0.05,
     max_rotation: float = 50.0,
     border_mode: str = "constant",
+    augment_mode: str = "offline",
+    hflip: float = 0.0,
+    vflip: float = 0.0,
+    shift: float = 0.0,
+    zoom: float = 0.0,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    clahe: float = 0.0,
+    gray_world: float = 0.0,
     backbone: str = "shufflenet_v2_x1_0",
     epochs: int = 8,
     batch_size: int = 128,
@@ -65,11 +76,14 @@ def triview_pipeline(
                                    square=square, lens_alpha=lens_alpha, crop_roi=crop_roi)
     crop_task.set_display_name("calibrate-and-crop")
     balance_task = balance(views=crop_task.outputs["views"], class_weighting=class_weighting,
-                           beta=beta)
+                           beta=beta, resample=resample, resample_target=resample_target,
+                           seed=seed)
     balance_task.set_display_name("balance")
     augment_task = augment(views=crop_task.outputs["views"], copies=augment_copies,
                            noise_std=noise_std, max_rotation=max_rotation,
-                           border_mode=border_mode, seed=seed)
+                           border_mode=border_mode, seed=seed, mode=augment_mode, hflip=hflip,
+                           vflip=vflip, shift=shift, zoom=zoom, brightness=brightness,
+                           contrast=contrast, clahe=clahe, gray_world=gray_world)
     augment_task.set_display_name("augment")
 
     branches = []

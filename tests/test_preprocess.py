@@ -193,3 +193,93 @@ def test_letterbox_keeps_the_aspect_ratio():
     left = views["left"]  # a 30x60 crop -> 15x30 content with black bars left and right
     assert left.shape == (30, 30, 3)
     assert left[:, :7].max() == 0 and left[:, 8:22].min() == 255 and left[:, 23:].max() == 0
+
+
+def test_resample_plan_over_and_under_sampling():
+    from triview.balance import resample_plan
+
+    ids = np.array([f"a{i}" for i in range(10)] + [f"b{i}" for i in range(3)])
+    labels = np.array(["a"] * 10 + ["b"] * 3)
+    over = resample_plan(ids, labels, "oversample", seed=0)
+    assert sum(over[i] for i in ids[:10]) == 10 and sum(over[i] for i in ids[10:]) == 10
+    assert {over[i] for i in ids[10:]} <= {3, 4}  # repeats spread evenly
+    under = resample_plan(ids, labels, "undersample", seed=0)
+    assert sum(under[i] for i in ids[:10]) == 3 and all(under[i] == 1 for i in ids[10:])
+    half = resample_plan(ids, labels, "oversample", target=0.5)
+    assert sum(half[i] for i in ids[10:]) == 5
+    assert resample_plan(ids, labels, "oversample", seed=1) != over
+    with pytest.raises(ValueError, match="resample must be one of"):
+        resample_plan(ids, labels, "smote")
+
+
+def test_only_the_training_split_is_resampled(tmp_path):
+    """An imbalanced real data set: val/test counts never change, train is balanced."""
+    from triview.balance import balance
+    from triview.demo import write_digits
+    from triview.stages import calibrate_and_crop_stage, ingest_stage
+    from triview.train import ViewData, apply_multiplicity
+    import torch
+
+    write_digits(tmp_path / "d", per_class=30)
+    for p in sorted((tmp_path / "d" / "3").glob("*.jpg"))[10:]:
+        p.unlink()  # class 3 keeps 10 images
+    ingest_stage(str(tmp_path / "d"), tmp_path / "i")
+    calibrate_and_crop_stage(tmp_path / "i", tmp_path / "c", image_size=16)
+    plain = balance(tmp_path / "c", tmp_path / "b0")
+    over = balance(tmp_path / "c", tmp_path / "b1", resample="oversample")
+    under = balance(tmp_path / "c", tmp_path / "b2", resample="undersample")
+    for result in (over, under):
+        assert result["counts"]["val"] == plain["counts"]["val"]
+        assert result["counts"]["test"] == plain["counts"]["test"]
+        after = result["resample"]["train_counts_after"]
+        assert len(set(after.values())) == 1  # every class equal in training
+    assert over["resample"]["train_counts_after"]["3"] == max(plain["counts"]["train"].values())
+    assert plain["imbalance_ratio"] > 2 and (tmp_path / "b0" / "class_counts.png").is_file()
+    assert set(plain["labels"]["pos_weight"]) == set(plain["classes"])
+    # the training loader applies the plan
+    ids = list(over["train_multiplicity"])
+    data = ViewData(torch.zeros(len(ids), 3, 4, 4, dtype=torch.uint8),
+                    torch.zeros(len(ids), dtype=torch.int64), ids)
+    assert len(apply_multiplicity(data, over["train_multiplicity"]).image_ids) == \
+        sum(over["resample"]["train_counts_after"].values())
+
+
+def test_each_augmentation_does_what_it_says():
+    from triview.augment import augment_batch
+
+    rng_img = np.random.default_rng(3)
+    img = cv2.GaussianBlur(rng_img.integers(0, 255, (32, 32, 3), dtype=np.uint8), (0, 0), 1)
+    img[..., 0] //= 2  # a colour cast for gray-world to remove
+    base = dict(noise_std=0.0, max_rotation=0.0)
+    same = augment_image(img, AugmentConfig(**base), _rng(0, "x"))
+    assert np.array_equal(same, img)
+    assert np.array_equal(augment_image(img, AugmentConfig(**base, hflip=1.0), _rng(0, "x")),
+                          img[:, ::-1])
+    assert np.array_equal(augment_image(img, AugmentConfig(**base, vflip=1.0), _rng(0, "x")),
+                          img[::-1])
+    balanced = augment_image(img, AugmentConfig(**base, gray_world=1.0), _rng(0, "x"))
+    means = balanced.reshape(-1, 3).mean(0)
+    assert means.max() - means.min() < 3 < np.ptp(img.reshape(-1, 3).mean(0))
+    assert not np.array_equal(augment_image(img, AugmentConfig(**base, clahe=1.0), _rng(0, "x")), img)
+    bright = augment_image(img, AugmentConfig(**base, brightness=0.3), _rng(5, "x"))
+    assert abs(bright.mean() - img.mean()) > 1
+    shifted = augment_image(img, AugmentConfig(**base, shift=0.2), _rng(0, "y"))
+    assert not np.array_equal(shifted, img)
+    batch = np.stack([img, img])
+    cfg = AugmentConfig(shift=0.1)
+    e1 = augment_batch(batch, ["a", "b"], cfg, epoch=1)
+    assert np.array_equal(e1, augment_batch(batch, ["a", "b"], cfg, epoch=1))
+    assert not np.array_equal(e1, augment_batch(batch, ["a", "b"], cfg, epoch=2))
+    with pytest.raises(ValueError, match="probability"):
+        AugmentConfig(hflip=1.5)
+
+
+def test_online_mode_writes_config_and_preview_but_no_copies(cropped, tmp_path):
+    from triview.augment import load_config
+
+    augment(cropped, tmp_path, AugmentConfig(mode="online", zoom=0.1, seed=4))
+    assert len(mf.read_views(tmp_path)) == 0
+    cfg = load_config(tmp_path)
+    assert cfg.mode == "online" and cfg.zoom == 0.1 and cfg.seed == 4
+    preview = read_rgb(tmp_path / "preview.png")
+    assert preview.shape[0] > 0 and preview.shape[1] == 5 * preview.shape[0] // 3

@@ -57,3 +57,13 @@ def test_saved_branch_reloads_to_the_same_predictions(trained, cropped):
     preds = load_predictions(folder)
     assert list(preds["test_ids"]) == test.image_ids
     assert np.allclose(predict_proba(model, test.images), preds["test_prob"], atol=1e-5)
+
+
+def test_online_augmentation_trains_through_the_loader(cropped, balanced, tmp_path):
+    from triview.augment import AugmentConfig, augment
+    from triview.stages import train_branch_stage
+
+    augment(cropped, tmp_path / "aug", AugmentConfig(mode="online"))
+    rec = train_branch_stage(cropped, tmp_path / "aug", balanced, "center", tmp_path / "m",
+                             epochs=1, batch_size=64)
+    assert rec["epochs_run"] == 1 and (tmp_path / "m" / "model.pt").is_file()

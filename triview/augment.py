@@ -1,8 +1,16 @@
-"""Augment: seeded Gaussian noise and random rotation, written as extra copies of
-the training crops only (validation and test are never touched)."""
+"""Augment: seeded photometric and geometric augmentation of the training crops only
+(validation and test are never touched), built on OpenCV.
+
+Offline mode writes ``copies`` augmented copies of every training crop; online mode
+writes only the configuration, and the training loader applies the same
+:func:`augment_image` to every batch (a fresh draw each epoch). Both are
+deterministic given the seed. CLAHE and gray-world white balance are random
+augmentations here, never a normalisation applied to every image.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +29,11 @@ BORDER_MODES = {
 }
 
 
+MODES = ("offline", "online")
+CONFIG_FILE = "augment.json"
+PREVIEW_FILE = "preview.png"
+
+
 @dataclass
 class AugmentConfig:
     copies: int = 1
@@ -28,12 +41,28 @@ class AugmentConfig:
     max_rotation: float = 50.0   # degrees; the angle is uniform in [-max, +max]
     border_mode: str = "constant"
     seed: int = 0
+    mode: str = "offline"
+    hflip: float = 0.0           # probability of a horizontal flip
+    vflip: float = 0.0           # probability of a vertical flip
+    shift: float = 0.0           # max translation as a fraction of the side
+    zoom: float = 0.0            # scale uniform in [1 - zoom, 1 + zoom]
+    brightness: float = 0.0      # additive, uniform in ±brightness x 255
+    contrast: float = 0.0        # gain uniform in [1 - contrast, 1 + contrast]
+    clahe: float = 0.0           # probability of CLAHE on the luminance
+    gray_world: float = 0.0      # probability of gray-world white balance
 
     def __post_init__(self) -> None:
         if self.border_mode not in BORDER_MODES:
             raise ValueError(f"border_mode must be one of {sorted(BORDER_MODES)}")
-        if self.copies < 0 or self.noise_std < 0 or self.max_rotation < 0:
-            raise ValueError("copies, noise_std and max_rotation must be >= 0")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        values = [self.copies, self.noise_std, self.max_rotation, self.shift, self.zoom,
+                  self.brightness, self.contrast]
+        if any(v < 0 for v in values):
+            raise ValueError("copies and augmentation magnitudes must be >= 0")
+        for name in ("hflip", "vflip", "clahe", "gray_world"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1]")
 
 
 def _rng(seed: int, *key: object) -> np.random.Generator:
@@ -42,30 +71,98 @@ def _rng(seed: int, *key: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def _gray_world(image: np.ndarray) -> np.ndarray:
+    means = image.reshape(-1, 3).mean(0) + 1e-6
+    return np.clip(image * (means.mean() / means), 0, 255).astype(np.uint8)
+
+
+def _clahe(image: np.ndarray) -> np.ndarray:
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4)).apply(lab[..., 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
 def augment_image(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Rotate by a uniform angle in ±max_rotation, then add Gaussian noise; uint8 in/out."""
+    """One random draw of every enabled augmentation; uint8 RGB (H, W, 3) in and out.
+
+    Rotation, zoom and shift are one affine warp; flips, colour operations and the
+    Gaussian noise follow. The draw depends only on ``rng``.
+    """
     h, w = image.shape[:2]
     angle = rng.uniform(-config.max_rotation, config.max_rotation)
-    matrix = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, 1.0)
-    rotated = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
-                             borderMode=BORDER_MODES[config.border_mode])
-    noise = rng.normal(0.0, config.noise_std * 255.0, size=rotated.shape)
-    return np.clip(rotated.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    scale = rng.uniform(1.0 - config.zoom, 1.0 + config.zoom)
+    matrix = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
+    matrix[:, 2] += rng.uniform(-config.shift, config.shift, 2) * (w, h)
+    out = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                         borderMode=BORDER_MODES[config.border_mode])
+    if rng.random() < config.hflip:
+        out = cv2.flip(out, 1)
+    if rng.random() < config.vflip:
+        out = cv2.flip(out, 0)
+    if rng.random() < config.clahe:
+        out = _clahe(out)
+    if rng.random() < config.gray_world:
+        out = _gray_world(out)
+    gain = rng.uniform(1.0 - config.contrast, 1.0 + config.contrast)
+    bias = rng.uniform(-config.brightness, config.brightness) * 255.0
+    noise = rng.normal(0.0, config.noise_std * 255.0, size=out.shape)
+    mean = out.mean()
+    return np.clip((out.astype(np.float32) - mean) * gain + mean + bias + noise, 0, 255).astype(np.uint8)
+
+
+def augment_batch(images: np.ndarray, image_ids: list[str], config: AugmentConfig,
+                  epoch: int) -> np.ndarray:
+    """Online augmentation of a uint8 (N, H, W, 3) batch: a fresh draw per epoch,
+    reproducible from (seed, image id, epoch)."""
+    return np.stack([augment_image(img, config, _rng(config.seed, i, "online", epoch))
+                     for img, i in zip(images, image_ids)])
+
+
+def save_config(config: AugmentConfig, folder: Path) -> None:
+    from dataclasses import asdict
+
+    from triview.storage import atomic_write_text
+
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(asdict(config), indent=2))
+
+
+def load_config(folder: str | Path) -> AugmentConfig | None:
+    path = Path(folder) / CONFIG_FILE
+    return AugmentConfig(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def preview_grid(samples: list[np.ndarray], config: AugmentConfig, path: Path, per_row: int = 4) -> None:
+    """Each sample next to ``per_row`` augmented draws of it, one sample per row."""
+    rows = []
+    for k, img in enumerate(samples):
+        draws = [augment_image(img, config, _rng(config.seed, "preview", k, j)) for j in range(per_row)]
+        rows.append(np.concatenate([img] + draws, axis=1))
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, 96 // samples[0].shape[0])
+    grid = cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    write_png(path, grid)
 
 
 def augment(views_dir: str | Path, out_dir: str | Path, config: AugmentConfig) -> pd.DataFrame:
     """Write ``config.copies`` augmented copies of every training crop to ``out_dir``.
 
-    ``out_dir/views.csv`` lists only the new crops (``augmented`` = copy number);
-    the real crops stay in ``views_dir``.
+    ``out_dir/views.csv`` lists only the new crops (``augmented`` = copy number; none in
+    online mode); the real crops stay in ``views_dir``. Also writes ``augment.json`` (the
+    configuration, which online training reads) and ``preview.png``.
     """
     src, out = Path(views_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     views = mf.read_views(src)
     train = views[(views["split"] == "train") & (views["augmented"] == 0)]
+    save_config(config, out)
+    sample = train.drop_duplicates("view").head(3) if len(train) else train
+    if len(sample):
+        preview_grid([read_rgb(src / p) for p in sample["path"]], config, out / PREVIEW_FILE)
     rows = []
+    copies = config.copies if config.mode == "offline" else 0
     for rec in train.itertuples(index=False):
         image = read_rgb(src / rec.path)
-        for k in range(1, config.copies + 1):
+        for k in range(1, copies + 1):
             aug = augment_image(image, config, _rng(config.seed, rec.image_id, rec.view, k))
             rel = f"{AUG_DIR}/{rec.view}/{rec.image_id}_{k}.png"
             write_png(out / rel, aug)

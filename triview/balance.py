@@ -51,10 +51,75 @@ WEIGHTINGS = {
 }
 
 
-def balance(views_dir: str | Path, out_dir: str | Path, weighting: str = "inverse_frequency",
-            beta: float = 0.999) -> dict:
-    """Write ``class_counts.csv`` and ``balance.json`` (classes, counts, class weights).
+RESAMPLING = ("none", "oversample", "undersample")
 
+
+def resample_plan(image_ids: np.ndarray, labels: np.ndarray, strategy: str = "none",
+                  target: float = 0.0, seed: int = 0) -> dict[str, int]:
+    """How many times each training image is used per epoch.
+
+    ``oversample`` raises every class to a target count by repeating its images
+    (``target`` 0: the largest class; 0 < target <= 1: that share of the largest
+    class; > 1: that count); ``undersample`` lowers every class to the target by
+    dropping images (0: the smallest class). Repeats and drops are spread evenly
+    and chosen with ``seed``.
+    """
+    if strategy not in RESAMPLING:
+        raise ValueError(f"resample must be one of {RESAMPLING}, got {strategy!r}")
+    plan = {str(i): 1 for i in image_ids}
+    if strategy == "none":
+        return plan
+    rng = np.random.default_rng(seed)
+    counts = {c: int((labels == c).sum()) for c in np.unique(labels)}
+    largest, smallest = max(counts.values()), min(counts.values())
+    if target <= 0:
+        goal = largest if strategy == "oversample" else smallest
+    elif target <= 1:
+        goal = int(round(target * largest))
+    else:
+        goal = int(target)
+    for c, n in counts.items():
+        members = np.asarray(image_ids)[labels == c]
+        want = max(n, goal) if strategy == "oversample" else min(n, goal)
+        each, extra = divmod(want, n)
+        chosen = set(rng.choice(members, size=extra, replace=False).tolist()) if extra else set()
+        for i in members:
+            plan[str(i)] = each + (1 if i in chosen else 0)
+    return plan
+
+
+def label_statistics(labels: pd.Series, classes: list[str]) -> dict:
+    """Per-label positives and ``pos_weight`` = negatives / positives (multi-label BCE)."""
+    sets = labels.fillna("").map(lambda s: set(filter(None, s.split(";"))))
+    n = len(sets)
+    pos = {c: int(sum(c in s for s in sets)) for c in classes}
+    return {"positives": pos,
+            "pos_weight": {c: (round((n - p) / p, 6) if p else 0.0) for c, p in pos.items()}}
+
+
+def _plot_counts(counts: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ax = counts.plot.bar(figsize=(max(5, 0.5 * len(counts)), 3.5), width=0.8)
+    ax.set_ylabel("images")
+    ax.set_title("images per class and split")
+    fig = ax.get_figure()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def balance(views_dir: str | Path, out_dir: str | Path, weighting: str = "inverse_frequency",
+            beta: float = 0.999, resample: str = "none", target: float = 0.0,
+            seed: int = 0) -> dict:
+    """Analyse the class balance and decide how training compensates for it.
+
+    Writes ``class_counts.csv`` (per split), ``class_counts.png`` and ``balance.json``
+    (counts, imbalance ratios, class weights, per-label pos_weight and the training
+    resampling plan). Only the training split is ever resampled.
     ``weighting`` is one of :data:`WEIGHTINGS`; ``beta`` is the effective-number β.
     """
     if weighting not in WEIGHTINGS:
@@ -66,6 +131,11 @@ def balance(views_dir: str | Path, out_dir: str | Path, weighting: str = "invers
     y = mf.encode_labels(train["label"], classes).to_numpy()
     weights = WEIGHTINGS[weighting](y, len(classes), beta)
     train_counts = counts["train"]
+    plan = resample_plan(train["image_id"].to_numpy(), train["label"].to_numpy(), resample,
+                         target, seed)
+    resampled = pd.Series({c: 0 for c in classes})
+    for image_id, label in zip(train["image_id"], train["label"]):
+        resampled[label] += plan[str(image_id)]
     result = {
         "classes": classes,
         "strategy": weighting,
@@ -73,10 +143,17 @@ def balance(views_dir: str | Path, out_dir: str | Path, weighting: str = "invers
         "class_weights": [round(float(w), 6) for w in weights],
         "counts": {split: {c: int(counts.loc[c, split]) for c in classes} for split in mf.SPLITS},
         "imbalance_ratio": float(train_counts.max() / max(1, train_counts.min())),
+        "imbalance_ratio_per_split": {
+            split: float(counts[split].max() / max(1, counts[split].min())) for split in mf.SPLITS},
+        "labels": label_statistics(train["labels"], classes),
+        "resample": {"strategy": resample, "target": target,
+                     "train_counts_after": {c: int(resampled[c]) for c in classes}},
+        "train_multiplicity": plan,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / COUNTS_FILE, counts.to_csv())
+    _plot_counts(counts, out / "class_counts.png")
     atomic_write_text(out / BALANCE_FILE, json.dumps(result, indent=2))
     return result
 

@@ -73,24 +73,30 @@ def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, layout: str =
 
 
 def balance_stage(views_dir: Folder, out_dir: Folder, weighting: str = "inverse_frequency",
-                  beta: float = 0.999) -> dict:
+                  beta: float = 0.999, resample: str = "none", target: float = 0.0,
+                  seed: int = 0) -> dict:
     from triview import balance as bal
 
     with stage_record("balance", out_dir) as rec:
-        result = bal.balance(views_dir, out_dir, weighting=weighting, beta=beta)
-        rec.update(class_weights=result["class_weights"], imbalance_ratio=result["imbalance_ratio"])
+        result = bal.balance(views_dir, out_dir, weighting=weighting, beta=beta,
+                             resample=resample, target=target, seed=seed)
+        rec.update(class_weights=result["class_weights"], imbalance_ratio=result["imbalance_ratio"],
+                   train_counts_after=result["resample"]["train_counts_after"])
     return rec
 
 
 def augment_stage(views_dir: Folder, out_dir: Folder, copies: int = 1, noise_std: float = 0.05,
-                  max_rotation: float = 50.0, border_mode: str = "constant", seed: int = 0) -> dict:
+                  max_rotation: float = 50.0, border_mode: str = "constant", seed: int = 0,
+                  **options) -> dict:
+    """``options`` are the other :class:`~triview.augment.AugmentConfig` fields
+    (mode, hflip, vflip, shift, zoom, brightness, contrast, clahe, gray_world)."""
     from triview import augment as aug
 
     with stage_record("augment", out_dir) as rec:
         config = aug.AugmentConfig(copies=copies, noise_std=noise_std, max_rotation=max_rotation,
-                                   border_mode=border_mode, seed=seed)
+                                   border_mode=border_mode, seed=seed, **options)
         table = aug.augment(views_dir, out_dir, config)
-        rec.update(items_out=len(table), copies=copies)
+        rec.update(items_out=len(table), copies=copies, mode=config.mode)
     return rec
 
 

@@ -20,6 +20,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from triview import manifest as mf
+from triview.augment import augment_batch
+from triview.augment import load_config as load_augment_config
 from triview.balance import read_balance
 from triview.crop import read_rgb
 from triview.models import BranchNet, count_parameters, create_backbone
@@ -66,6 +68,49 @@ def load_view(tables: list[tuple[Path, pd.DataFrame]], view: str, split: str,
         raise ValueError(f"no {split} crops for view {view!r}")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return ViewData(images, torch.tensor(labels, dtype=torch.int64), ids)
+
+
+def apply_multiplicity(data: ViewData, plan: dict[str, int] | None) -> ViewData:
+    """Repeat or drop training samples as balance's resampling plan says (augmented
+    copies follow their source image)."""
+    if not plan or all(v == 1 for v in plan.values()):
+        return data
+    index = [i for i, image_id in enumerate(data.image_ids) for _ in range(plan.get(image_id, 1))]
+    if not index:
+        raise ValueError("resampling left no training images")
+    idx = torch.tensor(index)
+    return ViewData(data.images[idx], data.labels[idx], [data.image_ids[i] for i in index])
+
+
+def _make_batch(data: ViewData, idx: torch.Tensor, memory_format, online, epoch: int):
+    images = data.images[idx]
+    if online is not None:  # a fresh augmentation draw per epoch, seeded by image id
+        ids = [data.image_ids[i] for i in idx.tolist()]
+        hwc = augment_batch(images.permute(0, 2, 3, 1).numpy(), ids, online, epoch)
+        images = torch.from_numpy(hwc).permute(0, 3, 1, 2)
+    return _as_float(images).contiguous(memory_format=memory_format), data.labels[idx]
+
+
+def batches(data: ViewData, order: torch.Tensor, batch_size: int,
+            memory_format=torch.contiguous_format, online=None, epoch: int = 0):
+    """Yield (float batch, labels) in ``order``. With online augmentation the next batch
+    is prepared on a background thread (OpenCV releases the GIL) while this one trains."""
+    starts = range(0, len(order), batch_size)
+    if online is None:
+        for i in starts:
+            yield _make_batch(data, order[i:i + batch_size], memory_format, None, epoch)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for i in starts:
+            nxt = pool.submit(_make_batch, data, order[i:i + batch_size], memory_format, online, epoch)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
 
 
 def _as_float(images: torch.Tensor) -> torch.Tensor:
@@ -121,11 +166,15 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     if augmented_dir is not None and (Path(augmented_dir) / mf.VIEWS_FILE).exists():
         tables.append((Path(augmented_dir), mf.read_views(augmented_dir)))
     train = load_view(tables, view, "train", classes)
+    online = load_augment_config(augmented_dir) if augmented_dir is not None else None
+    online = online if online is not None and online.mode == "online" else None
     val = load_view(tables[:1], view, "val", classes)
     test = load_view(tables[:1], view, "test", classes)
     image_size = int(train.images.shape[-1])
 
-    weights = torch.tensor(read_balance(balance_dir)["class_weights"], dtype=torch.float32)
+    balance = read_balance(balance_dir)
+    weights = torch.tensor(balance["class_weights"], dtype=torch.float32)
+    train = apply_multiplicity(train, balance.get("train_multiplicity"))
     model = BranchNet(create_backbone(config.backbone, len(classes), image_size, config.hidden))
     params = count_parameters(model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -143,15 +192,13 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         model.train()
         order = torch.randperm(len(train.labels), generator=generator)
         total_loss = 0.0
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i:i + config.batch_size]
+        for batch, labels in batches(train, order, config.batch_size, memory_format, online, epoch):
             optimizer.zero_grad(set_to_none=True)
-            batch = _as_float(train.images[idx]).contiguous(memory_format=memory_format)
-            loss = criterion(model(batch), train.labels[idx])
+            loss = criterion(model(batch), labels)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += loss.item() * len(idx)
+            total_loss += loss.item() * len(labels)
         recalibrate_batchnorm(model, train.images[order], config.batch_size, memory_format)
         seconds = time.perf_counter() - start
         val_prob = predict_proba(model, val.images)

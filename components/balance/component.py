@@ -11,6 +11,9 @@ def balance(
     class_counts: Output[Markdown],
     class_weighting: str = "inverse_frequency",
     beta: float = 0.999,
+    resample: str = "none",
+    resample_target: float = 0.0,
+    seed: int = 0,
 ):
     """Count images per class and split, and compute the training class weights.
 
@@ -21,14 +24,23 @@ def balance(
         class_weighting: ``inverse_frequency`` (N / (C n_c)), ``effective_number``
             (Cui et al. 2019) or ``none``.
         beta: The effective-number beta, in [0, 1).
+        resample: Training-split resampling: ``none``, ``oversample`` (repeat minority
+            images) or ``undersample`` (drop majority images). Val/test are never resampled.
+        resample_target: Target images per class: 0 = largest (oversample) or smallest
+            (undersample) class; in (0, 1] a share of the largest class; > 1 a count.
+        seed: Seed for which images are repeated or dropped.
     """
     import pandas as pd
 
     from triview.stages import balance_stage
 
-    rec = balance_stage(views.path, balance.path, weighting=class_weighting, beta=beta)
+    rec = balance_stage(views.path, balance.path, weighting=class_weighting, beta=beta,
+                        resample=resample, target=resample_target, seed=seed)
     balance.metadata.update({"imbalance_ratio": rec["imbalance_ratio"],
                              "class_weights": rec["class_weights"]})
     table = pd.read_csv(f"{balance.path}/class_counts.csv")
+    after = rec["train_counts_after"]
+    table["train (resampled)"] = [after[c] for c in table["label"].astype(str)]
     with open(class_counts.path, "w") as fh:
-        fh.write("# Images per class and split\n\n" + table.to_markdown(index=False) + "\n")
+        fh.write(f"# Images per class and split\n\nimbalance ratio (train): "
+                 f"{rec['imbalance_ratio']:.2f}\n\n" + table.to_markdown(index=False) + "\n")
