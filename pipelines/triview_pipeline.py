@@ -14,105 +14,125 @@ from components.export import export
 from components.ingest import ingest
 from components.train_branch import train_branch
 from components.train_voter import train_voter
+from pipelines.platform import PlatformOptions, configure_task
 
 PIPELINE_NAME = "triview"
 #: Display names of the three branch tasks (horizontal layout; vertical is top/center/bottom).
 BRANCH_NAMES = ("left", "center", "right")
 
 
-@dsl.pipeline(name=PIPELINE_NAME,
-              description="Multi-view image classification: three cropped views, one backbone "
-                          "each, a learned voter, evaluation and export.")
-def triview_pipeline(
-    data: str,
-    seed: int = 0,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    min_size: int = 8,
-    layout: str = "horizontal",
-    overlap: float = 0.5,
-    image_size: int = 32,
-    window: float = 0.0,
-    resize: str = "stretch",
-    calibration_file: str = "",
-    calibration_images: str = "",
-    pattern: str = "9x6",
-    square: float = 1.0,
-    lens_alpha: float = -1.0,
-    crop_roi: bool = False,
-    class_weighting: str = "inverse_frequency",
-    beta: float = 0.999,
-    resample: str = "none",
-    resample_target: float = 0.0,
-    augment_copies: int = 1,
-    noise_std: float = 0.05,
-    max_rotation: float = 50.0,
-    border_mode: str = "constant",
-    augment_mode: str = "offline",
-    hflip: float = 0.0,
-    vflip: float = 0.0,
-    shift: float = 0.0,
-    zoom: float = 0.0,
-    brightness: float = 0.0,
-    contrast: float = 0.0,
-    clahe: float = 0.0,
-    gray_world: float = 0.0,
-    backbone: str = "shufflenet_v2_x1_0",
-    epochs: int = 8,
-    batch_size: int = 128,
-    lr: float = 0.003,
-    lrf: float = 0.05,
-    hidden: int = 0,
-    label_smoothing: float = 0.1,
-    weight_decay: float = 0.0001,
-) -> NamedTuple("Outputs", model=Model, report=HTML):
-    ingest_task = ingest(data=data, seed=seed, val_fraction=val_fraction,
-                         test_fraction=test_fraction, min_size=min_size)
-    ingest_task.set_display_name("ingest")
-    crop_task = calibrate_and_crop(dataset=ingest_task.outputs["dataset"], layout=layout,
-                                   overlap=overlap, image_size=image_size, window=window,
-                                   resize=resize, calibration_file=calibration_file,
-                                   calibration_images=calibration_images, pattern=pattern,
-                                   square=square, lens_alpha=lens_alpha, crop_roi=crop_roi)
-    crop_task.set_display_name("calibrate-and-crop")
-    balance_task = balance(views=crop_task.outputs["views"], class_weighting=class_weighting,
-                           beta=beta, resample=resample, resample_target=resample_target,
-                           seed=seed)
-    balance_task.set_display_name("balance")
-    augment_task = augment(views=crop_task.outputs["views"], copies=augment_copies,
-                           noise_std=noise_std, max_rotation=max_rotation,
-                           border_mode=border_mode, seed=seed, mode=augment_mode, hflip=hflip,
-                           vflip=vflip, shift=shift, zoom=zoom, brightness=brightness,
-                           contrast=contrast, clahe=clahe, gray_world=gray_world)
-    augment_task.set_display_name("augment")
+def make_pipeline(options: PlatformOptions | None = None):
+    """Build the DAG with the cluster settings of ``options`` applied to every task."""
+    options = options or PlatformOptions()
 
-    branches = []
-    for index, name in enumerate(BRANCH_NAMES):
-        task = train_branch(views=crop_task.outputs["views"],
-                            augmented=augment_task.outputs["augmented"],
-                            balance=balance_task.outputs["balance"], view_index=index,
-                            backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                            lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
-                            weight_decay=weight_decay, seed=seed)
-        task.set_display_name(f"train-branch-{name}")
-        branches.append(task.outputs["model"])
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="Multi-view image classification: three cropped views, one backbone "
+                              "each, a learned voter, evaluation and export.")
+    def triview_pipeline(
+        data: str,
+        seed: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        min_size: int = 8,
+        layout: str = "horizontal",
+        overlap: float = 0.5,
+        image_size: int = 32,
+        window: float = 0.0,
+        resize: str = "stretch",
+        calibration_file: str = "",
+        calibration_images: str = "",
+        pattern: str = "9x6",
+        square: float = 1.0,
+        lens_alpha: float = -1.0,
+        crop_roi: bool = False,
+        class_weighting: str = "inverse_frequency",
+        beta: float = 0.999,
+        resample: str = "none",
+        resample_target: float = 0.0,
+        augment_copies: int = 1,
+        noise_std: float = 0.05,
+        max_rotation: float = 50.0,
+        border_mode: str = "constant",
+        augment_mode: str = "offline",
+        hflip: float = 0.0,
+        vflip: float = 0.0,
+        shift: float = 0.0,
+        zoom: float = 0.0,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        clahe: float = 0.0,
+        gray_world: float = 0.0,
+        backbone: str = "shufflenet_v2_x1_0",
+        epochs: int = 8,
+        batch_size: int = 128,
+        lr: float = 0.003,
+        lrf: float = 0.05,
+        hidden: int = 0,
+        label_smoothing: float = 0.1,
+        weight_decay: float = 0.0001,
+    ) -> NamedTuple("Outputs", model=Model, report=HTML):
+        ingest_task = ingest(data=data, seed=seed, val_fraction=val_fraction,
+                             test_fraction=test_fraction, min_size=min_size)
+        ingest_task.set_display_name("ingest")
+        configure_task(ingest_task, "ingest", options)
+        crop_task = calibrate_and_crop(dataset=ingest_task.outputs["dataset"], layout=layout,
+                                       overlap=overlap, image_size=image_size, window=window,
+                                       resize=resize, calibration_file=calibration_file,
+                                       calibration_images=calibration_images, pattern=pattern,
+                                       square=square, lens_alpha=lens_alpha, crop_roi=crop_roi)
+        crop_task.set_display_name("calibrate-and-crop")
+        configure_task(crop_task, "calibrate-and-crop", options)
+        balance_task = balance(views=crop_task.outputs["views"], class_weighting=class_weighting,
+                               beta=beta, resample=resample, resample_target=resample_target,
+                               seed=seed)
+        balance_task.set_display_name("balance")
+        configure_task(balance_task, "balance", options)
+        augment_task = augment(views=crop_task.outputs["views"], copies=augment_copies,
+                               noise_std=noise_std, max_rotation=max_rotation,
+                               border_mode=border_mode, seed=seed, mode=augment_mode, hflip=hflip,
+                               vflip=vflip, shift=shift, zoom=zoom, brightness=brightness,
+                               contrast=contrast, clahe=clahe, gray_world=gray_world)
+        augment_task.set_display_name("augment")
+        configure_task(augment_task, "augment", options)
 
-    voter_task = train_voter(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
-                             seed=seed)
-    voter_task.set_display_name("train-voter")
-    eval_task = evaluate(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
-                         voter=voter_task.outputs["voter"])
-    eval_task.set_display_name("evaluate")
-    export_task = export(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
-                         voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
-                         evaluation=eval_task.outputs["evaluation"])
-    export_task.set_display_name("export")
+        branches = []
+        for index, name in enumerate(BRANCH_NAMES):
+            task = train_branch(views=crop_task.outputs["views"],
+                                augmented=augment_task.outputs["augmented"],
+                                balance=balance_task.outputs["balance"], view_index=index,
+                                backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
+                                lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
+                                weight_decay=weight_decay, seed=seed)
+            task.set_display_name(f"train-branch-{name}")
+            configure_task(task, "train-branch", options, gpu=True)
+            branches.append(task.outputs["model"])
 
-    outputs = NamedTuple("Outputs", model=Model, report=HTML)
-    return outputs(model=export_task.outputs["model"], report=eval_task.outputs["report"])
+        voter_task = train_voter(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
+                                 seed=seed)
+        voter_task.set_display_name("train-voter")
+        configure_task(voter_task, "train-voter", options)
+        eval_task = evaluate(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
+                             voter=voter_task.outputs["voter"])
+        eval_task.set_display_name("evaluate")
+        configure_task(eval_task, "evaluate", options)
+        export_task = export(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
+                             voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
+                             evaluation=eval_task.outputs["evaluation"])
+        export_task.set_display_name("export")
+        configure_task(export_task, "export", options)
+
+        outputs = NamedTuple("Outputs", model=Model, report=HTML)
+        return outputs(model=export_task.outputs["model"], report=eval_task.outputs["report"])
+
+    return triview_pipeline
 
 
-def compile_pipeline(package_path: str) -> str:
-    """Write the pipeline's IR YAML to ``package_path``."""
-    compiler.Compiler().compile(pipeline_func=triview_pipeline, package_path=package_path)
+#: The DAG with the default platform settings (what pipelines/triview.yaml holds).
+triview_pipeline = make_pipeline()
+
+
+def compile_pipeline(package_path: str, options: PlatformOptions | None = None) -> str:
+    """Write the pipeline's IR YAML (built with ``options``) to ``package_path``."""
+    pipeline = triview_pipeline if options is None else make_pipeline(options)
+    compiler.Compiler().compile(pipeline_func=pipeline, package_path=package_path)
     return package_path

@@ -37,10 +37,29 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected LABEL=VALUE, got {text!r}")
+    return key, value
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.platform import PlatformOptions
     from pipelines.triview_pipeline import compile_pipeline
 
-    compile_pipeline(args.output)
+    custom = any(v is not None for v in (args.gpu_pool, args.gpu_toleration, args.gpus,
+                                         args.cpu_pool, args.minio_secret))
+    options = None
+    if custom:
+        defaults = PlatformOptions()
+        options = PlatformOptions(
+            gpus=defaults.gpus if args.gpus is None else args.gpus,
+            gpu_pool=_label(args.gpu_pool) if args.gpu_pool else None,
+            gpu_toleration=args.gpu_toleration,
+            cpu_pool=_label(args.cpu_pool) if args.cpu_pool else None,
+            minio_secret=args.minio_secret or defaults.minio_secret)
+    compile_pipeline(args.output, options)
     print(f"compiled pipeline IR to {args.output}")
     return 0
 
@@ -98,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
     p.add_argument("-o", "--output", default="pipelines/triview.yaml")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per train-branch task (default 1; 0: CPU)")
+    p.add_argument("--gpu-pool", metavar="LABEL=VALUE", help="node label of the GPU node pool")
+    p.add_argument("--gpu-toleration", metavar="KEY", help="taint key the GPU nodes carry")
+    p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")
+    p.add_argument("--minio-secret", metavar="NAME", help="Secret with accesskey/secretkey "
+                   "(default triview-minio)")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("run", help="run the whole DAG locally with kfp.local")

@@ -1,0 +1,66 @@
+"""Cluster settings applied to the DAG's tasks at compile time (kfp + kfp-kubernetes).
+
+kfp.local ignores all of these (resources, accelerators, node selectors, tolerations,
+secrets, timeouts); Kubeflow Pipelines applies them to each task's pod.
+"""
+from dataclasses import dataclass, field
+
+from kfp import kubernetes
+
+#: Stages whose outputs depend only on their inputs: cached, keyed by the data version.
+CACHED = {"ingest", "calibrate-and-crop", "balance", "augment"}
+
+
+@dataclass
+class Resources:
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+    timeout_s: int
+
+
+@dataclass
+class PlatformOptions:
+    """What a platform team chooses when compiling the pipeline for its cluster."""
+    gpus: int = 1                                    # per train-branch task (0: CPU only)
+    accelerator: str = "nvidia.com/gpu"
+    gpu_pool: tuple[str, str] | None = None          # node label (key, value) of the GPU pool
+    gpu_toleration: str | None = None                # taint key on the GPU nodes (Exists, NoSchedule)
+    cpu_pool: tuple[str, str] | None = None          # node label of the CPU pool for light stages
+    minio_secret: str = "triview-minio"              # Secret with accesskey / secretkey
+    retries: int = 3
+    backoff: str = "60s"
+    backoff_factor: float = 2.0
+    backoff_max: str = "3600s"
+    light: Resources = field(default_factory=lambda: Resources("1", "2", "2Gi", "8Gi", 3600))
+    train: Resources = field(default_factory=lambda: Resources("4", "8", "16Gi", "32Gi", 6 * 3600))
+
+    @property
+    def secret_env(self) -> dict[str, str]:
+        """Secret key -> environment variable, as the minio/S3 clients expect them."""
+        return {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+
+
+def configure_task(task, stage: str, options: PlatformOptions, gpu: bool = False):
+    """Resources, placement, retries, caching, timeout and credentials for one task."""
+    res = options.train if gpu else options.light
+    task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
+    task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+    if gpu and options.gpus > 0:
+        task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.gpus)
+        if options.gpu_pool:
+            kubernetes.add_node_selector(task, *options.gpu_pool)
+        if options.gpu_toleration:
+            kubernetes.add_toleration(task, key=options.gpu_toleration, operator="Exists",
+                                      effect="NoSchedule")
+    elif options.cpu_pool:
+        kubernetes.add_node_selector(task, *options.cpu_pool)
+    # Training resumes from its last checkpoint, so a retried task loses little work.
+    task.set_retry(num_retries=options.retries, backoff_duration=options.backoff,
+                   backoff_factor=options.backoff_factor, backoff_max_duration=options.backoff_max)
+    task.set_caching_options(enable_caching=stage in CACHED)
+    kubernetes.set_timeout(task, res.timeout_s)
+    kubernetes.use_secret_as_env(task, secret_name=options.minio_secret,
+                                 secret_key_to_env=options.secret_env, optional=True)
+    return task

@@ -1,0 +1,80 @@
+"""The compiled IR carries the cluster settings; no secret ever reaches it."""
+import re
+
+import yaml
+
+from triview.cli import main
+
+TRAIN = ("train-branch", "train-branch-2", "train-branch-3")
+
+
+def _compile(tmp_path, *flags):
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "-o", str(out), *flags]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return out.read_text(), docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _executor(spec, task):
+    comp = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    return spec["components"][comp]["executorLabel"]
+
+
+def test_gpu_pool_toleration_and_accelerator_on_train_tasks_only(tmp_path):
+    _, spec, k8s = _compile(tmp_path, "--gpu-pool", "pool=gpu-a100", "--gpu-toleration",
+                            "nvidia.com/gpu", "--gpus", "2", "--cpu-pool", "pool=cpu")
+    executors = spec["deploymentSpec"]["executors"]
+    for task in spec["root"]["dag"]["tasks"]:
+        label = _executor(spec, task)
+        resources = executors[label]["container"]["resources"]
+        conf = k8s[label]
+        if task in TRAIN:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert resources["accelerator"]["resourceCount"] == "2"
+            assert conf["nodeSelector"]["labels"] == {"pool": "gpu-a100"}
+            assert conf["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                            "effect": "NoSchedule"}]
+            assert conf["activeDeadlineSeconds"] == "21600"
+        else:
+            assert "accelerator" not in resources
+            assert conf["nodeSelector"]["labels"] == {"pool": "cpu"}
+            assert "tolerations" not in conf
+        assert resources["cpuLimit"] > 0 and resources["memoryLimit"] > 0
+
+
+def test_retries_caching_and_secret_injection(tmp_path):
+    _, spec, k8s = _compile(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    for name, task in tasks.items():
+        assert task["retryPolicy"]["maxRetryCount"] == 3
+        assert task["retryPolicy"]["backoffFactor"] == 2
+        cached = task.get("cachingOptions", {}).get("enableCache", False)
+        assert cached == (task["taskInfo"]["name"] in
+                          {"ingest", "calibrate-and-crop", "balance", "augment"}), name
+        env = k8s[_executor(spec, name)]["secretAsEnv"][0]
+        assert env["secretName"] == "triview-minio"
+        assert {e["envVar"] for e in env["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_no_gpu_options_means_no_selectors(tmp_path):
+    _, spec, k8s = _compile(tmp_path, "--gpus", "0")
+    for label, conf in k8s.items():
+        assert "nodeSelector" not in conf and "tolerations" not in conf
+    for ex in spec["deploymentSpec"]["executors"].values():
+        assert "accelerator" not in ex["container"].get("resources", {})
+
+
+def test_compiled_ir_holds_no_secret_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-v4lue-never-in-yaml")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEYID0001")
+    text, _, _ = _compile(tmp_path, "--gpu-pool", "pool=gpu")
+    assert "s3cr3t-v4lue" not in text and "AKIAEXAMPLEKEYID0001" not in text
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text)
+    # the IR names Secret keys, never holds their values
+    assert set(re.findall(r"secretKey: (\S+)", text)) == {"accesskey", "secretkey"}
+    assert not re.search(r"(?i)password\s*[:=]", text)
+
+
+def test_bad_compile_flags_are_clear_errors(tmp_path, capsys):
+    assert main(["compile", "-o", str(tmp_path / "p.yaml"), "--gpu-pool", "nolabel"]) == 2
+    assert "LABEL=VALUE" in capsys.readouterr().err
