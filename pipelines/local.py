@@ -11,7 +11,8 @@ from pathlib import Path
 
 from kfp import local
 
-from pipelines.triview_pipeline import triview_pipeline
+from pipelines.platform import PlatformOptions
+from pipelines.triview_pipeline import make_pipeline, triview_pipeline
 from triview.summary import build_summary, write_summary
 
 
@@ -53,7 +54,10 @@ def run_local(data: str, out_dir: str, params: dict | None = None) -> dict:
     with warnings.catch_warnings():
         # kfp.local warns that our cluster images are not Python images; locally it uses this venv.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        result = triview_pipeline(data=data_path, **(params or {}))
+        # The same DAG; locally a failed task fails the run at once instead of retrying
+        # with the cluster's minutes of backoff (the retry policy is for pod evictions).
+        local_pipeline = make_pipeline(PlatformOptions(retries=0))
+        result = local_pipeline(data=data_path, **(params or {}))
     seconds = time.perf_counter() - start
     model_dir = Path(result.outputs["model"].path)
     report = Path(result.outputs["report"].path)

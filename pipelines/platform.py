@@ -29,6 +29,7 @@ class PlatformOptions:
     gpu_toleration: str | None = None                # taint key on the GPU nodes (Exists, NoSchedule)
     cpu_pool: tuple[str, str] | None = None          # node label of the CPU pool for light stages
     minio_secret: str = "triview-minio"              # Secret with accesskey / secretkey
+    config_map: str = "triview-config"               # ConfigMap with pushgateway_url
     retries: int = 3
     backoff: str = "60s"
     backoff_factor: float = 2.0
@@ -57,10 +58,17 @@ def configure_task(task, stage: str, options: PlatformOptions, gpu: bool = False
     elif options.cpu_pool:
         kubernetes.add_node_selector(task, *options.cpu_pool)
     # Training resumes from its last checkpoint, so a retried task loses little work.
-    task.set_retry(num_retries=options.retries, backoff_duration=options.backoff,
-                   backoff_factor=options.backoff_factor, backoff_max_duration=options.backoff_max)
+    if options.retries > 0:
+        task.set_retry(num_retries=options.retries, backoff_duration=options.backoff,
+                       backoff_factor=options.backoff_factor,
+                       backoff_max_duration=options.backoff_max)
     task.set_caching_options(enable_caching=stage in CACHED)
     kubernetes.set_timeout(task, res.timeout_s)
+    # From a ConfigMap (platform config), not set_env_variable: kfp.local would apply an
+    # env var too and point local runs at the in-cluster Pushgateway.
+    kubernetes.use_config_map_as_env(task, config_map_name=options.config_map,
+                                     config_map_key_to_env={"pushgateway_url": "PUSHGATEWAY_URL"},
+                                     optional=True)
     kubernetes.use_secret_as_env(task, secret_name=options.minio_secret,
                                  secret_key_to_env=options.secret_env, optional=True)
     return task

@@ -69,3 +69,36 @@ def trained(cropped, augmented, balanced, tmp_path_factory) -> dict[str, Path]:
         train_branch_stage(cropped, augmented, balanced, view, d, epochs=3, batch_size=32, seed=0)
         out[view] = d
     return out
+
+
+@pytest.fixture()
+def pushgateway(tmp_path):
+    """A real Prometheus Pushgateway (Debian's prometheus-pushgateway) on 127.0.0.1."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    binary = shutil.which("prometheus-pushgateway")
+    if binary is None:
+        pytest.skip("prometheus-pushgateway is not installed (.ci/run installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("pushgateway did not become ready")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,5 +1,7 @@
 """End-to-end: the real kfp.local DAG, through the CLI, on real digits."""
 import json
+import os
+import urllib.request
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +14,11 @@ STAGES = {"ingest", "calibrate-and-crop", "balance", "augment", "train-branch-le
           "train-branch-center", "train-branch-right", "train-voter", "evaluate", "export"}
 
 
-def _run(data: Path, out: Path, *params: str) -> dict:
+def _run(data: Path, out: Path, *params: str, env: dict | None = None) -> dict:
     cmd = [str(Path(sys.executable).parent / "triview"), "run", "--data", str(data),
            "--out", str(out)] + [a for p in params for a in ("--param", p)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ensemble" in proc.stdout
     return json.loads((out / "run_summary.json").read_text())
@@ -36,16 +39,28 @@ def _check_contract(summary: dict, n_images: int) -> None:
 
 
 @pytest.mark.slow
-def test_small_run_with_params_through_the_cli(tmp_path):
+def test_small_run_with_params_through_the_cli(tmp_path, pushgateway):
     write_digits(tmp_path / "data", per_class=40)
     (tmp_path / "data" / "0" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     summary = _run(tmp_path / "data", tmp_path / "out", "epochs=3", "batch_size=32",
-                   "image_size=24", "augment_copies=0")
+                   "image_size=24", "augment_copies=0", env={"PUSHGATEWAY_URL": pushgateway})
     _check_contract(summary, 401)
     assert summary["counts"]["quarantined"] == 1
     card = json.loads((Path(summary["artifacts"]["model"]) / "model_card.json").read_text())
     assert card["image_size"] == 24 and card["training"]["left"]["config"]["epochs"] == 3
     assert summary["ensemble"]["macro_f1"] > 0.3  # well above chance (0.1) after 3 epochs
+
+    # every stage pushed its metrics to the real Pushgateway, grouped by run and stage
+    text = urllib.request.urlopen(f"{pushgateway}/metrics", timeout=5).read().decode()
+    run_id = Path(summary["artifacts"]["run_dir"]).name
+    for stage in STAGES:
+        assert f'triview_stage_duration_seconds{{instance="",job="triview",run_id="{run_id}",stage="{stage}"}}' in text, stage
+    assert f'triview_quarantined{{instance="",job="triview",run_id="{run_id}",stage="ingest"}} 1' in text
+    for view in ("left", "center", "right"):
+        assert f'triview_epoch{{instance="",job="triview",run_id="{run_id}",stage="train-branch-{view}"}} 3' in text
+    ensemble = f'triview_test_ensemble_macro_f1{{instance="",job="triview",run_id="{run_id}",stage="evaluate"}}'
+    line = next(l for l in text.splitlines() if l.startswith(ensemble))
+    assert float(line.split()[-1]) == pytest.approx(summary["ensemble"]["macro_f1"])
 
 
 @pytest.mark.slow

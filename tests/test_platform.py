@@ -54,6 +54,9 @@ def test_retries_caching_and_secret_injection(tmp_path):
         env = k8s[_executor(spec, name)]["secretAsEnv"][0]
         assert env["secretName"] == "triview-minio"
         assert {e["envVar"] for e in env["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        config = k8s[_executor(spec, name)]["configMapAsEnv"][0]
+        assert config["configMapName"] == "triview-config" and config["optional"] is True
+        assert config["keyToEnv"] == [{"configMapKey": "pushgateway_url", "envVar": "PUSHGATEWAY_URL"}]
 
 
 def test_no_gpu_options_means_no_selectors(tmp_path):

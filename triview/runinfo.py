@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,7 +17,8 @@ STAGE_FILE = "stage.json"
 def stage_record(name: str, out_dir: str | Path) -> Iterator[dict[str, Any]]:
     """Time a stage and write ``{"stage", "seconds", ...}`` to ``out_dir/stage.json``.
 
-    The caller may add counts to the yielded dict; they are written with the timing.
+    The caller may add counts to the yielded dict; they are written with the timing and
+    pushed to the Pushgateway when ``PUSHGATEWAY_URL`` is set.
     """
     record: dict[str, Any] = {"stage": name}
     start = time.perf_counter()
@@ -25,6 +27,12 @@ def stage_record(name: str, out_dir: str | Path) -> Iterator[dict[str, Any]]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / STAGE_FILE, json.dumps(record, indent=2, default=str))
+    from triview import metrics
+
+    try:
+        metrics.push(name, metrics.stage_values(record), metrics.run_id_for(out))
+    except Exception as exc:  # observability must never fail a stage that succeeded
+        warnings.warn(f"metrics for {name} not pushed: {exc!r}", RuntimeWarning, stacklevel=2)
 
 
 def read_stage_records(run_dir: str | Path) -> dict[str, dict[str, Any]]:

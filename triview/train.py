@@ -20,6 +20,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from triview import manifest as mf
+from triview import metrics
 from triview.augment import augment_batch
 from triview.augment import load_config as load_augment_config
 from triview.balance import read_balance
@@ -187,6 +188,7 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     generator = torch.Generator().manual_seed(config.seed)
 
     history, best_f1, best_state, best_epoch = [], -1.0, None, 0
+    run_id = metrics.run_id_for(out_dir)
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -219,6 +221,10 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         log(f"[{view}] epoch {epoch}/{config.epochs} loss {row['train_loss']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
             f"val_macro_f1 {row['val_macro_f1']:.4f} ({row['images_per_s']:.0f} img/s)")
+        metrics.push(f"train-branch-{view}", {
+            "epoch": epoch, "train_loss": row["train_loss"], "val_loss": row["val_loss"],
+            "val_macro_f1": row["val_macro_f1"], "learning_rate": row["lr"],
+            "images_per_second": row["images_per_s"]}, run_id)
         if row["val_macro_f1"] > best_f1:
             best_f1, best_epoch = row["val_macro_f1"], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,36 @@
+import urllib.request
+
+import pytest
+
+from triview import metrics
+from triview.runinfo import stage_record
+
+
+def _scrape(url: str) -> str:
+    return urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+
+
+def test_stage_metrics_reach_a_real_pushgateway(pushgateway, tmp_path, monkeypatch):
+    monkeypatch.setenv("PUSHGATEWAY_URL", pushgateway)
+    out = tmp_path / "root" / "run-42" / "ingest" / "dataset"
+    with stage_record("ingest", out) as rec:
+        rec.update(items_in=12, items_out=10, counts={"quarantined": 2})
+    assert metrics.push("train-branch-left", {"epoch": 3, "val_macro_f1": 0.9}, "run-42")
+    text = _scrape(pushgateway)
+    assert 'triview_items_in{instance="",job="triview",run_id="run-42",stage="ingest"} 12' in text
+    assert 'triview_quarantined{instance="",job="triview",run_id="run-42",stage="ingest"} 2' in text
+    assert 'triview_stage_duration_seconds{instance="",job="triview",run_id="run-42",stage="ingest"}' in text
+    assert 'triview_val_macro_f1{instance="",job="triview",run_id="run-42",stage="train-branch-left"} 0.9' in text
+
+
+def test_unreachable_pushgateway_warns_and_the_stage_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("PUSHGATEWAY_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.warns(RuntimeWarning, match="unreachable"):
+        with stage_record("balance", tmp_path / "r" / "balance" / "out") as rec:
+            rec["items_out"] = 1
+    assert (tmp_path / "r" / "balance" / "out" / "stage.json").is_file()
+
+
+def test_no_url_means_no_push(monkeypatch):
+    monkeypatch.delenv("PUSHGATEWAY_URL", raising=False)
+    assert metrics.push("x", {"a": 1}, "r") is False
