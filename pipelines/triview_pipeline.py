@@ -70,6 +70,7 @@ def make_pipeline(options: PlatformOptions | None = None):
         hidden: int = 0,
         label_smoothing: float = 0.1,
         weight_decay: float = 0.0001,
+        checkpoint_root: str = "",
     ) -> NamedTuple("Outputs", model=Model, report=HTML):
         ingest_task = ingest(data=data, seed=seed, val_fraction=val_fraction,
                              test_fraction=test_fraction, min_size=min_size)
@@ -102,7 +103,9 @@ def make_pipeline(options: PlatformOptions | None = None):
                                 balance=balance_task.outputs["balance"], view_index=index,
                                 backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
                                 lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
-                                weight_decay=weight_decay, seed=seed)
+                                weight_decay=weight_decay, seed=seed,
+                                checkpoint_root=checkpoint_root,
+                                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
             task.set_display_name(f"train-branch-{name}")
             configure_task(task, "train-branch", options, gpu=True)
             branches.append(task.outputs["model"])

@@ -104,13 +104,14 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
                        view: str, out_dir: Folder, backbone: str = "shufflenet_v2_x1_0",
                        epochs: int = 8, batch_size: int = 128, lr: float = 3e-3, lrf: float = 0.05,
                        hidden: int = 0, seed: int = 0, label_smoothing: float = 0.1,
-                       weight_decay: float = 1e-4) -> dict:
+                       weight_decay: float = 1e-4, checkpoint_dir: str = "") -> dict:
     from triview import train as tr
 
     with stage_record(f"train-branch-{view}", out_dir) as rec:
         config = tr.TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
                                 lrf=lrf, hidden=hidden, seed=seed,
-                                label_smoothing=label_smoothing, weight_decay=weight_decay)
+                                label_smoothing=label_smoothing, weight_decay=weight_decay,
+                                checkpoint_dir=checkpoint_dir)
         rec.update(tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config))
     return rec
 

@@ -4,12 +4,19 @@ cross-entropy, AdamW and cosine decay; the best epoch by validation macro-F1 is 
 The branch also writes its class probabilities on the validation and test splits,
 which the voter and the evaluation consume (no branch ever sees those labels in
 training).
+
+Every epoch ends with a checkpoint (``last.pt``: model, optimiser, scheduler, RNG
+states, history; ``best.pt``: the best weights so far). A retried task finds them
+and resumes after the last finished epoch, so a killed pod loses at most one epoch
+and, with the same seed, ends with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,12 +33,14 @@ from triview.augment import load_config as load_augment_config
 from triview.balance import read_balance
 from triview.crop import read_rgb
 from triview.models import BranchNet, count_parameters, create_backbone
-from triview.storage import atomic_path, atomic_write_text
+from triview.storage import atomic_path, atomic_write_bytes, atomic_write_text
 
 MODEL_FILE = "model.pt"
 MODEL_META_FILE = "model.json"
 PREDICTIONS_FILE = "predictions.npz"
 HISTORY_FILE = "history.csv"
+CHECKPOINT_LAST = "last.pt"
+CHECKPOINT_BEST = "best.pt"
 
 
 @dataclass
@@ -46,6 +55,34 @@ class TrainConfig:
     hidden: int = 0
     seed: int = 0
     channels_last: bool = True   # NHWC kernels: ~1.2-1.4x faster on CPU here, and the GPU default
+    checkpoint_dir: str = ""     # where last.pt / best.pt live ("" : <out_dir>/checkpoints)
+
+
+def _save(obj, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _resume_key(config: TrainConfig, view: str, classes: list[str], n_train: int) -> str:
+    """What must match for a checkpoint to be resumed (not where it is stored)."""
+    fields = {k: v for k, v in asdict(config).items() if k != "checkpoint_dir"}
+    return json.dumps({"config": fields, "view": view, "classes": classes, "n_train": n_train},
+                      sort_keys=True)
+
+
+def load_checkpoint(folder: str | Path, key: str | None = None) -> dict | None:
+    """The last checkpoint in ``folder``, or None when there is none (or it belongs to a
+    different configuration, with a warning)."""
+    path = Path(folder) / CHECKPOINT_LAST
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if key is not None and state.get("key") != key:
+        warnings.warn(f"checkpoint {path} was written by a different configuration; "
+                      "training starts from scratch", RuntimeWarning, stacklevel=2)
+        return None
+    return state
 
 
 @dataclass
@@ -189,7 +226,21 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
 
     history, best_f1, best_state, best_epoch = [], -1.0, None, 0
     run_id = metrics.run_id_for(out_dir)
-    for epoch in range(1, config.epochs + 1):
+    ckpt_dir = Path(config.checkpoint_dir or Path(out_dir) / "checkpoints")
+    key = _resume_key(config, view, classes, len(train.labels))
+    first_epoch = 1
+    state = load_checkpoint(ckpt_dir, key)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_f1, best_epoch = state["history"], state["best_f1"], state["best_epoch"]
+        best_state = torch.load(ckpt_dir / CHECKPOINT_BEST, map_location="cpu", weights_only=True)
+        first_epoch = state["epoch"] + 1
+        log(f"[{view}] resuming from the checkpoint of epoch {state['epoch']} in {ckpt_dir}")
+    for epoch in range(first_epoch, config.epochs + 1):
         start = time.perf_counter()
         model.train()
         order = torch.randperm(len(train.labels), generator=generator)
@@ -228,6 +279,13 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         if row["val_macro_f1"] > best_f1:
             best_f1, best_epoch = row["val_macro_f1"], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            _save(best_state, ckpt_dir / CHECKPOINT_BEST)
+        # best.pt first: a last.pt on disk always has its best.pt beside it
+        _save({"key": key, "epoch": epoch, "model": model.state_dict(),
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+               "history": history, "best_f1": best_f1, "best_epoch": best_epoch},
+              ckpt_dir / CHECKPOINT_LAST)
 
     model.load_state_dict(best_state)
     out = Path(out_dir)
@@ -247,7 +305,7 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
                      test_ids=np.array(test.image_ids), test_labels=test.labels.numpy())
     return {"view": view, "best_epoch": best_epoch, "val_macro_f1": best_f1,
             "val_accuracy": history[best_epoch - 1]["val_accuracy"], "parameters": params,
-            "epochs_run": len(history),
+            "epochs_run": len(history), "resumed_from_epoch": first_epoch - 1,
             "seconds_per_epoch": float(np.mean([h["seconds"] for h in history]))}
 
 

@@ -21,6 +21,8 @@ def train_branch(
     label_smoothing: float = 0.1,
     weight_decay: float = 0.0001,
     seed: int = 0,
+    checkpoint_root: str = "",
+    run_id: str = "",
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
 
@@ -41,6 +43,10 @@ def train_branch(
         label_smoothing: Label smoothing of the cross-entropy loss.
         weight_decay: Decoupled weight decay (AdamW).
         seed: Seed for initialisation and shuffling.
+        checkpoint_root: Durable folder for per-epoch checkpoints, as
+            ``<checkpoint_root>/<run_id>/<view>`` (e.g. a mounted volume); a retried task
+            resumes from there. Empty: inside the model output (enough for kfp.local).
+        run_id: The pipeline run's id (the pipeline passes KFP's job-id placeholder).
     """
     import json
 
@@ -48,12 +54,14 @@ def train_branch(
 
     with open(f"{views.path}/geometry.json") as fh:
         view = json.load(fh)["views"][view_index]
+    checkpoint_dir = f"{checkpoint_root.rstrip('/')}/{run_id}/{view}" if checkpoint_root else ""
     rec = train_branch_stage(views.path, augmented.path, balance.path, view, model.path,
                              backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
                              lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
-                             weight_decay=weight_decay, seed=seed)
+                             weight_decay=weight_decay, seed=seed, checkpoint_dir=checkpoint_dir)
     model.metadata.update({"view": view, "backbone": backbone, "best_epoch": rec["best_epoch"],
-                           "parameters": rec["parameters"]["total"]})
+                           "parameters": rec["parameters"]["total"],
+                           "resumed_from_epoch": rec["resumed_from_epoch"]})
     metrics.log_metric("val_macro_f1", rec["val_macro_f1"])
     metrics.log_metric("val_accuracy", rec["val_accuracy"])
     metrics.log_metric("best_epoch", rec["best_epoch"])
