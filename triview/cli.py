@@ -89,6 +89,76 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.client import (ClusterError, check_params, check_pipeline_root, connect,
+                                  platform_options, submit)
+    from pipelines.local import parse_params
+
+    # Everything is checked before the client connects.
+    params = check_params({"data": args.data, **parse_params(args.param)})
+    check_pipeline_root(args.pipeline_root)
+    options = platform_options(args.gpus, _label(args.gpu_pool) if args.gpu_pool else None,
+                               args.gpu_toleration,
+                               _label(args.cpu_pool) if args.cpu_pool else None,
+                               args.minio_secret)
+    try:
+        client = connect(args.host, args.namespace, args.token)
+        run_id = submit(client, params=params, experiment=args.experiment, run_name=args.run_name,
+                        pipeline_root=args.pipeline_root, namespace=args.namespace,
+                        service_account=args.service_account, options=options,
+                        enable_caching=False if args.no_cache else None)
+    except ClusterError as exc:
+        print(f"triview submit: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"submitted run {run_id} in experiment {args.experiment!r}")
+    return 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines.client import (ClusterError, check_params, check_pipeline_root, connect,
+                                  platform_options, schedule, trigger)
+    from pipelines.local import parse_params
+
+    when = trigger(args.cron, args.interval)
+    params = check_params({"data": args.data, **parse_params(args.param)})
+    check_pipeline_root(args.pipeline_root)
+    options = platform_options(args.gpus, _label(args.gpu_pool) if args.gpu_pool else None,
+                               args.gpu_toleration,
+                               _label(args.cpu_pool) if args.cpu_pool else None,
+                               args.minio_secret)
+    try:
+        client = connect(args.host, args.namespace, args.token)
+        rr_id = schedule(client, params=params, cron=args.cron, interval=args.interval,
+                         experiment=args.experiment, job_name=args.job_name,
+                         pipeline_root=args.pipeline_root, namespace=args.namespace,
+                         service_account=args.service_account, options=options,
+                         enable_caching=False if args.no_cache else None)
+    except ClusterError as exc:
+        print(f"triview schedule: error: {exc}", file=sys.stderr)
+        return 1
+    every = (f"cron '{when['cron_expression']}'" if "cron_expression" in when
+             else f"every {when['interval_second']} s")
+    print(f"scheduled recurring run {rr_id} ({args.job_name!r}, {every}, max 1 concurrent run, "
+          f"no catch-up) in experiment {args.experiment!r}")
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from pipelines.client import ClusterError, connect, format_runs, list_runs
+
+    if args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    try:
+        client = connect(args.host, args.namespace, args.token)
+        rows = list_runs(client, experiment=args.experiment, namespace=args.namespace,
+                         limit=args.limit)
+    except ClusterError as exc:
+        print(f"triview runs: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_runs(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triview", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +201,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline parameter, repeatable (e.g. --param epochs=4)")
     p.set_defaults(func=_cmd_run)
+
+    submit_p = sub.add_parser("submit",
+                              help="start a run of the DAG on a Kubeflow Pipelines cluster")
+    submit_p.add_argument("--run-name", help="run name (default 'triview <date time>')")
+    submit_p.set_defaults(func=_cmd_submit)
+    schedule_p = sub.add_parser("schedule", help="create a recurring run (max 1 at a time, no "
+                                "catch-up; each run passes the champion/challenger gate)")
+    when = schedule_p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="CRON", help="KFP's 6-field cron, seconds "
+                      "first, e.g. '0 0 3 * * 0' (Sundays 03:00)")
+    when.add_argument("--interval", metavar="DURATION",
+                      help="seconds or a duration: 24h, 7d, 1h30m")
+    schedule_p.add_argument("--job-name", default="triview-retrain",
+                            help="recurring run name (default triview-retrain)")
+    schedule_p.set_defaults(func=_cmd_schedule)
+    runs_p = sub.add_parser("runs", help="list the newest runs on a Kubeflow Pipelines cluster")
+    runs_p.add_argument("--experiment", default=None, help="only runs of this experiment")
+    runs_p.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
+    runs_p.set_defaults(func=_cmd_runs)
+    for p in (submit_p, schedule_p, runs_p):
+        p.add_argument("--host", help="KFP API URL, e.g. http://localhost:8080 (default: "
+                       "$KF_PIPELINES_ENDPOINT, else in-cluster or kubeconfig, as kfp.Client)")
+        p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
+        p.add_argument("--token", help="bearer token (default $KFP_TOKEN; prefer the variable: "
+                       "command lines show up in ps and shell history)")
+    for p in (submit_p, schedule_p):
+        p.add_argument("--data", required=True,
+                       help="input folder or ZIP as the ingest pod sees it")
+        p.add_argument("--experiment", default="triview",
+                       help="experiment, created if missing (default triview)")
+        p.add_argument("--pipeline-root", metavar="minio://BUCKET/PATH",
+                       help="where the run's artifacts go (default: the cluster's)")
+        p.add_argument("--service-account", default="triview-pipeline-runner",
+                       help="Kubernetes service account of the run's pods")
+        p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="pipeline parameter, repeatable (e.g. --param epochs=4)")
+        p.add_argument("--no-cache", action="store_true",
+                       help="disable caching for every task (default: as compiled)")
+        # The same cluster settings as `triview compile`.
+        p.add_argument("--gpus", type=int, default=None,
+                       help="GPUs per train-branch task (default 1; 0: CPU)")
+        p.add_argument("--gpu-pool", metavar="LABEL=VALUE", help="node label of the GPU node pool")
+        p.add_argument("--gpu-toleration", metavar="KEY", help="taint key the GPU nodes carry")
+        p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")
+        p.add_argument("--minio-secret", metavar="NAME", help="Secret with accesskey/secretkey "
+                       "(default triview-minio)")
     return parser
 
 
