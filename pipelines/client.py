@@ -30,14 +30,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from pipelines.platform import PlatformOptions
+from pipelines.platform import PlatformOptions, check_pipeline_root  # noqa: F401 (re-export)
 
 DEFAULT_EXPERIMENT = "triview"
 DEFAULT_SERVICE_ACCOUNT = "triview-pipeline-runner"  # manifests/base/serviceaccount.yaml
 DEFAULT_JOB_NAME = "triview-retrain"
 TOKEN_ENV = "KFP_TOKEN"
-#: Object stores the KFP v2 launcher can write artifacts to.
-PIPELINE_ROOT_SCHEMES = ("minio", "s3", "gs")
 #: What every recurring run says about itself in the KFP UI.
 SCHEDULE_DESCRIPTION = (
     "Scheduled triview retraining (max 1 concurrent run, no catch-up). Every scheduled run goes "
@@ -98,16 +96,6 @@ def check_params(params: dict) -> dict:
     return dict(params)
 
 
-def check_pipeline_root(pipeline_root: str | None) -> str | None:
-    if pipeline_root is None:
-        return None
-    scheme, sep, rest = pipeline_root.partition("://")
-    if not sep or scheme not in PIPELINE_ROOT_SCHEMES or not rest.strip("/"):
-        raise ValueError(f"--pipeline-root must look like minio://bucket/path (or s3://, gs://), "
-                         f"got {pipeline_root!r}")
-    return pipeline_root
-
-
 def check_cron(expression: str) -> str:
     """KFP's 6-field cron (``sec min hour day-of-month month day-of-week``), normalised."""
     fields = str(expression).split()
@@ -153,14 +141,12 @@ def platform_options(gpus: int | None = None, gpu_pool: tuple[str, str] | None =
                      gpu_toleration: str | None = None, cpu_pool: tuple[str, str] | None = None,
                      minio_secret: str | None = None) -> PlatformOptions | None:
     """``PlatformOptions`` from ``triview compile``-style settings; None keeps the defaults."""
-    if all(v is None for v in (gpus, gpu_pool, gpu_toleration, cpu_pool, minio_secret)):
-        return None
-    if gpus is not None and gpus < 0:
-        raise ValueError(f"--gpus must be 0 or more, got {gpus}")
-    defaults = PlatformOptions()
-    return PlatformOptions(gpus=defaults.gpus if gpus is None else gpus, gpu_pool=gpu_pool,
-                           gpu_toleration=gpu_toleration, cpu_pool=cpu_pool,
-                           minio_secret=minio_secret or defaults.minio_secret)
+    from pipelines.platform import options_from_flags
+
+    return options_from_flags(gpus=gpus, gpu_pool="=".join(gpu_pool) if gpu_pool else None,
+                              gpu_toleration=gpu_toleration,
+                              cpu_pool="=".join(cpu_pool) if cpu_pool else None,
+                              minio_secret=minio_secret)
 
 
 @contextlib.contextmanager

@@ -3,9 +3,11 @@
 kfp.local ignores all of these (resources, accelerators, node selectors, tolerations,
 secrets, timeouts); Kubeflow Pipelines applies them to each task's pod.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from kfp import kubernetes
+
+from components.images import CPU_IMAGE, GPU_IMAGE
 
 #: Stages whose outputs depend only on their inputs: cached, keyed by the data version.
 CACHED = {"ingest", "calibrate-and-crop", "balance", "augment"}
@@ -30,6 +32,9 @@ class PlatformOptions:
     cpu_pool: tuple[str, str] | None = None          # node label of the CPU pool for light stages
     minio_secret: str = "triview-minio"              # Secret with accesskey / secretkey
     config_map: str = "triview-config"               # ConfigMap with pushgateway_url
+    image: str = CPU_IMAGE                           # light stages
+    gpu_image: str = GPU_IMAGE                       # train-branch
+    pipeline_root: str | None = None                 # minio://bucket/path; None: the cluster's
     retries: int = 3
     backoff: str = "60s"
     backoff_factor: float = 2.0
@@ -43,9 +48,58 @@ class PlatformOptions:
         return {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
 
 
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected LABEL=VALUE, got {text!r}")
+    return key, value
+
+
+PIPELINE_ROOT_SCHEMES = ("minio", "s3", "gs")
+
+
+def check_pipeline_root(pipeline_root: str | None) -> str | None:
+    if pipeline_root is None:
+        return None
+    scheme, sep, rest = pipeline_root.partition("://")
+    if not sep or scheme not in PIPELINE_ROOT_SCHEMES or not rest.strip("/"):
+        raise ValueError(f"--pipeline-root must look like minio://bucket/path (or s3://, gs://), "
+                         f"got {pipeline_root!r}")
+    return pipeline_root
+
+
+def options_from_flags(*, gpus: int | None = None, gpu_pool: str | None = None,
+                       gpu_toleration: str | None = None, cpu_pool: str | None = None,
+                       minio_secret: str | None = None, image: str | None = None,
+                       gpu_image: str | None = None,
+                       pipeline_root: str | None = None) -> PlatformOptions | None:
+    """``PlatformOptions`` from the CLI's cluster flags; None when every flag is unset
+    (the committed IR's defaults)."""
+    given = {"gpus": gpus, "gpu_pool": gpu_pool, "gpu_toleration": gpu_toleration,
+             "cpu_pool": cpu_pool, "minio_secret": minio_secret, "image": image,
+             "gpu_image": gpu_image, "pipeline_root": pipeline_root}
+    if all(v is None for v in given.values()):
+        return None
+    if gpus is not None and gpus < 0:
+        raise ValueError(f"--gpus must be 0 or more, got {gpus}")
+    for flag in ("image", "gpu_image"):
+        value = given[flag]
+        if value is not None and (":" not in value.rsplit("/", 1)[-1] and "@" not in value
+                                  or value.endswith(":latest")):
+            raise ValueError(f"--{flag.replace('_', '-')} must be pinned by tag or digest "
+                             f"(not :latest), got {value!r}")
+    check_pipeline_root(pipeline_root)
+    for flag in ("gpu_pool", "cpu_pool"):
+        if given[flag] is not None:
+            given[flag] = _label(given[flag])
+    known = {f.name for f in fields(PlatformOptions)}
+    return PlatformOptions(**{k: v for k, v in given.items() if v is not None and k in known})
+
+
 def configure_task(task, stage: str, options: PlatformOptions, gpu: bool = False):
     """Resources, placement, retries, caching, timeout and credentials for one task."""
     res = options.train if gpu else options.light
+    task.set_container_image(options.gpu_image if gpu else options.image)
     task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
     task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
     if gpu and options.gpus > 0:

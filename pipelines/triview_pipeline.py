@@ -25,7 +25,7 @@ def make_pipeline(options: PlatformOptions | None = None):
     """Build the DAG with the cluster settings of ``options`` applied to every task."""
     options = options or PlatformOptions()
 
-    @dsl.pipeline(name=PIPELINE_NAME,
+    @dsl.pipeline(name=PIPELINE_NAME, pipeline_root=options.pipeline_root,
                   description="Multi-view image classification: three cropped views, one backbone "
                               "each, a learned voter, evaluation and export.")
     def triview_pipeline(

@@ -81,3 +81,27 @@ def test_compiled_ir_holds_no_secret_values(tmp_path, monkeypatch):
 def test_bad_compile_flags_are_clear_errors(tmp_path, capsys):
     assert main(["compile", "-o", str(tmp_path / "p.yaml"), "--gpu-pool", "nolabel"]) == 2
     assert "LABEL=VALUE" in capsys.readouterr().err
+    assert main(["compile", "-o", str(tmp_path / "p.yaml"), "--image", "repo/cpu:latest"]) == 2
+    assert "pinned" in capsys.readouterr().err
+    assert main(["compile", "-o", str(tmp_path / "p.yaml"), "--pipeline-root", "/tmp/x"]) == 2
+    assert "minio://" in capsys.readouterr().err
+
+
+def test_images_and_pipeline_root_are_compile_options(tmp_path):
+    _, spec, _ = _compile(tmp_path, "--image", "registry.example/triview-cpu:1.2.3",
+                          "--gpu-image", "registry.example/triview-gpu@sha256:" + "a" * 64,
+                          "--pipeline-root", "minio://triview-artifacts/runs")
+    assert spec["defaultPipelineRoot"] == "minio://triview-artifacts/runs"
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in tasks:
+        image = spec["deploymentSpec"]["executors"][_executor(spec, name)]["container"]["image"]
+        expected = ("registry.example/triview-gpu@sha256:" + "a" * 64 if name in TRAIN
+                    else "registry.example/triview-cpu:1.2.3")
+        assert image == expected, name
+
+
+def test_default_images_are_pinned(tmp_path):
+    _, spec, _ = _compile(tmp_path)
+    images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"ghcr.io/triview/triview-cpu:0.1.0", "ghcr.io/triview/triview-gpu:0.1.0"}
+    assert "defaultPipelineRoot" not in spec  # the cluster's kfp-launcher ConfigMap decides

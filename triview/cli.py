@@ -37,29 +37,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"expected LABEL=VALUE, got {text!r}")
-    return key, value
+def _options(args: argparse.Namespace):
+    """PlatformOptions from the shared cluster flags (None: the committed defaults)."""
+    from pipelines.platform import options_from_flags
+
+    return options_from_flags(gpus=args.gpus, gpu_pool=args.gpu_pool,
+                              gpu_toleration=args.gpu_toleration, cpu_pool=args.cpu_pool,
+                              minio_secret=args.minio_secret, image=args.image,
+                              gpu_image=args.gpu_image,
+                              pipeline_root=getattr(args, "compile_pipeline_root", None))
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.platform import PlatformOptions
     from pipelines.triview_pipeline import compile_pipeline
 
-    custom = any(v is not None for v in (args.gpu_pool, args.gpu_toleration, args.gpus,
-                                         args.cpu_pool, args.minio_secret))
-    options = None
-    if custom:
-        defaults = PlatformOptions()
-        options = PlatformOptions(
-            gpus=defaults.gpus if args.gpus is None else args.gpus,
-            gpu_pool=_label(args.gpu_pool) if args.gpu_pool else None,
-            gpu_toleration=args.gpu_toleration,
-            cpu_pool=_label(args.cpu_pool) if args.cpu_pool else None,
-            minio_secret=args.minio_secret or defaults.minio_secret)
-    compile_pipeline(args.output, options)
+    compile_pipeline(args.output, _options(args))
     print(f"compiled pipeline IR to {args.output}")
     return 0
 
@@ -90,17 +82,13 @@ def format_summary(summary: dict) -> str:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.client import (ClusterError, check_params, check_pipeline_root, connect,
-                                  platform_options, submit)
+    from pipelines.client import ClusterError, check_params, check_pipeline_root, connect, submit
     from pipelines.local import parse_params
 
     # Everything is checked before the client connects.
     params = check_params({"data": args.data, **parse_params(args.param)})
     check_pipeline_root(args.pipeline_root)
-    options = platform_options(args.gpus, _label(args.gpu_pool) if args.gpu_pool else None,
-                               args.gpu_toleration,
-                               _label(args.cpu_pool) if args.cpu_pool else None,
-                               args.minio_secret)
+    options = _options(args)
     try:
         client = connect(args.host, args.namespace, args.token)
         run_id = submit(client, params=params, experiment=args.experiment, run_name=args.run_name,
@@ -116,16 +104,13 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
     from pipelines.client import (ClusterError, check_params, check_pipeline_root, connect,
-                                  platform_options, schedule, trigger)
+                                  schedule, trigger)
     from pipelines.local import parse_params
 
     when = trigger(args.cron, args.interval)
     params = check_params({"data": args.data, **parse_params(args.param)})
     check_pipeline_root(args.pipeline_root)
-    options = platform_options(args.gpus, _label(args.gpu_pool) if args.gpu_pool else None,
-                               args.gpu_toleration,
-                               _label(args.cpu_pool) if args.cpu_pool else None,
-                               args.minio_secret)
+    options = _options(args)
     try:
         client = connect(args.host, args.namespace, args.token)
         rr_id = schedule(client, params=params, cron=args.cron, interval=args.interval,
@@ -187,12 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
     p.add_argument("-o", "--output", default="pipelines/triview.yaml")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs per train-branch task (default 1; 0: CPU)")
-    p.add_argument("--gpu-pool", metavar="LABEL=VALUE", help="node label of the GPU node pool")
-    p.add_argument("--gpu-toleration", metavar="KEY", help="taint key the GPU nodes carry")
-    p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")
-    p.add_argument("--minio-secret", metavar="NAME", help="Secret with accesskey/secretkey "
-                   "(default triview-minio)")
+    p.add_argument("--pipeline-root", dest="compile_pipeline_root", metavar="minio://BUCKET/PATH",
+                   help="default artifact root written into the IR (default: the cluster's, "
+                   "from the kfp-launcher ConfigMap)")
+    compile_p = p
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("run", help="run the whole DAG locally with kfp.local")
@@ -239,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pipeline parameter, repeatable (e.g. --param epochs=4)")
         p.add_argument("--no-cache", action="store_true",
                        help="disable caching for every task (default: as compiled)")
-        # The same cluster settings as `triview compile`.
+    for p in (compile_p, submit_p, schedule_p):  # the same cluster settings everywhere
         p.add_argument("--gpus", type=int, default=None,
                        help="GPUs per train-branch task (default 1; 0: CPU)")
         p.add_argument("--gpu-pool", metavar="LABEL=VALUE", help="node label of the GPU node pool")
@@ -247,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")
         p.add_argument("--minio-secret", metavar="NAME", help="Secret with accesskey/secretkey "
                        "(default triview-minio)")
+        p.add_argument("--image", metavar="REF:TAG", help="image of the light stages "
+                       "(default $TRIVIEW_IMAGE or ghcr.io/triview/triview-cpu:0.1.0)")
+        p.add_argument("--gpu-image", metavar="REF:TAG", help="image of train-branch "
+                       "(default $TRIVIEW_GPU_IMAGE or ghcr.io/triview/triview-gpu:0.1.0)")
     return parser
 
 
