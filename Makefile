@@ -34,9 +34,13 @@ test-fast: $(STAMP)
 compile: $(STAMP)
 	$(BIN)/triview compile -o pipelines/triview.yaml
 
+# Where a Docker engine exists: build both images (tags as in components/images.py),
+# then compile with `triview compile --image ... --gpu-image ...` if you retag them.
+IMAGE_TAG ?= 0.1.0
+REGISTRY  ?= ghcr.io/triview
 images:
-	docker build -f images/Dockerfile.cpu -t ghcr.io/triview/triview-cpu:0.1.0 .
-	docker build -f Dockerfile.gpu -t ghcr.io/triview/triview-gpu:0.1.0 .
+	docker build -f images/Dockerfile.cpu -t $(REGISTRY)/triview-cpu:$(IMAGE_TAG) .
+	docker build -f Dockerfile.gpu -t $(REGISTRY)/triview-gpu:$(IMAGE_TAG) .
 
 clean:
 	rm -rf runs $(DEMO) .pytest_cache
