@@ -1,5 +1,6 @@
 import shutil
 import zipfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -37,7 +38,7 @@ def test_every_input_file_is_used_or_quarantined_with_a_reason(messy, tmp_path):
     reasons = dict(zip(result.quarantine["path"], result.quarantine["reason"]))
     assert reasons["1/empty.jpg"] == "empty_file"
     assert reasons["2/notes.jpg"] == "not_an_image"
-    assert reasons["3/truncated.jpg"] == "undecodable"
+    assert reasons["3/truncated.jpg"] == "truncated"
     assert reasons["loose.jpg"] == "no_label"
     dup = [p for p, r in reasons.items() if r == "exact_duplicate"]
     assert len(dup) == 1
@@ -75,13 +76,18 @@ def test_zip_input_with_a_wrapping_folder(tmp_path):
     assert len(result.manifest) == 60 and result.classes == [str(d) for d in range(10)]
 
 
-def test_zip_slip_is_refused_before_extracting(tmp_path):
+def test_zip_slip_is_quarantined_and_nothing_is_extracted(tmp_path):
+    write_digits(tmp_path / "src", per_class=4)
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("../outside.jpg", b"x")
-    with pytest.raises(IngestError, match="unsafe path"):
-        ingest(archive, tmp_path / "out")
-    assert not (tmp_path / "outside.jpg").exists()
+        for p in sorted((tmp_path / "src").rglob("*.jpg")):
+            zf.write(p, p.relative_to(tmp_path / "src").as_posix())
+        zf.writestr("../outside.jpg", (tmp_path / "src" / "0" / "digit_0000.jpg").read_bytes())
+        zf.writestr("/abs/evil.jpg", b"x")
+    result = ingest(archive, tmp_path / "work" / "out")
+    reasons = dict(zip(result.quarantine["path"], result.quarantine["reason"]))
+    assert reasons == {"../outside.jpg": "zip_unsafe_path", "/abs/evil.jpg": "zip_unsafe_path"}
+    assert not (tmp_path / "work" / "outside.jpg").exists() and not Path("/abs/evil.jpg").exists()
 
 
 def test_class_too_small_to_split_names_the_class(tmp_path):
@@ -120,3 +126,10 @@ def test_decodable_originals_are_kept_byte_for_byte_and_rotated_ones_normalised(
     assert m.loc["2/cmyk.jpg"]["path"].endswith(".png")
     with Image.open(tmp_path / "out" / m.loc["2/cmyk.jpg"]["path"]) as img:
         assert img.mode == "RGB" and img.getpixel((5, 5))[0] > 200
+
+
+def test_progress_bar_on_request(tmp_path, capsys):
+    write_digits(tmp_path / "d", per_class=3)
+    ingest(tmp_path / "d", tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    assert "ingest" in err and "30/30" in err

@@ -1,33 +1,60 @@
-"""Ingest: walk a folder or ZIP of class folders, decode every file, quarantine the
-bad ones with a reason, drop exact duplicates, and split train/val/test stratified
-by label and grouped by source image.
+"""Ingest: read every file of a folder, ZIP, CSV/Parquet table or s3:// prefix
+(:mod:`triview.sources`), validate and normalise it (:mod:`triview.validate`),
+quarantine the bad ones with a reason, drop exact duplicates, report near
+duplicates, apply the label operations, and split train/val/test stratified by
+label and grouped by source image (or keep the split the input layout gives).
 
 Every input file ends up either in the manifest or in the quarantine table:
-``#input files == #used + #quarantined``.
+``#input files == #used + #quarantined``. Files are processed in a bounded stream
+by a process pool, so memory holds one small row per file, never the images.
 """
 from __future__ import annotations
 
-import hashlib
-import io
+import json
+import os
+import re
+import sys
 import tempfile
-import zipfile
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator
 
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 
 from triview import manifest as mf
-from triview.storage import atomic_path, atomic_write_bytes
+from triview import storage
+from triview.sources import Item, SourceError, ZipLimits, open_source
+from triview.storage import atomic_write_text
+from triview.validate import (IMAGES_DIR, MAX_PIXELS, WorkerConfig, init_worker, inspect_chunk,
+                              near_duplicate_pairs)
 
-IMAGES_DIR = "images"
-# Never decode more than this many pixels (decompression-bomb guard).
-MAX_PIXELS = 100_000_000
+# Below this many files the pool's start-up costs more than it saves.
+_POOL_MIN_FILES = 200
+_CHUNK = 64
 
 
 class IngestError(ValueError):
     """The input as a whole cannot be ingested (not a per-file problem)."""
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """Everything ingest can be told; the CLI flags and stage arguments map onto these."""
+    seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    min_size: int = 8                       # shorter side, pixels
+    max_pixels: int = MAX_PIXELS            # decompression-bomb cap
+    max_file_bytes: int = 512 << 20         # files above this are not read
+    remap: tuple[tuple[str, str], ...] = ()  # ("a", "b"): label a becomes b (merge)
+    drop: tuple[str, ...] = ()              # labels removed
+    min_per_class: int = 0                  # classes with fewer used images are quarantined
+    near_duplicate_distance: int = 3        # dHash Hamming distance reported; -1: off
+    workers: int = 0                        # processes (0: one per core)
+    progress: bool | None = None            # progress bar (None: when stderr is a terminal)
+    zip_limits: ZipLimits = ZipLimits()
+    plot: bool = True                       # write stats.png
+    allow_empty: bool = False               # no usable image: write an empty manifest, no error
 
 
 @dataclass
@@ -37,179 +64,327 @@ class IngestResult:
     classes: list[str]
     n_input: int
     counts: dict[str, int] = field(default_factory=dict)
+    dataset_version: str = ""
+    statistics: dict = field(default_factory=dict)
 
 
-# Formats and modes OpenCV decodes to the same pixels as PIL: such files are kept
-# byte for byte (JPEGs can then be decoded at 1/2..1/8 scale downstream).
-_KEEP_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
-_KEEP_MODES = {"RGB", "L"}
-_EXIF_ORIENTATION = 0x0112
+def parse_remap(specs: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """``["a->b", "c->b"]`` (or one comma-separated string) -> ``(("a", "b"), ("c", "b"))``."""
+    out = []
+    for spec in specs:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            old, sep, new = part.partition("->")
+            if not sep or not old.strip() or not new.strip():
+                raise IngestError(f"label remap {part!r} is not of the form 'old->new'")
+            out.append((old.strip(), new.strip()))
+    return tuple(out)
 
 
-@dataclass
-class _Decoded:
-    rel: str
-    label: str | None
-    sha256: str
-    image: Image.Image | None
-    reason: str | None = None
-    detail: str = ""
-    keep_suffix: str | None = None   # store the original bytes under this suffix
+def _inspect_all(tasks: list[tuple[tuple, bool]], config: WorkerConfig, workers: int,
+                 progress: bool) -> Iterator[tuple]:
+    """Results in task order, from a pool that never has more than a few chunks queued."""
+    from tqdm import tqdm
 
-
-def _decode(rel: str, label: str | None, data: bytes, min_size: int) -> _Decoded:
-    sha = hashlib.sha256(data).hexdigest()
-    if not data:
-        return _Decoded(rel, label, sha, None, "empty_file")
+    bar = tqdm(total=len(tasks), unit="img", desc="ingest", disable=not progress,
+               mininterval=0.5, file=sys.stderr)
+    chunks = (tasks[i:i + _CHUNK] for i in range(0, len(tasks), _CHUNK))
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                return _Decoded(rel, label, sha, None, "decompression_bomb",
-                                f"{img.width}x{img.height}")
-            img.load()  # forces a full decode: truncated files fail here
-            rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
-            keep = (_KEEP_FORMATS.get(img.format) if img.mode in _KEEP_MODES and not rotated
-                    else None)
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
-    except UnidentifiedImageError:
-        return _Decoded(rel, label, sha, None, "not_an_image")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return _Decoded(rel, label, sha, None, "undecodable", str(exc)[:200])
-    if min(rgb.size) < min_size:
-        return _Decoded(rel, label, sha, None, "too_small", f"{rgb.width}x{rgb.height}")
-    if label is None:
-        return _Decoded(rel, label, sha, None, "no_label", "file is not inside a class folder")
-    return _Decoded(rel, label, sha, rgb, keep_suffix=keep)
+        if workers <= 1 or len(tasks) < _POOL_MIN_FILES:
+            init_worker(config)
+            for chunk in chunks:
+                results = inspect_chunk(chunk)
+                bar.update(len(results))
+                yield from results
+            return
+        import multiprocessing
+
+        # forkserver: forking a parent whose OpenCV/OpenMP threads run can deadlock
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                 initializer=init_worker, initargs=(config,)) as pool:
+            pending = []
+            for chunk in chunks:
+                pending.append(pool.submit(inspect_chunk, chunk))
+                if len(pending) >= 4 * workers:
+                    results = pending.pop(0).result()
+                    bar.update(len(results))
+                    yield from results
+            for fut in pending:
+                results = fut.result()
+                bar.update(len(results))
+                yield from results
+    finally:
+        bar.close()
 
 
-def _class_root(root: Path) -> Path:
-    """Descend through a single wrapping folder (e.g. a ZIP of ``dataset/<class>/...``)."""
-    while True:
-        entries = [p for p in root.iterdir() if not p.name.startswith(".")]
-        dirs = [p for p in entries if p.is_dir()]
-        if len(dirs) == 1 and len(entries) == 1:
-            root = dirs[0]
-        else:
-            return root
+# ----------------------------------------------------------------------------- labels
 
 
-def _iter_folder(root: Path):
-    """Yield ``(relative path, label or None, bytes)`` for every file below root."""
-    for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
+def _apply_label_ops(items: list[Item], remap: dict[str, str], drop: set[str]) -> list[Item]:
+    if not remap and not drop:
+        return items
+    out = []
+    for it in items:
+        if it.reason or not it.labels:
+            out.append(it)
             continue
-        label = rel.parts[0] if len(rel.parts) > 1 else None
-        yield rel.as_posix(), label, path.read_bytes()
+        labels = list(dict.fromkeys(remap.get(lab, lab) for lab in it.labels))
+        kept = [lab for lab in labels if lab not in drop]
+        if not kept:
+            out.append(it._replace(labels=(), label_reason=it.label_reason or "dropped_label",
+                                   detail=it.detail or f"labels {labels} dropped"))
+        else:
+            out.append(it._replace(labels=tuple(kept)))
+    return out
 
 
-def _extract_zip(zip_path: Path, dest: Path) -> None:
-    """Extract a ZIP, refusing entries that would land outside ``dest``."""
-    with zipfile.ZipFile(zip_path) as zf:
-        for info in zf.infolist():
-            name = PurePosixPath(info.filename)
-            if name.is_absolute() or ".." in name.parts:
-                raise IngestError(f"unsafe path in ZIP: {info.filename!r}")
-        zf.extractall(dest)
+def _declared_classes(declared: list[str] | None, remap: dict[str, str], drop: set[str]) -> list[str] | None:
+    if declared is None:
+        return None
+    mapped = [remap.get(c, c) for c in declared]
+    return [c for c in dict.fromkeys(mapped) if c not in drop]
+
+
+_ROBOFLOW_COPY = re.compile(r"\.rf\.[0-9a-f]{16,}$", re.IGNORECASE)
+
+
+def source_id_of(rel: str) -> str:
+    """The source photo a file comes from: its path without suffix, and without
+    Roboflow's ``.rf.<hash>`` so that augmented copies of one photo share a split."""
+    return _ROBOFLOW_COPY.sub("", str(PurePosixPath(rel).with_suffix("")))
+
+
+# ----------------------------------------------------------------------------- split
 
 
 def _split(groups: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """Assign each source group to a split, stratified by the group's label."""
+    """Assign each source group to a split, stratified by the group's label.
+
+    Groups whose split the input gives (``given`` column) keep it; the splits the
+    input lacks are carved from the rest (and from its train split) by ``fractions``.
+    """
     train_frac, val_frac, test_frac = fractions
-    if abs(train_frac + val_frac + test_frac - 1.0) > 1e-6:
+    if abs(train_frac + val_frac + test_frac - 1.0) > 1e-6 or min(fractions) < 0:
         raise IngestError(f"split fractions {fractions} do not sum to 1")
-    counts = groups["label"].value_counts()
-    too_few = counts[counts < 3]
+    given = groups["given"] if "given" in groups else pd.Series([None] * len(groups))
+    given = given.where(given.notna(), None)
+    assignment = {sid: s for sid, s in zip(groups["source_id"], given) if s is not None}
+    present = set(assignment.values())
+    needed = [s for s in ("val", "test") if s not in present]
+    pool = groups[[s in (None, "train") for s in given]]
+    if not needed:
+        assignment.update({sid: assignment.get(sid, "train") for sid in pool["source_id"]})
+        return assignment
+    frac = {"val": val_frac, "test": test_frac}
+    counts = pool["label"].value_counts()
+    need = 1 + len(needed)
+    too_few = counts[counts < need]
     if len(too_few):
         names = ", ".join(f"{k!r} ({v})" for k, v in too_few.items())
-        raise IngestError(f"classes with fewer than 3 source images cannot be split into "
-                          f"train/val/test: {names}")
-    ids, labels = groups["source_id"].to_numpy(), groups["label"].to_numpy()
+        where = "" if not present else " in the train part of the given split"
+        raise IngestError(
+            f"classes with fewer than {need} source images{where} cannot be split into "
+            f"train/{'/'.join(needed)}: {names}. Add images, merge the class "
+            f"(--remap 'OLD->NEW'), drop it (--drop NAME) or set --min-per-class {need}")
+    ids, labels = pool["source_id"].to_numpy(), pool["label"].to_numpy()
     n_classes = len(counts)
-    # Whole-image counts, at least one image of every class in val and test.
-    n_test = max(n_classes, round(test_frac * len(ids)))
-    n_val = max(n_classes, round(val_frac * len(ids)))
-    if len(ids) - n_test - n_val < n_classes:
+    n_total = len(groups)
+    # Whole-image counts, at least one image of every class in each carved split.
+    sizes = {s: max(n_classes, round(frac[s] * n_total)) for s in needed}
+    from sklearn.model_selection import train_test_split
+
+    if len(ids) - sum(sizes.values()) < n_classes:
         raise IngestError(f"{len(ids)} source images are too few to give each of the "
                           f"{n_classes} classes a train, val and test image")
-    rest_ids, test_ids, rest_labels, _ = train_test_split(
-        ids, labels, test_size=n_test, stratify=labels, random_state=seed)
-    train_ids, val_ids = train_test_split(
-        rest_ids, test_size=n_val, stratify=rest_labels, random_state=seed)
-    assignment = {i: "train" for i in train_ids}
-    assignment.update({i: "val" for i in val_ids})
-    assignment.update({i: "test" for i in test_ids})
+    rest_ids, rest_labels = ids, labels
+    for s in reversed(needed):  # test first, as before
+        rest_ids, carved, rest_labels, _ = train_test_split(
+            rest_ids, rest_labels, test_size=sizes[s], stratify=rest_labels, random_state=seed)
+        assignment.update({i: s for i in carved})
+    assignment.update({i: "train" for i in rest_ids})
     return assignment
+
+
+# ----------------------------------------------------------------------------- ingest
 
 
 def ingest(data: str | Path, out_dir: str | Path, *, seed: int = 0,
            split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-           min_size: int = 8) -> IngestResult:
-    """Ingest a folder or ZIP of class folders into ``out_dir``.
+           min_size: int = 8, **options) -> IngestResult:
+    """Ingest a folder, ZIP, CSV/Parquet table or ``s3://`` prefix into ``out_dir``.
 
     Writes ``manifest.csv`` (one row per used image), ``quarantine.csv`` (one row
-    per rejected file), ``classes.json`` and the images under ``images/``: the original
-    bytes when OpenCV decodes them to the same RGB pixels (JPEG/PNG/WebP/BMP, RGB or
-    gray, no EXIF rotation), otherwise a normalised 8-bit RGB PNG.
+    per rejected file: path, reason, detail), ``classes.json`` and ``mapping.txt``/
+    ``mapping.json`` (the label encoding), ``near_duplicates.csv``, ``stats.csv``,
+    ``stats.json``, ``stats.png``, ``dataset.json`` (``dataset_version``: the
+    SHA-256 of the manifest) and the images under ``images/``: the original bytes
+    when OpenCV decodes them to the same RGB pixels (JPEG/PNG/WebP/BMP, RGB or gray,
+    no EXIF rotation), otherwise a normalised 8-bit RGB PNG. ``out_dir`` may be an
+    ``s3://`` prefix: the folder is built locally and uploaded, manifest last.
+    ``options`` are the other :class:`IngestOptions` fields.
     """
-    src = Path(data)
-    if not src.exists():
-        raise IngestError(f"input {str(src)!r} does not exist")
-    out = Path(out_dir)
+    unknown = set(options) - {f.name for f in fields(IngestOptions)}
+    if unknown:
+        raise IngestError(f"unknown ingest options {sorted(unknown)}")
+    opts = IngestOptions(seed=seed, split_fractions=tuple(split_fractions), min_size=min_size,
+                         **options)
+    if storage.is_s3(str(out_dir)):
+        with tempfile.TemporaryDirectory(prefix="triview-ingest-out-") as tmp:
+            result = _ingest_local(data, Path(tmp), opts)
+            storage.S3Store().upload_tree(tmp, str(out_dir),
+                                          last=(mf.DATASET_FILE, mf.MANIFEST_FILE))
+        return result
+    return _ingest_local(data, Path(out_dir), opts)
+
+
+def _ingest_local(data: str | Path, out: Path, opts: IngestOptions) -> IngestResult:
+    try:
+        source = open_source(data, opts.zip_limits)
+    except SourceError as exc:
+        raise IngestError(str(exc)) from exc
+    try:
+        return _ingest_source(source, str(data), out, opts)
+    finally:
+        source.close()
+
+
+def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestResult:
     (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="triview-ingest-") as tmp:
-        if src.is_file() and zipfile.is_zipfile(src):
-            _extract_zip(src, Path(tmp))
-            root = _class_root(Path(tmp))
-        elif src.is_dir():
-            root = _class_root(src)
-        else:
-            raise IngestError(f"input {str(src)!r} is neither a folder nor a ZIP archive")
+    remap, drop = dict(opts.remap), set(opts.drop)
+    items = _apply_label_ops(source.items, remap, drop)
+    n_input = len(items)
+    if n_input == 0:
+        raise IngestError(f"no files in {data!r}")
 
-        rows, quarantined, seen = [], [], {}
-        n_input = 0
-        for rel, label, data_bytes in _iter_folder(root):
-            n_input += 1
-            d = _decode(rel, label, data_bytes, min_size)
-            if d.reason is None and d.sha256 in seen:
-                d.reason, d.detail = "exact_duplicate", f"same bytes as {seen[d.sha256]}"
-            if d.reason is not None:
-                quarantined.append({"path": rel, "reason": d.reason, "detail": d.detail})
-                continue
-            seen[d.sha256] = rel
-            image_id = d.sha256[:16]
-            stored = f"{IMAGES_DIR}/{image_id}{d.keep_suffix or '.png'}"
-            if d.keep_suffix:
-                atomic_write_bytes(out / stored, data_bytes)
-            else:  # normalised: EXIF rotation applied, 8-bit RGB
-                with atomic_path(out / stored) as tmp_png:
-                    d.image.save(tmp_png, format="PNG")
-            rows.append({
-                "image_id": image_id, "path": stored,
-                "label": d.label, "labels": d.label,
-                "source_id": str(PurePosixPath(rel).with_suffix("")),
-                "sha256": d.sha256, "width": d.image.width, "height": d.image.height,
-                "original_path": rel,
-            })
+    s3 = storage.S3Config.from_env() if any(it.locator[:1] == ("s3",) for it in items) else None
+    config = WorkerConfig(str(out), opts.min_size, opts.max_pixels, opts.max_file_bytes, s3)
+    tasks_idx = [i for i, it in enumerate(items) if it.reason is None]
+    tasks = [(items[i].locator, items[i].label_reason is None) for i in tasks_idx]
+    workers = opts.workers or (os.cpu_count() or 1)
+    progress = sys.stderr.isatty() if opts.progress is None else opts.progress
 
-    if not rows:
-        raise IngestError(f"no usable images in {str(src)!r} "
-                          f"({n_input} files, all quarantined)")
-    table = pd.DataFrame(rows)
-    groups = table.groupby("source_id")["label"].agg(lambda s: s.mode().iloc[0]).reset_index()
-    assignment = _split(groups, split_fractions, seed)
-    table["split"] = table["source_id"].map(assignment)
-    classes = sorted(table["label"].unique())
-    quarantine = pd.DataFrame(quarantined, columns=list(mf.QUARANTINE_COLUMNS))
+    quarantined: list[tuple[int, str, str]] = [(i, it.reason, it.detail)
+                                               for i, it in enumerate(items) if it.reason]
+    used: list[tuple] = []   # (item index, sha, w, h, format, mode, dhash, stored, bytes)
+    seen: dict[str, str] = {}
+    for i, res in zip(tasks_idx, _inspect_all(tasks, config, workers, progress)):
+        reason, detail, sha = res[0], res[1], res[2]
+        it = items[i]
+        if reason is None and it.label_reason is not None:
+            reason, detail = it.label_reason, it.detail
+        if reason is None and sha in seen:
+            reason, detail = "exact_duplicate", f"same bytes as {seen[sha]}"
+        if reason is not None:
+            quarantined.append((i, reason, detail))
+            continue
+        seen[sha] = it.rel
+        used.append((i,) + tuple(res[2:]))
 
-    mf.write_manifest(table, out)
+    # minimum images per class (multi-label: per label), after everything else
+    if opts.min_per_class > 0 and used:
+        counts = pd.Series([lab for u in used for lab in items[u[0]].labels]).value_counts()
+        rare = set(counts[counts < opts.min_per_class].index)
+        if rare:
+            kept = []
+            for u in used:
+                it = items[u[0]]
+                labels = tuple(lab for lab in it.labels if lab not in rare)
+                if labels:
+                    items[u[0]] = it._replace(labels=labels)
+                    kept.append(u)
+                else:
+                    quarantined.append((u[0], "class_below_minimum",
+                                        f"{it.labels[0]!r} has {counts[it.labels[0]]} images "
+                                        f"< {opts.min_per_class}"))
+                    (out / u[7]).unlink(missing_ok=True)
+            used = kept
+
+    quarantined.sort()
+    quarantine = pd.DataFrame([(items[i].rel, r, d) for i, r, d in quarantined],
+                              columns=list(mf.QUARANTINE_COLUMNS))
     mf.write_table(quarantine, out / mf.QUARANTINE_FILE, mf.QUARANTINE_COLUMNS)
+    assert n_input == len(used) + len(quarantine), "every input file must be accounted for"
+    if not used and not opts.allow_empty:
+        raise IngestError(f"no usable images in {data!r} "
+                          f"({n_input} files, all quarantined: see {out / mf.QUARANTINE_FILE})")
+
+    rows = []
+    for i, sha, w, h, fmt, mode, dh, stored, nbytes in used:
+        it = items[i]
+        rows.append({"image_id": sha[:16], "path": stored, "label": it.labels[0],
+                     "labels": mf.join_labels(list(it.labels)), "source_id": source_id_of(it.rel),
+                     "sha256": sha, "width": w, "height": h, "original_path": it.rel,
+                     "format": fmt.lower(), "mode": mode, "bytes": nbytes,
+                     "dhash": f"{dh:016x}", "given_split": it.split})
+    table = pd.DataFrame(rows, columns=list(_ROW_COLUMNS))
+    if len(table):
+        groups = _source_groups(table)
+        try:
+            assignment = _split(groups, opts.split_fractions, opts.seed)
+        except ValueError as exc:  # sklearn's own complaints about tiny strata, too
+            raise IngestError(str(exc)) from exc
+        table["split"] = table["source_id"].map(assignment)
+    else:
+        table["split"] = pd.Series(dtype=str)
+    table = table.drop(columns=["given_split"])
+
+    all_labels = {lab for s in table["labels"] for lab in mf.split_labels(s)}
+    declared = _declared_classes(source.classes, remap, drop)
+    classes = [c for c in declared if c in all_labels] if declared else []
+    classes += sorted(all_labels - set(classes))
+
+    near = _near_duplicates(table, opts.near_duplicate_distance)
+    mf.write_table(near, out / mf.NEAR_DUPLICATES_FILE, tuple(near.columns))
+    mf.write_manifest(table, out)
     mf.write_classes(classes, out)
+    mf.write_mapping(classes, out)
+    version = mf.dataset_version(out)
+
+    from triview import datastats
+
+    stats = datastats.write_statistics(table, quarantine, near, classes, out, n_input=n_input,
+                                       dataset_version=version, plot=opts.plot)
     counts = {s: int((table["split"] == s).sum()) for s in mf.SPLITS}
     counts["quarantined"] = len(quarantine)
     counts["input"] = n_input
-    assert n_input == len(table) + len(quarantine), "every input file must be accounted for"
-    return IngestResult(table, quarantine, classes, n_input, counts)
+    atomic_write_text(out / mf.DATASET_FILE, json.dumps({
+        "dataset_version": version, "source": data, "source_kind": source.kind,
+        "counts": counts, "classes": classes, "notes": source.notes,
+        "options": _jsonable(asdict(opts))}, indent=2))
+    return IngestResult(table, quarantine, classes, n_input, counts, version, stats)
+
+
+_ROW_COLUMNS = ("image_id", "path", "label", "labels", "source_id", "sha256", "width", "height",
+                "original_path", "format", "mode", "bytes", "dhash", "given_split")
+
+
+def _source_groups(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per source photo: its most common label (ties: the first by name) and
+    the split its files were given, if any."""
+    votes = table.groupby(["source_id", "label"], sort=True).size().rename("n").reset_index()
+    votes = votes.sort_values(["source_id", "n", "label"], ascending=[True, False, True])
+    groups = votes.drop_duplicates("source_id")[["source_id", "label"]]
+    given = table.groupby("source_id", sort=True)["given_split"].first()
+    groups = groups.assign(given=groups["source_id"].map(given))
+    return groups.reset_index(drop=True)
+
+
+def _near_duplicates(table: pd.DataFrame, max_distance: int) -> pd.DataFrame:
+    columns = ["path_a", "path_b", "distance", "split_a", "split_b"]
+    if max_distance < 0 or len(table) < 2:
+        return pd.DataFrame(columns=columns)
+    hashes = [int(h, 16) for h in table["dhash"]]
+    pairs = near_duplicate_pairs(hashes, max_distance)
+    orig, split = table["original_path"].to_numpy(), table["split"].to_numpy()
+    return pd.DataFrame([(orig[i], orig[j], d, split[i], split[j]) for i, j, d in pairs],
+                        columns=columns)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def class_counts(table: pd.DataFrame) -> pd.DataFrame:

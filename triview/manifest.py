@@ -43,10 +43,50 @@ VIEW_COLUMNS = (
 
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
 
+#: Machine-readable quarantine reasons (the ``reason`` column) and what each means.
+QUARANTINE_REASONS = {
+    "empty_file": "zero bytes",
+    "truncated": "the image data ends early",
+    "undecodable": "recognised as an image but the decoder failed",
+    "not_an_image": "content is not an image (e.g. text renamed .jpg)",
+    "unsupported_format": "an image format triview does not decode (HEIC, SVG, PSD, ...)",
+    "too_small": "shorter side below min_size",
+    "too_large": "file larger than the byte cap",
+    "decompression_bomb": "more pixels than max_pixels",
+    "exact_duplicate": "same bytes as an image already used (content hash)",
+    "no_label": "no class folder or label for the file",
+    "unknown_label": "label not in the declared class map (data.yaml names)",
+    "dropped_label": "every label removed by a drop operation",
+    "class_below_minimum": "class has fewer images than min_per_class",
+    "missing_file": "listed in a CSV/Parquet manifest but not found",
+    "symlink_escape": "symbolic link pointing outside the input root",
+    "broken_symlink": "symbolic link to nothing",
+    "symlink_dir": "symbolic link to a folder (not followed)",
+    "zip_unsafe_path": "ZIP entry with an absolute path or '..' (ZIP-slip)",
+    "zip_symlink": "ZIP entry that is a symbolic link",
+    "zip_bomb": "ZIP entry over the uncompressed-size or compression-ratio cap",
+    "encrypted": "encrypted ZIP entry",
+    "system_file": "hidden or OS metadata file (.DS_Store, Thumbs.db, __MACOSX/...)",
+    "metadata": "consumed as metadata (data.yaml class map, the CSV manifest itself)",
+    "read_error": "the file (or a whole folder) could not be read",
+    "special_file": "FIFO, socket or device node (not read)",
+}
+
+#: Separator of the ``labels`` column (multi-label: ``"cat;dog"``).
+LABEL_SEPARATOR = ";"
+
 MANIFEST_FILE = "manifest.csv"
 VIEWS_FILE = "views.csv"
 QUARANTINE_FILE = "quarantine.csv"
 CLASSES_FILE = "classes.json"
+#: Written by ingest beside the manifest.
+MAPPING_FILE = "mapping.txt"            # "index name" per line, the label encoding
+MAPPING_JSON_FILE = "mapping.json"      # {"0": name, ...}, the same
+DATASET_FILE = "dataset.json"           # dataset_version and counts
+STATS_FILE = "stats.csv"                # per-class statistics table
+STATS_JSON_FILE = "stats.json"          # summary statistics (formats, sizes, duplicates, ...)
+STATS_PLOT_FILE = "stats.png"
+NEAR_DUPLICATES_FILE = "near_duplicates.csv"
 
 
 class ManifestError(ValueError):
@@ -107,6 +147,32 @@ def write_classes(classes: list[str], folder: str | os.PathLike) -> Path:
 
 def read_classes(folder: str | os.PathLike) -> list[str]:
     return list(json.loads((Path(folder) / CLASSES_FILE).read_text())["classes"])
+
+
+def split_labels(text: str | float | None) -> list[str]:
+    """``"a;b"`` -> ``["a", "b"]`` (empty or missing -> ``[]``)."""
+    if not isinstance(text, str):
+        return []
+    return [t.strip() for t in text.split(LABEL_SEPARATOR) if t.strip()]
+
+
+def join_labels(labels: list[str]) -> str:
+    return LABEL_SEPARATOR.join(labels)
+
+
+def write_mapping(classes: list[str], folder: str | os.PathLike) -> None:
+    """The class map as ``mapping.txt`` ("index name" lines) and ``mapping.json``."""
+    folder = Path(folder)
+    atomic_write_text(folder / MAPPING_FILE, "".join(f"{i} {c}\n" for i, c in enumerate(classes)))
+    atomic_write_text(folder / MAPPING_JSON_FILE,
+                      json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2))
+
+
+def dataset_version(folder: str | os.PathLike) -> str:
+    """The version of an ingested data set: the SHA-256 of its manifest file."""
+    import hashlib
+
+    return hashlib.sha256((Path(folder) / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
 def encode_labels(labels: pd.Series, classes: list[str]) -> "pd.Series":
