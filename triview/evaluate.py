@@ -1,106 +1,191 @@
-"""Evaluate on the test split: per view and for the ensemble, side by side."""
+"""Evaluate on the test split: per view and for the ensemble, side by side.
+
+Multi-class (labels: N integers) and multi-label (labels: N x C indicators, scores
+thresholded at 0.5) are both scored; the task follows from the shape of the labels.
+"""
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
+import platform
 from pathlib import Path
+from typing import Callable
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix, f1_score,
+                             multilabel_confusion_matrix, roc_auc_score, roc_curve)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix,  # noqa: E402
-                             f1_score)
-
-from triview.storage import atomic_write_text  # noqa: E402
-from triview.voter import aligned, apply_voter  # noqa: E402
+from triview.storage import atomic_write_text
+from triview.voter import aligned, apply_voter
 
 EVAL_FILE = "eval.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+MULTILABEL_THRESHOLD = 0.5
+ROC_POINTS = 101
 
 
-def scores(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    pred = prob.argmax(1)
-    return {"accuracy": float(accuracy_score(y, pred)),
-            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+def task_of(y: np.ndarray) -> str:
+    return "multilabel" if np.ndim(y) == 2 else "multiclass"
 
 
-def _confusion_png(cm: np.ndarray, classes: list[str], title: str) -> str:
-    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=90)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                color="white" if v > cm.max() / 2 else "black")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+def predicted(prob: np.ndarray, task: str, threshold: float = MULTILABEL_THRESHOLD) -> np.ndarray:
+    """Predicted classes (N,) for multi-class, 0/1 indicators (N, C) for multi-label."""
+    return (prob >= threshold).astype(np.int64) if task == "multilabel" else prob.argmax(1)
 
 
-def evaluate(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list[str],
-             out_dir: str | Path, candidates: pd.DataFrame | None = None) -> dict:
-    """Score every view and the ensemble on the test split; write eval.json and reports."""
-    probs, y, _ = aligned(preds, "test")
+def roc_auc_per_class(y: np.ndarray, prob: np.ndarray, classes: list[str]) -> dict[str, float | None]:
+    """One-vs-rest ROC-AUC per class (per label for multi-label); None where the test
+    split has only one of positive / negative for that class."""
+    onehot = y if task_of(y) == "multilabel" else np.eye(prob.shape[1], dtype=np.int64)[y]
+    out: dict[str, float | None] = {}
+    for k, name in enumerate(classes):
+        positives = onehot[:, k]
+        out[name] = (float(roc_auc_score(positives, prob[:, k]))
+                     if 0 < positives.sum() < len(positives) else None)
+    return out
+
+
+def scores(y: np.ndarray, prob: np.ndarray) -> dict[str, float | None]:
+    """Headline numbers: accuracy (subset accuracy for multi-label), macro- and
+    weighted-F1, macro one-vs-rest ROC-AUC, and binary accuracy for multi-label."""
+    task = task_of(y)
+    pred = predicted(prob, task)
+    out = {"accuracy": float(accuracy_score(y, pred)),
+           "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+           "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0))}
+    aucs = [a for a in roc_auc_per_class(y, prob, [str(i) for i in range(prob.shape[1])]).values()
+            if a is not None]
+    out["roc_auc"] = float(np.mean(aucs)) if aucs else None
+    if task == "multilabel":
+        out["binary_accuracy"] = float((pred == y).mean())
+    return out
+
+
+def micro_roc_curve(y: np.ndarray, prob: np.ndarray, points: int = ROC_POINTS) -> dict[str, list[float]]:
+    """The micro-averaged one-vs-rest ROC curve, thinned to at most ``points`` points
+    (what the Kubeflow UI's ClassificationMetrics draws)."""
+    onehot = y if task_of(y) == "multilabel" else np.eye(prob.shape[1], dtype=np.int64)[y]
+    fpr, tpr, thresholds = roc_curve(onehot.ravel(), prob.ravel())
+    thresholds = np.clip(thresholds, 0.0, 1.0)  # the first threshold is +inf
+    if len(fpr) > points:
+        keep = np.unique(np.linspace(0, len(fpr) - 1, points).round().astype(int))
+        fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist()}
+
+
+def detail(y: np.ndarray, prob: np.ndarray, classes: list[str]) -> dict:
+    """Per-class report, confusion matrix (counts and row-normalised) and ROC-AUC per class."""
+    task = task_of(y)
+    pred = predicted(prob, task)
+    labels = list(range(len(classes)))
+    report = classification_report(y, pred, labels=labels, target_names=classes,
+                                   output_dict=True, zero_division=0)
+    if task == "multilabel":  # one 2x2 matrix per label: [[tn, fp], [fn, tp]]
+        cm = multilabel_confusion_matrix(y, pred, labels=labels)
+        norm = cm / np.maximum(cm.sum(axis=2, keepdims=True), 1)
+    else:
+        cm = confusion_matrix(y, pred, labels=labels)
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    return {"classification_report": report, "confusion_matrix": cm.tolist(),
+            "confusion_matrix_normalized": np.round(norm, 6).tolist(),
+            "roc_auc_per_class": roc_auc_per_class(y, prob, classes)}
+
+
+def score_all(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list[str]) -> dict:
+    """Scores of every view and the ensemble on the test split (no files written)."""
+    probs, y, ids = aligned(preds, "test")
     ensemble = apply_voter(voter, probs)
+    task = task_of(y)
     result = {
         "n_test": int(len(y)),
+        "task": task,
         "classes": classes,
         "views": {v: scores(y, p) for v, p in probs.items()},
         "ensemble": {**scores(y, ensemble), "method": voter["name"]},
+        "details": {**{v: detail(y, p, classes) for v, p in probs.items()},
+                    "ensemble": detail(y, ensemble, classes)},
+        "roc_curve": micro_roc_curve(y, ensemble),
     }
-    labels = list(range(len(classes)))
-    cm = confusion_matrix(y, ensemble.argmax(1), labels=labels)
-    result["confusion_matrix"] = cm.tolist()
-    result["classification_report"] = classification_report(
-        y, ensemble.argmax(1), labels=labels, target_names=classes, output_dict=True, zero_division=0)
+    # Kept at the top level for readers of the single-model fields (model card, UI).
+    result["confusion_matrix"] = result["details"]["ensemble"]["confusion_matrix"]
+    result["classification_report"] = result["details"]["ensemble"]["classification_report"]
     best_view = max(result["views"], key=lambda v: result["views"][v]["macro_f1"])
     result["best_view"] = best_view
     result["ensemble_gain_macro_f1"] = (result["ensemble"]["macro_f1"]
                                         - result["views"][best_view]["macro_f1"])
+    result["_arrays"] = {"ids": ids, "y": y, "ensemble": ensemble, "views": probs}
+    return result
 
+
+def misclassified(result: dict, limit: int = 12) -> list[dict]:
+    """The ensemble's most confident mistakes on the test split."""
+    arrays, classes = result["_arrays"], result["classes"]
+    y, prob, ids = arrays["y"], arrays["ensemble"], arrays["ids"]
+    pred = predicted(prob, result["task"])
+    wrong = np.flatnonzero((pred != y).any(axis=1) if y.ndim == 2 else pred != y)
+    confidence = prob[wrong].max(axis=1)
+    out = []
+    for i in wrong[np.argsort(-confidence, kind="stable")][:limit]:
+        if y.ndim == 2:
+            true = ", ".join(classes[k] for k in np.flatnonzero(y[i])) or "(none)"
+            guess = ", ".join(classes[k] for k in np.flatnonzero(pred[i])) or "(none)"
+        else:
+            true, guess = classes[int(y[i])], classes[int(pred[i])]
+        out.append({"image_id": str(ids[i]), "true": true, "pred": guess,
+                    "score": float(prob[i].max())})
+    return out
+
+
+def device_name() -> str:
+    """What inference ran on: the GPU's name, else the CPU model."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def evaluate(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list[str],
+             out_dir: str | Path, candidates: pd.DataFrame | None = None, *,
+             histories: dict[str, pd.DataFrame] | None = None, timing: dict | None = None,
+             gradcam: dict[str, list[dict]] | None = None, blessing: dict | None = None,
+             crop_reader: Callable[[str, str], np.ndarray] | None = None) -> dict:
+    """Score every view and the ensemble on the test split; write eval.json, report.md
+    and the self-contained report.html.
+
+    The keyword arguments add report sections: training curves per branch, timing
+    figures, a Grad-CAM gallery per view, the gate's blessing, and (given
+    ``crop_reader(image_id, view) -> RGB``) the misclassified test images.
+    """
+    from triview import report
+
+    result = score_all(preds, voter, classes)
+    arrays = result.pop("_arrays")
+    wrong = misclassified({**result, "_arrays": arrays})
+    if timing:
+        result["timing"] = timing
+    if blessing is not None:
+        result["blessing"] = blessing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / EVAL_FILE, json.dumps(result, indent=2))
-    table = pd.DataFrame({**{v: s for v, s in result["views"].items()},
-                          "ensemble": {k: result["ensemble"][k] for k in ("accuracy", "macro_f1")}}).T
-    table.index.name = "model"
-    report = pd.DataFrame(result["classification_report"]).T
-    md = [f"# triview evaluation ({len(y)} test images)", "",
-          f"Ensemble method: `{voter['name']}`; best single view: `{best_view}`; "
-          f"ensemble gain in macro-F1: {result['ensemble_gain_macro_f1']:+.4f}", "",
-          "## Test metrics", "", table.round(4).to_markdown(),
-          "", "## Per class (ensemble)", "",
-          report.round(4).to_markdown()]
-    if candidates is not None:
-        md += ["", "## Voter candidates (validation)", "",
-               candidates.round(4).to_markdown(index=False)]
-    atomic_write_text(out / REPORT_MD, "\n".join(md) + "\n")
-    png = _confusion_png(cm, classes, f"ensemble ({voter['name']})")
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>triview evaluation</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>",
-        f"<h1>triview evaluation</h1><p>{len(y)} test images. Ensemble method "
-        f"<code>{html.escape(voter['name'])}</code>; best single view <code>{html.escape(best_view)}</code>; "
-        f"ensemble gain in macro-F1 {result['ensemble_gain_macro_f1']:+.4f}.</p>",
-        "<h2>Test metrics</h2>", table.round(4).to_html(),
-        "<h2>Per class (ensemble)</h2>", report.round(4).to_html(),
-    ]
-    if candidates is not None:
-        parts += ["<h2>Voter candidates (validation)</h2>", candidates.round(4).to_html(index=False)]
-    parts += ["<h2>Confusion matrix (ensemble)</h2>",
-              f"<img alt='confusion matrix' src='data:image/png;base64,{png}'>", "</body></html>"]
-    atomic_write_text(out / REPORT_HTML, "\n".join(parts))
+    if crop_reader is not None:
+        views = list(result["views"])
+        for item in wrong:
+            item["crops"] = {v: crop_reader(item["image_id"], v) for v in views}
+    sections = report.ReportInputs(result=result, voter=voter, candidates=candidates,
+                                   histories=histories or {}, timing=timing,
+                                   misclassified=wrong, gradcam=gradcam or {}, blessing=blessing)
+    atomic_write_text(out / REPORT_MD, report.render_markdown(sections))
+    atomic_write_text(out / REPORT_HTML, report.render_html(sections))
     return result
-

@@ -67,6 +67,12 @@ def stage_values(record: dict) -> dict[str, float]:
     counts = record.get("counts") or {}
     if "quarantined" in counts:
         values["quarantined"] = counts["quarantined"]
+    # evaluate / export: the gate's verdict (0/1), the champion it was compared with,
+    # whether export promoted the model, and the export's parity and latency figures
+    for key in ("blessed", "champion_macro_f1", "promoted", "onnx_max_abs_diff",
+                "torchscript_max_abs_diff", "ensemble_ms_per_sample"):
+        if key in record:
+            values[key] = record[key]
     for key in ("val_macro_f1", "val_accuracy", "best_epoch"):
         if key in record:
             values[key] = record[key]

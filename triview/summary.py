@@ -23,6 +23,10 @@ def build_summary(run_dir: str | Path, model_dir: str | Path, report_path: str |
         "ensemble": evaluation["ensemble"],
         "counts": counts,
         "stages": {name: {"seconds": rec["seconds"]} for name, rec in stages.items()},
+        "gate": evaluation.get("gate"),
+        "export": {k: stages["export"][k] for k in ("promoted", "registry_version", "champion_uri",
+                                                    "refused", "onnx_max_abs_diff", "data_version")
+                   if k in stages["export"]},
         "artifacts": {"model": str(Path(model_dir).resolve()),
                       "report": str(Path(report_path).resolve()),
                       "run_dir": str(Path(run_dir).resolve())},

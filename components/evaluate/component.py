@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from components.images import CPU_IMAGE
 
@@ -10,22 +10,42 @@ def evaluate(
     branch_2: Input[Model],
     branch_3: Input[Model],
     voter: Input[Model],
+    views: Input[Dataset],
     evaluation: Output[Dataset],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
+    blessing: Output[Artifact],
+    registry: str = "",
+    model_name: str = "triview",
+    gate_min_macro_f1: float = 0.0,
+    gate_min_delta: float = -0.01,
 ):
-    """Score every view and the ensemble on the test split.
+    """Score every view and the ensemble on the test split and gate the ensemble
+    against the registry's champion (champion/challenger, TFX-blessing style).
 
     Args:
         branch_1: First view's trained branch (with its test probabilities).
         branch_2: Second view's trained branch.
         branch_3: Third view's trained branch.
         voter: The chosen voter.
-        evaluation: Output folder: ``eval.json``, ``report.md`` and ``report.html``.
-        metrics: Test accuracy and macro-F1 per view and for the ensemble.
-        confusion: The ensemble's test confusion matrix.
-        report: Self-contained HTML report.
+        views: Cropped views dataset: the test crops the champion is re-scored on, and the
+            images of the report's misclassified and Grad-CAM galleries.
+        evaluation: Output folder: ``eval.json``, ``blessing.json``, ``report.md`` and ``report.html``.
+        metrics: Test accuracy, macro-F1, weighted-F1 and ROC-AUC per view and for the
+            ensemble; ``blessed`` (0/1) and ``champion_macro_f1``.
+        confusion: The ensemble's test confusion matrix and micro-averaged ROC curve.
+        report: Self-contained HTML report (metrics, confusion matrices, training curves,
+            voter candidates, misclassified images, Grad-CAM per view, timing).
+        blessing: The gate's verdict (JSON): blessed or not, with its reasons; export
+            promotes only a blessed model.
+        registry: Model registry location (a folder or ``s3://bucket/prefix``); empty: no
+            registry, so no champion and nothing to compare with.
+        model_name: Model name in the registry (``models/<model_name>/...``).
+        gate_min_macro_f1: Absolute bar: the ensemble's test macro-F1 must reach it.
+        gate_min_delta: Least allowed change of macro-F1 against the champion on the same
+            test images: negative tolerates that much regression, positive demands that
+            much improvement.
     """
     import json
     import shutil
@@ -33,13 +53,25 @@ def evaluate(
     from triview.stages import evaluate_stage
 
     dirs = [branch_1.path, branch_2.path, branch_3.path]
-    evaluate_stage(dirs, voter.path, evaluation.path)
+    evaluate_stage(dirs, voter.path, evaluation.path, views_dir=views.path, registry=registry,
+                   model_name=model_name, gate_min_macro_f1=gate_min_macro_f1,
+                   gate_min_delta=gate_min_delta)
     with open(f"{evaluation.path}/eval.json") as fh:
         result = json.load(fh)
-    for view, s in result["views"].items():
-        metrics.log_metric(f"{view}_accuracy", s["accuracy"])
-        metrics.log_metric(f"{view}_macro_f1", s["macro_f1"])
-    metrics.log_metric("ensemble_accuracy", result["ensemble"]["accuracy"])
-    metrics.log_metric("ensemble_macro_f1", result["ensemble"]["macro_f1"])
-    confusion.log_confusion_matrix(result["classes"], result["confusion_matrix"])
+    with open(f"{evaluation.path}/blessing.json") as fh:
+        verdict = json.load(fh)
+    for name, s in {**result["views"], "ensemble": result["ensemble"]}.items():
+        for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc", "binary_accuracy"):
+            if isinstance(s.get(key), (int, float)):
+                metrics.log_metric(f"{name}_{key}", s[key])
+    metrics.log_metric("blessed", int(verdict["blessed"]))
+    if verdict.get("champion") is not None:
+        metrics.log_metric("champion_macro_f1", verdict["champion"])
+    if result["task"] == "multiclass":
+        confusion.log_confusion_matrix(result["classes"], result["confusion_matrix"])
+    roc = result["roc_curve"]
+    confusion.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
     shutil.copyfile(f"{evaluation.path}/report.html", report.path)
+    shutil.copyfile(f"{evaluation.path}/blessing.json", blessing.path)
+    blessing.metadata.update({"blessed": bool(verdict["blessed"]), "reasons": verdict["reasons"],
+                              "comparison": verdict["comparison"]})

@@ -1,0 +1,66 @@
+"""Evaluate's metrics and report without training: multi-class and multi-label."""
+import json
+
+import numpy as np
+import pytest
+
+from triview.evaluate import evaluate, micro_roc_curve, scores
+
+
+def _preds(probs, y, n):
+    ids = np.array([f"img{i:04d}" for i in range(n)])
+    return {v: {"test_prob": p, "test_ids": ids, "test_labels": y} for v, p in probs.items()}
+
+
+def test_multiclass_metrics_side_by_side(tmp_path):
+    rng = np.random.default_rng(0)
+    n, c = 120, 4
+    y = rng.integers(0, c, n)
+    probs = {}
+    for v in ("left", "center", "right"):
+        logits = rng.normal(0, 1, (n, c))
+        logits[np.arange(n), y] += 1.5
+        probs[v] = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    crops = {}
+
+    def reader(image_id, view):
+        crops[(image_id, view)] = True
+        return np.full((8, 8, 3), 128, np.uint8)
+
+    result = evaluate(_preds(probs, y, n), {"method": "mean", "views": list(probs), "name": "mean"},
+                      list("abcd"), tmp_path, crop_reader=reader)
+    for name in ("left", "center", "right", "ensemble"):
+        s = result[name] if name == "ensemble" else result["views"][name]
+        assert {"accuracy", "macro_f1", "weighted_f1", "roc_auc"} <= set(s)
+        d = result["details"][name]
+        assert np.array(d["confusion_matrix"]).sum() == n
+        assert np.allclose(np.array(d["confusion_matrix_normalized"]).sum(1), 1)
+        assert set(d["roc_auc_per_class"]) == set("abcd")
+        assert {"macro avg", "weighted avg"} <= set(d["classification_report"])
+    roc = result["roc_curve"]
+    assert len(roc["fpr"]) <= 101 and roc["fpr"][0] == 0 and roc["tpr"][-1] == 1
+    assert all(0 <= t <= 1 for t in roc["thresholds"])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["task"] == "multiclass" and "_arrays" not in saved
+    html = (tmp_path / "report.html").read_text()
+    assert "Misclassified" in html and crops  # the misclassified gallery read crops
+
+
+def test_multilabel_scores_per_label_and_binary_accuracy(tmp_path):
+    rng = np.random.default_rng(1)
+    n, c = 150, 3
+    y = (rng.random((n, c)) < 0.4).astype(np.int64)
+    probs = {v: np.clip(y * 0.6 + rng.random((n, c)) * 0.5, 0, 1) for v in ("top", "center", "bottom")}
+    s = scores(y, probs["top"])
+    pred = (probs["top"] >= 0.5).astype(int)
+    assert s["binary_accuracy"] == pytest.approx((pred == y).mean())
+    assert s["accuracy"] == pytest.approx((pred == y).all(1).mean())
+    result = evaluate(_preds(probs, y, n), {"method": "mean", "views": list(probs), "name": "mean"},
+                      ["cat", "dog", "car"], tmp_path)
+    assert result["task"] == "multilabel"
+    assert set(result["details"]["ensemble"]["roc_auc_per_class"]) == {"cat", "dog", "car"}
+    assert np.array(result["details"]["ensemble"]["confusion_matrix"]).shape == (3, 2, 2)
+    assert "binary_accuracy" in result["ensemble"]
+    assert micro_roc_curve(y, probs["top"])["tpr"][-1] == 1
+    html = (tmp_path / "report.html").read_text()
+    assert "<th>tp</th>" in html and "task <code>multilabel</code>" in html

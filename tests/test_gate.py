@@ -1,0 +1,117 @@
+"""The champion/challenger gate: first run, blessed, not blessed, incomparable champion,
+and export refusing to promote an unblessed model."""
+import json
+import shutil
+
+import pytest
+
+from triview import metrics
+from triview.gate import GateConfig, comparability, decide, run_gate
+from triview.registry import ModelRegistry
+from triview.stages import evaluate_stage, export_stage, train_voter_stage
+
+
+def test_first_run_is_blessed_when_the_absolute_bar_holds():
+    b = decide({"macro_f1": 0.8}, None, GateConfig(min_value=0.7))
+    assert b["blessed"] and b["comparison"] == "first_run"
+    assert any("first model" in r for r in b["reasons"])
+
+
+def test_first_run_below_the_absolute_bar_is_not_blessed():
+    b = decide({"macro_f1": 0.6}, None, GateConfig(min_value=0.7))
+    assert not b["blessed"] and "below the absolute bar" in b["reasons"][0]
+
+
+def test_tolerated_regression_and_required_improvement():
+    champion = {"macro_f1": 0.80}
+    assert decide({"macro_f1": 0.795}, champion, GateConfig(min_delta=-0.01), champion_version=3)["blessed"]
+    worse = decide({"macro_f1": 0.78}, champion, GateConfig(min_delta=-0.01), champion_version=3)
+    assert not worse["blessed"] and "change -0.0200 < -0.0100" in worse["reasons"][-1]
+    assert worse["champion_version"] == 3 and worse["delta"] == pytest.approx(-0.02)
+    assert not decide({"macro_f1": 0.81}, champion, GateConfig(min_delta=0.02))["blessed"]
+    assert decide({"macro_f1": 0.83}, champion, GateConfig(min_delta=0.02))["blessed"]
+    # the absolute bar holds even when the champion is beaten
+    assert not decide({"macro_f1": 0.5}, {"macro_f1": 0.1}, GateConfig(min_value=0.6))["blessed"]
+
+
+def test_champions_of_other_classes_or_image_sizes_are_not_compared():
+    geometry = {"views": ["left", "center", "right"], "lens": None,
+                "geometry": {"layout": "horizontal", "overlap": 0.5, "image_size": 32,
+                             "window": 0.0, "resize": "stretch"}}
+    card = {"classes": ["a", "b"], "views": geometry["views"], "image_size": 32,
+            "crop_geometry": geometry["geometry"]}
+    assert comparability(card, ["a", "b"], geometry) == []
+    assert "classes" in comparability(card, ["a", "c"], geometry)[0]
+    assert "image size" in comparability({**card, "image_size": 64}, ["a", "b"], geometry)[0]
+    b = decide({"macro_f1": 0.9}, None, GateConfig(), incomparable=["classes differ"], champion_version=1)
+    assert not b["blessed"] and b["comparison"] == "incomparable"
+
+
+@pytest.fixture(scope="module")
+def voter_dir(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("voter")
+    train_voter_stage(list(trained.values()), out)
+    return out
+
+
+def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_path):
+    dirs = list(trained.values())
+    registry = str(tmp_path / "registry")
+    reg = ModelRegistry(registry, "digits")
+
+    # first run: no champion -> blessed on the absolute bar, exported and promoted
+    rec = evaluate_stage(dirs, voter_dir, tmp_path / "e1", views_dir=cropped, registry=registry,
+                         model_name="digits", gradcam_per_kind=0)
+    first = json.loads((tmp_path / "e1" / "blessing.json").read_text())
+    assert first["blessed"] and first["comparison"] == "first_run" and rec["blessed"] == 1
+    out = export_stage(dirs, voter_dir, cropped, tmp_path / "e1", tmp_path / "m1",
+                       registry=registry, model_name="digits")
+    assert out["promoted"] == 1 and reg.champion()["version"] == 1 and reg.versions() == [1]
+    assert (tmp_path / "registry" / "models" / "digits" / "1" / "ensemble.onnx").is_file()
+
+    # same ensemble again: the champion is re-scored on these test crops -> identical
+    rec = evaluate_stage(dirs, voter_dir, tmp_path / "e2", views_dir=cropped, registry=registry,
+                         model_name="digits", gate_min_delta=-0.01, gradcam_per_kind=0)
+    second = json.loads((tmp_path / "e2" / "blessing.json").read_text())
+    challenger = json.loads((tmp_path / "e2" / "eval.json").read_text())["ensemble"]
+    assert second["comparison"] == "compared" and second["champion_version"] == 1
+    assert second["champion"] == pytest.approx(challenger["macro_f1"], abs=1e-9)
+    assert second["champion_scores"]["accuracy"] == pytest.approx(challenger["accuracy"], abs=1e-9)
+    assert second["blessed"] and rec["champion_macro_f1"] == pytest.approx(second["champion"])
+    values = metrics.stage_values(rec)
+    assert values["blessed"] == 1 and values["champion_macro_f1"] == pytest.approx(second["champion"])
+
+    # demanding an improvement the challenger does not bring -> not blessed, not promoted
+    evaluate_stage(dirs, voter_dir, tmp_path / "e3", views_dir=cropped, registry=registry,
+                   model_name="digits", gate_min_delta=0.05, gradcam_per_kind=0)
+    third = json.loads((tmp_path / "e3" / "blessing.json").read_text())
+    assert not third["blessed"] and "< +0.0500" in third["reasons"][-1]
+    out = export_stage(dirs, voter_dir, cropped, tmp_path / "e3", tmp_path / "m3",
+                       blessing=tmp_path / "e3" / "blessing.json", registry=registry,
+                       model_name="digits")
+    assert out["promoted"] == 0 and "not blessed" in out["refused"]
+    assert reg.versions() == [1] and reg.champion()["version"] == 1
+    assert (tmp_path / "m3" / "ensemble.onnx").is_file()  # exported, just not promoted
+    assert metrics.stage_values(out)["blessed"] == 0
+
+    # a champion trained on other classes is refused with the reason
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tmp_path / "registry", tampered)
+    card_path = tampered / "models" / "digits" / "1" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "classes": card["classes"][:-1] + ["cat"]}))
+    verdict = run_gate(challenger, cropped, str(tampered), "digits")
+    assert not verdict["blessed"] and verdict["comparison"] == "incomparable"
+    assert any("classes" in r for r in verdict["reasons"])
+
+
+def test_first_run_below_the_bar_is_exported_but_never_promoted(trained, cropped, voter_dir, tmp_path):
+    dirs = list(trained.values())
+    registry = str(tmp_path / "registry")
+    evaluate_stage(dirs, voter_dir, tmp_path / "e", views_dir=cropped, registry=registry,
+                   gate_min_macro_f1=1.01, gradcam_per_kind=0)
+    verdict = json.loads((tmp_path / "e" / "blessing.json").read_text())
+    assert not verdict["blessed"] and verdict["comparison"] == "first_run"
+    out = export_stage(dirs, voter_dir, cropped, tmp_path / "e", tmp_path / "m", registry=registry)
+    assert out["promoted"] == 0 and ModelRegistry(registry).champion() is None
+    assert ModelRegistry(registry).versions() == []

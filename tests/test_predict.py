@@ -1,0 +1,111 @@
+"""`triview predict`: raw images through the training preprocessing and the exported
+ensemble; JSON and table output, per-class counts, clear errors for bad inputs."""
+import json
+
+import numpy as np
+import pytest
+
+from triview import manifest as mf
+from triview.cli import main
+from triview.export import load_runtime
+from triview.registry import ModelRegistry
+from triview.stages import _split_inputs, evaluate_stage, export_stage, train_voter_stage
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained, cropped, tmp_path_factory):
+    dirs = list(trained.values())
+    voter_dir = tmp_path_factory.mktemp("voter")
+    eval_dir = tmp_path_factory.mktemp("eval")
+    out = tmp_path_factory.mktemp("model")
+    train_voter_stage(dirs, voter_dir)
+    evaluate_stage(dirs, voter_dir, eval_dir, views_dir=cropped, gradcam_per_kind=0)
+    export_stage(dirs, voter_dir, cropped, eval_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_images(ingested, cropped):
+    """The ingested test images, in the order of the cropped views' test rows."""
+    images = mf.read_manifest(ingested).set_index("image_id")["path"]
+    views = mf.read_views(cropped)
+    rows = views[(views["split"] == "test") & (views["view"] == views["view"].iloc[0])
+                 & (views["augmented"] == 0)]
+    return [str(ingested / images[i]) for i in rows["image_id"]], rows["label"].tolist()
+
+
+def test_json_output_matches_the_model_on_the_training_crops(model_dir, cropped, test_images, capsys):
+    paths, _ = test_images
+    assert main(["predict", "--model", str(model_dir), *paths, "--format", "json",
+                 "--threshold", "0.0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(paths)
+    results = [json.loads(line) for line in lines]
+    assert [r["path"] for r in results] == paths
+    run, card = load_runtime(model_dir)
+    crops, _ = _split_inputs(cropped, card["views"], "test")
+    expected = run([c.numpy() for c in crops])
+    for r, prob in zip(results, expected):
+        assert set(r) == {"path", "labels"} and set(r["labels"][0]) == {"label", "score"}
+        got = {x["label"]: x["score"] for x in r["labels"]}
+        assert len(got) == len(card["classes"])  # threshold 0: every class, best first
+        assert r["labels"][0]["label"] == card["classes"][int(prob.argmax())]
+        assert max(abs(got[c] - float(p)) for c, p in zip(card["classes"], prob)) < 1e-5
+        assert [x["score"] for x in r["labels"]] == sorted(got.values(), reverse=True)
+
+
+def test_table_output_counts_images_per_class(model_dir, test_images, capsys):
+    paths, _ = test_images
+    assert main(["predict", "--model", str(model_dir), *paths[:20]]) == 0
+    out = capsys.readouterr().out
+    assert "labels (score)" in out and "share" in out and "20 images predicted" in out
+    counts = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0].isdigit() and parts[2].endswith("%"):
+            counts[parts[0]] = int(parts[1])
+    assert sum(counts.values()) == 20 and len(counts) == 10
+
+
+def test_bad_images_are_clear_errors_and_the_rest_still_predicted(model_dir, test_images, tmp_path,
+                                                                 capsys):
+    paths, _ = test_images
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(open(paths[0], "rb").read()[:200])
+    missing = tmp_path / "missing.jpg"
+    rc = main(["predict", "--model", str(model_dir), paths[0], str(text), str(empty), str(truncated),
+               str(missing), "--format", "json"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    results = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert len(results) == 5 and results[0]["labels"] and "error" not in results[0]
+    errors = {r["path"]: r["error"] for r in results[1:]}
+    assert errors[str(text)] == "not an image" and errors[str(empty)] == "empty file"
+    assert errors[str(truncated)].startswith(("truncated", "undecodable"))
+    assert errors[str(missing)] == "no such file"
+    assert f"{text}: not an image" in captured.err
+
+
+def test_predict_from_the_registry_champion_and_bad_model_locations(model_dir, test_images, tmp_path,
+                                                                    capsys):
+    reg = ModelRegistry(str(tmp_path / "reg"), "digits")
+    reg.promote(reg.publish(model_dir))
+    paths, _ = test_images
+    assert main(["predict", "--model", str(tmp_path / "reg" / "models" / "digits"), paths[0],
+                 "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"]
+    assert main(["predict", "--model", str(tmp_path), paths[0]]) == 2
+    assert "neither an exported model" in capsys.readouterr().err
+
+
+def test_predictions_from_raw_images_are_mostly_right(model_dir, test_images):
+    from triview.predict import Predictor
+
+    paths, labels = test_images
+    results = Predictor(str(model_dir)).predict(paths)
+    accuracy = np.mean([r.labels[0][0] == y for r, y in zip(results, labels)])
+    assert accuracy > 0.3  # 3 epochs on 400 digits: far above chance (0.1)

@@ -1,0 +1,144 @@
+"""Predict with an exported ensemble: each image goes through exactly the training path
+(ingest's decoding and normalisation, then calibrate-and-crop with the model card's
+geometry and lens) and then through the exported model (ONNX Runtime, else TorchScript).
+"""
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from triview import crop
+from triview import validate
+from triview.export import load_runtime
+from triview.registry import resolve_model
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+class PredictError(ValueError):
+    """An input that cannot be predicted (missing, not an image, undecodable ...)."""
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[tuple[str, float]] = field(default_factory=list)   # best first
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        out = {"path": self.path, "labels": [{"label": k, "score": round(s, 6)} for k, s in self.labels]}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def expand_inputs(items: list[str]) -> list[str]:
+    """Files as given; folders replaced by the image files below them (sorted)."""
+    out = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            out += [str(p) for p in sorted(path.rglob("*"))
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            out.append(item)
+    return out
+
+
+class Predictor:
+    """An exported ensemble with its preprocessing, ready for image files."""
+
+    def __init__(self, model: str, threads: int = 0) -> None:
+        self.folder = resolve_model(model)
+        self.run, self.card = load_runtime(self.folder, threads)
+        lens = dict(self.card.get("lens") or {})
+        if lens.get("image_size"):
+            lens["image_size"] = tuple(lens["image_size"])
+        self.geometry = crop.CropGeometry(**self.card["crop_geometry"])
+        # the same per-process cropper calibrate-and-crop uses (one sampler per image size)
+        self.cropper = crop._Cropper(crop.LensModel(**lens), self.geometry)
+        self.classes = list(self.card["classes"])
+        self.multilabel = self.card.get("task", "multiclass") == "multilabel"
+
+    def views(self, path: str | Path, scratch: Path) -> dict[str, np.ndarray]:
+        """The RGB views of one file, produced as in training: ingest's validation keeps
+        the original bytes when OpenCV decodes them as PIL does, else stores a normalised
+        8-bit RGB PNG; calibrate-and-crop then cuts the views from that file."""
+        path = Path(path)
+        if not path.is_file():
+            raise PredictError("no such file")
+        data = path.read_bytes()
+        decoded = validate.decode(data, min_size=1)
+        if decoded.reason is not None:
+            raise PredictError(decoded.reason.replace("_", " ")
+                               + (f" ({decoded.detail})" if decoded.detail else ""))
+        stored = scratch / f"{decoded.sha256[:16]}{decoded.keep_suffix or '.png'}"
+        if decoded.keep_suffix:
+            stored.write_bytes(data)
+        else:
+            decoded.image.save(stored, format="PNG")
+        try:
+            return self.cropper.views(stored)
+        finally:
+            stored.unlink(missing_ok=True)
+
+    def predict(self, paths: list[str], threshold: float = 0.5, batch_size: int = 64) -> list[Prediction]:
+        """Labels with scores for every path (best first); failures carry an error instead.
+
+        Multi-class: the best class always, and any other class scoring >= threshold.
+        Multi-label: every label scoring >= threshold.
+        """
+        results = [Prediction(str(p)) for p in paths]
+        views = self.card["views"]
+        with tempfile.TemporaryDirectory(prefix="triview-predict-") as tmp:
+            for start in range(0, len(paths), batch_size):
+                batch, index = [], []
+                for i in range(start, min(start + batch_size, len(paths))):
+                    try:
+                        batch.append(self.views(paths[i], Path(tmp)))
+                        index.append(i)
+                    except (PredictError, OSError, ValueError) as exc:
+                        results[i].error = str(exc)
+                if not batch:
+                    continue
+                inputs = [np.stack([b[v] for b in batch]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+                          for v in views]
+                for i, prob in zip(index, self.run(inputs)):
+                    results[i].labels = self._labels(prob, threshold)
+        return results
+
+    def _labels(self, prob: np.ndarray, threshold: float) -> list[tuple[str, float]]:
+        order = np.argsort(-prob, kind="stable")
+        keep = [k for k in order if prob[k] >= threshold]
+        if not self.multilabel and order[0] not in keep:
+            keep = [order[0]] + keep
+        return [(self.classes[k], float(prob[k])) for k in keep]
+
+    def counts(self, results: list[Prediction]) -> Counter:
+        """Images per class: the best class (multi-class) or every label (multi-label)."""
+        counts: Counter = Counter()
+        for r in results:
+            if r.error is None and r.labels:
+                counts.update([k for k, _ in r.labels] if self.multilabel else [r.labels[0][0]])
+        return counts
+
+
+def format_table(predictor: Predictor, results: list[Prediction]) -> str:
+    from tabulate import tabulate
+
+    rows = [[r.path, "ERROR: " + r.error if r.error else
+             ", ".join(f"{k} ({s:.3f})" for k, s in r.labels) or "(none)"] for r in results]
+    counts = predictor.counts(results)
+    ok = sum(r.error is None for r in results)
+    per_class = [[c, counts.get(c, 0), f"{counts.get(c, 0) / ok:.1%}" if ok else "-"]
+                 for c in predictor.classes]
+    failed = len(results) - ok
+    return "\n".join([
+        tabulate(rows, headers=["image", "labels (score)"]), "",
+        tabulate(per_class, headers=["class", "images", "share"]), "",
+        f"{ok} images predicted" + (f", {failed} failed" if failed else ""),
+    ])
