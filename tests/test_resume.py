@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from s3_server import BUCKET, moto_server, s3_endpoint  # noqa: F401  (fixtures)
 
 from triview.train import CHECKPOINT_BEST, CHECKPOINT_LAST, load_checkpoint, load_predictions
 
@@ -94,3 +95,24 @@ def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
         assert load_checkpoint(tmp_path, key="mine") is None
     assert load_checkpoint(tmp_path, key="other")["epoch"] == 3
     assert load_checkpoint(tmp_path / "empty", key="mine") is None
+
+
+def test_checkpoints_live_in_s3_and_a_rerun_resumes_from_there(s3_endpoint, cropped, augmented,
+                                                                 balanced, tmp_path):
+    from triview import storage
+    from triview.stages import train_branch_stage
+
+    root = f"s3://{BUCKET}/checkpoints/run-1/center"
+    first = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "a", epochs=2,
+                               batch_size=32, checkpoint_dir=root)
+    assert first["resumed_from_epoch"] == 0
+    store = storage.default_store()
+    assert store.exists(f"{root}/{CHECKPOINT_LAST}") and store.exists(f"{root}/{CHECKPOINT_BEST}")
+    assert not (tmp_path / "a" / "checkpoints").exists()  # nothing local when the root is S3
+    assert load_checkpoint(root)["epoch"] == 2
+    # the retried task (a fresh pod: new output folder) finds the finished epochs in S3
+    again = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "b", epochs=2,
+                               batch_size=32, checkpoint_dir=root)
+    assert again["resumed_from_epoch"] == 2 and again["best_epoch"] == first["best_epoch"]
+    np.testing.assert_allclose(load_predictions(tmp_path / "a")["test_prob"],
+                               load_predictions(tmp_path / "b")["test_prob"], atol=1e-6)

@@ -48,6 +48,7 @@ def _replace_last_linear(model: nn.Module, num_classes: int, hidden: int) -> Non
     for part in path:
         parent = getattr(parent, part)
     setattr(parent, leaf, head)
+    model.triview_head = name  # the module we replaced: what a linear probe trains
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -69,24 +70,85 @@ def create_backbone(name: str, num_classes: int, image_size: int = 224, hidden: 
     return model
 
 
-class Normalize(nn.Module):
-    """Maps float images in [0, 1] (N, 3, H, W) to the backbone's input normalisation."""
+NORMALIZATIONS = ("imagenet", "per_sample", "unit")
 
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+
+class Normalize(nn.Module):
+    """Maps float images in [0, 1] (N, 3, H, W) to the backbone's input normalisation:
+    ``imagenet`` (mean/std of ImageNet), ``per_sample`` (each image to zero mean and unit
+    variance) or ``unit`` (kept in [0, 1], i.e. /255 of the raw bytes)."""
+
+    def __init__(self, mode: str = "imagenet", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         super().__init__()
+        if mode not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {mode!r}; choose from {NORMALIZATIONS}")
+        self.mode = mode
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        if self.mode == "imagenet":
+            return (x - self.mean) / self.std
+        if self.mode == "per_sample":
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+            return (x - mean) / std
+        return x
+
+
+def load_pretrained(backbone: nn.Module, location: str) -> dict[str, int]:
+    """Load a torchvision-style state dict (``.safetensors`` preferred; ``.pt``/``.pth``
+    with ``weights_only=True``) from a local file or an ``s3://`` URI into ``backbone``.
+
+    Tensors whose shape does not fit (the classifier of another class count) are
+    skipped; a file that matches less than half of the backbone is refused (wrong
+    architecture). Never downloads from a model hub.
+    """
+    import io
+
+    from triview.storage import read_bytes
+
+    data = read_bytes(location)
+    if str(location).endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(data)
+    else:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    own = backbone.state_dict()
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(usable) < 0.5 * len(own):
+        raise ValueError(f"{location}: only {len(usable)} of {len(own)} tensors fit this "
+                         "backbone; is it the right architecture?")
+    backbone.load_state_dict(usable, strict=False)
+    return {"loaded": len(usable), "skipped": len(state) - len(usable),
+            "missing": len(own) - len(usable)}
+
+
+def head_parameters(backbone: nn.Module) -> list[str]:
+    """Names of the head's parameters (the last Linear, or the hidden head around it)."""
+    prefix = getattr(backbone, "triview_head", None)
+    if prefix is None:
+        raise ValueError("backbone was not built by create_backbone (no known head)")
+    return [n for n, _ in backbone.named_parameters() if n.startswith(prefix + ".")]
+
+
+def set_backbone_frozen(backbone: nn.Module, frozen: bool) -> None:
+    """Freeze (or unfreeze) everything but the head: the linear-probe mode."""
+    head = set(head_parameters(backbone))
+    for name, p in backbone.named_parameters():
+        p.requires_grad = (name in head) or not frozen
 
 
 class BranchNet(nn.Module):
     """One view's classifier: normalisation + backbone; input float [0, 1], output logits."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, normalization: str = "imagenet") -> None:
         super().__init__()
-        self.normalize = Normalize()
+        self.normalize = Normalize(normalization)
         self.backbone = backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Train one view's branch: a torchvision backbone with class-weighted, label-smoothed
-cross-entropy, AdamW and cosine decay; the best epoch by validation macro-F1 is kept.
+cross-entropy; AdamW / Adam / SGD with a warmed-up cosine, linear, poly, step or multistep
+schedule from ``lr`` to ``lr * lrf``; early stopping on validation macro-F1 (``patience``);
+gradient clipping and accumulation; AMP on GPU. The best epoch by validation macro-F1 is kept.
 
 The branch also writes its class probabilities on the validation and test splits,
 which the voter and the evaluation consume (no branch ever sees those labels in
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 import warnings
@@ -32,13 +35,19 @@ from triview.augment import augment_batch
 from triview.augment import load_config as load_augment_config
 from triview.balance import read_balance
 from triview.crop import read_rgb
-from triview.models import BranchNet, count_parameters, create_backbone
+from triview.models import (BranchNet, count_parameters, create_backbone, load_pretrained,
+                            set_backbone_frozen)
+from triview import storage
 from triview.storage import atomic_path, atomic_write_bytes, atomic_write_text
 
 MODEL_FILE = "model.pt"
 MODEL_META_FILE = "model.json"
 PREDICTIONS_FILE = "predictions.npz"
 HISTORY_FILE = "history.csv"
+HISTORY_PLOT = "history.png"
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "linear", "poly", "step", "multistep", "constant")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 CHECKPOINT_LAST = "last.pt"
 CHECKPOINT_BEST = "best.pt"
 
@@ -49,19 +58,52 @@ class TrainConfig:
     epochs: int = 8
     batch_size: int = 128
     lr: float = 3e-3
-    lrf: float = 0.05            # final lr = lr * lrf (cosine decay over the epochs)
+    lrf: float = 0.05            # final lr = lr * lrf, whatever the schedule
     label_smoothing: float = 0.1
-    weight_decay: float = 1e-4   # decoupled (AdamW)
+    weight_decay: float = 1e-4   # decoupled for AdamW, L2 for Adam / SGD
     hidden: int = 0
     seed: int = 0
+    optimizer: str = "adamw"     # adamw | adam | sgd (momentum 0.9, Nesterov)
+    momentum: float = 0.9        # SGD only
+    scheduler: str = "cosine"    # cosine | linear | poly | step | multistep | constant
+    warmup_epochs: float = 0.0   # linear warmup from lr/10, counted in (fractional) epochs
+    milestones: str = ""         # step: every N epochs ("N"); multistep: "e1,e2,..." (default 1/2, 3/4)
+    poly_power: float = 0.9
+    patience: int = 0            # stop after this many epochs without a better val macro-F1 (0: never)
+    clip_grad_norm: float = 0.0  # max global gradient norm (0: no clipping)
+    accumulate: int = 1          # optimiser step every N batches (effective batch = N * batch_size)
+    amp: str = "auto"            # auto (bf16 on a GPU that has it, else fp16; off on CPU) | off | bf16 | fp16
+    compile: bool = False        # torch.compile the model
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    normalization: str = "imagenet"  # imagenet | per_sample | unit (/255)
+    weights: str = ""            # pretrained backbone: local file or s3:// URI (.safetensors preferred)
+    finetune: str = "full"       # full | linear_probe (only the new head trains)
+    unfreeze_epoch: int = 0      # linear_probe: train everything from this epoch on (0: never)
     channels_last: bool = True   # NHWC kernels: ~1.2-1.4x faster on CPU here, and the GPU default
     checkpoint_dir: str = ""     # where last.pt / best.pt live ("" : <out_dir>/checkpoints)
 
 
-def _save(obj, path: Path) -> None:
+def _join(root: str | Path, name: str) -> str:
+    """``root/name`` for a local folder or an ``s3://`` prefix."""
+    return f"{str(root).rstrip('/')}/{name}"
+
+
+def _save(obj, location: str) -> None:
+    """Atomically, to a local path (temp + rename) or an s3:// URI (one PUT)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(location, buffer.getvalue())
+
+
+def _exists(location: str) -> bool:
+    if storage.is_s3(location):
+        return storage.default_store().exists(location)
+    return Path(location).is_file()
+
+
+def _load(location: str):
+    return torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu",
+                      weights_only=True)
 
 
 def _resume_key(config: TrainConfig, view: str, classes: list[str], n_train: int) -> str:
@@ -72,17 +114,82 @@ def _resume_key(config: TrainConfig, view: str, classes: list[str], n_train: int
 
 
 def load_checkpoint(folder: str | Path, key: str | None = None) -> dict | None:
-    """The last checkpoint in ``folder``, or None when there is none (or it belongs to a
-    different configuration, with a warning)."""
-    path = Path(folder) / CHECKPOINT_LAST
-    if not path.is_file():
+    """The last checkpoint in ``folder`` (a local folder or an s3:// prefix), or None when
+    there is none (or it belongs to a different configuration, with a warning)."""
+    path = _join(folder, CHECKPOINT_LAST)
+    if not _exists(path):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load(path)
     if key is not None and state.get("key") != key:
         warnings.warn(f"checkpoint {path} was written by a different configuration; "
                       "training starts from scratch", RuntimeWarning, stacklevel=2)
         return None
     return state
+
+
+def lr_factor(config: TrainConfig, steps_per_epoch: int):
+    """The schedule as a function of the optimiser step: a multiplier of ``lr`` that
+    warms up linearly from 0.1 and ends at ``lrf``."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    lrf = config.lrf
+    if config.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {config.scheduler!r}; choose from {SCHEDULERS}")
+    if config.scheduler in ("step", "multistep"):
+        if config.milestones.strip():
+            marks = sorted(float(m) for m in config.milestones.split(","))
+        else:
+            marks = [0.5 * config.epochs, 0.75 * config.epochs]
+        if config.scheduler == "step":
+            every = marks[0] if config.milestones.strip() else max(1.0, config.epochs / 3)
+            marks = [every * k for k in range(1, int(config.epochs / every) + 1) if every * k < config.epochs]
+        marks = [m * steps_per_epoch for m in marks if 0 < m < config.epochs] or [total]
+        gamma = lrf ** (1.0 / len(marks))  # the last drop lands on lrf
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        if config.scheduler == "cosine":
+            return lrf + (1 - lrf) * 0.5 * (1 + math.cos(math.pi * t))
+        if config.scheduler == "linear":
+            return lrf + (1 - lrf) * (1 - t)
+        if config.scheduler == "poly":
+            return lrf + (1 - lrf) * (1 - t) ** config.poly_power
+        if config.scheduler == "constant":
+            return 1.0
+        return gamma ** sum(step >= m for m in marks)
+
+    return factor
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
+                               weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose from {OPTIMIZERS}")
+
+
+def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision (CPU autocast is slower here)."""
+    if config.amp not in AMP_MODES:
+        raise ValueError(f"unknown amp mode {config.amp!r}; choose from {AMP_MODES}")
+    if config.amp == "off" or device.type != "cuda":
+        return None
+    if config.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if config.amp == "bf16" else torch.float16
+
+
+def training_device() -> torch.device:
+    """The GPU this process should use (LOCAL_RANK under torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 @dataclass
@@ -158,7 +265,8 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     model.eval()
-    out = [torch.softmax(model(_as_float(images[i:i + batch_size])), dim=1)
+    device = next(model.parameters()).device
+    out = [torch.softmax(model(_as_float(images[i:i + batch_size].to(device))).float(), dim=1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
 
@@ -178,8 +286,9 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
         bn.momentum = None  # cumulative moving average = exact mean over the batches
     was_training = model.training
     model.train()
+    device = next(model.parameters()).device
     for i in range(0, min(len(images), max_images), batch_size):
-        model(_as_float(images[i:i + batch_size]).contiguous(memory_format=memory_format))
+        model(_as_float(images[i:i + batch_size].to(device)).contiguous(memory_format=memory_format))
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
     model.train(was_training)
@@ -187,6 +296,40 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def train_one_epoch(model: nn.Module, batches_iter, criterion, optimizer, scheduler, scaler,
+                    config: TrainConfig, device: torch.device, dtype: torch.dtype | None) -> float:
+    """One pass over ``batches_iter`` (float images, labels): autocast, gradient scaling,
+    accumulation every ``config.accumulate`` batches, clipping, one scheduler step per
+    optimiser step. Returns the summed loss (mean loss x batch size)."""
+    model.train()
+    total_loss, pending = torch.zeros((), device=device), 0
+    optimizer.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        if config.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    for batch, labels in batches_iter:
+        batch = batch.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = criterion(model(batch), labels)
+        scaler.scale(loss / config.accumulate).backward()
+        pending += 1
+        if pending == config.accumulate:
+            step()
+            pending = 0
+        total_loss += loss.detach().float() * len(labels)  # no host sync per batch
+    if pending:  # the epoch's last, partial accumulation
+        step()
+    return float(total_loss)
 
 
 def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balance_dir: str | Path,
@@ -213,55 +356,78 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     balance = read_balance(balance_dir)
     weights = torch.tensor(balance["class_weights"], dtype=torch.float32)
     train = apply_multiplicity(train, balance.get("train_multiplicity"))
-    model = BranchNet(create_backbone(config.backbone, len(classes), image_size, config.hidden))
-    params = count_parameters(model)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    device = training_device()
+    dtype = amp_dtype(config, device)
+    backbone = create_backbone(config.backbone, len(classes), image_size, config.hidden)
+    pretrained = load_pretrained(backbone, config.weights) if config.weights else None
+    if config.finetune not in ("full", "linear_probe"):
+        raise ValueError(f"unknown finetune mode {config.finetune!r}; choose full or linear_probe")
+    frozen = config.finetune == "linear_probe"
+    set_backbone_frozen(backbone, frozen)
+    net = BranchNet(backbone, config.normalization)
+    params = count_parameters(net)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    net = net.to(device=device, memory_format=memory_format)
+    model = torch.compile(net) if config.compile else net
+    weights = weights.to(device)
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train.labels) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=config.epochs * steps_per_epoch, eta_min=config.lr * config.lrf)
+    optimizer = make_optimizer(config, net.parameters())
+    if config.accumulate < 1:
+        raise ValueError(f"accumulate must be at least 1, got {config.accumulate}")
+    batches_per_epoch = -(-len(train.labels) // config.batch_size)
+    steps_per_epoch = -(-batches_per_epoch // config.accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     generator = torch.Generator().manual_seed(config.seed)
+    log(f"[{view}] {config.backbone} on {device}: {params['trainable'] / 1e6:.2f}M trainable, "
+        f"{params['frozen'] / 1e6:.2f}M frozen parameters; {config.optimizer} + {config.scheduler}, "
+        f"amp {dtype or 'off'}" + (f"; weights {config.weights} ({pretrained})" if pretrained else ""))
 
     history, best_f1, best_state, best_epoch = [], -1.0, None, 0
     run_id = metrics.run_id_for(out_dir)
-    ckpt_dir = Path(config.checkpoint_dir or Path(out_dir) / "checkpoints")
+    ckpt_dir = config.checkpoint_dir or str(Path(out_dir) / "checkpoints")
     key = _resume_key(config, view, classes, len(train.labels))
     first_epoch = 1
     state = load_checkpoint(ckpt_dir, key)
     if state is not None:
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, best_f1, best_epoch = state["history"], state["best_f1"], state["best_epoch"]
-        best_state = torch.load(ckpt_dir / CHECKPOINT_BEST, map_location="cpu", weights_only=True)
+        best_state = _load(_join(ckpt_dir, CHECKPOINT_BEST))
         first_epoch = state["epoch"] + 1
         log(f"[{view}] resuming from the checkpoint of epoch {state['epoch']} in {ckpt_dir}")
+    stopped_early = False
     for epoch in range(first_epoch, config.epochs + 1):
+        if config.patience and best_epoch and epoch - best_epoch > config.patience:
+            stopped_early = True  # (a resumed run that had already run out of patience)
+            break
+        if frozen and config.unfreeze_epoch and epoch >= config.unfreeze_epoch:
+            set_backbone_frozen(backbone, False)
+            frozen = False
+            log(f"[{view}] epoch {epoch}: backbone unfrozen, fine-tuning everything")
         start = time.perf_counter()
-        model.train()
         order = torch.randperm(len(train.labels), generator=generator)
-        total_loss = 0.0
-        for batch, labels in batches(train, order, config.batch_size, memory_format, online, epoch):
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(batch), labels)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(labels)
-        recalibrate_batchnorm(model, train.images[order], config.batch_size, memory_format)
+        total_loss = train_one_epoch(
+            model, batches(train, order, config.batch_size, memory_format, online, epoch),
+            criterion, optimizer, scheduler, scaler, config, device, dtype)
+        recalibrate_batchnorm(net, train.images[order], config.batch_size, memory_format)
         seconds = time.perf_counter() - start
-        val_prob = predict_proba(model, val.images)
+        val_prob = predict_proba(net, val.images)
         val_pred = val_prob.argmax(1)
         y_val = val.labels.numpy()
         row = {
             "epoch": epoch,
             "train_loss": total_loss / len(order),
             "val_loss": float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_prob) + 1e-12),
-                                                      val.labels, weight=weights)),
+                                                      val.labels, weight=weights.cpu())),
             "val_accuracy": float(accuracy_score(y_val, val_pred)),
             "val_macro_f1": macro_f1(y_val, val_pred),
             "lr": optimizer.param_groups[0]["lr"],
@@ -278,15 +444,23 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
             "images_per_second": row["images_per_s"]}, run_id)
         if row["val_macro_f1"] > best_f1:
             best_f1, best_epoch = row["val_macro_f1"], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            _save(best_state, ckpt_dir / CHECKPOINT_BEST)
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            _save(best_state, _join(ckpt_dir, CHECKPOINT_BEST))
         # best.pt first: a last.pt on disk always has its best.pt beside it
-        _save({"key": key, "epoch": epoch, "model": model.state_dict(),
+        _save({"key": key, "epoch": epoch, "model": net.state_dict(),
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-               "history": history, "best_f1": best_f1, "best_epoch": best_epoch},
-              ckpt_dir / CHECKPOINT_LAST)
+               "scaler": scaler.state_dict(), "generator": generator.get_state(),
+               "torch_rng": torch.get_rng_state(), "history": history, "best_f1": best_f1,
+               "best_epoch": best_epoch},
+              _join(ckpt_dir, CHECKPOINT_LAST))
+        if config.patience and epoch - best_epoch >= config.patience and epoch < config.epochs:
+            log(f"[{view}] no better val macro-F1 for {config.patience} epochs: stopping after "
+                f"epoch {epoch} (best {best_epoch})")
+            stopped_early = True
+            break
 
+    net = net.cpu()
+    model = net
     model.load_state_dict(best_state)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,9 +468,11 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         torch.save(best_state, tmp)
     meta = {"view": view, "classes": classes, "image_size": image_size, "config": asdict(config),
             "parameters": params, "best_epoch": best_epoch, "val_macro_f1": best_f1,
-            "input": "float RGB in [0,1], NCHW; ImageNet mean/std applied inside the model"}
+            "pretrained": pretrained,
+            "input": f"float RGB in [0,1], NCHW; {config.normalization} normalisation inside the model"}
     atomic_write_text(out / MODEL_META_FILE, json.dumps(meta, indent=2))
     atomic_write_text(out / HISTORY_FILE, pd.DataFrame(history).to_csv(index=False))
+    plot_history(pd.DataFrame(history), out / HISTORY_PLOT, title=f"{view}: {config.backbone}")
     val_prob, test_prob = predict_proba(model, val.images), predict_proba(model, test.images)
     with atomic_path(out / PREDICTIONS_FILE) as tmp:
         with open(tmp, "wb") as fh:
@@ -306,7 +482,34 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     return {"view": view, "best_epoch": best_epoch, "val_macro_f1": best_f1,
             "val_accuracy": history[best_epoch - 1]["val_accuracy"], "parameters": params,
             "epochs_run": len(history), "resumed_from_epoch": first_epoch - 1,
+            "stopped_early": stopped_early, "device": str(device),
             "seconds_per_epoch": float(np.mean([h["seconds"] for h in history]))}
+
+
+def plot_history(history: pd.DataFrame, path: Path, title: str = "") -> None:
+    """Loss curves, validation macro-F1 and the learning rate per epoch, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(history["epoch"], history["train_loss"], marker="o", label="train")
+    axes[0].plot(history["epoch"], history["val_loss"], marker="o", label="val")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(history["epoch"], history["val_macro_f1"], marker="o", color="tab:green")
+    axes[1].set_title("val macro-F1")
+    axes[2].plot(history["epoch"], history["lr"], marker="o", color="tab:purple")
+    axes[2].set_title("learning rate (end of epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
 
 
 def load_branch(folder: str | Path) -> tuple[BranchNet, dict]:
@@ -315,7 +518,7 @@ def load_branch(folder: str | Path) -> tuple[BranchNet, dict]:
     meta = json.loads((folder / MODEL_META_FILE).read_text())
     cfg = meta["config"]
     model = BranchNet(create_backbone(cfg["backbone"], len(meta["classes"]), meta["image_size"],
-                                      cfg["hidden"]))
+                                      cfg["hidden"]), cfg.get("normalization", "imagenet"))
     model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
     return model.eval(), meta
 

@@ -21,6 +21,22 @@ def train_branch(
     label_smoothing: float = 0.1,
     weight_decay: float = 0.0001,
     seed: int = 0,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    scheduler: str = "cosine",
+    warmup_epochs: float = 0.0,
+    milestones: str = "",
+    poly_power: float = 0.9,
+    patience: int = 0,
+    clip_grad_norm: float = 0.0,
+    accumulate: int = 1,
+    amp: str = "auto",
+    compile: bool = False,
+    deterministic: bool = False,
+    normalization: str = "imagenet",
+    weights: str = "",
+    finetune: str = "full",
+    unfreeze_epoch: int = 0,
     checkpoint_root: str = "",
     run_id: str = "",
 ):
@@ -37,15 +53,33 @@ def train_branch(
         backbone: Backbone name from the registry (e.g. resnet18, densenet121, vit_b_16).
         epochs: Training epochs.
         batch_size: Images per optimisation step.
-        lr: Initial learning rate (AdamW).
-        lrf: Final learning rate as a fraction of ``lr`` (cosine decay).
+        lr: Initial learning rate.
+        lrf: Final learning rate as a fraction of ``lr``, whatever the schedule.
         hidden: Units of an extra ReLU layer in the head (0: a single linear layer).
         label_smoothing: Label smoothing of the cross-entropy loss.
-        weight_decay: Decoupled weight decay (AdamW).
+        weight_decay: Weight decay (decoupled for AdamW).
         seed: Seed for initialisation and shuffling.
-        checkpoint_root: Durable folder for per-epoch checkpoints, as
-            ``<checkpoint_root>/<run_id>/<view>`` (e.g. a mounted volume); a retried task
-            resumes from there. Empty: inside the model output (enough for kfp.local).
+        optimizer: adamw, adam or sgd (Nesterov momentum).
+        momentum: SGD momentum.
+        scheduler: cosine, linear, poly, step, multistep or constant (lr -> lr * lrf).
+        warmup_epochs: Linear warmup from lr/10, in (fractional) epochs.
+        milestones: step: "N" (every N epochs); multistep: "e1,e2,..." epochs.
+        poly_power: Exponent of the poly schedule.
+        patience: Stop after this many epochs without a better val macro-F1 (0: never).
+        clip_grad_norm: Maximum global gradient norm (0: no clipping).
+        accumulate: Optimiser step every N batches.
+        amp: auto, off, bf16 or fp16 (mixed precision on GPU; CPU runs full precision).
+        compile: torch.compile the model.
+        deterministic: Deterministic algorithms only (reproducible on GPU, slower).
+        normalization: imagenet (mean/std), per_sample (standardise each image) or unit (/255).
+        weights: Pretrained backbone state dict: a local file or s3:// URI, .safetensors
+            preferred (.pt/.pth loaded with weights_only); never a hub download.
+        finetune: full (train everything) or linear_probe (train only the new head).
+        unfreeze_epoch: With linear_probe, fine-tune everything from this epoch (0: never).
+        checkpoint_root: Durable location for per-epoch checkpoints, as
+            ``<checkpoint_root>/<run_id>/<view>``: an ``s3://bucket/prefix`` (MinIO) or a
+            mounted volume; a retried task resumes from there. Empty: inside the model
+            output (enough for kfp.local).
         run_id: The pipeline run's id (the pipeline passes KFP's job-id placeholder).
     """
     import json
@@ -58,10 +92,17 @@ def train_branch(
     rec = train_branch_stage(views.path, augmented.path, balance.path, view, model.path,
                              backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
                              lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
-                             weight_decay=weight_decay, seed=seed, checkpoint_dir=checkpoint_dir)
+                             weight_decay=weight_decay, seed=seed, optimizer=optimizer,
+                             momentum=momentum, scheduler=scheduler, warmup_epochs=warmup_epochs,
+                             milestones=milestones, poly_power=poly_power, patience=patience,
+                             clip_grad_norm=clip_grad_norm, accumulate=accumulate, amp=amp,
+                             compile=compile, deterministic=deterministic,
+                             normalization=normalization, weights=weights, finetune=finetune,
+                             unfreeze_epoch=unfreeze_epoch, checkpoint_dir=checkpoint_dir)
     model.metadata.update({"view": view, "backbone": backbone, "best_epoch": rec["best_epoch"],
                            "parameters": rec["parameters"]["total"],
-                           "resumed_from_epoch": rec["resumed_from_epoch"]})
+                           "resumed_from_epoch": rec["resumed_from_epoch"],
+                           "device": rec["device"], "epochs_run": rec["epochs_run"]})
     metrics.log_metric("val_macro_f1", rec["val_macro_f1"])
     metrics.log_metric("val_accuracy", rec["val_accuracy"])
     metrics.log_metric("best_epoch", rec["best_epoch"])
