@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-$(DEMO)/.complete: | $(STAMP)
+$(DEMO).stamp: | $(STAMP)
 	$(BIN)/triview demo-data $(DEMO)
 	touch $@
 
-run: $(STAMP) $(DEMO)/.complete
+run: $(STAMP) $(DEMO).stamp
 	$(BIN)/triview run --data $(DEMO) --out $(OUT)
 
 test: $(STAMP)
@@ -43,4 +43,4 @@ images:
 	docker build -f Dockerfile.gpu -t $(REGISTRY)/triview-gpu:$(IMAGE_TAG) .
 
 clean:
-	rm -rf runs $(DEMO) .pytest_cache
+	rm -rf runs $(DEMO) $(DEMO).stamp .pytest_cache

@@ -34,6 +34,9 @@ def make_pipeline(options: PlatformOptions | None = None):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         min_size: int = 8,
+        label_remap: str = "",
+        label_drop: str = "",
+        min_per_class: int = 0,
         layout: str = "horizontal",
         overlap: float = 0.5,
         image_size: int = 32,
@@ -70,10 +73,33 @@ def make_pipeline(options: PlatformOptions | None = None):
         hidden: int = 0,
         label_smoothing: float = 0.1,
         weight_decay: float = 0.0001,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        scheduler: str = "cosine",
+        warmup_epochs: float = 0.0,
+        milestones: str = "",
+        poly_power: float = 0.9,
+        patience: int = 0,
+        clip_grad_norm: float = 0.0,
+        accumulate: int = 1,
+        amp: str = "auto",
+        compile: bool = False,
+        deterministic: bool = False,
+        normalization: str = "imagenet",
+        weights: str = "",
+        finetune: str = "full",
+        unfreeze_epoch: int = 0,
         checkpoint_root: str = "",
+        registry: str = "",
+        model_name: str = "triview",
+        gate_min_macro_f1: float = 0.0,
+        gate_min_delta: float = -0.01,
+        quantize: str = "none",
     ) -> NamedTuple("Outputs", model=Model, report=HTML):
         ingest_task = ingest(data=data, seed=seed, val_fraction=val_fraction,
-                             test_fraction=test_fraction, min_size=min_size)
+                             test_fraction=test_fraction, min_size=min_size,
+                             label_remap=label_remap, label_drop=label_drop,
+                             min_per_class=min_per_class)
         ingest_task.set_display_name("ingest")
         configure_task(ingest_task, "ingest", options)
         crop_task = calibrate_and_crop(dataset=ingest_task.outputs["dataset"], layout=layout,
@@ -103,8 +129,14 @@ def make_pipeline(options: PlatformOptions | None = None):
                                 balance=balance_task.outputs["balance"], view_index=index,
                                 backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
                                 lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
-                                weight_decay=weight_decay, seed=seed,
-                                checkpoint_root=checkpoint_root,
+                                weight_decay=weight_decay, seed=seed, optimizer=optimizer,
+                                momentum=momentum, scheduler=scheduler,
+                                warmup_epochs=warmup_epochs, milestones=milestones,
+                                poly_power=poly_power, patience=patience,
+                                clip_grad_norm=clip_grad_norm, accumulate=accumulate, amp=amp,
+                                compile=compile, deterministic=deterministic,
+                                normalization=normalization, weights=weights, finetune=finetune,
+                                unfreeze_epoch=unfreeze_epoch, checkpoint_root=checkpoint_root,
                                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
             task.set_display_name(f"train-branch-{name}")
             configure_task(task, "train-branch", options, gpu=True)
@@ -115,12 +147,16 @@ def make_pipeline(options: PlatformOptions | None = None):
         voter_task.set_display_name("train-voter")
         configure_task(voter_task, "train-voter", options)
         eval_task = evaluate(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
-                             voter=voter_task.outputs["voter"])
+                             voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
+                             registry=registry, model_name=model_name,
+                             gate_min_macro_f1=gate_min_macro_f1, gate_min_delta=gate_min_delta)
         eval_task.set_display_name("evaluate")
         configure_task(eval_task, "evaluate", options)
         export_task = export(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
                              voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
-                             evaluation=eval_task.outputs["evaluation"])
+                             evaluation=eval_task.outputs["evaluation"],
+                             blessing=eval_task.outputs["blessing"], registry=registry,
+                             model_name=model_name, quantize=quantize)
         export_task.set_display_name("export")
         configure_task(export_task, "export", options)
 

@@ -15,13 +15,29 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    from triview.ingest import parse_remap
     from triview.stages import ingest_stage
+    from triview.storage import StorageError
 
-    rec = ingest_stage(args.data, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                       test_fraction=args.test_fraction, min_size=args.min_size)
+    try:
+        rec = ingest_stage(args.data, args.out, seed=args.seed, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction, min_size=args.min_size,
+                           max_pixels=args.max_pixels, remap=parse_remap(args.remap),
+                           drop=tuple(d for spec in args.drop for d in spec.split(",") if d),
+                           min_per_class=args.min_per_class,
+                           near_duplicate_distance=args.near_duplicate_distance,
+                           workers=args.workers, plot=not args.no_plot, allow_empty=True)
+    except StorageError as exc:  # S3 unreachable or refusing: a message, not a trace
+        print(f"triview ingest: error: {exc}", file=sys.stderr)
+        return 2
     c = rec["counts"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(rec.get("quarantine_reasons", {}).items()))
     print(f"{c['input']} files: {c['train']} train, {c['val']} val, {c['test']} test, "
-          f"{c['quarantined']} quarantined -> {args.out}")
+          f"{c['quarantined']} quarantined{f' ({reasons})' if reasons else ''} -> {args.out}")
+    print(f"dataset_version {rec['dataset_version']}")
+    if rec["items_out"] == 0:  # every file is accounted for, but nothing to train on
+        print(f"triview ingest: warning: no usable images in {args.data}; "
+              f"see {Path(args.out) / 'quarantine.csv'}", file=sys.stderr)
     return 0
 
 
@@ -144,6 +160,29 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from triview.predict import Predictor, expand_inputs, format_table
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    paths = expand_inputs(args.images)
+    if not paths:
+        raise ValueError("no image files given")
+    predictor = Predictor(args.model)
+    results = predictor.predict(paths, threshold=args.threshold)
+    if args.format == "json":
+        for r in results:
+            print(json.dumps(r.to_json()))
+    else:
+        print(format_table(predictor, results))
+    for r in results:
+        if r.error:
+            print(f"triview predict: error: {r.path}: {r.error}", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triview", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,13 +193,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=None, help="keep at most N images per class")
     p.set_defaults(func=_cmd_demo_data)
 
-    p = sub.add_parser("ingest", help="ingest a folder or ZIP into a manifest + quarantine report")
-    p.add_argument("--data", required=True, help="folder or ZIP of class folders")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("ingest", help="ingest a folder, ZIP, CSV/Parquet table or s3:// prefix "
+                       "into a manifest + quarantine report + statistics")
+    p.add_argument("--data", required=True, help="folder or ZIP of class folders (or a YOLO-classify/"
+                   "Roboflow ZIP with data.yaml), CSV/Parquet multi-label table, or s3://bucket/prefix")
+    p.add_argument("--out", required=True, help="output folder (or s3:// prefix)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--val-fraction", "--validation-split", type=float, default=0.15,
+                   help="validation share carved when the input has no val split (default 0.15)")
     p.add_argument("--test-fraction", type=float, default=0.15)
-    p.add_argument("--min-size", type=int, default=8)
+    p.add_argument("--min-size", type=int, default=8, help="quarantine images whose shorter side "
+                   "is below this (default 8)")
+    p.add_argument("--max-pixels", type=int, default=100_000_000,
+                   help="decompression-bomb cap in pixels (default 100M)")
+    p.add_argument("--remap", action="append", default=[], metavar="OLD->NEW",
+                   help="rename or merge a label, repeatable (e.g. --remap 'kitty->cat')")
+    p.add_argument("--drop", action="append", default=[], metavar="LABEL",
+                   help="drop a label, repeatable (images left without a label are quarantined)")
+    p.add_argument("--min-per-class", type=int, default=0,
+                   help="quarantine classes with fewer used images than this (default 0: off)")
+    p.add_argument("--near-duplicate-distance", type=int, default=3,
+                   help="report image pairs within this dHash distance, 0..3 (-1: off)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    p.add_argument("--no-plot", action="store_true", help="skip stats.png")
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("calibrate", help="calibrate a camera from chessboard photos")
@@ -184,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline parameter, repeatable (e.g. --param epochs=4)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("predict", help="predict images with an exported ensemble (local or s3://)")
+    p.add_argument("--model", required=True, metavar="DIR_OR_URI",
+                   help="exported model folder, or a registry model folder (models/<name>: its "
+                   "champion) or version (models/<name>/<version>), local or s3://")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="also list classes scoring at least this (multi-label: only those; default 0.5)")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table with per-class counts, or one JSON object per image (default table)")
+    p.set_defaults(func=_cmd_predict)
 
     submit_p = sub.add_parser("submit",
                               help="start a run of the DAG on a Kubeflow Pipelines cluster")

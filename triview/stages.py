@@ -17,20 +17,26 @@ from typing import TYPE_CHECKING
 from triview.runinfo import stage_record
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 Folder = str | Path
 
 
 def ingest_stage(data: str, out_dir: Folder, seed: int = 0, val_fraction: float = 0.15,
-                 test_fraction: float = 0.15, min_size: int = 8) -> dict:
+                 test_fraction: float = 0.15, min_size: int = 8, **options) -> dict:
+    """``data``: folder, ZIP, CSV/Parquet table or s3:// prefix. ``val_fraction`` is the
+    validation split carved when the input has none. ``options`` are the other
+    :class:`~triview.ingest.IngestOptions` fields (remap, drop, min_per_class, ...)."""
     from triview import ingest as ing
 
     with stage_record("ingest", out_dir) as rec:
         fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
-        result = ing.ingest(data, out_dir, seed=seed, split_fractions=fractions, min_size=min_size)
+        result = ing.ingest(data, out_dir, seed=seed, split_fractions=fractions, min_size=min_size,
+                            **options)
         rec.update(counts=result.counts, classes=result.classes, items_in=result.n_input,
-                   items_out=len(result.manifest))
+                   items_out=len(result.manifest), dataset_version=result.dataset_version,
+                   quarantine_reasons=result.statistics.get("quarantine_reasons", {}))
     return rec
 
 
@@ -101,17 +107,12 @@ def augment_stage(views_dir: Folder, out_dir: Folder, copies: int = 1, noise_std
 
 
 def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_dir: Folder,
-                       view: str, out_dir: Folder, backbone: str = "shufflenet_v2_x1_0",
-                       epochs: int = 8, batch_size: int = 128, lr: float = 3e-3, lrf: float = 0.05,
-                       hidden: int = 0, seed: int = 0, label_smoothing: float = 0.1,
-                       weight_decay: float = 1e-4, checkpoint_dir: str = "") -> dict:
+                       view: str, out_dir: Folder, **options) -> dict:
+    """Train ``view``'s branch; ``options`` are :class:`triview.train.TrainConfig` fields."""
     from triview import train as tr
 
     with stage_record(f"train-branch-{view}", out_dir) as rec:
-        config = tr.TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                                lrf=lrf, hidden=hidden, seed=seed,
-                                label_smoothing=label_smoothing, weight_decay=weight_decay,
-                                checkpoint_dir=checkpoint_dir)
+        config = tr.TrainConfig(**options)
         rec.update(tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config))
     return rec
 
@@ -148,65 +149,172 @@ def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, seed: int = 0)
     return rec
 
 
-def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder) -> dict:
+def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder,
+                   views_dir: Folder | None = None, registry: str = "", model_name: str = "triview",
+                   gate_min_macro_f1: float = 0.0, gate_min_delta: float = -0.01,
+                   gradcam_per_kind: int = 4) -> dict:
+    """Score views and ensemble on the test split, gate the ensemble against the
+    registry's champion and write the report.
+
+    ``views_dir`` (the cropped views) is needed for the champion comparison, the
+    misclassified images and the Grad-CAM gallery; without it those are left out
+    (and a ``registry`` cannot be used).
+    """
     import pandas as pd
 
     from triview import evaluate as ev
+    from triview import gate as gt
     from triview import voter as vt
-    from triview.train import MODEL_META_FILE
+    from triview.train import HISTORY_FILE, MODEL_META_FILE
 
     with stage_record("evaluate", out_dir) as rec:
         branch_dirs = branches_by_view(branch_dirs)
         preds = _load_branch_predictions(branch_dirs)
-        classes = json.loads((Path(next(iter(branch_dirs.values()))) / MODEL_META_FILE)
-                             .read_text())["classes"]
+        metas = {v: json.loads((d / MODEL_META_FILE).read_text()) for v, d in branch_dirs.items()}
+        first = next(iter(metas.values()))
+        classes, task = first["classes"], first.get("task", "multiclass")
+        voter = vt.load_voter(voter_dir)
         candidates = pd.read_csv(Path(voter_dir) / vt.CANDIDATES_FILE)
-        result = ev.evaluate(preds, vt.load_voter(voter_dir), classes, out_dir, candidates)
-        rec.update(ensemble=result["ensemble"], views=result["views"], n_test=result["n_test"])
+        histories = {v: pd.read_csv(d / HISTORY_FILE) for v, d in branch_dirs.items()
+                     if (d / HISTORY_FILE).is_file()}
+        challenger = ev.score_all(preds, voter, classes)
+        config = gt.GateConfig(min_value=gate_min_macro_f1, min_delta=gate_min_delta)
+        if views_dir is None and registry:
+            raise ValueError("the gate needs the views to re-score the champion on the same test images")
+        blessing = gt.run_gate(challenger["ensemble"], views_dir, registry, model_name, config, task)
+        gt.write_blessing(blessing, out_dir)
+        timing, gallery, reader = _evaluate_extras(branch_dirs, metas, histories, voter,
+                                                           challenger, views_dir, gradcam_per_kind)
+        result = ev.evaluate(preds, voter, classes, out_dir, candidates, histories=histories,
+                             timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader)
+        rec.update(ensemble=result["ensemble"], views=result["views"], n_test=result["n_test"],
+                   blessed=int(blessing["blessed"]), champion_macro_f1=blessing["champion"],
+                   gate={k: blessing[k] for k in ("blessed", "reasons", "comparison", "champion_version")},
+                   ensemble_ms_per_sample=timing["ensemble_ms_per_sample"], device=timing["device"])
     return rec
 
 
-def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder,
-                 eval_dir: Folder, out_dir: Folder) -> dict:
+def _evaluate_extras(branch_dirs, metas, histories, voter, challenger, views_dir, per_kind):
+    """Timing figures, the Grad-CAM gallery and a crop reader for the report."""
     from triview import crop
     from triview import evaluate as ev
     from triview import export as ex
+    from triview import gradcam, timing
     from triview import manifest as mf
+    from triview.train import load_branch
+
+    models = {v: load_branch(d)[0] for v, d in branch_dirs.items()}
+    first = next(iter(metas.values()))
+    ensemble = ex.Ensemble([models[v] for v in voter["views"]], voter, len(first["classes"]),
+                           first.get("task", "multiclass"))
+    figures = timing.ensemble_timing(models, ensemble, metas, histories, int(first["image_size"]),
+                                     ev.device_name())
+    if views_dir is None:
+        return figures, {}, None
+    table = mf.read_views(views_dir)
+    table = table[table["augmented"] == 0].set_index(["image_id", "view"])["path"]
+
+    def read_crop(image_id: str, view: str):
+        return crop.read_rgb(Path(views_dir) / table.loc[(image_id, view)])
+
+    arrays = challenger["_arrays"]
+    gallery = gradcam.gradcam_gallery(models, arrays["views"], arrays["y"], arrays["ids"],
+                                      first["classes"], read_crop, per_kind) if per_kind > 0 else {}
+    return figures, gallery, read_crop
+
+
+def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder,
+                 eval_dir: Folder, out_dir: Folder, blessing: Folder | None = None,
+                 registry: str = "", model_name: str = "triview", quantize: str = "none") -> dict:
+    """Export the ensemble (TorchScript + ONNX, parity-checked on the real test crops),
+    and, with a ``registry``, publish it there and make it the champion, but only
+    when the gate blessed it.
+
+    ``blessing`` is the gate's ``blessing.json`` (or a folder holding it; default:
+    the one in ``eval_dir``).
+    """
+    from triview import crop
+    from triview import evaluate as ev
+    from triview import export as ex
+    from triview import gate as gt
+    from triview import manifest as mf
+    from triview import metrics as mx
     from triview import train as tr
     from triview import voter as vt
+    from triview.registry import ModelRegistry
 
     with stage_record("export", out_dir) as rec:
         branch_dirs = branches_by_view(branch_dirs)
-        branches, training = {}, {}
+        branches, training, task = {}, {}, "multiclass"
         for view, d in branch_dirs.items():
             model, meta = tr.load_branch(d)
             branches[view] = model
+            task = meta.get("task", task)
             training[view] = {"config": meta["config"], "best_epoch": meta["best_epoch"],
-                              "parameters": meta["parameters"]}
+                              "parameters": meta["parameters"], "val_macro_f1": meta.get("val_macro_f1")}
         geometry = json.loads((Path(views_dir) / crop.GEOMETRY_FILE).read_text())
         metrics = json.loads((Path(eval_dir) / ev.EVAL_FILE).read_text())
-        example = _test_example(views_dir, geometry["views"])
-        card = ex.export_ensemble(branches, vt.load_voter(voter_dir), mf.read_classes(views_dir),
-                                  geometry, {"views": metrics["views"], "ensemble": metrics["ensemble"]},
-                                  out_dir, training=training, example=example)
-        rec.update(torchscript_max_abs_diff=card["torchscript_max_abs_diff"])
+        test, labels = _split_inputs(views_dir, geometry["views"], "test")
+        calibration = _split_inputs(views_dir, geometry["views"], "val")[0] \
+            if quantize == "static" else None
+        run_id = mx.run_id_for(out_dir)
+        card = ex.export_ensemble(
+            branches, vt.load_voter(voter_dir), mf.read_classes(views_dir), geometry,
+            {"views": metrics["views"], "ensemble": metrics["ensemble"]}, out_dir,
+            training=training, example=test, test_labels=labels, calibration=calibration,
+            quantize=quantize, task=task, lineage={"run_id": run_id},
+            data_version=_data_version(views_dir))
+        verdict = _read_blessing(blessing if blessing is not None else eval_dir)
+        if verdict is not None:
+            gt.write_blessing(verdict, out_dir)  # travels with the model into the registry
+        blessed = bool(verdict and verdict["blessed"])
+        rec.update(torchscript_max_abs_diff=card["torchscript_max_abs_diff"],
+                   onnx_max_abs_diff=card["onnx_max_abs_diff"], blessed=int(blessed),
+                   champion_macro_f1=(verdict or {}).get("champion"), promoted=0,
+                   quantization=card["quantization"], data_version=card["data_version"])
+        if registry and blessed:
+            reg = ModelRegistry(registry, model_name)
+            version = reg.publish(out_dir)
+            pointer = reg.promote(version, metrics=metrics["ensemble"], run_id=run_id)
+            rec.update(promoted=1, registry_version=version, champion_uri=pointer["uri"])
+        elif registry:
+            reasons = "; ".join((verdict or {}).get("reasons", ["no blessing from the gate"]))
+            rec.update(refused=f"not promoted: the model is not blessed ({reasons})")
     return rec
 
 
-def _test_example(views_dir: Folder, views: list[str], n: int = 4) -> list[torch.Tensor]:
-    """A few real test crops per view, used to trace and parity-check the export."""
-    import numpy as np
-    import torch
+def _read_blessing(location: Folder) -> dict | None:
+    from triview import gate as gt
 
-    from triview import crop
+    path = Path(location)
+    if path.is_file():
+        return json.loads(path.read_text())
+    return gt.read_blessing(path)
+
+
+def _split_inputs(views_dir: Folder, views: list[str], split: str) -> tuple[list[torch.Tensor], "np.ndarray"]:
+    """Every real crop of one split per view (float [0, 1] NCHW, aligned on image id)
+    and their labels: the export's parity check runs on all test images."""
+    from triview import manifest as mf
+    from triview.train import load_view
+
+    table = mf.read_views(views_dir)
+    table = table[table["augmented"] == 0]
+    classes = mf.read_classes(views_dir)
+    data = [load_view([(Path(views_dir), table)], v, split, classes) for v in views]
+    if any(d.image_ids != data[0].image_ids for d in data[1:]):
+        raise ValueError(f"{split} crops of the views are not aligned on image id")
+    return [d.images.float().div(255.0) for d in data], data[0].labels.numpy()
+
+
+def _data_version(views_dir: Folder) -> str:
+    """Content version of the data: a hash of every real image's id (itself a content
+    hash), split and label."""
+    import hashlib
+
     from triview import manifest as mf
 
     table = mf.read_views(views_dir)
-    test = table[(table["split"] == "test") & (table["augmented"] == 0)]
-    ids = sorted(test["image_id"].unique())[:n]
-    out = []
-    for view in views:
-        rows = test[test["view"] == view].set_index("image_id").loc[ids]
-        arrays = np.stack([crop.read_rgb(Path(views_dir) / p) for p in rows["path"]])
-        out.append(torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div(255.0))
-    return out
+    rows = table[table["augmented"] == 0][["image_id", "split", "labels"]].drop_duplicates()
+    text = "\n".join(sorted(",".join(map(str, r)) for r in rows.itertuples(index=False)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
