@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from triview.evaluate import device_name  # noqa: E402
-from triview.export import load_eager, onnx_session  # noqa: E402
+from triview.export import load_eager, onnx_feed, onnx_session  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     eager, card = load_eager(args.model)
     session = onnx_session(Path(args.model) / card["files"]["onnx"], threads=args.threads)
-    names = [i.name for i in session.get_inputs()]
+    n_views = len(card["views"])
     rng = np.random.default_rng(args.seed)
     size = card["image_size"]
-    samples = [[rng.random((1, 3, size, size), dtype=np.float32) for _ in names]
+    samples = [[rng.random((1, 3, size, size), dtype=np.float32) for _ in range(n_views)]
                for _ in range(16)]
 
     def run_eager(inputs):
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             return eager(*[torch.from_numpy(x) for x in inputs]).numpy()
 
     def run_onnx(inputs):
-        return session.run(None, dict(zip(names, inputs)))[0]
+        return session.run(None, onnx_feed(session, inputs))[0]
 
     diff = max(float(np.abs(run_eager(s) - run_onnx(s)).max()) for s in samples)
     for _ in range(5):  # warm-up (allocators, oneDNN primitives, ORT arenas)

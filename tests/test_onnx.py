@@ -114,3 +114,27 @@ def test_bench_inference_onnx_is_at_most_half_of_eager(exported_int8, tmp_path):
     assert {"onnx_ms", "eager_ms", "onnx_over_eager", "max_abs_diff"} <= set(figures)
     assert figures["max_abs_diff"] <= 1e-4
     assert figures["onnx_over_eager"] <= 0.5, figures
+
+
+@pytest.mark.parametrize("method", ["single", "vote", "weighted"])
+def test_every_voter_exports_with_parity(method, trained, cropped, tmp_path):
+    """The exporter prunes the inputs a voter ignores (single): inputs go by name."""
+    from triview.voter import save_voter
+
+    dirs = list(trained.values())
+    voter_dir, eval_dir, model_dir = tmp_path / "voter", tmp_path / "eval", tmp_path / "model"
+    train_voter_stage(dirs, voter_dir)
+    voter = load_voter(voter_dir)
+    views = voter["views"]
+    voter = {"method": method, "views": views, "name": method, "view": views[1],
+             "weights": [0.2, 0.5, 0.3], "val_macro_f1": voter["val_macro_f1"]}
+    import pandas as pd
+
+    save_voter(voter, pd.DataFrame([{"candidate": method, "val_macro_f1": 0.0, "chosen": True}]),
+               voter_dir)
+    evaluate_stage(dirs, voter_dir, eval_dir, views_dir=cropped, gradcam_per_kind=0)
+    export_stage(dirs, voter_dir, cropped, eval_dir, model_dir)
+    eager, card = load_eager(model_dir)
+    inputs, _ = _split_inputs(cropped, card["views"], "test")
+    got = run_onnx(onnx_session(model_dir / card["files"]["onnx"]), [x.numpy() for x in inputs])
+    assert np.abs(got - run_torch(eager, inputs)).max() <= 1e-4

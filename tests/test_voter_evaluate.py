@@ -23,11 +23,12 @@ def _noisy_views(n=300, c=5, seed=0):
 def test_combining_views_beats_each_single_view():
     probs, y = _noisy_views()
     voter, table = fit_voter(probs, y, 5)
-    assert voter["method"] in ("mean", "logistic")
+    assert voter["method"] in ("mean", "weighted", "vote", "logistic")
     single = table[table["candidate"].str.startswith("single")]["val_macro_f1"].max()
     assert voter["val_macro_f1"] > single + 0.05
     assert table["chosen"].sum() == 1
-    assert set(table["candidate"]) == {"mean", "single:left", "single:center", "single:right", "logistic"}
+    assert set(table["candidate"]) == {"mean", "vote", "weighted", "single:left", "single:center",
+                                       "single:right", "logistic"}
 
 
 def test_a_dominant_view_is_chosen_alone():
@@ -73,3 +74,53 @@ def test_views_predicted_on_different_images_are_refused():
                  "val_labels": y} for v, p in probs.items()}
     with pytest.raises(ValueError, match="different val images"):
         aligned(preds, "val")
+
+
+def test_weighted_voter_leans_on_the_better_view_and_vote_counts_labels():
+    from triview.voter import fit_weighted_voter
+
+    probs, y = _noisy_views(n=400)
+    probs["center"] = 0.5 * probs["center"] + 0.5 * (np.eye(5)[y] * 0.9 + 0.02)  # a better view
+    voter, oof = fit_weighted_voter(probs, y, 5)
+    w = dict(zip(voter["views"], voter["weights"]))
+    assert abs(sum(w.values()) - 1) < 1e-9 and w["center"] > max(w["left"], w["right"])
+    assert np.allclose(oof.sum(1), 1)
+    # majority vote: two views say class 1, one says class 0 -> class 1, whatever the confidences
+    p = {"left": np.array([[0.1, 0.9]]), "center": np.array([[0.45, 0.55]]),
+         "right": np.array([[0.99, 0.01]])}
+    vote = apply_voter({"method": "vote", "views": list(p)}, p)
+    assert vote.argmax() == 1 and np.isclose(vote.sum(), 1)
+    assert apply_voter({"method": "mean", "views": list(p)}, p).argmax() == 0
+
+
+@pytest.mark.parametrize("method", ["mean", "weighted", "vote", "single"])
+def test_exported_voter_module_matches_numpy_in_torch_and_onnx(method, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    from triview.export import VoterModule
+
+    probs, _ = _noisy_views(n=50, c=4)
+    views = list(probs)
+    voter = {"method": method, "views": views, "weights": [0.2, 0.5, 0.3], "view": "center"}
+    module = VoterModule(voter, 4).eval()
+    expected = apply_voter(voter, probs)
+    tensors = [torch.tensor(probs[v], dtype=torch.float32) for v in views]
+    assert np.allclose(module(tensors).numpy(), expected, atol=1e-6)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.voter = module
+
+        def forward(self, a, b, c):
+            return self.voter([a, b, c])
+
+    path = tmp_path / "voter.onnx"
+    torch.onnx.export(Wrap(), tuple(tensors), str(path), input_names=["a", "b", "c"],
+                      output_names=["p"], opset_version=17, dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # the exporter drops inputs a voter ignores ("single"): feed by name
+    feed = {i.name: tensors["abc".index(i.name)].numpy() for i in session.get_inputs()}
+    out = session.run(None, feed)[0]
+    assert np.abs(out - expected).max() < 1e-5

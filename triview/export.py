@@ -23,7 +23,7 @@ from torch import nn
 
 from triview.models import IMAGENET_MEAN, IMAGENET_STD
 from triview.storage import atomic_path, atomic_write_text
-from triview.voter import EPS
+from triview.voter import EPS, VOTE_TIE_BREAK
 
 ENSEMBLE_FILE = "ensemble.torchscript.pt"
 ONNX_FILE = "ensemble.onnx"
@@ -55,10 +55,20 @@ class VoterModule(nn.Module):
         with torch.no_grad():
             self.linear.weight.copy_(coef)
             self.linear.bias.copy_(intercept)
+        weights = voter.get("weights") if self.method == "weighted" else [1.0 / len(views)] * len(views)
+        self.register_buffer("view_weights", torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1))
+        self.n_classes = n_classes
 
     def forward(self, probs: list[torch.Tensor]) -> torch.Tensor:
         if self.method == "mean":
             return torch.stack(probs, 0).mean(0)
+        if self.method == "weighted":
+            return (torch.stack(probs, 0) * self.view_weights).sum(0)
+        if self.method == "vote":
+            stacked = torch.stack(probs, 0)
+            votes = nn.functional.one_hot(stacked.argmax(-1), self.n_classes).to(stacked.dtype).sum(0)
+            score = votes + VOTE_TIE_BREAK * stacked.mean(0)
+            return score / score.sum(1, keepdim=True)
         if self.method == "single":
             return probs[self.single_index]
         return torch.softmax(self.linear(torch.log(torch.cat(probs, 1) + EPS)), dim=1)
@@ -71,8 +81,9 @@ class Ensemble(nn.Module):
     def __init__(self, branches: list[nn.Module], voter: dict, n_classes: int,
                  task: str = "multiclass") -> None:
         super().__init__()
-        if task == "multilabel" and voter["method"] == "logistic":
-            raise ValueError("the logistic voter is multi-class only; multi-label uses mean or single")
+        if task == "multilabel" and voter["method"] in ("logistic", "vote"):
+            raise ValueError(f"the {voter['method']} voter is multi-class only; multi-label uses "
+                             "mean, weighted or single")
         self.multilabel = task == "multilabel"
         self.branches = nn.ModuleList(branches)
         self.voter = VoterModule(voter, n_classes)
@@ -119,10 +130,15 @@ def onnx_session(path: str | Path, threads: int = 0):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def onnx_feed(session, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """``{"view<k>": inputs[k]}`` for the inputs the graph kept: the exporter prunes the
+    views a voter ignores (e.g. ``single``), so inputs are matched by name, never by order."""
+    return {i.name: inputs[int(i.name.removeprefix("view"))] for i in session.get_inputs()}
+
+
 def run_onnx(session, inputs: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
-    names = [i.name for i in session.get_inputs()]
     n = len(inputs[0])
-    out = [session.run(None, {k: x[i:i + batch_size] for k, x in zip(names, inputs)})[0]
+    out = [session.run(None, onnx_feed(session, [x[i:i + batch_size] for x in inputs]))[0]
            for i in range(0, n, batch_size)]
     return np.concatenate(out)
 

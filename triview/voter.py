@@ -1,9 +1,11 @@
 """The voter: combines the three views' class probabilities into one prediction.
 
 Candidates are scored on the validation split, which no branch trained on:
-mean of probabilities, each single view, and a learned voter (multinomial
-logistic regression on the concatenated log-probabilities, scored by
-cross-validated predictions so that it is not judged on data it was fitted to).
+mean of probabilities, each single view, majority vote (the sum of the views'
+one-hot label vectors, ties broken by the mean probability), a weighted mean
+(view weights fitted by log-loss), and a learned voter (multinomial logistic
+regression on the concatenated log-probabilities). Fitted candidates are scored by
+cross-validated predictions so that they are not judged on data they were fitted to.
 The best by validation macro-F1 is kept; ties go to the simpler candidate.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from triview.storage import atomic_write_text
 VOTER_FILE = "voter.json"
 CANDIDATES_FILE = "candidates.csv"
 EPS = 1e-6
+VOTE_TIE_BREAK = 1e-3  # mean probability's share in the majority vote: breaks ties only
 
 
 def stack_features(probs: list[np.ndarray]) -> np.ndarray:
@@ -34,6 +37,14 @@ def apply_voter(voter: dict, probs: dict[str, np.ndarray]) -> np.ndarray:
     method, views = voter["method"], voter["views"]
     if method == "mean":
         return np.mean([probs[v] for v in views], axis=0)
+    if method == "weighted":
+        return np.tensordot(np.asarray(voter["weights"]), np.stack([probs[v] for v in views]), 1)
+    if method == "vote":
+        stacked = np.stack([probs[v] for v in views])
+        n_classes = stacked.shape[-1]
+        votes = np.eye(n_classes)[stacked.argmax(-1)].sum(0)  # sum of one-hot label vectors
+        score = votes + VOTE_TIE_BREAK * stacked.mean(0)
+        return score / score.sum(axis=1, keepdims=True)
     if method == "single":
         return probs[voter["view"]]
     if method == "logistic":
@@ -78,6 +89,44 @@ def fit_logistic_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_cl
     return voter, oof
 
 
+def _fit_weights(probs: list[np.ndarray], y: np.ndarray) -> np.ndarray:
+    """View weights on the simplex minimising the log-loss of the weighted mean."""
+    from scipy.optimize import minimize
+
+    stacked = np.stack(probs)                      # (V, N, C)
+    picked = stacked[:, np.arange(len(y)), y]      # (V, N): each view's probability of the truth
+
+    def loss(theta: np.ndarray) -> float:
+        w = np.exp(theta - theta.max())
+        w /= w.sum()
+        return float(-np.log(w @ picked + EPS).mean())
+
+    theta = minimize(loss, np.zeros(len(probs)), method="Nelder-Mead",
+                     options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000}).x
+    w = np.exp(theta - theta.max())
+    return w / w.sum()
+
+
+def fit_weighted_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: int,
+                       seed: int = 0) -> tuple[dict, np.ndarray]:
+    """Weighted mean of the views' probabilities; returns the voter (weights fitted on the
+    whole validation split) and its out-of-fold validation probabilities."""
+    views = list(val_probs)
+    probs = [val_probs[v] for v in views]
+    folds = min(5, int(np.bincount(y_val).max())) if len(y_val) >= 4 else 1
+    oof = np.zeros((len(y_val), n_classes))
+    if folds >= 2:
+        from sklearn.model_selection import KFold
+
+        for train_idx, test_idx in KFold(folds, shuffle=True, random_state=seed).split(y_val):
+            w = _fit_weights([p[train_idx] for p in probs], y_val[train_idx])
+            oof[test_idx] = np.tensordot(w, np.stack([p[test_idx] for p in probs]), 1)
+    weights = _fit_weights(probs, y_val)
+    if folds < 2:
+        oof = np.tensordot(weights, np.stack(probs), 1)
+    return {"method": "weighted", "views": views, "weights": weights.tolist()}, oof
+
+
 def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: int,
               seed: int = 0, C: float = 1.0) -> tuple[dict, pd.DataFrame]:
     """Fit and compare candidate voters; return the chosen voter and the candidates table."""
@@ -88,6 +137,11 @@ def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: in
     voters["mean"] = {"method": "mean", "views": views}
     rows.append({"candidate": "mean", "complexity": 1,
                  **_scores(y_val, apply_voter(voters["mean"], val_probs))})
+    voters["vote"] = {"method": "vote", "views": views}
+    rows.append({"candidate": "vote", "complexity": 1,
+                 **_scores(y_val, apply_voter(voters["vote"], val_probs))})
+    voters["weighted"], oof_w = fit_weighted_voter(val_probs, y_val, n_classes, seed=seed)
+    rows.append({"candidate": "weighted", "complexity": 2, **_scores(y_val, oof_w)})
     for v in views:
         name = f"single:{v}"
         voters[name] = {"method": "single", "views": views, "view": v}
@@ -96,7 +150,7 @@ def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: in
     fitted = fit_logistic_voter(val_probs, y_val, n_classes, seed=seed, C=C)
     if fitted is not None:
         voters["logistic"], oof = fitted
-        rows.append({"candidate": "logistic", "complexity": 2, **_scores(y_val, oof)})
+        rows.append({"candidate": "logistic", "complexity": 3, **_scores(y_val, oof)})
 
     table = pd.DataFrame(rows)
     ranked = table.sort_values(["val_macro_f1", "complexity"], ascending=[False, True])
