@@ -13,7 +13,7 @@ from kfp import local
 
 from pipelines.platform import PlatformOptions
 from pipelines.triview_pipeline import make_pipeline, triview_pipeline
-from triview.summary import build_summary, write_summary
+from triview.summary import aggregate_repeats, build_summary, write_summary
 
 
 def pipeline_parameters() -> dict[str, inspect.Parameter]:
@@ -66,4 +66,24 @@ def run_local(data: str, out_dir: str, params: dict | None = None) -> dict:
     summary["dag_seconds"] = round(seconds, 1)
     summary["parameters"] = {"data": data_path, **(params or {})}
     write_summary(summary, out)
+    return summary
+
+
+def run_local_repeats(data: str, out_dir: str, params: dict | None = None,
+                      repeats: int = 1) -> dict:
+    """Run the DAG ``repeats`` times with seeds ``seed, seed+1, ...`` (each its own
+    ``<out>/seed-<k>``); the summary of the first seed gains ``"repeats"`` with the mean
+    and SD of every view and ensemble metric."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    params = dict(params or {})
+    if repeats == 1:
+        return run_local(data, out_dir, params)
+    first_seed = int(params.get("seed", 0))
+    seeds = [first_seed + k for k in range(repeats)]
+    summaries = [run_local(data, str(Path(out_dir) / f"seed-{seed}"), {**params, "seed": seed})
+                 for seed in seeds]
+    summary = {**summaries[0], "repeats": aggregate_repeats(summaries, seeds)}
+    summary["runs"] = [str((Path(out_dir) / f"seed-{seed}").resolve()) for seed in seeds]
+    write_summary(summary, Path(out_dir))
     return summary

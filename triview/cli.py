@@ -73,9 +73,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.local import parse_params, run_local
+    from pipelines.local import parse_params, run_local_repeats
 
-    summary = run_local(args.data, args.out, parse_params(args.param))
+    summary = run_local_repeats(args.data, args.out, parse_params(args.param), args.repeats)
     print(format_summary(summary))
     print(f"summary: {Path(args.out) / 'run_summary.json'}")
     return 0
@@ -87,6 +87,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{view:<10}  {s['accuracy']:8.4f}  {s['macro_f1']:8.4f}")
     e = summary["ensemble"]
     lines.append(f"{'ensemble':<10}  {e['accuracy']:8.4f}  {e['macro_f1']:8.4f}  ({e['method']})")
+    rep = summary.get("repeats")
+    if rep:
+        lines.append(f"over {rep['n']} seeds {rep['seeds']}: mean ± SD of macro-F1")
+        for view, m in rep["views"].items():
+            lines.append(f"{view:<10}  {m['macro_f1']['mean']:.4f} ± {m['macro_f1']['sd']:.4f}")
+        e_f1 = rep["ensemble"]["macro_f1"]
+        lines.append(f"{'ensemble':<10}  {e_f1['mean']:.4f} ± {e_f1['sd']:.4f}")
     c = summary["counts"]
     lines.append(f"images: {c['train']} train / {c['val']} val / {c['test']} test, "
                  f"{c['quarantined']} quarantined")
@@ -238,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (pipeline root + run_summary.json)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline parameter, repeatable (e.g. --param epochs=4)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run N times with seeds seed..seed+N-1 and report mean ± SD (default 1)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("predict", help="predict images with an exported ensemble (local or s3://)")

@@ -33,6 +33,35 @@ def build_summary(run_dir: str | Path, model_dir: str | Path, report_path: str |
     }
 
 
+def _metric_leaves(tree: dict, prefix: tuple = ()) -> dict[tuple, float]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_metric_leaves(value, prefix + (key,)))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + (key,)] = float(value)
+    return out
+
+
+def aggregate_repeats(summaries: list[dict], seeds: list[int]) -> dict:
+    """Mean and sample SD over repeated runs of every numeric metric of ``views`` and
+    ``ensemble`` (the practice of reporting mean ± SD over seeds)."""
+    import numpy as np
+
+    per_run = [_metric_leaves({"views": s["views"], "ensemble": s["ensemble"]}) for s in summaries]
+    keys = sorted(set.intersection(*(set(r) for r in per_run)))
+    out: dict = {"n": len(summaries), "seeds": list(seeds)}
+    for key in keys:
+        values = np.array([r[key] for r in per_run])
+        node = out
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = {"mean": float(values.mean()),
+                         "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                         "values": values.tolist()}
+    return out
+
+
 def write_summary(summary: dict, out_dir: str | Path) -> Path:
     path = Path(out_dir) / SUMMARY_FILE
     atomic_write_text(path, json.dumps(summary, indent=2))
