@@ -137,18 +137,6 @@ def trigger(cron: str | None = None, interval: str | int | None = None) -> dict:
     return {"interval_second": parse_interval(interval)}
 
 
-def platform_options(gpus: int | None = None, gpu_pool: tuple[str, str] | None = None,
-                     gpu_toleration: str | None = None, cpu_pool: tuple[str, str] | None = None,
-                     minio_secret: str | None = None) -> PlatformOptions | None:
-    """``PlatformOptions`` from ``triview compile``-style settings; None keeps the defaults."""
-    from pipelines.platform import options_from_flags
-
-    return options_from_flags(gpus=gpus, gpu_pool="=".join(gpu_pool) if gpu_pool else None,
-                              gpu_toleration=gpu_toleration,
-                              cpu_pool="=".join(cpu_pool) if cpu_pool else None,
-                              minio_secret=minio_secret)
-
-
 @contextlib.contextmanager
 def compiled_package(options: PlatformOptions | None = None):
     """Path of a temporary IR YAML of the DAG compiled with ``options``."""

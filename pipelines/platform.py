@@ -3,7 +3,7 @@
 kfp.local ignores all of these (resources, accelerators, node selectors, tolerations,
 secrets, timeouts); Kubeflow Pipelines applies them to each task's pod.
 """
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from kfp import kubernetes
 
@@ -92,8 +92,7 @@ def options_from_flags(*, gpus: int | None = None, gpu_pool: str | None = None,
     for flag in ("gpu_pool", "cpu_pool"):
         if given[flag] is not None:
             given[flag] = _label(given[flag])
-    known = {f.name for f in fields(PlatformOptions)}
-    return PlatformOptions(**{k: v for k, v in given.items() if v is not None and k in known})
+    return PlatformOptions(**{k: v for k, v in given.items() if v is not None})
 
 
 def configure_task(task, stage: str, options: PlatformOptions, gpu: bool = False):

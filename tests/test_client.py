@@ -326,8 +326,10 @@ def test_interval_and_cron_parsing():
     assert kc.check_cron("0 30 2 ? * MON-FRI") == "0 30 2 ? * MON-FRI"
     with pytest.raises(ValueError, match="--interval"):
         kc.check_cron("@daily")
-    assert kc.platform_options() is None
-    assert kc.platform_options(gpus=0) == PlatformOptions(gpus=0)
+    from pipelines.platform import options_from_flags
+
+    assert options_from_flags() is None
+    assert options_from_flags(gpus=0) == PlatformOptions(gpus=0)
 
 
 def _run(run_id, minute, state, finished=True):
