@@ -90,6 +90,9 @@ def make_pipeline(options: PlatformOptions | None = None):
         finetune: str = "full",
         unfreeze_epoch: int = 0,
         checkpoint_root: str = "",
+        task: str = "auto",
+        voter_folds: int = 0,
+        ddp_procs: int = 0,
         registry: str = "",
         model_name: str = "triview",
         gate_min_macro_f1: float = 0.0,
@@ -124,23 +127,24 @@ def make_pipeline(options: PlatformOptions | None = None):
 
         branches = []
         for index, name in enumerate(BRANCH_NAMES):
-            task = train_branch(views=crop_task.outputs["views"],
-                                augmented=augment_task.outputs["augmented"],
-                                balance=balance_task.outputs["balance"], view_index=index,
-                                backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                                lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
-                                weight_decay=weight_decay, seed=seed, optimizer=optimizer,
-                                momentum=momentum, scheduler=scheduler,
-                                warmup_epochs=warmup_epochs, milestones=milestones,
-                                poly_power=poly_power, patience=patience,
-                                clip_grad_norm=clip_grad_norm, accumulate=accumulate, amp=amp,
-                                compile=compile, deterministic=deterministic,
-                                normalization=normalization, weights=weights, finetune=finetune,
-                                unfreeze_epoch=unfreeze_epoch, checkpoint_root=checkpoint_root,
-                                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-            task.set_display_name(f"train-branch-{name}")
-            configure_task(task, "train-branch", options, gpu=True)
-            branches.append(task.outputs["model"])
+            branch_task = train_branch(views=crop_task.outputs["views"],
+                                       augmented=augment_task.outputs["augmented"],
+                                       balance=balance_task.outputs["balance"], view_index=index,
+                                       backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
+                                       lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
+                                       weight_decay=weight_decay, seed=seed, optimizer=optimizer,
+                                       momentum=momentum, scheduler=scheduler,
+                                       warmup_epochs=warmup_epochs, milestones=milestones,
+                                       poly_power=poly_power, patience=patience,
+                                       clip_grad_norm=clip_grad_norm, accumulate=accumulate, amp=amp,
+                                       compile=compile, deterministic=deterministic,
+                                       normalization=normalization, weights=weights, finetune=finetune,
+                                       unfreeze_epoch=unfreeze_epoch, checkpoint_root=checkpoint_root,
+                                       task=task, voter_folds=voter_folds, ddp_procs=ddp_procs,
+                                       run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+            branch_task.set_display_name(f"train-branch-{name}")
+            configure_task(branch_task, "train-branch", options, gpu=True)
+            branches.append(branch_task.outputs["model"])
 
         voter_task = train_voter(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
                                  seed=seed)

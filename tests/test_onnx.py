@@ -116,7 +116,7 @@ def test_bench_inference_onnx_is_at_most_half_of_eager(exported_int8, tmp_path):
     assert figures["onnx_over_eager"] <= 0.5, figures
 
 
-@pytest.mark.parametrize("method", ["single", "vote", "weighted"])
+@pytest.mark.parametrize("method", ["single", "vote", "weighted", "mlp"])
 def test_every_voter_exports_with_parity(method, trained, cropped, tmp_path):
     """The exporter prunes the inputs a voter ignores (single): inputs go by name."""
     from triview.voter import save_voter
@@ -126,8 +126,15 @@ def test_every_voter_exports_with_parity(method, trained, cropped, tmp_path):
     train_voter_stage(dirs, voter_dir)
     voter = load_voter(voter_dir)
     views = voter["views"]
+    extra = {}
+    if method == "mlp":  # a fitted MLP voter (weights from the branches' validation outputs)
+        from triview.stages import _load_branch_predictions, branches_by_view
+        from triview.voter import aligned, fit_mlp_voter
+
+        probs, y, _ = aligned(_load_branch_predictions(branches_by_view(dirs)), "val")
+        extra = fit_mlp_voter(probs, y, 10, hidden=16)[0]
     voter = {"method": method, "views": views, "name": method, "view": views[1],
-             "weights": [0.2, 0.5, 0.3], "val_macro_f1": voter["val_macro_f1"]}
+             "weights": [0.2, 0.5, 0.3], "val_macro_f1": voter["val_macro_f1"], **extra}
     import pandas as pd
 
     save_voter(voter, pd.DataFrame([{"candidate": method, "val_macro_f1": 0.0, "chosen": True}]),

@@ -23,12 +23,12 @@ def _noisy_views(n=300, c=5, seed=0):
 def test_combining_views_beats_each_single_view():
     probs, y = _noisy_views()
     voter, table = fit_voter(probs, y, 5)
-    assert voter["method"] in ("mean", "weighted", "vote", "logistic")
+    assert voter["method"] in ("mean", "weighted", "vote", "logistic", "mlp")
     single = table[table["candidate"].str.startswith("single")]["val_macro_f1"].max()
     assert voter["val_macro_f1"] > single + 0.05
     assert table["chosen"].sum() == 1
     assert set(table["candidate"]) == {"mean", "vote", "weighted", "single:left", "single:center",
-                                       "single:right", "logistic"}
+                                       "single:right", "logistic", "mlp"}
 
 
 def test_a_dominant_view_is_chosen_alone():

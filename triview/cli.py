@@ -172,7 +172,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from triview.predict import Predictor, expand_inputs, format_table
 
-    if not 0.0 <= args.threshold <= 1.0:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     paths = expand_inputs(args.images)
     if not paths:
@@ -254,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exported model folder, or a registry model folder (models/<name>: its "
                    "champion) or version (models/<name>/<version>), local or s3://")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="also list classes scoring at least this (multi-label: only those; default 0.5)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="also list classes scoring at least this (default 0.5); multi-label: only "
+                        "those (default: the per-label thresholds tuned on validation)")
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="table with per-class counts, or one JSON object per image (default table)")
     p.set_defaults(func=_cmd_predict)

@@ -29,9 +29,32 @@ def task_of(y: np.ndarray) -> str:
     return "multilabel" if np.ndim(y) == 2 else "multiclass"
 
 
-def predicted(prob: np.ndarray, task: str, threshold: float = MULTILABEL_THRESHOLD) -> np.ndarray:
-    """Predicted classes (N,) for multi-class, 0/1 indicators (N, C) for multi-label."""
-    return (prob >= threshold).astype(np.int64) if task == "multilabel" else prob.argmax(1)
+def predicted(prob: np.ndarray, task: str, threshold=MULTILABEL_THRESHOLD) -> np.ndarray:
+    """Predicted classes (N,) for multi-class, 0/1 indicators (N, C) for multi-label
+    (``threshold``: one number, or one per label)."""
+    if task != "multilabel":
+        return prob.argmax(1)
+    return (prob >= np.asarray(threshold, dtype=np.float64)).astype(np.int64)
+
+
+def tune_thresholds(y: np.ndarray, prob: np.ndarray, grid: int = 37) -> np.ndarray:
+    """Per-label decision thresholds maximising that label's F1 on (validation) data.
+
+    Candidates are 0.05..0.95 in equal steps; ties go to the candidate nearest 0.5,
+    and a label without positives (or without negatives) keeps 0.5.
+    """
+    candidates = np.linspace(0.05, 0.95, grid)
+    order = np.argsort(np.abs(candidates - MULTILABEL_THRESHOLD), kind="stable")
+    out = np.full(prob.shape[1], MULTILABEL_THRESHOLD)
+    for k in range(prob.shape[1]):
+        truth = y[:, k].astype(bool)
+        if truth.all() or not truth.any():
+            continue
+        pred = prob[:, k][None, :] >= candidates[order][:, None]      # (grid, N)
+        tp = (pred & truth).sum(1)
+        f1 = 2 * tp / np.maximum(pred.sum(1) + truth.sum(), 1)
+        out[k] = candidates[order][int(np.argmax(f1))]                 # first max = nearest 0.5
+    return out
 
 
 def roc_auc_per_class(y: np.ndarray, prob: np.ndarray, classes: list[str]) -> dict[str, float | None]:
@@ -46,11 +69,12 @@ def roc_auc_per_class(y: np.ndarray, prob: np.ndarray, classes: list[str]) -> di
     return out
 
 
-def scores(y: np.ndarray, prob: np.ndarray) -> dict[str, float | None]:
+def scores(y: np.ndarray, prob: np.ndarray, thresholds=None) -> dict[str, float | None]:
     """Headline numbers: accuracy (subset accuracy for multi-label), macro- and
-    weighted-F1, macro one-vs-rest ROC-AUC, and binary accuracy for multi-label."""
+    weighted-F1, macro one-vs-rest ROC-AUC, and binary accuracy for multi-label
+    (at ``thresholds``, one per label, default 0.5)."""
     task = task_of(y)
-    pred = predicted(prob, task)
+    pred = predicted(prob, task, MULTILABEL_THRESHOLD if thresholds is None else thresholds)
     out = {"accuracy": float(accuracy_score(y, pred)),
            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
            "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0))}
@@ -74,10 +98,10 @@ def micro_roc_curve(y: np.ndarray, prob: np.ndarray, points: int = ROC_POINTS) -
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist()}
 
 
-def detail(y: np.ndarray, prob: np.ndarray, classes: list[str]) -> dict:
+def detail(y: np.ndarray, prob: np.ndarray, classes: list[str], thresholds=None) -> dict:
     """Per-class report, confusion matrix (counts and row-normalised) and ROC-AUC per class."""
     task = task_of(y)
-    pred = predicted(prob, task)
+    pred = predicted(prob, task, MULTILABEL_THRESHOLD if thresholds is None else thresholds)
     labels = list(range(len(classes)))
     report = classification_report(y, pred, labels=labels, target_names=classes,
                                    output_dict=True, zero_division=0)
@@ -97,14 +121,19 @@ def score_all(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: lis
     probs, y, ids = aligned(preds, "test")
     ensemble = apply_voter(voter, probs)
     task = task_of(y)
+    # multi-label: each view at its own tuned thresholds, the ensemble at the voter's
+    cut = {v: preds[v].get("thresholds") for v in probs}
+    cut["ensemble"] = voter.get("thresholds")
     result = {
         "n_test": int(len(y)),
         "task": task,
         "classes": classes,
-        "views": {v: scores(y, p) for v, p in probs.items()},
-        "ensemble": {**scores(y, ensemble), "method": voter["name"]},
-        "details": {**{v: detail(y, p, classes) for v, p in probs.items()},
-                    "ensemble": detail(y, ensemble, classes)},
+        "thresholds": ({k: (None if t is None else np.asarray(t).tolist()) for k, t in cut.items()}
+                       if task == "multilabel" else None),
+        "views": {v: scores(y, p, cut[v]) for v, p in probs.items()},
+        "ensemble": {**scores(y, ensemble, cut["ensemble"]), "method": voter["name"]},
+        "details": {**{v: detail(y, p, classes, cut[v]) for v, p in probs.items()},
+                    "ensemble": detail(y, ensemble, classes, cut["ensemble"])},
         "roc_curve": micro_roc_curve(y, ensemble),
     }
     # Kept at the top level for readers of the single-model fields (model card, UI).
@@ -122,7 +151,8 @@ def misclassified(result: dict, limit: int = 12) -> list[dict]:
     """The ensemble's most confident mistakes on the test split."""
     arrays, classes = result["_arrays"], result["classes"]
     y, prob, ids = arrays["y"], arrays["ensemble"], arrays["ids"]
-    pred = predicted(prob, result["task"])
+    cut = (result.get("thresholds") or {}).get("ensemble")
+    pred = predicted(prob, result["task"], MULTILABEL_THRESHOLD if cut is None else cut)
     wrong = np.flatnonzero((pred != y).any(axis=1) if y.ndim == 2 else pred != y)
     confidence = prob[wrong].max(axis=1)
     out = []

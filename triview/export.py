@@ -58,12 +58,28 @@ class VoterModule(nn.Module):
         weights = voter.get("weights") if self.method == "weighted" else [1.0 / len(views)] * len(views)
         self.register_buffer("view_weights", torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1))
         self.n_classes = n_classes
+        self.multilabel = voter.get("task") == "multilabel"
+        hidden = int(voter.get("hidden", 1)) if self.method == "mlp" else 1
+        self.mlp = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+        if self.method == "mlp":  # sklearn keeps (in, out) matrices; nn.Linear wants (out, in)
+            with torch.no_grad():
+                self.mlp[0].weight.copy_(torch.tensor(voter["w1"], dtype=torch.float32).T)
+                self.mlp[0].bias.copy_(torch.tensor(voter["b1"], dtype=torch.float32))
+                self.mlp[2].weight.copy_(torch.tensor(voter["w2"], dtype=torch.float32).T)
+                self.mlp[2].bias.copy_(torch.tensor(voter["b2"], dtype=torch.float32))
 
     def forward(self, probs: list[torch.Tensor]) -> torch.Tensor:
         if self.method == "mean":
             return torch.stack(probs, 0).mean(0)
         if self.method == "weighted":
             return (torch.stack(probs, 0) * self.view_weights).sum(0)
+        if self.method == "mlp":
+            logits = self.mlp(torch.log(torch.cat(probs, 1) + EPS))
+            return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+        if self.method == "vote" and self.multilabel:
+            stacked = torch.stack(probs, 0)
+            return (1 - VOTE_TIE_BREAK) * (stacked >= 0.5).to(stacked.dtype).mean(0) \
+                + VOTE_TIE_BREAK * stacked.mean(0)
         if self.method == "vote":
             stacked = torch.stack(probs, 0)
             votes = nn.functional.one_hot(stacked.argmax(-1), self.n_classes).to(stacked.dtype).sum(0)
@@ -81,9 +97,10 @@ class Ensemble(nn.Module):
     def __init__(self, branches: list[nn.Module], voter: dict, n_classes: int,
                  task: str = "multiclass") -> None:
         super().__init__()
-        if task == "multilabel" and voter["method"] in ("logistic", "vote"):
-            raise ValueError(f"the {voter['method']} voter is multi-class only; multi-label uses "
-                             "mean, weighted or single")
+        if task == "multilabel" and voter["method"] == "logistic":
+            raise ValueError("the logistic voter is multi-class only; multi-label uses mean, "
+                             "vote, weighted, mlp or single")
+        voter = {**voter, "task": task}
         self.multilabel = task == "multilabel"
         self.branches = nn.ModuleList(branches)
         self.voter = VoterModule(voter, n_classes)
@@ -252,8 +269,10 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
         if test_labels is not None:
             from triview.evaluate import predicted
 
+            cut = voter.get("thresholds") if task == "multilabel" else None
+
             def accuracy(p):
-                return float((predicted(p, task) == test_labels).mean())
+                return float((predicted(p, task, 0.5 if cut is None else cut) == test_labels).mean())
 
             quant.update(fp32_accuracy=accuracy(onnx_out), int8_accuracy=accuracy(int8_out))
             quant["accuracy_delta"] = quant["int8_accuracy"] - quant["fp32_accuracy"]
@@ -280,6 +299,8 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
         "crop_geometry": geometry["geometry"],
         "lens": geometry.get("lens"),
         "voter": {k: voter[k] for k in ("name", "method", "val_macro_f1") if k in voter},
+        # multi-label decision thresholds per label, tuned on validation (predict's default)
+        "thresholds": voter.get("thresholds") if task == "multilabel" else None,
         "test_metrics": metrics,
         "training": training or {},
         "data_version": data_version,

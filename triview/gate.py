@@ -68,13 +68,16 @@ def score_champion(model_dir: str | Path, views_dir: str | Path) -> dict:
     classes = mf.read_classes(views_dir)
     table = mf.read_views(views_dir)
     table = table[table["augmented"] == 0]
-    inputs = [load_view([(Path(views_dir), table)], v, "test", classes) for v in card["views"]]
+    task = card.get("task", "multiclass")
+    inputs = [load_view([(Path(views_dir), table)], v, "test", classes, task) for v in card["views"]]
     ref = inputs[0].image_ids
     for data in inputs[1:]:
         if data.image_ids != ref:
             raise ValueError("test crops of the views are not aligned on image id")
     prob = run([d.images.numpy().astype(np.float32) / 255.0 for d in inputs])
-    return scores(inputs[0].labels.numpy(), prob)
+    labels = inputs[0].labels.numpy()
+    return scores(labels.astype(np.int64) if task == "multilabel" else labels, prob,
+                  card.get("thresholds") if task == "multilabel" else None)
 
 
 def decide(challenger: dict, champion: dict | None, config: GateConfig,

@@ -182,3 +182,27 @@ def encode_labels(labels: pd.Series, classes: list[str]) -> "pd.Series":
     if unknown:
         raise ManifestError(f"labels {unknown} are not in the class list {classes}")
     return labels.map(index).astype("int64")
+
+
+def encode_multilabel(labels: pd.Series, classes: list[str]):
+    """``"a;b"`` label strings to 0/1 indicators (N, C) over ``classes``; unknown names
+    are an error."""
+    import numpy as np
+
+    index = {c: i for i, c in enumerate(classes)}
+    out = np.zeros((len(labels), len(classes)), dtype=np.int64)
+    for row, text in enumerate(labels):
+        for name in split_labels(text):
+            if name not in index:
+                raise ManifestError(f"label {name!r} is not in the class list {classes}")
+            out[row, index[name]] = 1
+    return out
+
+
+TASKS = ("multiclass", "multilabel")
+
+
+def task_of_table(table: pd.DataFrame) -> str:
+    """``multilabel`` when some row carries more than one label, else ``multiclass``."""
+    many = table["labels"].map(lambda text: len(split_labels(text)) > 1)
+    return "multilabel" if bool(many.any()) else "multiclass"

@@ -86,12 +86,17 @@ class Predictor:
         finally:
             stored.unlink(missing_ok=True)
 
-    def predict(self, paths: list[str], threshold: float = 0.5, batch_size: int = 64) -> list[Prediction]:
+    def predict(self, paths: list[str], threshold: float | None = None,
+                batch_size: int = 64) -> list[Prediction]:
         """Labels with scores for every path (best first); failures carry an error instead.
 
-        Multi-class: the best class always, and any other class scoring >= threshold.
-        Multi-label: every label scoring >= threshold.
+        Multi-class: the best class always, and any other class scoring >= threshold
+        (default 0.5). Multi-label: every label scoring >= its threshold; by default the
+        per-label thresholds tuned on validation (the model card's), else 0.5.
         """
+        if threshold is None:
+            tuned = self.card.get("thresholds") if self.multilabel else None
+            threshold = np.asarray(tuned, dtype=np.float64) if tuned else 0.5
         results = [Prediction(str(p)) for p in paths]
         views = self.card["views"]
         with tempfile.TemporaryDirectory(prefix="triview-predict-") as tmp:
@@ -111,9 +116,10 @@ class Predictor:
                     results[i].labels = self._labels(prob, threshold)
         return results
 
-    def _labels(self, prob: np.ndarray, threshold: float) -> list[tuple[str, float]]:
+    def _labels(self, prob: np.ndarray, threshold) -> list[tuple[str, float]]:
         order = np.argsort(-prob, kind="stable")
-        keep = [k for k in order if prob[k] >= threshold]
+        cut = np.broadcast_to(np.asarray(threshold, dtype=np.float64), prob.shape)
+        keep = [k for k in order if prob[k] >= cut[k]]
         if not self.multilabel and order[0] not in keep:
             keep = [order[0]] + keep
         return [(self.classes[k], float(prob[k])) for k in keep]

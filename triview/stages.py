@@ -108,11 +108,26 @@ def augment_stage(views_dir: Folder, out_dir: Folder, copies: int = 1, noise_std
 
 def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_dir: Folder,
                        view: str, out_dir: Folder, **options) -> dict:
-    """Train ``view``'s branch; ``options`` are :class:`triview.train.TrainConfig` fields."""
+    """Train ``view``'s branch; ``options`` are :class:`triview.train.TrainConfig` fields.
+
+    With more than one GPU visible (or ``ddp_procs > 1``) the stage runs itself again
+    under torchrun, one process per GPU, and returns rank 0's record.
+    """
+    import os
+
+    from triview import distributed as ddp
     from triview import train as tr
 
+    config = tr.TrainConfig(**options)
+    nproc = ddp.processes_wanted(config.ddp_procs)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        kwargs = {"views_dir": str(views_dir), "balance_dir": str(balance_dir), "view": view,
+                  "out_dir": str(out_dir), "augmented_dir": None if augmented_dir is None
+                  else str(augmented_dir), **options}
+        return ddp.launch(kwargs, nproc, out_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: rank 0 keeps the record
+        return tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config)
     with stage_record(f"train-branch-{view}", out_dir) as rec:
-        config = tr.TrainConfig(**options)
         rec.update(tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config))
     return rec
 
@@ -142,9 +157,14 @@ def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, seed: int = 0)
         preds = _load_branch_predictions(branch_dirs)
         probs, y, _ = vt.aligned(preds, "val")
         n_classes = next(iter(probs.values())).shape[1]
-        voter, table = vt.fit_voter(probs, y, n_classes, seed=seed)
+        oof = None
+        if all("oof_prob" in p for p in preds.values()):  # the branches ran with voter_folds > 1
+            oof_probs, oof_y, _ = vt.aligned(preds, "oof")
+            oof = (oof_probs, oof_y)
+        voter, table = vt.fit_voter(probs, y, n_classes, seed=seed, oof=oof)
         vt.save_voter(voter, table, out_dir)
-        rec.update(method=voter["name"], val_macro_f1=voter["val_macro_f1"],
+        rec.update(method=voter["name"], val_macro_f1=voter["val_macro_f1"], task=voter["task"],
+                   voter_inputs="train out-of-fold" if oof else "validation",
                    candidates=table.to_dict(orient="records"))
     return rec
 
@@ -254,8 +274,8 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
                               "parameters": meta["parameters"], "val_macro_f1": meta.get("val_macro_f1")}
         geometry = json.loads((Path(views_dir) / crop.GEOMETRY_FILE).read_text())
         metrics = json.loads((Path(eval_dir) / ev.EVAL_FILE).read_text())
-        test, labels = _split_inputs(views_dir, geometry["views"], "test")
-        calibration = _split_inputs(views_dir, geometry["views"], "val")[0] \
+        test, labels = _split_inputs(views_dir, geometry["views"], "test", task)
+        calibration = _split_inputs(views_dir, geometry["views"], "val", task)[0] \
             if quantize == "static" else None
         run_id = mx.run_id_for(out_dir)
         card = ex.export_ensemble(
@@ -292,7 +312,8 @@ def _read_blessing(location: Folder) -> dict | None:
     return gt.read_blessing(path)
 
 
-def _split_inputs(views_dir: Folder, views: list[str], split: str) -> tuple[list[torch.Tensor], "np.ndarray"]:
+def _split_inputs(views_dir: Folder, views: list[str], split: str,
+                  task: str = "multiclass") -> tuple[list[torch.Tensor], "np.ndarray"]:
     """Every real crop of one split per view (float [0, 1] NCHW, aligned on image id)
     and their labels: the export's parity check runs on all test images."""
     from triview import manifest as mf
@@ -301,7 +322,7 @@ def _split_inputs(views_dir: Folder, views: list[str], split: str) -> tuple[list
     table = mf.read_views(views_dir)
     table = table[table["augmented"] == 0]
     classes = mf.read_classes(views_dir)
-    data = [load_view([(Path(views_dir), table)], v, split, classes) for v in views]
+    data = [load_view([(Path(views_dir), table)], v, split, classes, task) for v in views]
     if any(d.image_ids != data[0].image_ids for d in data[1:]):
         raise ValueError(f"{split} crops of the views are not aligned on image id")
     return [d.images.float().div(255.0) for d in data], data[0].labels.numpy()

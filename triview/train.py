@@ -1,11 +1,14 @@
 """Train one view's branch: a torchvision backbone with class-weighted, label-smoothed
-cross-entropy; AdamW / Adam / SGD with a warmed-up cosine, linear, poly, step or multistep
+cross-entropy (multi-class) or sigmoid binary cross-entropy with per-label ``pos_weight``
+(multi-label); AdamW / Adam / SGD with a warmed-up cosine, linear, poly, step or multistep
 schedule from ``lr`` to ``lr * lrf``; early stopping on validation macro-F1 (``patience``);
-gradient clipping and accumulation; AMP on GPU. The best epoch by validation macro-F1 is kept.
+gradient clipping and accumulation; AMP on GPU; DistributedDataParallel under torchrun.
+The best epoch by validation macro-F1 is kept.
 
-The branch also writes its class probabilities on the validation and test splits,
-which the voter and the evaluation consume (no branch ever sees those labels in
-training).
+The branch also writes its probabilities on the validation and test splits, which the
+voter and the evaluation consume (no branch ever sees those labels in training), its
+per-label decision thresholds tuned on validation (multi-label), and with
+``voter_folds > 1`` out-of-fold probabilities of the training images for the voter.
 
 Every epoch ends with a checkpoint (``last.pt``: model, optimiser, scheduler, RNG
 states, history; ``best.pt``: the best weights so far). A retried task finds them
@@ -81,6 +84,9 @@ class TrainConfig:
     unfreeze_epoch: int = 0      # linear_probe: train everything from this epoch on (0: never)
     channels_last: bool = True   # NHWC kernels: ~1.2-1.4x faster on CPU here, and the GPU default
     checkpoint_dir: str = ""     # where last.pt / best.pt live ("" : <out_dir>/checkpoints)
+    task: str = "auto"           # auto (multilabel when some image has several labels) | multiclass | multilabel
+    voter_folds: int = 0         # >1: also K fold models, for out-of-fold voter inputs (K x the training time)
+    ddp_procs: int = 0           # DDP processes (torchrun) for this branch; 0: one per visible GPU when >1
 
 
 def _join(root: str | Path, name: str) -> str:
@@ -106,11 +112,14 @@ def _load(location: str):
                       weights_only=True)
 
 
-def _resume_key(config: TrainConfig, view: str, classes: list[str], n_train: int) -> str:
-    """What must match for a checkpoint to be resumed (not where it is stored)."""
-    fields = {k: v for k, v in asdict(config).items() if k != "checkpoint_dir"}
-    return json.dumps({"config": fields, "view": view, "classes": classes, "n_train": n_train},
-                      sort_keys=True)
+def _resume_key(config: TrainConfig, view: str, classes: list[str], n_train: int,
+                task: str = "multiclass", world_size: int = 1) -> str:
+    """What must match for a checkpoint to be resumed (not where it is stored, nor the
+    out-of-fold setting, which does not change this model)."""
+    fields = {k: v for k, v in asdict(config).items()
+              if k not in ("checkpoint_dir", "voter_folds", "ddp_procs")}
+    return json.dumps({"config": fields, "view": view, "classes": classes, "n_train": n_train,
+                       "task": task, "world_size": world_size}, sort_keys=True)
 
 
 def load_checkpoint(folder: str | Path, key: str | None = None) -> dict | None:
@@ -195,24 +204,35 @@ def training_device() -> torch.device:
 @dataclass
 class ViewData:
     images: torch.Tensor       # uint8 (N, 3, H, W)
-    labels: torch.Tensor       # int64 (N,)
+    labels: torch.Tensor       # int64 (N,) multi-class; float32 0/1 (N, C) multi-label
     image_ids: list[str]
+    real: torch.Tensor | None = None  # bool (N,): a real crop (not an augmented copy)
+
+    def subset(self, idx: torch.Tensor) -> "ViewData":
+        real = None if self.real is None else self.real[idx]
+        return ViewData(self.images[idx], self.labels[idx], [self.image_ids[i] for i in idx.tolist()], real)
 
 
 def load_view(tables: list[tuple[Path, pd.DataFrame]], view: str, split: str,
-              classes: list[str]) -> ViewData:
-    """Load one view's crops of one split from one or more view tables into memory."""
-    arrays, labels, ids = [], [], []
+              classes: list[str], task: str = "multiclass") -> ViewData:
+    """Load one view's crops of one split from one or more view tables into memory
+    (labels as class indices, or as 0/1 indicators for ``task="multilabel"``)."""
+    arrays, labels, ids, real = [], [], [], []
     for folder, table in tables:
         part = table[(table["view"] == view) & (table["split"] == split)]
         for rec in part.itertuples(index=False):
             arrays.append(read_rgb(folder / rec.path))
-        labels.extend(mf.encode_labels(part["label"], classes).tolist())
+        if task == "multilabel":
+            labels.extend(mf.encode_multilabel(part["labels"], classes).tolist())
+        else:
+            labels.extend(mf.encode_labels(part["label"], classes).tolist())
         ids.extend(part["image_id"].tolist())
+        real.extend((part["augmented"] == 0).tolist() if "augmented" in part else [True] * len(part))
     if not arrays:
         raise ValueError(f"no {split} crops for view {view!r}")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ViewData(images, torch.tensor(labels, dtype=torch.int64), ids)
+    dtype = torch.float32 if task == "multilabel" else torch.int64
+    return ViewData(images, torch.tensor(labels, dtype=dtype), ids, torch.tensor(real, dtype=torch.bool))
 
 
 def apply_multiplicity(data: ViewData, plan: dict[str, int] | None) -> ViewData:
@@ -223,8 +243,7 @@ def apply_multiplicity(data: ViewData, plan: dict[str, int] | None) -> ViewData:
     index = [i for i, image_id in enumerate(data.image_ids) for _ in range(plan.get(image_id, 1))]
     if not index:
         raise ValueError("resampling left no training images")
-    idx = torch.tensor(index)
-    return ViewData(data.images[idx], data.labels[idx], [data.image_ids[i] for i in index])
+    return data.subset(torch.tensor(index))
 
 
 def _make_batch(data: ViewData, idx: torch.Tensor, memory_format, online, epoch: int):
@@ -263,10 +282,13 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
+                  task: str = "multiclass") -> np.ndarray:
+    """Class probabilities (softmax), or per-label probabilities (sigmoid) for multi-label."""
     model.eval()
     device = next(model.parameters()).device
-    out = [torch.softmax(model(_as_float(images[i:i + batch_size].to(device))).float(), dim=1).cpu()
+    squash = torch.sigmoid if task == "multilabel" else (lambda z: torch.softmax(z, dim=1))
+    out = [squash(model(_as_float(images[i:i + batch_size].to(device))).float()).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
 
@@ -296,6 +318,53 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+class MultiLabelLoss(nn.Module):
+    """Sigmoid binary cross-entropy per label with ``pos_weight`` (negatives / positives
+    of each label) and label smoothing towards 0.5."""
+
+    def __init__(self, pos_weight: torch.Tensor, smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(logits.dtype) * (1 - self.smoothing) + 0.5 * self.smoothing
+        return nn.functional.binary_cross_entropy_with_logits(logits, target,
+                                                              pos_weight=self.pos_weight)
+
+
+def make_criterion(task: str, balance: dict, classes: list[str], config: TrainConfig) -> nn.Module:
+    """Multi-class: softmax cross-entropy with class weights and label smoothing;
+    multi-label: :class:`MultiLabelLoss` with balance's per-label ``pos_weight``."""
+    if task == "multilabel":
+        pos = balance.get("labels", {}).get("pos_weight", {})
+        pos_weight = torch.tensor([float(pos.get(c, 1.0)) or 1.0 for c in classes])
+        return MultiLabelLoss(pos_weight, config.label_smoothing)
+    weights = torch.tensor(balance["class_weights"], dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+
+
+def validation_row(prob: np.ndarray, labels: torch.Tensor, task: str, criterion: nn.Module) -> dict:
+    """Validation loss, accuracy and macro-F1 of one epoch (multi-label: at 0.5, plus the
+    binary accuracy)."""
+    from triview.evaluate import predicted
+
+    y = labels.numpy()
+    pred = predicted(prob, task)
+    p = torch.from_numpy(prob).clamp(1e-7, 1 - 1e-7)
+    if task == "multilabel":
+        loss = float(nn.functional.binary_cross_entropy(p, labels.float()))
+    else:
+        weight = getattr(criterion, "weight", None)
+        loss = float(nn.functional.nll_loss(torch.log(p), labels,
+                                            weight=None if weight is None else weight.cpu()))
+    row = {"val_loss": loss, "val_accuracy": float(accuracy_score(y, pred)),
+           "val_macro_f1": macro_f1(y, pred)}
+    if task == "multilabel":
+        row["val_binary_accuracy"] = float((pred == y).mean())
+    return row
 
 
 def train_one_epoch(model: nn.Module, batches_iter, criterion, optimizer, scheduler, scaler,
@@ -332,34 +401,46 @@ def train_one_epoch(model: nn.Module, batches_iter, criterion, optimizer, schedu
     return float(total_loss)
 
 
-def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balance_dir: str | Path,
-                 view: str, out_dir: str | Path, config: TrainConfig, log=print) -> dict:
-    """Train the branch for ``view``; write model, history and val/test probabilities.
+@dataclass
+class FitResult:
+    net: BranchNet             # on the CPU, with the best epoch's weights
+    history: list[dict]
+    best_epoch: int
+    best_f1: float
+    stopped_early: bool
+    resumed_from_epoch: int
+    parameters: dict
+    pretrained: str | None
+    device: torch.device
+    world_size: int
 
-    Returns a summary with the best epoch and its validation metrics.
+
+def _shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of an epoch's order; padded (by wrapping round) so that every
+    rank runs the same number of batches, as DistributedSampler does."""
+    if world == 1:
+        return order
+    total = -(-len(order) // world) * world
+    padded = torch.cat([order, order[:total - len(order)]])
+    return padded[rank::world]
+
+
+def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str], task: str,
+        criterion: nn.Module, view: str, ckpt_dir: str, run_id: str | None = None,
+        online=None, log=print, push: bool = True) -> FitResult:
+    """Train a fresh branch on ``train``, choosing the epoch by validation macro-F1.
+
+    Checkpoints go to ``ckpt_dir`` every epoch and a matching checkpoint found there is
+    resumed. Under ``torchrun`` (a process group is initialised) the model is wrapped
+    in DistributedDataParallel: every rank trains on its share of each epoch with
+    ``batch_size / world_size`` images per step, rank 0 alone validates (and tells the
+    others what it found), writes checkpoints and pushes metrics.
     """
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    views_dir = Path(views_dir)
-    classes = mf.read_classes(views_dir)
-    tables = [(views_dir, mf.read_views(views_dir))]
-    if augmented_dir is not None and (Path(augmented_dir) / mf.VIEWS_FILE).exists():
-        tables.append((Path(augmented_dir), mf.read_views(augmented_dir)))
-    train = load_view(tables, view, "train", classes)
-    online = load_augment_config(augmented_dir) if augmented_dir is not None else None
-    online = online if online is not None and online.mode == "online" else None
-    val = load_view(tables[:1], view, "val", classes)
-    test = load_view(tables[:1], view, "test", classes)
-    image_size = int(train.images.shape[-1])
+    from triview import distributed as ddp
 
-    balance = read_balance(balance_dir)
-    weights = torch.tensor(balance["class_weights"], dtype=torch.float32)
-    train = apply_multiplicity(train, balance.get("train_multiplicity"))
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    rank, world = ddp.rank_and_world()
+    torch.manual_seed(config.seed)
+    image_size = int(train.images.shape[-1])
     device = training_device()
     dtype = amp_dtype(config, device)
     backbone = create_backbone(config.backbone, len(classes), image_size, config.hidden)
@@ -372,25 +453,26 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     params = count_parameters(net)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     net = net.to(device=device, memory_format=memory_format)
-    model = torch.compile(net) if config.compile else net
-    weights = weights.to(device)
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    model = ddp.wrap(net, device, config.compile)
+    criterion = criterion.to(device)
     optimizer = make_optimizer(config, net.parameters())
     if config.accumulate < 1:
         raise ValueError(f"accumulate must be at least 1, got {config.accumulate}")
-    batches_per_epoch = -(-len(train.labels) // config.batch_size)
+    per_rank_batch = max(1, config.batch_size // world)
+    per_rank_images = -(-len(train.labels) // world)
+    batches_per_epoch = -(-per_rank_images // per_rank_batch)
     steps_per_epoch = -(-batches_per_epoch // config.accumulate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     generator = torch.Generator().manual_seed(config.seed)
-    log(f"[{view}] {config.backbone} on {device}: {params['trainable'] / 1e6:.2f}M trainable, "
-        f"{params['frozen'] / 1e6:.2f}M frozen parameters; {config.optimizer} + {config.scheduler}, "
-        f"amp {dtype or 'off'}" + (f"; weights {config.weights} ({pretrained})" if pretrained else ""))
+    if rank == 0:
+        log(f"[{view}] {config.backbone} ({task}) on {device} x{world}: "
+            f"{params['trainable'] / 1e6:.2f}M trainable, {params['frozen'] / 1e6:.2f}M frozen "
+            f"parameters; {config.optimizer} + {config.scheduler}, amp {dtype or 'off'}"
+            + (f"; weights {config.weights} ({pretrained})" if pretrained else ""))
 
     history, best_f1, best_state, best_epoch = [], -1.0, None, 0
-    run_id = metrics.run_id_for(out_dir)
-    ckpt_dir = config.checkpoint_dir or str(Path(out_dir) / "checkpoints")
-    key = _resume_key(config, view, classes, len(train.labels))
+    key = _resume_key(config, view, classes, len(train.labels), task, world)
     first_epoch = 1
     state = load_checkpoint(ckpt_dir, key)
     if state is not None:
@@ -403,7 +485,8 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         history, best_f1, best_epoch = state["history"], state["best_f1"], state["best_epoch"]
         best_state = _load(_join(ckpt_dir, CHECKPOINT_BEST))
         first_epoch = state["epoch"] + 1
-        log(f"[{view}] resuming from the checkpoint of epoch {state['epoch']} in {ckpt_dir}")
+        if rank == 0:
+            log(f"[{view}] resuming from the checkpoint of epoch {state['epoch']} in {ckpt_dir}")
     stopped_early = False
     for epoch in range(first_epoch, config.epochs + 1):
         if config.patience and best_epoch and epoch - best_epoch > config.patience:
@@ -412,78 +495,208 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         if frozen and config.unfreeze_epoch and epoch >= config.unfreeze_epoch:
             set_backbone_frozen(backbone, False)
             frozen = False
-            log(f"[{view}] epoch {epoch}: backbone unfrozen, fine-tuning everything")
+            model = ddp.wrap(net, device, config.compile)  # DDP registers trainable parameters once
+            if rank == 0:
+                log(f"[{view}] epoch {epoch}: backbone unfrozen, fine-tuning everything")
         start = time.perf_counter()
         order = torch.randperm(len(train.labels), generator=generator)
+        mine = _shard(order, rank, world)
         total_loss = train_one_epoch(
-            model, batches(train, order, config.batch_size, memory_format, online, epoch),
+            model, batches(train, mine, per_rank_batch, memory_format, online, epoch),
             criterion, optimizer, scheduler, scaler, config, device, dtype)
+        total_loss = ddp.sum_across(total_loss)
         recalibrate_batchnorm(net, train.images[order], config.batch_size, memory_format)
         seconds = time.perf_counter() - start
-        val_prob = predict_proba(net, val.images)
-        val_pred = val_prob.argmax(1)
-        y_val = val.labels.numpy()
-        row = {
-            "epoch": epoch,
-            "train_loss": total_loss / len(order),
-            "val_loss": float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_prob) + 1e-12),
-                                                      val.labels, weight=weights.cpu())),
-            "val_accuracy": float(accuracy_score(y_val, val_pred)),
-            "val_macro_f1": macro_f1(y_val, val_pred),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(seconds, 3),
-            "images_per_s": round(len(order) / seconds, 1),
-        }
+        row = None
+        if rank == 0:
+            val_prob = predict_proba(net, val.images, task=task)
+            row = {"epoch": epoch, "train_loss": total_loss / (len(mine) * world),
+                   **validation_row(val_prob, val.labels, task, criterion),
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+                   "images_per_s": round(len(mine) * world / seconds, 1)}
+        row = ddp.broadcast(row)  # every rank takes the same early-stopping decision
         history.append(row)
-        log(f"[{view}] epoch {epoch}/{config.epochs} loss {row['train_loss']:.4f} "
-            f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
-            f"val_macro_f1 {row['val_macro_f1']:.4f} ({row['images_per_s']:.0f} img/s)")
-        metrics.push(f"train-branch-{view}", {
-            "epoch": epoch, "train_loss": row["train_loss"], "val_loss": row["val_loss"],
-            "val_macro_f1": row["val_macro_f1"], "learning_rate": row["lr"],
-            "images_per_second": row["images_per_s"]}, run_id)
+        if rank == 0:
+            log(f"[{view}] epoch {epoch}/{config.epochs} loss {row['train_loss']:.4f} "
+                f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
+                f"val_macro_f1 {row['val_macro_f1']:.4f} ({row['images_per_s']:.0f} img/s)")
+            if push:
+                metrics.push(f"train-branch-{view}", {
+                    "epoch": epoch, "train_loss": row["train_loss"], "val_loss": row["val_loss"],
+                    "val_macro_f1": row["val_macro_f1"], "learning_rate": row["lr"],
+                    "images_per_second": row["images_per_s"]}, run_id)
         if row["val_macro_f1"] > best_f1:
             best_f1, best_epoch = row["val_macro_f1"], epoch
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            _save(best_state, _join(ckpt_dir, CHECKPOINT_BEST))
+            if rank == 0:
+                _save(best_state, _join(ckpt_dir, CHECKPOINT_BEST))
         # best.pt first: a last.pt on disk always has its best.pt beside it
-        _save({"key": key, "epoch": epoch, "model": net.state_dict(),
-               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "scaler": scaler.state_dict(), "generator": generator.get_state(),
-               "torch_rng": torch.get_rng_state(), "history": history, "best_f1": best_f1,
-               "best_epoch": best_epoch},
-              _join(ckpt_dir, CHECKPOINT_LAST))
+        if rank == 0:
+            _save({"key": key, "epoch": epoch, "model": net.state_dict(),
+                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict(), "generator": generator.get_state(),
+                   "torch_rng": torch.get_rng_state(), "history": history, "best_f1": best_f1,
+                   "best_epoch": best_epoch},
+                  _join(ckpt_dir, CHECKPOINT_LAST))
+        ddp.barrier()
         if config.patience and epoch - best_epoch >= config.patience and epoch < config.epochs:
-            log(f"[{view}] no better val macro-F1 for {config.patience} epochs: stopping after "
-                f"epoch {epoch} (best {best_epoch})")
+            if rank == 0:
+                log(f"[{view}] no better val macro-F1 for {config.patience} epochs: stopping "
+                    f"after epoch {epoch} (best {best_epoch})")
             stopped_early = True
             break
 
     net = net.cpu()
-    model = net
-    model.load_state_dict(best_state)
+    net.load_state_dict(best_state)
+    return FitResult(net, history, best_epoch, best_f1, stopped_early, first_epoch - 1, params,
+                     pretrained, device, world)
+
+
+def _fold_ids(data: ViewData, task: str, folds: int, seed: int) -> list[np.ndarray]:
+    """The training images (ids of real crops) of each of ``folds`` folds, stratified by
+    class for multi-class data."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    real = data.real.numpy() if data.real is not None else np.ones(len(data.image_ids), bool)
+    first: dict[str, int] = {}
+    for i, image_id in enumerate(data.image_ids):
+        if real[i]:
+            first.setdefault(image_id, i)
+    ids = np.array(list(first))
+    idx = np.array(list(first.values()))
+    if task == "multiclass":
+        y = data.labels.numpy()[idx]
+        folds = min(folds, int(np.bincount(y).max()))
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        parts = splitter.split(ids, y) if np.bincount(y)[np.unique(y)].min() >= folds \
+            else KFold(folds, shuffle=True, random_state=seed).split(ids)
+    else:
+        parts = KFold(folds, shuffle=True, random_state=seed).split(ids)
+    return [ids[held] for _, held in parts]
+
+
+def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
+                task: str, criterion: nn.Module, view: str, ckpt_dir: str, online, log=print
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Out-of-fold probabilities for the voter: ``config.voter_folds`` extra branches,
+    each trained without one fold of the training images (and their augmented copies)
+    and predicting that fold. Returns (probabilities, image ids, labels) of the real
+    training crops. Each fold checkpoints (and resumes) under ``ckpt_dir/fold-k``."""
+    from triview import distributed as ddp
+
+    rank, _ = ddp.rank_and_world()
+    probs, ids, labels = [], [], []
+    for k, held in enumerate(_fold_ids(train, task, config.voter_folds, config.seed)):
+        held_set = set(held.tolist())
+        inside = torch.tensor([i for i, x in enumerate(train.image_ids) if x not in held_set])
+        real = train.real if train.real is not None else torch.ones(len(train.image_ids), dtype=torch.bool)
+        seen, out_idx = set(), []
+        for i, x in enumerate(train.image_ids):
+            if x in held_set and bool(real[i]) and x not in seen:
+                seen.add(x)
+                out_idx.append(i)
+        heldout = train.subset(torch.tensor(out_idx))
+        if rank == 0:
+            log(f"[{view}] voter fold {k + 1}/{config.voter_folds}: {len(inside)} training "
+                f"crops, {len(heldout.image_ids)} held out")
+        result = fit(config, train.subset(inside), val, classes, task, criterion, view,
+                     _join(ckpt_dir, f"fold-{k}"), online=online, log=lambda *a: None, push=False)
+        probs.append(predict_proba(result.net, heldout.images, task=task))
+        ids.extend(heldout.image_ids)
+        labels.append(heldout.labels.numpy())
+    return np.concatenate(probs), np.array(ids), np.concatenate(labels)
+
+
+def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balance_dir: str | Path,
+                 view: str, out_dir: str | Path, config: TrainConfig, log=print) -> dict:
+    """Train the branch for ``view``; write model, history and val/test probabilities
+    (and, with ``voter_folds > 1``, out-of-fold probabilities of the training images).
+
+    Returns a summary with the best epoch and its validation metrics. Under torchrun,
+    every rank trains and rank 0 alone writes.
+    """
+    from triview import distributed as ddp
+    from triview.evaluate import tune_thresholds
+
+    ddp.init_from_env()
+    rank, world = ddp.rank_and_world()
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    if world == 1 and "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    views_dir = Path(views_dir)
+    classes = mf.read_classes(views_dir)
+    tables = [(views_dir, mf.read_views(views_dir))]
+    if config.task not in ("auto",) + mf.TASKS:
+        raise ValueError(f"unknown task {config.task!r}; choose auto, multiclass or multilabel")
+    task = mf.task_of_table(tables[0][1]) if config.task == "auto" else config.task
+    if augmented_dir is not None and (Path(augmented_dir) / mf.VIEWS_FILE).exists():
+        tables.append((Path(augmented_dir), mf.read_views(augmented_dir)))
+    train = load_view(tables, view, "train", classes, task)
+    online = load_augment_config(augmented_dir) if augmented_dir is not None else None
+    online = online if online is not None and online.mode == "online" else None
+    val = load_view(tables[:1], view, "val", classes, task)
+    test = load_view(tables[:1], view, "test", classes, task)
+    image_size = int(train.images.shape[-1])
+
+    balance = read_balance(balance_dir)
+    train = apply_multiplicity(train, balance.get("train_multiplicity"))
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    criterion = make_criterion(task, balance, classes, config)
+    ckpt_dir = config.checkpoint_dir or str(Path(out_dir) / "checkpoints")
+    result = fit(config, train, val, classes, task, criterion, view, ckpt_dir,
+                 metrics.run_id_for(out_dir), online, log)
+    oof = None
+    if config.voter_folds > 1:
+        oof = out_of_fold(config, train, val, classes, task, criterion, view, ckpt_dir, online, log)
+    digest = ddp.parameter_digest(result.net)
+    ddp.write_rank_report(out_dir, {"rank": rank, "world_size": world, "parameter_digest": digest,
+                                    "images_per_epoch": len(_shard(torch.arange(len(train.labels)),
+                                                                   rank, world))})
+    summary = {"view": view, "task": task, "best_epoch": result.best_epoch,
+               "val_macro_f1": result.best_f1,
+               "val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"],
+               "parameters": result.parameters, "epochs_run": len(result.history),
+               "resumed_from_epoch": result.resumed_from_epoch,
+               "stopped_early": result.stopped_early, "device": str(result.device),
+               "world_size": world, "parameter_digest": digest,
+               "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history]))}
+    if rank != 0:
+        return summary
+    model, history = result.net, result.history
+    val_prob = predict_proba(model, val.images, task=task)
+    test_prob = predict_proba(model, test.images, task=task)
+    thresholds = tune_thresholds(val.labels.numpy(), val_prob) if task == "multilabel" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / MODEL_FILE) as tmp:
-        torch.save(best_state, tmp)
-    meta = {"view": view, "classes": classes, "image_size": image_size, "config": asdict(config),
-            "parameters": params, "best_epoch": best_epoch, "val_macro_f1": best_f1,
-            "pretrained": pretrained,
-            "input": f"float RGB in [0,1], NCHW; {config.normalization} normalisation inside the model"}
+        torch.save(model.state_dict(), tmp)
+    meta = {"view": view, "classes": classes, "image_size": image_size, "task": task,
+            "config": asdict(config), "parameters": result.parameters,
+            "best_epoch": result.best_epoch, "val_macro_f1": result.best_f1,
+            "pretrained": result.pretrained, "world_size": world,
+            "thresholds": None if thresholds is None else thresholds.tolist(),
+            "input": f"float RGB in [0,1], NCHW; {config.normalization} normalisation inside the model",
+            "output": "per-label logits (sigmoid)" if task == "multilabel" else "class logits (softmax)"}
     atomic_write_text(out / MODEL_META_FILE, json.dumps(meta, indent=2))
     atomic_write_text(out / HISTORY_FILE, pd.DataFrame(history).to_csv(index=False))
     plot_history(pd.DataFrame(history), out / HISTORY_PLOT, title=f"{view}: {config.backbone}")
-    val_prob, test_prob = predict_proba(model, val.images), predict_proba(model, test.images)
+    arrays = dict(val_prob=val_prob, val_ids=np.array(val.image_ids), val_labels=val.labels.numpy(),
+                  test_prob=test_prob, test_ids=np.array(test.image_ids),
+                  test_labels=test.labels.numpy())
+    if task == "multilabel":
+        arrays = {k: (v.astype(np.int64) if k.endswith("_labels") else v) for k, v in arrays.items()}
+        arrays["thresholds"] = thresholds
+    if oof is not None:
+        arrays.update(oof_prob=oof[0], oof_ids=oof[1], oof_labels=oof[2].astype(np.int64))
+        summary["voter_folds"] = config.voter_folds
     with atomic_path(out / PREDICTIONS_FILE) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, val_prob=val_prob, val_ids=np.array(val.image_ids),
-                     val_labels=val.labels.numpy(), test_prob=test_prob,
-                     test_ids=np.array(test.image_ids), test_labels=test.labels.numpy())
-    return {"view": view, "best_epoch": best_epoch, "val_macro_f1": best_f1,
-            "val_accuracy": history[best_epoch - 1]["val_accuracy"], "parameters": params,
-            "epochs_run": len(history), "resumed_from_epoch": first_epoch - 1,
-            "stopped_early": stopped_early, "device": str(device),
-            "seconds_per_epoch": float(np.mean([h["seconds"] for h in history]))}
+            np.savez(fh, **arrays)
+    return summary
 
 
 def plot_history(history: pd.DataFrame, path: Path, title: str = "") -> None:

@@ -38,6 +38,9 @@ def train_branch(
     finetune: str = "full",
     unfreeze_epoch: int = 0,
     checkpoint_root: str = "",
+    task: str = "auto",
+    voter_folds: int = 0,
+    ddp_procs: int = 0,
     run_id: str = "",
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
@@ -80,6 +83,13 @@ def train_branch(
             ``<checkpoint_root>/<run_id>/<view>``: an ``s3://bucket/prefix`` (MinIO) or a
             mounted volume; a retried task resumes from there. Empty: inside the model
             output (enough for kfp.local).
+        task: auto (multilabel when some image has several labels), multiclass (softmax
+            cross-entropy) or multilabel (sigmoid BCE with per-label pos_weight and
+            per-label thresholds tuned on validation).
+        voter_folds: >1: also train that many fold models and write out-of-fold
+            probabilities of the training images for the voter (costs K x the training).
+        ddp_procs: DistributedDataParallel processes under torchrun (0: one per visible
+            GPU when the node shows more than one).
         run_id: The pipeline run's id (the pipeline passes KFP's job-id placeholder).
     """
     import json
@@ -98,8 +108,10 @@ def train_branch(
                              clip_grad_norm=clip_grad_norm, accumulate=accumulate, amp=amp,
                              compile=compile, deterministic=deterministic,
                              normalization=normalization, weights=weights, finetune=finetune,
-                             unfreeze_epoch=unfreeze_epoch, checkpoint_dir=checkpoint_dir)
+                             unfreeze_epoch=unfreeze_epoch, checkpoint_dir=checkpoint_dir,
+                             task=task, voter_folds=voter_folds, ddp_procs=ddp_procs)
     model.metadata.update({"view": view, "backbone": backbone, "best_epoch": rec["best_epoch"],
+                           "task": rec["task"], "world_size": rec["world_size"],
                            "parameters": rec["parameters"]["total"],
                            "resumed_from_epoch": rec["resumed_from_epoch"],
                            "device": rec["device"], "epochs_run": rec["epochs_run"]})

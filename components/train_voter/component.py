@@ -13,7 +13,9 @@ def train_voter(
     candidates: Output[Markdown],
     seed: int = 0,
 ):
-    """Fit the voter on the branches' validation probabilities and pick the best candidate.
+    """Fit the voter on the branches' validation probabilities (or, when the branches
+    ran with ``voter_folds > 1``, on their out-of-fold training probabilities, scored
+    on validation) and pick the best candidate.
 
     Args:
         branch_1: First view's trained branch (with its validation probabilities).
@@ -29,7 +31,8 @@ def train_voter(
 
     dirs = [branch_1.path, branch_2.path, branch_3.path]
     rec = train_voter_stage(dirs, voter.path, seed=seed)
-    voter.metadata.update({"method": rec["method"], "val_macro_f1": rec["val_macro_f1"]})
+    voter.metadata.update({"method": rec["method"], "val_macro_f1": rec["val_macro_f1"],
+                           "task": rec["task"], "inputs": rec["voter_inputs"]})
     with open(candidates.path, "w") as fh:
         fh.write("# Voter candidates (validation split)\n\n"
                  + pd.DataFrame(rec["candidates"]).to_markdown(index=False) + "\n")
