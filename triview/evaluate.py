@@ -29,12 +29,13 @@ def task_of(y: np.ndarray) -> str:
     return "multilabel" if np.ndim(y) == 2 else "multiclass"
 
 
-def predicted(prob: np.ndarray, task: str, threshold=MULTILABEL_THRESHOLD) -> np.ndarray:
+def predicted(prob: np.ndarray, task: str, threshold=None) -> np.ndarray:
     """Predicted classes (N,) for multi-class, 0/1 indicators (N, C) for multi-label
-    (``threshold``: one number, or one per label)."""
+    (``threshold``: one number, or one per label; None: 0.5)."""
     if task != "multilabel":
         return prob.argmax(1)
-    return (prob >= np.asarray(threshold, dtype=np.float64)).astype(np.int64)
+    cut = MULTILABEL_THRESHOLD if threshold is None else threshold
+    return (prob >= np.asarray(cut, dtype=np.float64)).astype(np.int64)
 
 
 def tune_thresholds(y: np.ndarray, prob: np.ndarray, grid: int = 37) -> np.ndarray:
@@ -74,7 +75,7 @@ def scores(y: np.ndarray, prob: np.ndarray, thresholds=None) -> dict[str, float 
     weighted-F1, macro one-vs-rest ROC-AUC, and binary accuracy for multi-label
     (at ``thresholds``, one per label, default 0.5)."""
     task = task_of(y)
-    pred = predicted(prob, task, MULTILABEL_THRESHOLD if thresholds is None else thresholds)
+    pred = predicted(prob, task, thresholds)
     out = {"accuracy": float(accuracy_score(y, pred)),
            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
            "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0))}
@@ -101,7 +102,7 @@ def micro_roc_curve(y: np.ndarray, prob: np.ndarray, points: int = ROC_POINTS) -
 def detail(y: np.ndarray, prob: np.ndarray, classes: list[str], thresholds=None) -> dict:
     """Per-class report, confusion matrix (counts and row-normalised) and ROC-AUC per class."""
     task = task_of(y)
-    pred = predicted(prob, task, MULTILABEL_THRESHOLD if thresholds is None else thresholds)
+    pred = predicted(prob, task, thresholds)
     labels = list(range(len(classes)))
     report = classification_report(y, pred, labels=labels, target_names=classes,
                                    output_dict=True, zero_division=0)
@@ -152,7 +153,7 @@ def misclassified(result: dict, limit: int = 12) -> list[dict]:
     arrays, classes = result["_arrays"], result["classes"]
     y, prob, ids = arrays["y"], arrays["ensemble"], arrays["ids"]
     cut = (result.get("thresholds") or {}).get("ensemble")
-    pred = predicted(prob, result["task"], MULTILABEL_THRESHOLD if cut is None else cut)
+    pred = predicted(prob, result["task"], cut)
     wrong = np.flatnonzero((pred != y).any(axis=1) if y.ndim == 2 else pred != y)
     confidence = prob[wrong].max(axis=1)
     out = []

@@ -272,7 +272,7 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
             cut = voter.get("thresholds") if task == "multilabel" else None
 
             def accuracy(p):
-                return float((predicted(p, task, 0.5 if cut is None else cut) == test_labels).mean())
+                return float((predicted(p, task, cut) == test_labels).mean())
 
             quant.update(fp32_accuracy=accuracy(onnx_out), int8_accuracy=accuracy(int8_out))
             quant["accuracy_delta"] = quant["int8_accuracy"] - quant["fp32_accuracy"]

@@ -552,9 +552,9 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                      pretrained, device, world)
 
 
-def _fold_ids(data: ViewData, task: str, folds: int, seed: int) -> list[np.ndarray]:
-    """The training images (ids of real crops) of each of ``folds`` folds, stratified by
-    class for multi-class data."""
+def _held_out_rows(data: ViewData, task: str, folds: int, seed: int) -> list[np.ndarray]:
+    """For each of ``folds`` folds of the training images, the rows of its real crops
+    (one per image id), stratified by class for multi-class data."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     real = data.real.numpy() if data.real is not None else np.ones(len(data.image_ids), bool)
@@ -562,17 +562,12 @@ def _fold_ids(data: ViewData, task: str, folds: int, seed: int) -> list[np.ndarr
     for i, image_id in enumerate(data.image_ids):
         if real[i]:
             first.setdefault(image_id, i)
-    ids = np.array(list(first))
-    idx = np.array(list(first.values()))
-    if task == "multiclass":
-        y = data.labels.numpy()[idx]
-        folds = min(folds, int(np.bincount(y).max()))
+    rows = np.array(list(first.values()))
+    splitter = KFold(folds, shuffle=True, random_state=seed)
+    y = data.labels.numpy()[rows] if task == "multiclass" else None
+    if y is not None and np.bincount(y)[np.unique(y)].min() >= folds:
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-        parts = splitter.split(ids, y) if np.bincount(y)[np.unique(y)].min() >= folds \
-            else KFold(folds, shuffle=True, random_state=seed).split(ids)
-    else:
-        parts = KFold(folds, shuffle=True, random_state=seed).split(ids)
-    return [ids[held] for _, held in parts]
+    return [rows[held] for _, held in splitter.split(rows, y)]
 
 
 def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
@@ -586,16 +581,10 @@ def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: li
 
     rank, _ = ddp.rank_and_world()
     probs, ids, labels = [], [], []
-    for k, held in enumerate(_fold_ids(train, task, config.voter_folds, config.seed)):
-        held_set = set(held.tolist())
-        inside = torch.tensor([i for i, x in enumerate(train.image_ids) if x not in held_set])
-        real = train.real if train.real is not None else torch.ones(len(train.image_ids), dtype=torch.bool)
-        seen, out_idx = set(), []
-        for i, x in enumerate(train.image_ids):
-            if x in held_set and bool(real[i]) and x not in seen:
-                seen.add(x)
-                out_idx.append(i)
-        heldout = train.subset(torch.tensor(out_idx))
+    for k, rows in enumerate(_held_out_rows(train, task, config.voter_folds, config.seed)):
+        heldout = train.subset(torch.from_numpy(rows))
+        held_ids = set(heldout.image_ids)
+        inside = torch.tensor([i for i, x in enumerate(train.image_ids) if x not in held_ids])
         if rank == 0:
             log(f"[{view}] voter fold {k + 1}/{config.voter_folds}: {len(inside)} training "
                 f"crops, {len(heldout.image_ids)} held out")
@@ -654,8 +643,7 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         oof = out_of_fold(config, train, val, classes, task, criterion, view, ckpt_dir, online, log)
     digest = ddp.parameter_digest(result.net)
     ddp.write_rank_report(out_dir, {"rank": rank, "world_size": world, "parameter_digest": digest,
-                                    "images_per_epoch": len(_shard(torch.arange(len(train.labels)),
-                                                                   rank, world))})
+                                    "images_per_epoch": -(-len(train.labels) // world)})
     summary = {"view": view, "task": task, "best_epoch": result.best_epoch,
                "val_macro_f1": result.best_f1,
                "val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"],

@@ -18,7 +18,9 @@ thresholds tuned on validation.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +92,7 @@ def _scores(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     from triview.evaluate import predicted, task_of, tune_thresholds
 
     task = task_of(y)
-    pred = predicted(prob, task, tune_thresholds(y, prob) if task == "multilabel" else 0.5)
+    pred = predicted(prob, task, tune_thresholds(y, prob) if task == "multilabel" else None)
     return {"val_accuracy": float(accuracy_score(y, pred)),
             "val_macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
 
@@ -152,20 +154,14 @@ def fit_mlp_voter(probs: dict[str, np.ndarray], y: np.ndarray, n_classes: int, s
     return _mlp_voter(model, views, n_classes, task), oof
 
 
-class _quiet_convergence:
+@contextlib.contextmanager
+def _quiet_convergence():
     """MLPClassifier warns when max_iter ends the fit; the voter is scored, not trusted."""
+    from sklearn.exceptions import ConvergenceWarning
 
-    def __enter__(self):
-        import warnings
-
-        from sklearn.exceptions import ConvergenceWarning
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+        yield
 
 
 def fit_logistic_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: int,
