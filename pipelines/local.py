@@ -13,7 +13,7 @@ from kfp import local
 
 from pipelines.platform import PlatformOptions
 from pipelines.triview_pipeline import make_pipeline, triview_pipeline
-from triview.summary import aggregate_repeats, build_summary, write_summary
+from triview.summary import build_summary, write_summary
 
 
 def pipeline_parameters() -> dict[str, inspect.Parameter]:
@@ -48,6 +48,8 @@ def run_local(data: str, out_dir: str, params: dict | None = None) -> dict:
     data_path = str(Path(data).resolve())
     if not Path(data_path).exists():
         raise FileNotFoundError(f"input {data!r} does not exist")
+    if int((params or {}).get("repeats", 1)) < 1:
+        raise ValueError(f"repeats must be at least 1, got {params['repeats']}")
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(out / "pipeline_root"), raise_on_error=True)
     start = time.perf_counter()
@@ -56,7 +58,8 @@ def run_local(data: str, out_dir: str, params: dict | None = None) -> dict:
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # The same DAG; locally a failed task fails the run at once instead of retrying
         # with the cluster's minutes of backoff (the retry policy is for pod evictions).
-        local_pipeline = make_pipeline(PlatformOptions(retries=0))
+        # One repeat at a time: each training task uses every core of this machine.
+        local_pipeline = make_pipeline(PlatformOptions(retries=0, repeat_parallelism=1))
         result = local_pipeline(data=data_path, **(params or {}))
     seconds = time.perf_counter() - start
     model_dir = Path(result.outputs["model"].path)
@@ -66,24 +69,4 @@ def run_local(data: str, out_dir: str, params: dict | None = None) -> dict:
     summary["dag_seconds"] = round(seconds, 1)
     summary["parameters"] = {"data": data_path, **(params or {})}
     write_summary(summary, out)
-    return summary
-
-
-def run_local_repeats(data: str, out_dir: str, params: dict | None = None,
-                      repeats: int = 1) -> dict:
-    """Run the DAG ``repeats`` times with seeds ``seed, seed+1, ...`` (each its own
-    ``<out>/seed-<k>``); the summary of the first seed gains ``"repeats"`` with the mean
-    and SD of every view and ensemble metric."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    params = dict(params or {})
-    if repeats == 1:
-        return run_local(data, out_dir, params)
-    first_seed = int(params.get("seed", 0))
-    seeds = [first_seed + k for k in range(repeats)]
-    summaries = [run_local(data, str(Path(out_dir) / f"seed-{seed}"), {**params, "seed": seed})
-                 for seed in seeds]
-    summary = {**summaries[0], "repeats": aggregate_repeats(summaries, seeds)}
-    summary["runs"] = [str((Path(out_dir) / f"seed-{seed}").resolve()) for seed in seeds]
-    write_summary(summary, Path(out_dir))
     return summary

@@ -36,6 +36,7 @@ class PlatformOptions:
     gpu_image: str = GPU_IMAGE                       # train-branch
     pipeline_root: str | None = None                 # minio://bucket/path; None: the cluster's
     retries: int = 3
+    repeat_parallelism: int | None = None             # repeats trained at once (None: all)
     backoff: str = "60s"
     backoff_factor: float = 2.0
     backoff_max: str = "3600s"

@@ -1,5 +1,10 @@
 """The triview DAG: ingest -> calibrate-and-crop -> balance -> augment ->
-train-branch x3 -> train-voter -> evaluate -> export."""
+train-branch x3 -> train-voter -> evaluate -> export.
+
+With ``repeats > 1`` the same run also fans out over ``repeats - 1`` further seeds
+(train-branch x3 -> train-voter -> evaluate each, on the same split, crops and
+augmentation) and ``summarize-repeats`` reports mean and SD over all the seeds; the
+exported model is the main seed's."""
 
 from typing import NamedTuple
 
@@ -12,6 +17,7 @@ from components.calibrate_and_crop import calibrate_and_crop
 from components.evaluate import evaluate
 from components.export import export
 from components.ingest import ingest
+from components.repeats import repeat_seeds, summarize_repeats
 from components.train_branch import train_branch
 from components.train_voter import train_voter
 from pipelines.platform import PlatformOptions, configure_task
@@ -31,6 +37,7 @@ def make_pipeline(options: PlatformOptions | None = None):
     def triview_pipeline(
         data: str,
         seed: int = 0,
+        repeats: int = 1,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         min_size: int = 8,
@@ -125,27 +132,28 @@ def make_pipeline(options: PlatformOptions | None = None):
         augment_task.set_display_name("augment")
         configure_task(augment_task, "augment", options)
 
-        branches = []
-        for index, name in enumerate(BRANCH_NAMES):
-            branch_task = train_branch(views=crop_task.outputs["views"],
-                                       augmented=augment_task.outputs["augmented"],
-                                       balance=balance_task.outputs["balance"], view_index=index,
-                                       backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                                       lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
-                                       weight_decay=weight_decay, seed=seed, optimizer=optimizer,
-                                       momentum=momentum, scheduler=scheduler,
-                                       warmup_epochs=warmup_epochs, milestones=milestones,
-                                       poly_power=poly_power, patience=patience,
-                                       clip_grad_norm=clip_grad_norm, accumulate=accumulate, amp=amp,
-                                       compile=compile, deterministic=deterministic,
-                                       normalization=normalization, weights=weights, finetune=finetune,
-                                       unfreeze_epoch=unfreeze_epoch, checkpoint_root=checkpoint_root,
-                                       task=task, voter_folds=voter_folds, ddp_procs=ddp_procs,
-                                       run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-            branch_task.set_display_name(f"train-branch-{name}")
-            configure_task(branch_task, "train-branch", options, gpu=True)
-            branches.append(branch_task.outputs["model"])
+        def train_branches(branch_seed, repeat: bool) -> list:
+            models = []
+            for index, name in enumerate(BRANCH_NAMES):
+                branch_task = train_branch(
+                    views=crop_task.outputs["views"], augmented=augment_task.outputs["augmented"],
+                    balance=balance_task.outputs["balance"], view_index=index,
+                    backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, lrf=lrf,
+                    hidden=hidden, label_smoothing=label_smoothing, weight_decay=weight_decay,
+                    seed=branch_seed, optimizer=optimizer, momentum=momentum,
+                    scheduler=scheduler, warmup_epochs=warmup_epochs, milestones=milestones,
+                    poly_power=poly_power, patience=patience, clip_grad_norm=clip_grad_norm,
+                    accumulate=accumulate, amp=amp, compile=compile, deterministic=deterministic,
+                    normalization=normalization, weights=weights, finetune=finetune,
+                    unfreeze_epoch=unfreeze_epoch, checkpoint_root=checkpoint_root, task=task,
+                    voter_folds=voter_folds, ddp_procs=ddp_procs,
+                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, repeat=repeat)
+                branch_task.set_display_name(f"train-branch-{name}" + ("-repeat" if repeat else ""))
+                configure_task(branch_task, "train-branch", options, gpu=True)
+                models.append(branch_task.outputs["model"])
+            return models
 
+        branches = train_branches(seed, repeat=False)
         voter_task = train_voter(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
                                  seed=seed)
         voter_task.set_display_name("train-voter")
@@ -163,6 +171,28 @@ def make_pipeline(options: PlatformOptions | None = None):
                              model_name=model_name, quantize=quantize)
         export_task.set_display_name("export")
         configure_task(export_task, "export", options)
+
+        with dsl.If(repeats > 1, name="repeats"):
+            seeds_task = repeat_seeds(seed=seed, repeats=repeats)
+            seeds_task.set_display_name("repeat-seeds")
+            configure_task(seeds_task, "repeat-seeds", options)
+            with dsl.ParallelFor(seeds_task.output, name="repeat",
+                                 parallelism=options.repeat_parallelism) as repeat_seed:
+                rep = train_branches(repeat_seed, repeat=True)
+                rep_voter = train_voter(branch_1=rep[0], branch_2=rep[1], branch_3=rep[2],
+                                        seed=repeat_seed, repeat=True)
+                rep_voter.set_display_name("train-voter-repeat")
+                configure_task(rep_voter, "train-voter", options)
+                rep_eval = evaluate(branch_1=rep[0], branch_2=rep[1], branch_3=rep[2],
+                                    voter=rep_voter.outputs["voter"], views=crop_task.outputs["views"],
+                                    repeat=True)
+                rep_eval.set_display_name("evaluate-repeat")
+                configure_task(rep_eval, "evaluate", options)
+            summary_task = summarize_repeats(
+                evaluation=eval_task.outputs["evaluation"],
+                repeat_evaluations=dsl.Collected(rep_eval.outputs["evaluation"]))
+            summary_task.set_display_name("summarize-repeats")
+            configure_task(summary_task, "summarize-repeats", options)
 
         outputs = NamedTuple("Outputs", model=Model, report=HTML)
         return outputs(model=export_task.outputs["model"], report=eval_task.outputs["report"])

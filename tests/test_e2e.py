@@ -14,9 +14,11 @@ STAGES = {"ingest", "calibrate-and-crop", "balance", "augment", "train-branch-le
           "train-branch-center", "train-branch-right", "train-voter", "evaluate", "export"}
 
 
-def _run(data: Path, out: Path, *params: str, env: dict | None = None, repeats: int = 1) -> dict:
+def _run(data: Path, out: Path, *params: str, env: dict | None = None,
+         repeats: int | None = None) -> dict:
     cmd = [str(Path(sys.executable).parent / "triview"), "run", "--data", str(data),
-           "--out", str(out), "--repeats", str(repeats)] + [a for p in params for a in ("--param", p)]
+           "--out", str(out)] + [a for p in params for a in ("--param", p)]
+    cmd += [] if repeats is None else ["--repeats", str(repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -24,14 +26,14 @@ def _run(data: Path, out: Path, *params: str, env: dict | None = None, repeats: 
     return json.loads((out / "run_summary.json").read_text())
 
 
-def _check_contract(summary: dict, n_images: int) -> None:
+def _check_contract(summary: dict, n_images: int, extra_stages: set = frozenset()) -> None:
     assert set(summary["views"]) == {"left", "center", "right"}
     for scores in list(summary["views"].values()) + [summary["ensemble"]]:
         assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["macro_f1"] <= 1.0
     assert summary["ensemble"]["method"]
     c = summary["counts"]
     assert c["train"] + c["val"] + c["test"] + c["quarantined"] == n_images
-    assert set(summary["stages"]) == STAGES
+    assert set(summary["stages"]) == STAGES | extra_stages
     assert all(s["seconds"] > 0 for s in summary["stages"].values())
     model = Path(summary["artifacts"]["model"])
     assert (model / "ensemble.torchscript.pt").is_file() and (model / "model_card.json").is_file()
@@ -45,35 +47,45 @@ def test_small_run_with_params_through_the_cli(tmp_path, pushgateway):
     summary = _run(tmp_path / "data", tmp_path / "out", "epochs=3", "batch_size=32",
                    "image_size=24", "augment_copies=0", env={"PUSHGATEWAY_URL": pushgateway},
                    repeats=2)
-    # two seeds, each its own run of the DAG; mean and SD over both
-    seeds = [json.loads((tmp_path / "out" / f"seed-{s}" / "run_summary.json").read_text())
-             for s in (0, 1)]
-    assert [s["parameters"]["seed"] for s in seeds] == [0, 1]
-    values = [s["ensemble"]["macro_f1"] for s in seeds]
+    # one run of the DAG; its repeat fan-out trained seed 1 beside the main seed 0
     rep = summary["repeats"]
-    assert rep["seeds"] == [0, 1] and rep["ensemble"]["macro_f1"]["values"] == pytest.approx(values)
+    assert rep["n"] == 2 and rep["seeds"] == [0, 1]
+    stages = {}
+    for path in Path(summary["artifacts"]["run_dir"]).rglob("stage.json"):
+        record = json.loads(path.read_text())
+        stages[record["stage"]] = record
+    repeat = stages["evaluate-seed-1"]
+    assert repeat["seed"] == 1 and stages["evaluate"]["seed"] == 0
+    values = [summary["ensemble"]["macro_f1"], repeat["ensemble"]["macro_f1"]]
+    assert rep["ensemble"]["macro_f1"]["values"] == pytest.approx(values)
     assert rep["ensemble"]["macro_f1"]["mean"] == pytest.approx(sum(values) / 2)
     assert set(rep["views"]) == {"left", "center", "right"}
-    _check_contract(summary, 401)
+    assert {f"train-branch-{v}-seed-1" for v in ("left", "center", "right")} <= set(stages)
+    assert summary["parameters"]["repeats"] == 2
+    repeat_stages = {f"{s}-seed-1" for s in STAGES if s.startswith(("train-", "evaluate"))}
+    _check_contract(summary, 401, repeat_stages | {"repeats"})
     assert summary["counts"]["quarantined"] == 1
     card = json.loads((Path(summary["artifacts"]["model"]) / "model_card.json").read_text())
     assert card["image_size"] == 24 and card["training"]["left"]["config"]["epochs"] == 3
+    assert card["training"]["left"]["config"]["seed"] == 0  # the export is the main seed's
     assert summary["ensemble"]["macro_f1"] > 0.3  # well above chance (0.1) after 3 epochs
 
-    # every stage pushed its metrics to the real Pushgateway, grouped by run and stage
+    # every stage pushed its metrics to the real Pushgateway, grouped by run and stage;
+    # the repeat's tasks under the same run id, as stages of their own
     text = urllib.request.urlopen(f"{pushgateway}/metrics", timeout=5).read().decode()
     run_id = Path(summary["artifacts"]["run_dir"]).name
-    for stage in STAGES:
+    for stage in STAGES | {"train-voter-seed-1", "evaluate-seed-1", "repeats"}:
         assert f'triview_stage_duration_seconds{{instance="",job="triview",run_id="{run_id}",stage="{stage}"}}' in text, stage
     assert f'triview_quarantined{{instance="",job="triview",run_id="{run_id}",stage="ingest"}} 1' in text
     for view in ("left", "center", "right"):
-        assert f'triview_epoch{{instance="",job="triview",run_id="{run_id}",stage="train-branch-{view}"}} 3' in text
-    ensemble = f'triview_test_ensemble_macro_f1{{instance="",job="triview",run_id="{run_id}",stage="evaluate"}}'
-    line = next(l for l in text.splitlines() if l.startswith(ensemble))
-    assert float(line.split()[-1]) == pytest.approx(summary["ensemble"]["macro_f1"])
-    second = Path(seeds[1]["artifacts"]["run_dir"]).name  # the other seed's run, its own group
-    assert second != run_id
-    assert f'triview_test_ensemble_macro_f1{{instance="",job="triview",run_id="{second}",stage="evaluate"}}' in text
+        for stage in (f"train-branch-{view}", f"train-branch-{view}-seed-1"):
+            assert f'triview_epoch{{instance="",job="triview",run_id="{run_id}",stage="{stage}"}} 3' in text
+    for stage, value in (("evaluate", values[0]), ("evaluate-seed-1", values[1]),
+                         ("repeats", None)):
+        name = "test_ensemble_macro_f1" + ("_mean" if value is None else "")
+        line = next(l for l in text.splitlines()
+                    if l.startswith(f'triview_{name}{{instance="",job="triview",run_id="{run_id}",stage="{stage}"}}'))
+        assert float(line.split()[-1]) == pytest.approx(sum(values) / 2 if value is None else value)
 
 
 @pytest.mark.slow
@@ -100,3 +112,34 @@ def test_repeats_aggregate_mean_and_sd():
     assert rep["views"]["left"]["accuracy"]["sd"] == 0.0
     assert rep["ensemble"]["macro_f1"]["values"] == pytest.approx([0.7, 0.8, 0.9])
     assert "method" not in rep["ensemble"]
+
+
+def test_repeat_seeds_and_the_repeats_stage(tmp_path):
+    from triview.runinfo import stage_record
+    from triview.stages import repeat_seeds, repeats_stage
+
+    assert repeat_seeds(5, 3) == [6, 7] and repeat_seeds(0, 1) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        repeat_seeds(0, 0)
+    dirs = []
+    for seed, f1 in ((2, 0.8), (0, 0.6), (1, 0.7)):  # collected in any order
+        d = tmp_path / f"eval-{seed}"
+        with stage_record("evaluate" if seed == 0 else f"evaluate-seed-{seed}", d) as rec:
+            rec.update(seed=seed, views={"left": {"macro_f1": f1 - 0.1}},
+                       ensemble={"macro_f1": f1, "method": "mean"})
+        dirs.append(d)
+    rec = repeats_stage(dirs, tmp_path / "summary")
+    rep = json.loads((tmp_path / "summary" / "repeats.json").read_text())
+    assert rep == rec["repeats"] and rep["seeds"] == [0, 1, 2]
+    assert rep["ensemble"]["macro_f1"]["values"] == pytest.approx([0.6, 0.7, 0.8])
+    assert rep["ensemble"]["macro_f1"]["sd"] == pytest.approx(0.1)
+    assert rep["views"]["left"]["macro_f1"]["mean"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="share a seed"):
+        repeats_stage(dirs + dirs[:1], tmp_path / "again")
+
+
+def test_metrics_run_id_of_a_fan_out_task_is_its_run():
+    from triview.metrics import run_id_for
+
+    assert run_id_for("/root/triview-1/train-branch/model") == "triview-1"
+    assert run_id_for("/root/triview-1/for-loop-2-iteration-1/train-branch-4/model") == "triview-1"

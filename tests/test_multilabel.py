@@ -89,7 +89,7 @@ def test_evaluation_reports_multilabel_metrics(multilabel_run):
     voter = json.loads((out / "voter" / "voter.json").read_text())
     assert voter["task"] == "multilabel" and len(voter["thresholds"]) == 5
     candidates = pd.read_csv(out / "voter" / "candidates.csv")
-    assert {"mean", "vote", "weighted", "mlp"} <= set(candidates["candidate"])
+    assert {"mean", "geomean", "vote", "weighted", "mlp"} <= set(candidates["candidate"])
     assert "logistic" not in set(candidates["candidate"])
 
 
@@ -145,7 +145,8 @@ def test_multilabel_voters_export_to_the_same_numbers():
     voter, table = vt.fit_voter(probs, y, 4, seed=0)
     assert voter["task"] == "multilabel" and len(voter["thresholds"]) == 4
     mlp, _ = vt.fit_mlp_voter(probs, y, 4, seed=0)
-    for candidate in (mlp, {"method": "vote", "views": list(probs), "task": "multilabel"}, voter):
+    for candidate in (mlp, {"method": "vote", "views": list(probs), "task": "multilabel"},
+                      {"method": "geomean", "views": list(probs), "task": "multilabel"}, voter):
         module = VoterModule(candidate, 4)
         torch_out = module([torch.tensor(probs[v], dtype=torch.float32) for v in candidate["views"]])
         assert np.allclose(torch_out.detach().numpy(), vt.apply_voter(candidate, probs), atol=1e-5)

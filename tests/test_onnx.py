@@ -116,7 +116,7 @@ def test_bench_inference_onnx_is_at_most_half_of_eager(exported_int8, tmp_path):
     assert figures["onnx_over_eager"] <= 0.5, figures
 
 
-@pytest.mark.parametrize("method", ["single", "vote", "weighted", "mlp"])
+@pytest.mark.parametrize("method", ["single", "vote", "geomean", "weighted", "mlp"])
 def test_every_voter_exports_with_parity(method, trained, cropped, tmp_path):
     """The exporter prunes the inputs a voter ignores (single): inputs go by name."""
     from triview.voter import save_voter

@@ -25,7 +25,7 @@ def test_dag_has_the_ten_stages_wired_with_typed_artifacts():
     spec = next(yaml.safe_load_all((REPO / "pipelines" / "triview.yaml").read_text()))
     tasks = spec["root"]["dag"]["tasks"]
     names = sorted(t["taskInfo"]["name"] for t in tasks.values())
-    assert names == sorted(STAGES)
+    assert names == sorted(STAGES + ["repeats"])  # repeats: the seeds fan-out, when asked for
     by_name = {t["taskInfo"]["name"]: t for t in tasks.values()}
     assert set(by_name["train-voter"]["dependentTasks"]) == {
         k for k, t in tasks.items() if t["taskInfo"]["name"].startswith("train-branch")}
@@ -37,6 +37,34 @@ def test_dag_has_the_ten_stages_wired_with_typed_artifacts():
     views = sorted(t["inputs"]["parameters"]["view_index"]["runtimeValue"]["constant"]
                    for n, t in by_name.items() if n.startswith("train-branch"))
     assert views == [0, 1, 2]
+
+
+def test_repeats_fan_out_over_seeds_only_when_asked_for():
+    spec = next(yaml.safe_load_all((REPO / "pipelines" / "triview.yaml").read_text()))
+    root = spec["root"]
+    assert root["inputDefinitions"]["parameters"]["repeats"]["defaultValue"] == 1
+    cond = next(t for t in root["dag"]["tasks"].values() if t["taskInfo"]["name"] == "repeats")
+    assert cond["triggerPolicy"]["condition"] == \
+        "int(inputs.parameter_values['pipelinechannel--repeats']) > 1"
+    inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
+    loop = next(t for t in inner.values() if "parameterIterator" in t)
+    assert loop["parameterIterator"]["items"]["inputParameter"].startswith(
+        "pipelinechannel--repeat-seeds-Output")
+    assert "iteratorPolicy" not in loop  # on a cluster every repeat runs at once
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert sorted(t["taskInfo"]["name"] for t in body.values()) == [
+        "evaluate-repeat", "train-branch-center-repeat", "train-branch-left-repeat",
+        "train-branch-right-repeat", "train-voter-repeat"]
+    for task in body.values():  # the loop item is the seed; repeat=True keeps records apart
+        params = task["inputs"]["parameters"]
+        assert params["repeat"]["runtimeValue"]["constant"] is True
+        if "seed" in params:
+            assert params["seed"]["componentInputParameter"].endswith("loop-item")
+        assert "registry" not in params  # a repeat is never gated against the champion
+    summary = next(t for t in inner.values() if t["taskInfo"]["name"] == "summarize-repeats")
+    collected = summary["inputs"]["artifacts"]["repeat_evaluations"]["taskOutputArtifact"]
+    assert collected["producerTask"] == next(k for k, t in inner.items() if "parameterIterator" in t)
+    assert summary["inputs"]["artifacts"]["evaluation"]  # the main seed's evaluation
 
 
 def test_library_never_imports_kfp():

@@ -23,12 +23,12 @@ def _noisy_views(n=300, c=5, seed=0):
 def test_combining_views_beats_each_single_view():
     probs, y = _noisy_views()
     voter, table = fit_voter(probs, y, 5)
-    assert voter["method"] in ("mean", "weighted", "vote", "logistic", "mlp")
+    assert voter["method"] in ("mean", "geomean", "weighted", "vote", "logistic", "mlp")
     single = table[table["candidate"].str.startswith("single")]["val_macro_f1"].max()
     assert voter["val_macro_f1"] > single + 0.05
     assert table["chosen"].sum() == 1
-    assert set(table["candidate"]) == {"mean", "vote", "weighted", "single:left", "single:center",
-                                       "single:right", "logistic", "mlp"}
+    assert set(table["candidate"]) == {"mean", "geomean", "vote", "weighted", "single:left",
+                                       "single:center", "single:right", "logistic", "mlp"}
 
 
 def test_a_dominant_view_is_chosen_alone():
@@ -93,7 +93,46 @@ def test_weighted_voter_leans_on_the_better_view_and_vote_counts_labels():
     assert apply_voter({"method": "mean", "views": list(p)}, p).argmax() == 0
 
 
-@pytest.mark.parametrize("method", ["mean", "weighted", "vote", "single"])
+def test_geometric_mean_is_a_normalised_product_of_experts():
+    probs, _ = _noisy_views(n=40, c=4)
+    p = apply_voter({"method": "geomean", "views": list(probs)}, probs)
+    product = np.prod([probs[v] for v in probs], axis=0) ** (1 / 3)
+    assert np.allclose(p, product / product.sum(1, keepdims=True), atol=1e-5)
+    # one confident "no" vetoes a class that the mean would still pick
+    q = {"left": np.array([[0.9, 0.1]]), "center": np.array([[0.9, 0.1]]),
+         "right": np.array([[0.001, 0.999]])}
+    assert apply_voter({"method": "mean", "views": list(q)}, q).argmax() == 0
+    assert apply_voter({"method": "geomean", "views": list(q)}, q).argmax() == 1
+
+
+def test_a_fitted_voter_must_beat_the_fixed_rules_by_a_paired_standard_error():
+    import pandas as pd
+
+    from triview.voter import choose
+
+    y = np.arange(200) % 4
+    right = np.eye(4)[y] * 0.7 + 0.075
+    wrong = np.eye(4)[(y + 1) % 4] * 0.7 + 0.075
+
+    def pred(n_wrong):  # the first n_wrong images predicted wrongly
+        return np.where(np.arange(200)[:, None] < n_wrong, wrong, right)
+
+    def table(f1_fixed, f1_fitted):
+        return pd.DataFrame([{"candidate": "mean", "complexity": 1, "val_macro_f1": f1_fixed},
+                             {"candidate": "logistic", "complexity": 3, "val_macro_f1": f1_fitted},
+                             {"candidate": "single:left", "complexity": 0, "val_macro_f1": 0.5}])
+    # 4 images apart (SE sqrt(4)/200 = 0.01): a 0.008 better fitted voter is not enough ...
+    scored = {"mean": pred(10), "logistic": pred(6), "single:left": pred(100)}
+    assert choose(table(0.952, 0.96), scored, y) == "mean"
+    # ... 0.04 better, with 16 images apart (SE 0.02), is
+    scored["logistic"] = pred(0)
+    scored["mean"] = pred(16)
+    assert choose(table(0.92, 0.96), scored, y) == "logistic"
+    # a fixed rule or single view at the top is taken as it is
+    assert choose(table(0.97, 0.96), scored, y) == "mean"
+
+
+@pytest.mark.parametrize("method", ["mean", "geomean", "weighted", "vote", "single"])
 def test_exported_voter_module_matches_numpy_in_torch_and_onnx(method, tmp_path):
     import onnxruntime as ort
     import torch

@@ -73,9 +73,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.local import parse_params, run_local_repeats
+    from pipelines.local import parse_params, run_local
 
-    summary = run_local_repeats(args.data, args.out, parse_params(args.param), args.repeats)
+    params = parse_params(args.param)
+    if args.repeats is not None:
+        if "repeats" in params and params["repeats"] != args.repeats:
+            raise ValueError(f"--repeats {args.repeats} contradicts --param repeats={params['repeats']}")
+        params["repeats"] = args.repeats
+    summary = run_local(args.data, args.out, params)
     print(format_summary(summary))
     print(f"summary: {Path(args.out) / 'run_summary.json'}")
     return 0
@@ -245,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (pipeline root + run_summary.json)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline parameter, repeatable (e.g. --param epochs=4)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="run N times with seeds seed..seed+N-1 and report mean ± SD (default 1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="train N seeds seed..seed+N-1 in the one run (the pipeline's `repeats` "
+                   "parameter) and report mean ± SD of every test metric (default 1)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("predict", help="predict images with an exported ensemble (local or s3://)")

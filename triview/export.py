@@ -71,6 +71,11 @@ class VoterModule(nn.Module):
     def forward(self, probs: list[torch.Tensor]) -> torch.Tensor:
         if self.method == "mean":
             return torch.stack(probs, 0).mean(0)
+        if self.method == "geomean" and self.multilabel:  # mean logit per label
+            stacked = torch.stack(probs, 0)
+            return torch.sigmoid((torch.log(stacked + EPS) - torch.log1p(EPS - stacked)).mean(0))
+        if self.method == "geomean":
+            return torch.softmax(torch.log(torch.stack(probs, 0) + EPS).mean(0), dim=1)
         if self.method == "weighted":
             return (torch.stack(probs, 0) * self.view_weights).sum(0)
         if self.method == "mlp":

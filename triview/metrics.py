@@ -4,12 +4,14 @@ Active only when ``PUSHGATEWAY_URL`` is set; otherwise every call is a no-op. A
 Pushgateway that cannot be reached gives a warning and the run goes on. Metrics are
 grouped by ``run_id`` and ``stage``; the run id is ``TRIVIEW_RUN_ID`` when set, else
 the run folder of the stage's output artifact (``<root>/<run>/<task>/<output>``, the
-layout of both kfp.local and the KFP launcher).
+layout of both kfp.local and the KFP launcher; kfp.local puts a ParallelFor iteration's
+tasks one folder deeper, ``<run>/for-loop-N-iteration-K/<task>/<output>``).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -19,12 +21,17 @@ JOB = "triview"
 log = logging.getLogger(__name__)
 
 
+_LOOP_ITERATION = re.compile(r"for-loop-\d+-iteration-\d+")
+
+
 def run_id_for(out_dir: str | Path) -> str:
     explicit = os.environ.get("TRIVIEW_RUN_ID")
     if explicit:
         return explicit
-    parts = Path(out_dir).resolve().parts
-    return parts[-3] if len(parts) >= 3 else "unknown"
+    parts = list(Path(out_dir).resolve().parts[:-2])  # drop <task>/<output>
+    while parts and _LOOP_ITERATION.fullmatch(parts[-1]):  # a ParallelFor iteration's folder
+        parts.pop()
+    return parts[-1] if len(parts) > 1 else "unknown"
 
 
 def _label(name: str) -> str:
@@ -86,4 +93,9 @@ def stage_values(record: dict) -> dict[str, float]:
             for key in ("accuracy", "macro_f1"):
                 if isinstance(scores, dict) and isinstance(scores.get(key), (int, float)):
                     values[f"test_{view}_{key}"] = scores[key]
+    repeats = (record.get("repeats") or {}).get("ensemble") or {}
+    for key in ("accuracy", "macro_f1"):  # repeats: mean and SD over seeds
+        for stat in ("mean", "sd"):
+            if isinstance(repeats.get(key), dict):
+                values[f"test_ensemble_{key}_{stat}"] = repeats[key][stat]
     return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -106,12 +106,20 @@ def augment_stage(views_dir: Folder, out_dir: Folder, copies: int = 1, noise_std
     return rec
 
 
+def repeat_suffix(seed: int, repeat: bool) -> str:
+    """Stage-name suffix of a repeat's tasks: their ``stage.json`` records and metric
+    groups stay apart from the main run's (``train-branch-left-seed-3``)."""
+    return f"-seed-{seed}" if repeat else ""
+
+
 def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_dir: Folder,
-                       view: str, out_dir: Folder, **options) -> dict:
+                       view: str, out_dir: Folder, repeat: bool = False, **options) -> dict:
     """Train ``view``'s branch; ``options`` are :class:`triview.train.TrainConfig` fields.
 
     With more than one GPU visible (or ``ddp_procs > 1``) the stage runs itself again
-    under torchrun, one process per GPU, and returns rank 0's record.
+    under torchrun, one process per GPU, and returns rank 0's record. ``repeat`` marks
+    a repeat of the main run with another seed (``repeats > 1``): its records and
+    metrics are named ``train-branch-<view>-seed-<seed>``.
     """
     import os
 
@@ -119,16 +127,19 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
     from triview import train as tr
 
     config = tr.TrainConfig(**options)
+    name = f"train-branch-{view}" + repeat_suffix(config.seed, repeat)
     nproc = ddp.processes_wanted(config.ddp_procs)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         kwargs = {"views_dir": str(views_dir), "balance_dir": str(balance_dir), "view": view,
                   "out_dir": str(out_dir), "augmented_dir": None if augmented_dir is None
-                  else str(augmented_dir), **options}
+                  else str(augmented_dir), "repeat": repeat, **options}
         return ddp.launch(kwargs, nproc, out_dir)
     if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: rank 0 keeps the record
-        return tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config)
-    with stage_record(f"train-branch-{view}", out_dir) as rec:
-        rec.update(tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config))
+        return tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
+                               stage=name)
+    with stage_record(name, out_dir) as rec:
+        rec.update(tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
+                                   stage=name))
     return rec
 
 
@@ -149,10 +160,11 @@ def _load_branch_predictions(branch_dirs: dict[str, Path]) -> dict[str, dict]:
     return {view: load_predictions(d) for view, d in branch_dirs.items()}
 
 
-def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, seed: int = 0) -> dict:
+def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, seed: int = 0,
+                      repeat: bool = False) -> dict:
     from triview import voter as vt
 
-    with stage_record("train-voter", out_dir) as rec:
+    with stage_record("train-voter" + repeat_suffix(seed, repeat), out_dir) as rec:
         branch_dirs = branches_by_view(branch_dirs)
         preds = _load_branch_predictions(branch_dirs)
         probs, y, _ = vt.aligned(preds, "val")
@@ -162,6 +174,7 @@ def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, seed: int = 0)
             oof_probs, oof_y, _ = vt.aligned(preds, "oof")
             oof = (oof_probs, oof_y)
         voter, table = vt.fit_voter(probs, y, n_classes, seed=seed, oof=oof)
+        voter["seed"] = seed
         vt.save_voter(voter, table, out_dir)
         rec.update(method=voter["name"], val_macro_f1=voter["val_macro_f1"], task=voter["task"],
                    voter_inputs="train out-of-fold" if oof else "validation",
@@ -172,13 +185,15 @@ def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, seed: int = 0)
 def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder,
                    views_dir: Folder | None = None, registry: str = "", model_name: str = "triview",
                    gate_min_macro_f1: float = 0.0, gate_min_delta: float = -0.01,
-                   gradcam_per_kind: int = 4) -> dict:
+                   gradcam_per_kind: int = 4, repeat: bool = False) -> dict:
     """Score views and ensemble on the test split, gate the ensemble against the
     registry's champion and write the report.
 
     ``views_dir`` (the cropped views) is needed for the champion comparison, the
     misclassified images and the Grad-CAM gallery; without it those are left out
-    (and a ``registry`` cannot be used).
+    (and a ``registry`` cannot be used). ``repeat`` marks a repeat of the main run
+    (``repeats > 1``): the record is named ``evaluate-seed-<seed>`` (the voter's seed),
+    and a repeat is never gated against the registry.
     """
     import pandas as pd
 
@@ -187,13 +202,16 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
     from triview import voter as vt
     from triview.train import HISTORY_FILE, MODEL_META_FILE
 
-    with stage_record("evaluate", out_dir) as rec:
+    voter = vt.load_voter(voter_dir)
+    seed = int(voter.get("seed", 0))
+    if repeat and registry:
+        raise ValueError("a repeat is not gated: evaluate it without a registry")
+    with stage_record("evaluate" + repeat_suffix(seed, repeat), out_dir) as rec:
         branch_dirs = branches_by_view(branch_dirs)
         preds = _load_branch_predictions(branch_dirs)
         metas = {v: json.loads((d / MODEL_META_FILE).read_text()) for v, d in branch_dirs.items()}
         first = next(iter(metas.values()))
         classes, task = first["classes"], first.get("task", "multiclass")
-        voter = vt.load_voter(voter_dir)
         candidates = pd.read_csv(Path(voter_dir) / vt.CANDIDATES_FILE)
         histories = {v: pd.read_csv(d / HISTORY_FILE) for v, d in branch_dirs.items()
                      if (d / HISTORY_FILE).is_file()}
@@ -207,10 +225,36 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
                                                            challenger, views_dir, gradcam_per_kind)
         result = ev.evaluate(preds, voter, classes, out_dir, candidates, histories=histories,
                              timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader)
-        rec.update(ensemble=result["ensemble"], views=result["views"], n_test=result["n_test"],
-                   blessed=int(blessing["blessed"]), champion_macro_f1=blessing["champion"],
+        rec.update(seed=seed, ensemble=result["ensemble"], views=result["views"],
+                   n_test=result["n_test"], blessed=int(blessing["blessed"]), champion_macro_f1=blessing["champion"],
                    gate={k: blessing[k] for k in ("blessed", "reasons", "comparison", "champion_version")},
                    ensemble_ms_per_sample=timing["ensemble_ms_per_sample"], device=timing["device"])
+    return rec
+
+
+def repeat_seeds(seed: int, repeats: int) -> list[int]:
+    """The seeds of a run's repeats: ``seed+1 .. seed+repeats-1`` (the main run has ``seed``)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    return [seed + k for k in range(1, repeats)]
+
+
+def repeats_stage(evaluation_dirs: list[Folder], out_dir: Folder) -> dict:
+    """Mean and SD over seeds of every view and ensemble metric, from the evaluate
+    records of the main run and its repeats (the same split, crops and augmentation;
+    only the training seeds differ). Writes ``repeats.json``."""
+    from triview.runinfo import STAGE_FILE
+    from triview.storage import atomic_write_text
+    from triview.summary import aggregate_repeats
+
+    records = [json.loads((Path(d) / STAGE_FILE).read_text()) for d in evaluation_dirs]
+    records.sort(key=lambda r: r["seed"])
+    seeds = [int(r["seed"]) for r in records]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"repeated evaluations share a seed: {seeds}")
+    with stage_record("repeats", out_dir) as rec:
+        rec["repeats"] = aggregate_repeats(records, seeds)
+        atomic_write_text(Path(out_dir) / "repeats.json", json.dumps(rec["repeats"], indent=2))
     return rec
 
 

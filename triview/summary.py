@@ -18,7 +18,7 @@ def build_summary(run_dir: str | Path, model_dir: str | Path, report_path: str |
         raise FileNotFoundError(f"no stage record for {missing} below {run_dir}")
     ingest, evaluation = stages["ingest"], stages["evaluate"]
     counts = {k: int(ingest["counts"][k]) for k in ("train", "val", "test", "quarantined")}
-    return {
+    summary = {
         "views": evaluation["views"],
         "ensemble": evaluation["ensemble"],
         "counts": counts,
@@ -31,6 +31,9 @@ def build_summary(run_dir: str | Path, model_dir: str | Path, report_path: str |
                       "report": str(Path(report_path).resolve()),
                       "run_dir": str(Path(run_dir).resolve())},
     }
+    if "repeats" in stages:  # the DAG ran with repeats > 1: mean and SD over its seeds
+        summary["repeats"] = stages["repeats"]["repeats"]
+    return summary
 
 
 def _metric_leaves(tree: dict, prefix: tuple = ()) -> dict[tuple, float]:

@@ -427,7 +427,7 @@ def _shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str], task: str,
         criterion: nn.Module, view: str, ckpt_dir: str, run_id: str | None = None,
-        online=None, log=print, push: bool = True) -> FitResult:
+        online=None, log=print, push: bool = True, stage: str | None = None) -> FitResult:
     """Train a fresh branch on ``train``, choosing the epoch by validation macro-F1.
 
     Checkpoints go to ``ckpt_dir`` every epoch and a matching checkpoint found there is
@@ -521,7 +521,7 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                 f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
                 f"val_macro_f1 {row['val_macro_f1']:.4f} ({row['images_per_s']:.0f} img/s)")
             if push:
-                metrics.push(f"train-branch-{view}", {
+                metrics.push(stage or f"train-branch-{view}", {
                     "epoch": epoch, "train_loss": row["train_loss"], "val_loss": row["val_loss"],
                     "val_macro_f1": row["val_macro_f1"], "learning_rate": row["lr"],
                     "images_per_second": row["images_per_s"]}, run_id)
@@ -597,9 +597,11 @@ def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: li
 
 
 def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balance_dir: str | Path,
-                 view: str, out_dir: str | Path, config: TrainConfig, log=print) -> dict:
+                 view: str, out_dir: str | Path, config: TrainConfig, log=print,
+                 stage: str | None = None) -> dict:
     """Train the branch for ``view``; write model, history and val/test probabilities
     (and, with ``voter_folds > 1``, out-of-fold probabilities of the training images).
+    ``stage`` names the per-epoch metrics group (default ``train-branch-<view>``).
 
     Returns a summary with the best epoch and its validation metrics. Under torchrun,
     every rank trains and rank 0 alone writes.
@@ -637,7 +639,7 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     criterion = make_criterion(task, balance, classes, config)
     ckpt_dir = config.checkpoint_dir or str(Path(out_dir) / "checkpoints")
     result = fit(config, train, val, classes, task, criterion, view, ckpt_dir,
-                 metrics.run_id_for(out_dir), online, log)
+                 metrics.run_id_for(out_dir), online, log, stage=stage)
     oof = None
     if config.voter_folds > 1:
         oof = out_of_fold(config, train, val, classes, task, criterion, view, ckpt_dir, online, log)

@@ -1,7 +1,8 @@
 """The voter: combines the three views' probabilities into one prediction.
 
 Candidates are scored on the validation split, which no branch trained on:
-mean of probabilities, each single view, majority vote (the sum of the views'
+mean of probabilities, their normalised geometric mean (a product of experts: per
+label, the mean logit), each single view, majority vote (the sum of the views'
 one-hot label vectors, ties broken by the mean probability; multi-label: per label,
 the share of views that say yes), a weighted mean (view weights fitted by log-loss),
 and learned voters on the concatenated log-probabilities: multinomial logistic
@@ -13,7 +14,8 @@ inputs they are scored by cross-validated predictions on the validation split; w
 ``oof`` (the branches' out-of-fold probabilities of the training images, from
 ``voter_folds > 1``) they are fitted on those and scored on the whole validation
 split, and the chosen one is refitted on both. The best by validation macro-F1 is
-kept; ties go to the simpler candidate. Multi-label voters carry per-label decision
+kept; ties go to the simpler candidate, and a fitted voter is kept only when it beats
+the best fixed rule by more than one paired standard error (see :func:`choose`). Multi-label voters carry per-label decision
 thresholds tuned on validation.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ VOTER_FILE = "voter.json"
 CANDIDATES_FILE = "candidates.csv"
 EPS = 1e-6
 VOTE_TIE_BREAK = 1e-3  # mean probability's share in the majority vote: breaks ties only
+FIXED_RULES = ("mean", "geomean", "vote")  # combinations with nothing fitted
 
 
 def stack_features(probs: list[np.ndarray]) -> np.ndarray:
@@ -53,12 +56,19 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p + EPS) - np.log1p(EPS - p)
+
+
 def apply_voter(voter: dict, probs: dict[str, np.ndarray]) -> np.ndarray:
     """Ensemble probabilities (N, C) from per-view probabilities, as the voter says."""
     method, views = voter["method"], voter["views"]
     multilabel = voter.get("task") == "multilabel"
     if method == "mean":
         return np.mean([probs[v] for v in views], axis=0)
+    if method == "geomean":  # normalised geometric mean: a product of experts
+        logs = np.mean([_logit(probs[v]) if multilabel else np.log(probs[v] + EPS) for v in views], 0)
+        return _sigmoid(logs) if multilabel else _softmax(logs)
     if method == "weighted":
         return np.tensordot(np.asarray(voter["weights"]), np.stack([probs[v] for v in views]), 1)
     if method == "mlp":
@@ -251,6 +261,34 @@ def _concat(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.
     return {v: np.concatenate([a[v], b[v]]) for v in a}
 
 
+def _paired_se(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of the difference in accuracy of two predictions of the same
+    images (McNemar: from the images exactly one of them gets right)."""
+    from triview.evaluate import predicted, task_of
+
+    task = task_of(y)
+    right = [np.all(predicted(p, task) == y, axis=1) if task == "multilabel"
+             else predicted(p, task) == y for p in (a, b)]
+    return float(np.sqrt(np.sum(right[0] != right[1]))) / len(y)
+
+
+def choose(table: pd.DataFrame, scored: dict[str, np.ndarray], y: np.ndarray) -> str:
+    """The best candidate by validation macro-F1 (ties: the simpler one), except that a
+    fitted voter must earn its parameters: when the best fixed rule (mean, geometric
+    mean, vote) is within one paired standard error of it on the same validation
+    images, the fixed rule is kept. Small validation splits otherwise reward the
+    candidate that fits their noise best."""
+    ranked = table.sort_values(["val_macro_f1", "complexity"], ascending=[False, True])
+    best = ranked.iloc[0]
+    if best["complexity"] < 2:  # a fixed rule or a single view
+        return str(best["candidate"])
+    fixed = ranked[ranked["candidate"].isin(FIXED_RULES)].iloc[0]
+    gap = float(best["val_macro_f1"] - fixed["val_macro_f1"])
+    if gap <= _paired_se(y, scored[best["candidate"]], scored[fixed["candidate"]]):
+        return str(fixed["candidate"])
+    return str(best["candidate"])
+
+
 def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: int,
               seed: int = 0, C: float = 1.0,
               oof: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
@@ -274,7 +312,7 @@ def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: in
         rows.append({"candidate": name, "complexity": complexity, "fitted_on": fitted_on,
                      **_scores(y_val, prob)})
 
-    for name in ("mean", "vote"):
+    for name in FIXED_RULES:
         voter = {"method": name, "views": views, "task": task}
         add(name, voter, apply_voter(voter, val_probs), 1, "-")
     for v in views:
@@ -293,8 +331,7 @@ def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: in
             add(name, result[0], result[1], complexity, how)
 
     table = pd.DataFrame(rows)
-    ranked = table.sort_values(["val_macro_f1", "complexity"], ascending=[False, True])
-    chosen = ranked.iloc[0]["candidate"]
+    chosen = choose(table, scored, y_val)
     table["chosen"] = table["candidate"] == chosen
     voter = voters[chosen]
     if oof is not None and chosen in fitted:  # refit the chosen one on everything it may see
@@ -303,7 +340,8 @@ def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: in
                  "logistic": lambda: fit_logistic_voter(both, both_y, n_classes, seed, C, held_out=held),
                  "mlp": lambda: fit_mlp_voter(both, both_y, n_classes, seed, mlp_hidden, held_out=held)}
         voter = {**refit[chosen]()[0], "task": task, "fitted_on": "train out-of-fold + validation"}
-    voter = {**voter, "name": chosen, "val_macro_f1": float(ranked.iloc[0]["val_macro_f1"])}
+    voter = {**voter, "name": chosen,
+             "val_macro_f1": float(table.loc[table["chosen"], "val_macro_f1"].iloc[0])}
     if task == "multilabel":
         voter["thresholds"] = tune_thresholds(y_val, scored[chosen]).tolist()
     return voter, table.drop(columns="complexity")

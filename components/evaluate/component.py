@@ -20,6 +20,7 @@ def evaluate(
     model_name: str = "triview",
     gate_min_macro_f1: float = 0.0,
     gate_min_delta: float = -0.01,
+    repeat: bool = False,
 ):
     """Score every view and the ensemble on the test split and gate the ensemble
     against the registry's champion (champion/challenger, TFX-blessing style).
@@ -46,6 +47,8 @@ def evaluate(
         gate_min_delta: Least allowed change of macro-F1 against the champion on the same
             test images: negative tolerates that much regression, positive demands that
             much improvement.
+        repeat: This task scores a repeat of the run with another seed (``repeats > 1``):
+            its record is ``evaluate-seed-<seed>`` and it is never gated (no registry).
     """
     import json
     import shutil
@@ -55,7 +58,7 @@ def evaluate(
     dirs = [branch_1.path, branch_2.path, branch_3.path]
     evaluate_stage(dirs, voter.path, evaluation.path, views_dir=views.path, registry=registry,
                    model_name=model_name, gate_min_macro_f1=gate_min_macro_f1,
-                   gate_min_delta=gate_min_delta)
+                   gate_min_delta=gate_min_delta, repeat=repeat)
     with open(f"{evaluation.path}/eval.json") as fh:
         result = json.load(fh)
     with open(f"{evaluation.path}/blessing.json") as fh:

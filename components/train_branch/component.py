@@ -42,6 +42,7 @@ def train_branch(
     voter_folds: int = 0,
     ddp_procs: int = 0,
     run_id: str = "",
+    repeat: bool = False,
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
 
@@ -80,7 +81,8 @@ def train_branch(
         finetune: full (train everything) or linear_probe (train only the new head).
         unfreeze_epoch: With linear_probe, fine-tune everything from this epoch (0: never).
         checkpoint_root: Durable location for per-epoch checkpoints, as
-            ``<checkpoint_root>/<run_id>/<view>``: an ``s3://bucket/prefix`` (MinIO) or a
+            ``<checkpoint_root>/<run_id>/<view>`` (a repeat:
+            ``<checkpoint_root>/<run_id>/seed-<seed>/<view>``): an ``s3://bucket/prefix`` (MinIO) or a
             mounted volume; a retried task resumes from there. Empty: inside the model
             output (enough for kfp.local).
         task: auto (multilabel when some image has several labels), multiclass (softmax
@@ -91,6 +93,8 @@ def train_branch(
         ddp_procs: DistributedDataParallel processes under torchrun (0: one per visible
             GPU when the node shows more than one).
         run_id: The pipeline run's id (the pipeline passes KFP's job-id placeholder).
+        repeat: This task is a repeat of the run with another seed (``repeats > 1``): its
+            checkpoints, record and metrics are kept apart under ``seed-<seed>``.
     """
     import json
 
@@ -98,8 +102,10 @@ def train_branch(
 
     with open(f"{views.path}/geometry.json") as fh:
         view = json.load(fh)["views"][view_index]
-    checkpoint_dir = f"{checkpoint_root.rstrip('/')}/{run_id}/{view}" if checkpoint_root else ""
+    run_folder = f"{run_id}/seed-{seed}" if repeat else run_id
+    checkpoint_dir = f"{checkpoint_root.rstrip('/')}/{run_folder}/{view}" if checkpoint_root else ""
     rec = train_branch_stage(views.path, augmented.path, balance.path, view, model.path,
+                             repeat=repeat,
                              backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
                              lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
                              weight_decay=weight_decay, seed=seed, optimizer=optimizer,
