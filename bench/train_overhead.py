@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("--backbone", default="shufflenet_v2_x1_0")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--images", type=int, default=1792)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs per side")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()

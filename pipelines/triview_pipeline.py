@@ -23,8 +23,9 @@ from components.train_voter import train_voter
 from pipelines.platform import PlatformOptions, configure_task
 
 PIPELINE_NAME = "triview"
-#: Display names of the three branch tasks (horizontal layout; vertical is top/center/bottom).
-BRANCH_NAMES = ("left", "center", "right")
+#: Display names of the three branch tasks: views 1, 2, 3 of the layout (vertical:
+#: top/center/bottom, horizontal: left/center/right), which is only known at run time.
+BRANCH_NAMES = ("view-1", "view-2", "view-3")
 
 
 def make_pipeline(options: PlatformOptions | None = None):
@@ -44,7 +45,7 @@ def make_pipeline(options: PlatformOptions | None = None):
         label_remap: str = "",
         label_drop: str = "",
         min_per_class: int = 0,
-        layout: str = "horizontal",
+        layout: str = "vertical",
         overlap: float = 0.5,
         image_size: int = 32,
         window: float = 0.0,
@@ -74,7 +75,7 @@ def make_pipeline(options: PlatformOptions | None = None):
         gray_world: float = 0.0,
         backbone: str = "shufflenet_v2_x1_0",
         epochs: int = 8,
-        batch_size: int = 128,
+        batch_size: int = 32,
         lr: float = 0.003,
         lrf: float = 0.05,
         hidden: int = 0,

@@ -36,7 +36,7 @@ def cropped(ingested, tmp_path_factory) -> Path:
     from triview.stages import calibrate_and_crop_stage
 
     out = tmp_path_factory.mktemp("cropped")
-    calibrate_and_crop_stage(ingested, out, image_size=32)
+    calibrate_and_crop_stage(ingested, out, layout="horizontal", image_size=32)
     return out
 
 

@@ -30,8 +30,8 @@ from triview.cli import main
 HOST = "http://kfp.example.test:8080"
 TOKEN = "tok-SeCrEt-0123456789abcdef"
 API = "/apis/v2beta1"
-STAGES = {"ingest", "calibrate-and-crop", "balance", "augment", "train-branch-left",
-          "train-branch-center", "train-branch-right", "train-voter", "evaluate", "export"}
+STAGES = {"ingest", "calibrate-and-crop", "balance", "augment", "train-branch-view-1",
+          "train-branch-view-2", "train-branch-view-3", "train-voter", "evaluate", "export"}
 _SERIALISER = kfp_server_api.ApiClient()
 
 
@@ -157,8 +157,8 @@ def _tasks(pipeline_spec: dict) -> dict:
 def _check_dag(sent: dict):
     assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "triview"
     tasks = _tasks(sent)
-    assert len(tasks) == 10
-    assert {t["taskInfo"]["name"] for t in tasks.values()} == STAGES
+    assert len(tasks) == 11  # the ten stages and the repeats condition
+    assert {t["taskInfo"]["name"] for t in tasks.values()} == STAGES | {"repeats"}
 
 
 PARAMS = {"data": "/mnt/data/digits.zip", "epochs": 3, "lr": 0.01, "crop_roi": True,

@@ -10,8 +10,9 @@ import pytest
 
 from triview.demo import write_digits
 
-STAGES = {"ingest", "calibrate-and-crop", "balance", "augment", "train-branch-left",
-          "train-branch-center", "train-branch-right", "train-voter", "evaluate", "export"}
+VIEWS = ("top", "center", "bottom")  # the DAG's default layout is vertical
+STAGES = {"ingest", "calibrate-and-crop", "balance", "augment", "train-branch-top",
+          "train-branch-center", "train-branch-bottom", "train-voter", "evaluate", "export"}
 
 
 def _run(data: Path, out: Path, *params: str, env: dict | None = None,
@@ -27,7 +28,7 @@ def _run(data: Path, out: Path, *params: str, env: dict | None = None,
 
 
 def _check_contract(summary: dict, n_images: int, extra_stages: set = frozenset()) -> None:
-    assert set(summary["views"]) == {"left", "center", "right"}
+    assert set(summary["views"]) == set(VIEWS)
     for scores in list(summary["views"].values()) + [summary["ensemble"]]:
         assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["macro_f1"] <= 1.0
     assert summary["ensemble"]["method"]
@@ -59,15 +60,15 @@ def test_small_run_with_params_through_the_cli(tmp_path, pushgateway):
     values = [summary["ensemble"]["macro_f1"], repeat["ensemble"]["macro_f1"]]
     assert rep["ensemble"]["macro_f1"]["values"] == pytest.approx(values)
     assert rep["ensemble"]["macro_f1"]["mean"] == pytest.approx(sum(values) / 2)
-    assert set(rep["views"]) == {"left", "center", "right"}
-    assert {f"train-branch-{v}-seed-1" for v in ("left", "center", "right")} <= set(stages)
+    assert set(rep["views"]) == set(VIEWS)
+    assert {f"train-branch-{v}-seed-1" for v in VIEWS} <= set(stages)
     assert summary["parameters"]["repeats"] == 2
     repeat_stages = {f"{s}-seed-1" for s in STAGES if s.startswith(("train-", "evaluate"))}
     _check_contract(summary, 401, repeat_stages | {"repeats"})
     assert summary["counts"]["quarantined"] == 1
     card = json.loads((Path(summary["artifacts"]["model"]) / "model_card.json").read_text())
-    assert card["image_size"] == 24 and card["training"]["left"]["config"]["epochs"] == 3
-    assert card["training"]["left"]["config"]["seed"] == 0  # the export is the main seed's
+    assert card["image_size"] == 24 and card["training"]["top"]["config"]["epochs"] == 3
+    assert card["training"]["top"]["config"]["seed"] == 0  # the export is the main seed's
     assert summary["ensemble"]["macro_f1"] > 0.3  # well above chance (0.1) after 3 epochs
 
     # every stage pushed its metrics to the real Pushgateway, grouped by run and stage;
@@ -77,7 +78,7 @@ def test_small_run_with_params_through_the_cli(tmp_path, pushgateway):
     for stage in STAGES | {"train-voter-seed-1", "evaluate-seed-1", "repeats"}:
         assert f'triview_stage_duration_seconds{{instance="",job="triview",run_id="{run_id}",stage="{stage}"}}' in text, stage
     assert f'triview_quarantined{{instance="",job="triview",run_id="{run_id}",stage="ingest"}} 1' in text
-    for view in ("left", "center", "right"):
+    for view in VIEWS:
         for stage in (f"train-branch-{view}", f"train-branch-{view}-seed-1"):
             assert f'triview_epoch{{instance="",job="triview",run_id="{run_id}",stage="{stage}"}} 3' in text
     for stage, value in (("evaluate", values[0]), ("evaluate-seed-1", values[1]),

@@ -40,7 +40,8 @@ def multilabel_run(tmp_path_factory):
     pd.DataFrame(rows, columns=["path", "labels"]).to_csv(root / "labels.csv", index=False)
     out = root / "run"
     stages.ingest_stage(str(root / "labels.csv"), out / "dataset", seed=0)
-    stages.calibrate_and_crop_stage(out / "dataset", out / "views", image_size=32)
+    stages.calibrate_and_crop_stage(out / "dataset", out / "views", layout="horizontal",
+                                    image_size=32)
     stages.balance_stage(out / "views", out / "balance")
     branches = []
     for view in ("left", "center", "right"):

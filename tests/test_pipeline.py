@@ -9,8 +9,8 @@ from pipelines.local import parse_params
 from triview.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "calibrate-and-crop", "balance", "augment", "train-branch-left",
-          "train-branch-center", "train-branch-right", "train-voter", "evaluate", "export"]
+STAGES = ["ingest", "calibrate-and-crop", "balance", "augment", "train-branch-view-1",
+          "train-branch-view-2", "train-branch-view-3", "train-voter", "evaluate", "export"]
 
 
 def test_committed_pipeline_yaml_is_identical_to_a_fresh_compile(tmp_path):
@@ -53,8 +53,8 @@ def test_repeats_fan_out_over_seeds_only_when_asked_for():
     assert "iteratorPolicy" not in loop  # on a cluster every repeat runs at once
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert sorted(t["taskInfo"]["name"] for t in body.values()) == [
-        "evaluate-repeat", "train-branch-center-repeat", "train-branch-left-repeat",
-        "train-branch-right-repeat", "train-voter-repeat"]
+        "evaluate-repeat", "train-branch-view-1-repeat", "train-branch-view-2-repeat",
+        "train-branch-view-3-repeat", "train-voter-repeat"]
     for task in body.values():  # the loop item is the seed; repeat=True keeps records apart
         params = task["inputs"]["parameters"]
         assert params["repeat"]["runtimeValue"]["constant"] is True

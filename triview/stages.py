@@ -40,7 +40,7 @@ def ingest_stage(data: str, out_dir: Folder, seed: int = 0, val_fraction: float 
     return rec
 
 
-def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, layout: str = "horizontal",
+def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, layout: str = "vertical",
                              overlap: float = 0.5, image_size: int = 32, window: float = 0.0,
                              resize: str = "stretch", calibration_file: str = "",
                              calibration_images: str = "", pattern: str = "9x6",

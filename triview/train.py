@@ -59,7 +59,7 @@ CHECKPOINT_BEST = "best.pt"
 class TrainConfig:
     backbone: str = "shufflenet_v2_x1_0"
     epochs: int = 8
-    batch_size: int = 128
+    batch_size: int = 32
     lr: float = 3e-3
     lrf: float = 0.05            # final lr = lr * lrf, whatever the schedule
     label_smoothing: float = 0.1

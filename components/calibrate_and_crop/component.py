@@ -8,7 +8,7 @@ from components.images import CPU_IMAGE
 def calibrate_and_crop(
     dataset: Input[Dataset],
     views: Output[Dataset],
-    layout: str = "horizontal",
+    layout: str = "vertical",
     overlap: float = 0.5,
     image_size: int = 32,
     window: float = 0.0,

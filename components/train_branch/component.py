@@ -14,7 +14,7 @@ def train_branch(
     metrics: Output[Metrics],
     backbone: str = "shufflenet_v2_x1_0",
     epochs: int = 8,
-    batch_size: int = 128,
+    batch_size: int = 32,
     lr: float = 0.003,
     lrf: float = 0.05,
     hidden: int = 0,
