@@ -5,7 +5,6 @@ import yaml
 
 from triview.cli import main
 
-TRAIN = ("train-branch", "train-branch-2", "train-branch-3")
 
 
 def _compile(tmp_path, *flags):
@@ -15,20 +14,37 @@ def _compile(tmp_path, *flags):
     return out.read_text(), docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
-def _executor(spec, task):
-    comp = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
-    return spec["components"][comp]["executorLabel"]
+def _container_tasks(spec, dag=None):
+    """(task name, task, executor label) of every container task, the ones nested in
+    the repeats condition and its loop included."""
+    dag = spec["root"]["dag"] if dag is None else dag
+    for name, task in dag["tasks"].items():
+        comp = spec["components"][task["componentRef"]["name"]]
+        if "dag" in comp:  # a condition or loop: its tasks are the containers
+            yield from _container_tasks(spec, comp["dag"])
+        else:
+            yield name, task, comp["executorLabel"]
+
+
+def _is_training(label):
+    return label.startswith("exec-train-branch")
+
+
+def test_every_container_task_is_seen_the_repeats_included(tmp_path):
+    _, spec, _ = _compile(tmp_path)
+    names = sorted(t["taskInfo"]["name"] for _, t, _ in _container_tasks(spec))
+    assert len(names) == 10 + 1 + 5 + 1  # the stages, repeat-seeds, the loop body, the summary
+    assert sum(_is_training(label) for _, _, label in _container_tasks(spec)) == 6
 
 
 def test_gpu_pool_toleration_and_accelerator_on_train_tasks_only(tmp_path):
     _, spec, k8s = _compile(tmp_path, "--gpu-pool", "pool=gpu-a100", "--gpu-toleration",
                             "nvidia.com/gpu", "--gpus", "2", "--cpu-pool", "pool=cpu")
     executors = spec["deploymentSpec"]["executors"]
-    for task in spec["root"]["dag"]["tasks"]:
-        label = _executor(spec, task)
+    for _, _, label in _container_tasks(spec):
         resources = executors[label]["container"]["resources"]
         conf = k8s[label]
-        if task in TRAIN:
+        if _is_training(label):
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
             assert resources["accelerator"]["resourceCount"] == "2"
             assert conf["nodeSelector"]["labels"] == {"pool": "gpu-a100"}
@@ -44,17 +60,16 @@ def test_gpu_pool_toleration_and_accelerator_on_train_tasks_only(tmp_path):
 
 def test_retries_caching_and_secret_injection(tmp_path):
     _, spec, k8s = _compile(tmp_path)
-    tasks = spec["root"]["dag"]["tasks"]
-    for name, task in tasks.items():
+    for name, task, label in _container_tasks(spec):
         assert task["retryPolicy"]["maxRetryCount"] == 3
         assert task["retryPolicy"]["backoffFactor"] == 2
         cached = task.get("cachingOptions", {}).get("enableCache", False)
         assert cached == (task["taskInfo"]["name"] in
                           {"ingest", "calibrate-and-crop", "balance", "augment"}), name
-        env = k8s[_executor(spec, name)]["secretAsEnv"][0]
+        env = k8s[label]["secretAsEnv"][0]
         assert env["secretName"] == "triview-minio"
         assert {e["envVar"] for e in env["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-        config = k8s[_executor(spec, name)]["configMapAsEnv"][0]
+        config = k8s[label]["configMapAsEnv"][0]
         assert config["configMapName"] == "triview-config" and config["optional"] is True
         assert config["keyToEnv"] == [{"configMapKey": "pushgateway_url", "envVar": "PUSHGATEWAY_URL"}]
 
@@ -92,10 +107,9 @@ def test_images_and_pipeline_root_are_compile_options(tmp_path):
                           "--gpu-image", "registry.example/triview-gpu@sha256:" + "a" * 64,
                           "--pipeline-root", "minio://triview-artifacts/runs")
     assert spec["defaultPipelineRoot"] == "minio://triview-artifacts/runs"
-    tasks = spec["root"]["dag"]["tasks"]
-    for name in tasks:
-        image = spec["deploymentSpec"]["executors"][_executor(spec, name)]["container"]["image"]
-        expected = ("registry.example/triview-gpu@sha256:" + "a" * 64 if name in TRAIN
+    for name, _, label in _container_tasks(spec):
+        image = spec["deploymentSpec"]["executors"][label]["container"]["image"]
+        expected = ("registry.example/triview-gpu@sha256:" + "a" * 64 if _is_training(label)
                     else "registry.example/triview-cpu:1.2.3")
         assert image == expected, name
 
