@@ -133,7 +133,10 @@ def make_pipeline(options: PlatformOptions | None = None):
         augment_task.set_display_name("augment")
         configure_task(augment_task, "augment", options)
 
-        def train_branches(branch_seed, repeat: bool) -> list:
+        def train_and_evaluate(run_seed, repeat: bool, **gate):
+            """Three branches, the voter and the evaluation for one seed (a repeat's
+            tasks are named ``...-repeat`` and their evaluation is not gated)."""
+            suffix = "-repeat" if repeat else ""
             models = []
             for index, name in enumerate(BRANCH_NAMES):
                 branch_task = train_branch(
@@ -141,7 +144,7 @@ def make_pipeline(options: PlatformOptions | None = None):
                     balance=balance_task.outputs["balance"], view_index=index,
                     backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, lrf=lrf,
                     hidden=hidden, label_smoothing=label_smoothing, weight_decay=weight_decay,
-                    seed=branch_seed, optimizer=optimizer, momentum=momentum,
+                    seed=run_seed, optimizer=optimizer, momentum=momentum,
                     scheduler=scheduler, warmup_epochs=warmup_epochs, milestones=milestones,
                     poly_power=poly_power, patience=patience, clip_grad_norm=clip_grad_norm,
                     accumulate=accumulate, amp=amp, compile=compile, deterministic=deterministic,
@@ -149,22 +152,23 @@ def make_pipeline(options: PlatformOptions | None = None):
                     unfreeze_epoch=unfreeze_epoch, checkpoint_root=checkpoint_root, task=task,
                     voter_folds=voter_folds, ddp_procs=ddp_procs,
                     run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, repeat=repeat)
-                branch_task.set_display_name(f"train-branch-{name}" + ("-repeat" if repeat else ""))
+                branch_task.set_display_name(f"train-branch-{name}{suffix}")
                 configure_task(branch_task, "train-branch", options, gpu=True)
                 models.append(branch_task.outputs["model"])
-            return models
+            voter_task = train_voter(branch_1=models[0], branch_2=models[1], branch_3=models[2],
+                                     seed=run_seed, repeat=repeat)
+            voter_task.set_display_name(f"train-voter{suffix}")
+            configure_task(voter_task, "train-voter", options)
+            eval_task = evaluate(branch_1=models[0], branch_2=models[1], branch_3=models[2],
+                                 voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
+                                 repeat=repeat, **gate)
+            eval_task.set_display_name(f"evaluate{suffix}")
+            configure_task(eval_task, "evaluate", options)
+            return models, voter_task, eval_task
 
-        branches = train_branches(seed, repeat=False)
-        voter_task = train_voter(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
-                                 seed=seed)
-        voter_task.set_display_name("train-voter")
-        configure_task(voter_task, "train-voter", options)
-        eval_task = evaluate(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
-                             voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
-                             registry=registry, model_name=model_name,
-                             gate_min_macro_f1=gate_min_macro_f1, gate_min_delta=gate_min_delta)
-        eval_task.set_display_name("evaluate")
-        configure_task(eval_task, "evaluate", options)
+        branches, voter_task, eval_task = train_and_evaluate(
+            seed, repeat=False, registry=registry, model_name=model_name,
+            gate_min_macro_f1=gate_min_macro_f1, gate_min_delta=gate_min_delta)
         export_task = export(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
                              voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
                              evaluation=eval_task.outputs["evaluation"],
@@ -179,16 +183,7 @@ def make_pipeline(options: PlatformOptions | None = None):
             configure_task(seeds_task, "repeat-seeds", options)
             with dsl.ParallelFor(seeds_task.output, name="repeat",
                                  parallelism=options.repeat_parallelism) as repeat_seed:
-                rep = train_branches(repeat_seed, repeat=True)
-                rep_voter = train_voter(branch_1=rep[0], branch_2=rep[1], branch_3=rep[2],
-                                        seed=repeat_seed, repeat=True)
-                rep_voter.set_display_name("train-voter-repeat")
-                configure_task(rep_voter, "train-voter", options)
-                rep_eval = evaluate(branch_1=rep[0], branch_2=rep[1], branch_3=rep[2],
-                                    voter=rep_voter.outputs["voter"], views=crop_task.outputs["views"],
-                                    repeat=True)
-                rep_eval.set_display_name("evaluate-repeat")
-                configure_task(rep_eval, "evaluate", options)
+                _, _, rep_eval = train_and_evaluate(repeat_seed, repeat=True)
             summary_task = summarize_repeats(
                 evaluation=eval_task.outputs["evaluation"],
                 repeat_evaluations=dsl.Collected(rep_eval.outputs["evaluation"]))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from triview.demo import write_digits
+from triview.runinfo import read_stage_records
 
 VIEWS = ("top", "center", "bottom")  # the DAG's default layout is vertical
 STAGES = {"ingest", "calibrate-and-crop", "balance", "augment", "train-branch-top",
@@ -51,10 +52,7 @@ def test_small_run_with_params_through_the_cli(tmp_path, pushgateway):
     # one run of the DAG; its repeat fan-out trained seed 1 beside the main seed 0
     rep = summary["repeats"]
     assert rep["n"] == 2 and rep["seeds"] == [0, 1]
-    stages = {}
-    for path in Path(summary["artifacts"]["run_dir"]).rglob("stage.json"):
-        record = json.loads(path.read_text())
-        stages[record["stage"]] = record
+    stages = read_stage_records(summary["artifacts"]["run_dir"])
     repeat = stages["evaluate-seed-1"]
     assert repeat["seed"] == 1 and stages["evaluate"]["seed"] == 0
     values = [summary["ensemble"]["macro_f1"], repeat["ensemble"]["macro_f1"]]

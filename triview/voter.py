@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, log_loss
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neural_network import MLPClassifier
 
@@ -105,11 +105,10 @@ def _scores(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
 
     task = task_of(y)
     pred = predicted(prob, task, tune_thresholds(y, prob) if task == "multilabel" else None)
-    clipped = np.clip(prob, EPS, 1 - EPS)
-    if task == "multilabel":  # mean binary cross-entropy over labels
-        loss = -np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped))
-    else:
-        loss = -np.mean(np.log(clipped[np.arange(len(y)), y] / clipped.sum(1)))
+    if task == "multilabel":  # mean binary cross-entropy over every (image, label)
+        loss = log_loss(y.ravel(), prob.ravel(), labels=[0, 1])
+    else:  # the vote's scores and float32 averages: rows renormalised to sum to one
+        loss = log_loss(y, prob / prob.sum(1, keepdims=True), labels=np.arange(prob.shape[1]))
     return {"val_accuracy": float(accuracy_score(y, pred)),
             "val_macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
             "val_log_loss": float(loss)}

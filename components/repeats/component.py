@@ -40,7 +40,7 @@ def summarize_repeats(
 
     rec = repeats_stage([evaluation.path] + [e.path for e in repeat_evaluations], summary.path)
     rep = rec["repeats"]
-    scored = {**{v: s for v, s in rep.get("views", {}).items()}, "ensemble": rep.get("ensemble", {})}
+    scored = {**rep.get("views", {}), "ensemble": rep.get("ensemble", {})}
     for name, scores in scored.items():
         for key, stat in scores.items():
             if isinstance(stat, dict) and "mean" in stat:
