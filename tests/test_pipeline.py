@@ -86,6 +86,11 @@ def test_bad_params_are_clear_errors(capsys, tmp_path):
     assert rc == 2 and "unknown pipeline parameter 'epoch'" in capsys.readouterr().err
     rc = main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--param", "epochs=x"])
     assert rc == 2 and "expects int" in capsys.readouterr().err
+    rc = main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--repeats", "0"])
+    assert rc == 2 and "repeats must be at least 1, got 0" in capsys.readouterr().err
+    rc = main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--repeats", "3",
+               "--param", "repeats=2"])
+    assert rc == 2 and "--repeats 3 contradicts --param repeats=2" in capsys.readouterr().err
 
 
 def test_cli_entry_point_is_installed():
