@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from triview.evaluate import device_name  # noqa: E402
-from triview.export import load_eager, onnx_feed, onnx_session  # noqa: E402
+from triview.export import load_eager  # noqa: E402
+from triview.runtime import onnx_feed, onnx_session  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

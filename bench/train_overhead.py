@@ -32,8 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from triview.models import BranchNet, create_backbone  # noqa: E402
-from triview.train import (TrainConfig, ViewData, batches, lr_factor, make_optimizer,  # noqa: E402
-                           train_one_epoch)
+from triview.train import TrainConfig, ViewData, batches, train_one_epoch  # noqa: E402
+from triview.train.optim import lr_factor, make_optimizer  # noqa: E402
 
 
 def digits_views(image_size: int, n: int) -> ViewData:

@@ -5,3 +5,5 @@ import os
 CPU_IMAGE = os.environ.get("TRIVIEW_IMAGE", "ghcr.io/triview/triview-cpu:0.1.0")
 #: Training stages (CUDA build of the pinned torch).
 GPU_IMAGE = os.environ.get("TRIVIEW_GPU_IMAGE", "ghcr.io/triview/triview-gpu:0.1.0")
+#: The KServe predictor (triview serve, no torch) the deploy step puts in the InferenceService.
+SERVE_IMAGE = os.environ.get("TRIVIEW_SERVE_IMAGE", "ghcr.io/triview/triview-serve:0.1.0")

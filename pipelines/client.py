@@ -83,17 +83,16 @@ def connect(host: str | None = None, namespace: str | None = None, token: str | 
 
 
 def check_params(params: dict) -> dict:
-    """Reject unknown pipeline parameters and a missing ``data`` before anything is sent."""
-    from pipelines.local import pipeline_parameters
+    """Reject a missing ``data``, unknown parameters and values the spec does not allow
+    (:mod:`triview.params`) before anything is sent; returns them typed."""
+    from triview import params as spec
 
-    known = pipeline_parameters()
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ValueError(f"unknown pipeline parameter(s) {unknown}; known: {sorted(known)}")
-    if not params.get("data"):
+    values = dict(params)
+    data = values.pop("data", None)
+    if not data:
         raise ValueError("the pipeline needs data=<folder or ZIP of class folders, as the "
                          "ingest pod sees it> (--data)")
-    return dict(params)
+    return {"data": data, **spec.validate(values)}
 
 
 def check_cron(expression: str) -> str:

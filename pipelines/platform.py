@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from kfp import kubernetes
 
-from components.images import CPU_IMAGE, GPU_IMAGE
+from components.images import CPU_IMAGE, GPU_IMAGE, SERVE_IMAGE
 
 #: Stages whose outputs depend only on their inputs: cached, keyed by the data version.
 CACHED = {"ingest", "calibrate-and-crop", "balance", "augment"}
@@ -34,6 +34,7 @@ class PlatformOptions:
     config_map: str = "triview-config"               # ConfigMap with pushgateway_url
     image: str = CPU_IMAGE                           # light stages
     gpu_image: str = GPU_IMAGE                       # train-branch
+    serve_image: str = SERVE_IMAGE                   # the predictor the deploy step applies
     pipeline_root: str | None = None                 # minio://bucket/path; None: the cluster's
     retries: int = 3
     repeat_parallelism: int | None = None             # repeats trained at once (None: all)
@@ -72,18 +73,18 @@ def check_pipeline_root(pipeline_root: str | None) -> str | None:
 def options_from_flags(*, gpus: int | None = None, gpu_pool: str | None = None,
                        gpu_toleration: str | None = None, cpu_pool: str | None = None,
                        minio_secret: str | None = None, image: str | None = None,
-                       gpu_image: str | None = None,
+                       gpu_image: str | None = None, serve_image: str | None = None,
                        pipeline_root: str | None = None) -> PlatformOptions | None:
     """``PlatformOptions`` from the CLI's cluster flags; None when every flag is unset
     (the committed IR's defaults)."""
     given = {"gpus": gpus, "gpu_pool": gpu_pool, "gpu_toleration": gpu_toleration,
              "cpu_pool": cpu_pool, "minio_secret": minio_secret, "image": image,
-             "gpu_image": gpu_image, "pipeline_root": pipeline_root}
+             "gpu_image": gpu_image, "serve_image": serve_image, "pipeline_root": pipeline_root}
     if all(v is None for v in given.values()):
         return None
     if gpus is not None and gpus < 0:
         raise ValueError(f"--gpus must be 0 or more, got {gpus}")
-    for flag in ("image", "gpu_image"):
+    for flag in ("image", "gpu_image", "serve_image"):
         value = given[flag]
         if value is not None and (":" not in value.rsplit("/", 1)[-1] and "@" not in value
                                   or value.endswith(":latest")):

@@ -14,6 +14,7 @@ from kfp.dsl import HTML, Model
 from components.augment import augment
 from components.balance import balance
 from components.calibrate_and_crop import calibrate_and_crop
+from components.deploy import deploy
 from components.evaluate import evaluate
 from components.export import export
 from components.ingest import ingest
@@ -21,6 +22,7 @@ from components.repeats import repeat_seeds, summarize_repeats
 from components.train_branch import train_branch
 from components.train_voter import train_voter
 from pipelines.platform import PlatformOptions, configure_task
+from triview import params
 
 PIPELINE_NAME = "triview"
 #: Display names of the three branch tasks: views 1, 2, 3 of the layout (vertical:
@@ -28,112 +30,48 @@ PIPELINE_NAME = "triview"
 BRANCH_NAMES = ("view-1", "view-2", "view-3")
 
 
-def make_pipeline(options: PlatformOptions | None = None):
-    """Build the DAG with the cluster settings of ``options`` applied to every task."""
-    options = options or PlatformOptions()
+DESCRIPTION = ("Multi-view image classification: three cropped views, one backbone each, a "
+               "learned voter, evaluation and export.")
+#: The pipeline's inputs besides the spec's parameters.
+LEADING = {"data": "Folder, ZIP, CSV/Parquet table or s3://bucket/prefix of labelled photos, as "
+                   "the ingest pod sees it."}
 
-    @dsl.pipeline(name=PIPELINE_NAME, pipeline_root=options.pipeline_root,
-                  description="Multi-view image classification: three cropped views, one backbone "
-                              "each, a learned voter, evaluation and export.")
-    def triview_pipeline(
-        data: str,
-        seed: int = 0,
-        repeats: int = 1,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        min_size: int = 8,
-        label_remap: str = "",
-        label_drop: str = "",
-        min_per_class: int = 0,
-        layout: str = "vertical",
-        overlap: float = 0.5,
-        image_size: int = 32,
-        window: float = 0.0,
-        resize: str = "stretch",
-        calibration_file: str = "",
-        calibration_images: str = "",
-        pattern: str = "9x6",
-        square: float = 1.0,
-        lens_alpha: float = -1.0,
-        crop_roi: bool = False,
-        class_weighting: str = "inverse_frequency",
-        beta: float = 0.999,
-        resample: str = "none",
-        resample_target: float = 0.0,
-        augment_copies: int = 1,
-        noise_std: float = 0.05,
-        max_rotation: float = 50.0,
-        border_mode: str = "constant",
-        augment_mode: str = "offline",
-        hflip: float = 0.0,
-        vflip: float = 0.0,
-        shift: float = 0.0,
-        zoom: float = 0.0,
-        brightness: float = 0.0,
-        contrast: float = 0.0,
-        clahe: float = 0.0,
-        gray_world: float = 0.0,
-        backbone: str = "shufflenet_v2_x1_0",
-        epochs: int = 8,
-        batch_size: int = 32,
-        lr: float = 0.003,
-        lrf: float = 0.05,
-        hidden: int = 0,
-        label_smoothing: float = 0.1,
-        weight_decay: float = 0.0001,
-        optimizer: str = "adamw",
-        momentum: float = 0.9,
-        scheduler: str = "cosine",
-        warmup_epochs: float = 0.0,
-        milestones: str = "",
-        poly_power: float = 0.9,
-        patience: int = 0,
-        clip_grad_norm: float = 0.0,
-        accumulate: int = 1,
-        amp: str = "auto",
-        compile: bool = False,
-        deterministic: bool = False,
-        normalization: str = "imagenet",
-        weights: str = "",
-        finetune: str = "full",
-        unfreeze_epoch: int = 0,
-        checkpoint_root: str = "",
-        task: str = "auto",
-        voter_folds: int = 0,
-        ddp_procs: int = 0,
-        registry: str = "",
-        model_name: str = "triview",
-        gate_min_macro_f1: float = 0.0,
-        gate_min_delta: float = -0.01,
-        quantize: str = "none",
-    ) -> NamedTuple("Outputs", model=Model, report=HTML):
-        ingest_task = ingest(data=data, seed=seed, val_fraction=val_fraction,
-                             test_fraction=test_fraction, min_size=min_size,
-                             label_remap=label_remap, label_drop=label_drop,
-                             min_per_class=min_per_class)
+
+def _signature():
+    import inspect
+
+    return params.signature([inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                               annotation=str)])
+
+
+def make_pipeline(options: PlatformOptions | None = None):
+    """Build the DAG with the cluster settings of ``options`` applied to every task.
+
+    The pipeline's signature and docstring (its inputs and their descriptions in the KFP
+    UI) are built from the parameter spec, :mod:`triview.params`; each task takes the
+    parameters its stage reads (:func:`triview.params.pick`).
+    """
+    options = options or PlatformOptions()
+    signature = _signature()
+
+    def triview_pipeline(*args, **kwargs) -> NamedTuple("Outputs", model=Model, report=HTML):
+        values = signature.bind(*args, **kwargs).arguments
+        seed = values["seed"]
+        ingest_task = ingest(data=values["data"], **params.pick("ingest", values))
         ingest_task.set_display_name("ingest")
         configure_task(ingest_task, "ingest", options)
-        crop_task = calibrate_and_crop(dataset=ingest_task.outputs["dataset"], layout=layout,
-                                       overlap=overlap, image_size=image_size, window=window,
-                                       resize=resize, calibration_file=calibration_file,
-                                       calibration_images=calibration_images, pattern=pattern,
-                                       square=square, lens_alpha=lens_alpha, crop_roi=crop_roi)
+        crop_task = calibrate_and_crop(dataset=ingest_task.outputs["dataset"],
+                                       **params.pick("calibrate-and-crop", values))
         crop_task.set_display_name("calibrate-and-crop")
         configure_task(crop_task, "calibrate-and-crop", options)
-        balance_task = balance(views=crop_task.outputs["views"], class_weighting=class_weighting,
-                               beta=beta, resample=resample, resample_target=resample_target,
-                               seed=seed)
+        balance_task = balance(views=crop_task.outputs["views"], **params.pick("balance", values))
         balance_task.set_display_name("balance")
         configure_task(balance_task, "balance", options)
-        augment_task = augment(views=crop_task.outputs["views"], copies=augment_copies,
-                               noise_std=noise_std, max_rotation=max_rotation,
-                               border_mode=border_mode, seed=seed, mode=augment_mode, hflip=hflip,
-                               vflip=vflip, shift=shift, zoom=zoom, brightness=brightness,
-                               contrast=contrast, clahe=clahe, gray_world=gray_world)
+        augment_task = augment(views=crop_task.outputs["views"], **params.pick("augment", values))
         augment_task.set_display_name("augment")
         configure_task(augment_task, "augment", options)
 
-        def train_and_evaluate(run_seed, repeat: bool, **gate):
+        def train_and_evaluate(run_seed, repeat: bool):
             """Three branches, the voter and the evaluation for one seed (a repeat's
             tasks are named ``...-repeat`` and their evaluation is not gated)."""
             suffix = "-repeat" if repeat else ""
@@ -142,23 +80,17 @@ def make_pipeline(options: PlatformOptions | None = None):
                 branch_task = train_branch(
                     views=crop_task.outputs["views"], augmented=augment_task.outputs["augmented"],
                     balance=balance_task.outputs["balance"], view_index=index,
-                    backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, lrf=lrf,
-                    hidden=hidden, label_smoothing=label_smoothing, weight_decay=weight_decay,
-                    seed=run_seed, optimizer=optimizer, momentum=momentum,
-                    scheduler=scheduler, warmup_epochs=warmup_epochs, milestones=milestones,
-                    poly_power=poly_power, patience=patience, clip_grad_norm=clip_grad_norm,
-                    accumulate=accumulate, amp=amp, compile=compile, deterministic=deterministic,
-                    normalization=normalization, weights=weights, finetune=finetune,
-                    unfreeze_epoch=unfreeze_epoch, checkpoint_root=checkpoint_root, task=task,
-                    voter_folds=voter_folds, ddp_procs=ddp_procs,
-                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, repeat=repeat)
+                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, repeat=repeat,
+                    **{**params.pick("train-branch", values), "seed": run_seed})
                 branch_task.set_display_name(f"train-branch-{name}{suffix}")
                 configure_task(branch_task, "train-branch", options, gpu=True)
                 models.append(branch_task.outputs["model"])
             voter_task = train_voter(branch_1=models[0], branch_2=models[1], branch_3=models[2],
-                                     seed=run_seed, repeat=repeat)
+                                     repeat=repeat, **{**params.pick("train-voter", values),
+                                                       "seed": run_seed})
             voter_task.set_display_name(f"train-voter{suffix}")
             configure_task(voter_task, "train-voter", options)
+            gate = {} if repeat else params.pick("evaluate", values)
             eval_task = evaluate(branch_1=models[0], branch_2=models[1], branch_3=models[2],
                                  voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
                                  repeat=repeat, **gate)
@@ -166,19 +98,23 @@ def make_pipeline(options: PlatformOptions | None = None):
             configure_task(eval_task, "evaluate", options)
             return models, voter_task, eval_task
 
-        branches, voter_task, eval_task = train_and_evaluate(
-            seed, repeat=False, registry=registry, model_name=model_name,
-            gate_min_macro_f1=gate_min_macro_f1, gate_min_delta=gate_min_delta)
+        branches, voter_task, eval_task = train_and_evaluate(seed, repeat=False)
         export_task = export(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
                              voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
                              evaluation=eval_task.outputs["evaluation"],
-                             blessing=eval_task.outputs["blessing"], registry=registry,
-                             model_name=model_name, quantize=quantize)
+                             blessing=eval_task.outputs["blessing"],
+                             **params.pick("export", values))
         export_task.set_display_name("export")
         configure_task(export_task, "export", options)
 
-        with dsl.If(repeats > 1, name="repeats"):
-            seeds_task = repeat_seeds(seed=seed, repeats=repeats)
+        with dsl.If(values["deploy"] == True, name="deploy"):  # noqa: E712 (a pipeline channel)
+            deploy_task = deploy(model=export_task.outputs["model"], serve_image=options.serve_image,
+                                 **params.pick("deploy", values))
+            deploy_task.set_display_name("deploy")
+            configure_task(deploy_task, "deploy", options)
+
+        with dsl.If(values["repeats"] > 1, name="repeats"):
+            seeds_task = repeat_seeds(seed=seed, repeats=values["repeats"])
             seeds_task.set_display_name("repeat-seeds")
             configure_task(seeds_task, "repeat-seeds", options)
             with dsl.ParallelFor(seeds_task.output, name="repeat",
@@ -193,7 +129,11 @@ def make_pipeline(options: PlatformOptions | None = None):
         outputs = NamedTuple("Outputs", model=Model, report=HTML)
         return outputs(model=export_task.outputs["model"], report=eval_task.outputs["report"])
 
-    return triview_pipeline
+    triview_pipeline.__signature__ = signature.replace(
+        return_annotation=NamedTuple("Outputs", model=Model, report=HTML))
+    triview_pipeline.__doc__ = params.docstring(DESCRIPTION, LEADING)
+    return dsl.pipeline(name=PIPELINE_NAME, pipeline_root=options.pipeline_root,
+                        description=DESCRIPTION)(triview_pipeline)
 
 
 #: The DAG with the default platform settings (what pipelines/triview.yaml holds).

@@ -1,4 +1,6 @@
-"""Shared fixtures: a small real digits data set pushed through the first stages once."""
+"""Shared fixtures: a small real digits data set pushed once through every stage, in a
+chain each test module picks up where it needs it: digits -> ingested -> cropped ->
+balanced / augmented -> trained (three branches) -> voted -> evaluated -> exported."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 # Keep each test process to the machine's two cores without oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from triview.params import load_preset, names  # noqa: E402
+
+#: The digits demo's training parameters (the spec's defaults serve photos): tests that
+#: train on the small digits fixture pass these, then their own.
+DIGITS_TRAIN = {k: v for k, v in load_preset("digits").items() if k in names("train-branch")}
+DIGITS_AUGMENT = {k: v for k, v in load_preset("digits").items() if k in names("augment")}
+
+
+def digits_train(**overrides) -> dict:
+    """The digits training parameters with ``overrides``."""
+    return {**DIGITS_TRAIN, **overrides}
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +68,7 @@ def augmented(cropped, tmp_path_factory) -> Path:
     from triview.stages import augment_stage
 
     out = tmp_path_factory.mktemp("augmented")
-    augment_stage(cropped, out, copies=1, seed=0)
+    augment_stage(cropped, out, **{**DIGITS_AUGMENT, "augment_copies": 1, "seed": 0})
     return out
 
 
@@ -66,8 +80,39 @@ def trained(cropped, augmented, balanced, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for view in ("left", "center", "right"):
         d = tmp_path_factory.mktemp(f"branch_{view}")
-        train_branch_stage(cropped, augmented, balanced, view, d, epochs=3, batch_size=32, seed=0)
+        train_branch_stage(cropped, augmented, balanced, view, d,
+                           **{**DIGITS_TRAIN, "epochs": 3, "batch_size": 32, "seed": 0})
         out[view] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def voted(trained, tmp_path_factory) -> Path:
+    """The voter chosen over the three branches."""
+    from triview.stages import train_voter_stage
+
+    out = tmp_path_factory.mktemp("voter")
+    train_voter_stage(list(trained.values()), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained, voted, cropped, tmp_path_factory) -> Path:
+    """The evaluation (no registry: blessed on the absolute bar) with its HTML report."""
+    from triview.stages import evaluate_stage
+
+    out = tmp_path_factory.mktemp("evaluation")
+    evaluate_stage(list(trained.values()), voted, out, views_dir=cropped, gradcam_per_kind=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(trained, voted, evaluated, cropped, tmp_path_factory) -> Path:
+    """The exported ensemble (TorchScript, ONNX and a static INT8 ONNX) with its card."""
+    from triview.stages import export_stage
+
+    out = tmp_path_factory.mktemp("model")
+    export_stage(list(trained.values()), voted, cropped, evaluated, out, quantize="static")
     return out
 
 
@@ -87,7 +132,8 @@ def pushgateway(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
+    # memory only: Debian's default persists to /var/lib/prometheus, shared by every run
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
@@ -102,3 +148,14 @@ def pushgateway(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def serve_python() -> str:
+    """The serving environment's Python (.venv-serve, `make serve-env`; `make test` builds it)."""
+    from triview.serving import serve_python as find
+
+    python = find()
+    if python is None:
+        pytest.skip("no serving environment: run `make serve-env` (make test does)")
+    return python

@@ -44,6 +44,45 @@ def test_reproduces_opencvs_reference_calibration_of_left01_14(tmp_path):
     assert np.array(saved["K"]).shape == (3, 3) and saved["rms"] == pytest.approx(cal.rms)
 
 
+def test_a_stray_photo_first_or_last_and_mixed_sizes_do_not_veto_the_boards(tmp_path, capsys):
+    data = _opencv_samples()
+    boards = sorted(data.glob("left[01][0-9].jpg"))
+    stray = data / "left.jpg"   # 612x459, no board, sorts before left01.jpg
+    # the bar of issue 16: OpenCV's own folder, stray first
+    out = tmp_path / "calib.json"
+    assert main(["calibrate", "--images", str(data / "left*.jpg"), "--pattern", "9x6",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["rms"] == pytest.approx(0.196, abs=0.01) and saved["image_size"] == [640, 480]
+    assert saved["rejected"] == {"left.jpg": "board not found (612x459)"}
+    assert "from 13 of 14 images" in printed and "left.jpg: board not found" in printed
+
+    # stray last: the same calibration, the stray named
+    last = tmp_path / "last"
+    last.mkdir()
+    for photo in boards:
+        (last / photo.name).symlink_to(photo)
+    (last / "zz_stray.jpg").symlink_to(stray)
+    cal = calibrate_chessboard(sorted(last.iterdir()))
+    assert cal.rms == pytest.approx(saved["rms"], abs=1e-9)
+    assert cal.rejected == {"zz_stray.jpg": "board not found (612x459)"}
+
+    # mixed sizes: five boards at 3/4 size sort first; the eight full-size ones win
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for k, photo in enumerate(boards):
+        if k < 5:
+            small = cv2.resize(cv2.imread(str(photo)), (480, 360), interpolation=cv2.INTER_AREA)
+            cv2.imwrite(str(mixed / f"a_half_{photo.name}"), small)
+        else:
+            (mixed / photo.name).symlink_to(photo)
+    cal = calibrate_chessboard(sorted(mixed.iterdir()))
+    assert cal.image_size == (640, 480) and len(cal.per_view_error) == 8
+    assert set(cal.rejected) == {f"a_half_{p.name}" for p in boards[:5]}
+    assert all(why.startswith("size 480x360 differs from 640x480") for why in cal.rejected.values())
+
+
 def _render_board(K, dist, rvec, tvec, size=(640, 480), pattern=(9, 6), square=40.0):
     """Render a chessboard seen through a known camera: each output pixel is traced
     back through the lens onto the board plane (via OpenCV's own undistortPoints)."""
@@ -114,20 +153,24 @@ def test_maps_scale_to_other_image_sizes_and_roi_crops():
     out = undistort(np.full((240, 320, 3), 200, np.uint8), maps)
     assert out.shape[0] <= 240 and out.shape[1] <= 320
     assert out.mean() > 190  # alpha=0 + ROI: no black borders left
-    views = crop_views(np.full((240, 320, 3), 200, np.uint8), CropGeometry(image_size=16), maps)
+    views = crop_views(np.full((240, 320, 3), 200, np.uint8), CropGeometry(layout="horizontal", image_size=16), maps)
     assert all(v.shape == (16, 16, 3) for v in views.values())
 
 
-def test_intrinsics_files_opencv_yaml_and_json(tmp_path):
-    fs = cv2.FileStorage(str(tmp_path / "cam.yaml"), cv2.FILE_STORAGE_WRITE)
+@pytest.mark.parametrize("suffix", [".yaml", ".xml"])
+def test_intrinsics_files_opencv_yaml_xml_and_json(suffix, tmp_path):
+    cam = tmp_path / f"cam{suffix}"
+    fs = cv2.FileStorage(str(cam), cv2.FILE_STORAGE_WRITE)
     fs.write("image_width", 640)
     fs.write("image_height", 480)
     fs.write("camera_matrix", np.array([[510.0, 0, 330], [0, 511.0, 235], [0, 0, 1]]))
     fs.write("distortion_coefficients", np.array([[-0.2, 0.05, 0, 0, 0]]))
     fs.release()
-    cal = load_intrinsics(tmp_path / "cam.yaml")
+    if suffix == ".xml":
+        assert cam.read_text().startswith("<?xml")
+    cal = load_intrinsics(cam)
     assert cal.K[0][0] == 510 and cal.dist[0] == pytest.approx(-0.2) and cal.image_size == (640, 480)
-    lens = LensModel.from_file(tmp_path / "cam.yaml")
+    lens = LensModel.from_file(cam)
     assert lens.camera_matrix(320, 240)[0, 0] == pytest.approx(255)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(CalibrationError, match="no 'K'"):
@@ -139,8 +182,14 @@ def test_bad_calibration_inputs_are_clear_errors(tmp_path, capsys):
         parse_pattern("nine by six")
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((100, 100), 255, np.uint8))
-    with pytest.raises(CalibrationError, match="found in only 0 of 1"):
-        calibrate_chessboard([blank])
+    cv2.imwrite(str(tmp_path / "other.png"), np.full((60, 80), 255, np.uint8))
+    (tmp_path / "text.png").write_text("not a picture")
+    with pytest.raises(CalibrationError, match="found in only 0 of 3") as err:
+        calibrate_chessboard([blank, tmp_path / "other.png", tmp_path / "text.png"])
+    # every photo that was not used is named with why, in the message and the exception
+    assert "blank.png: board not found (100x100)" in str(err.value)
+    assert "other.png: board not found (80x60)" in str(err.value)
+    assert err.value.rejected["text.png"] == "undecodable"
     assert main(["calibrate", "--images", str(tmp_path / "none*.jpg"), "--out",
                  str(tmp_path / "c.json")]) == 2
     assert "no files match" in capsys.readouterr().err
@@ -154,9 +203,11 @@ def test_calibrate_and_crop_stage_calibrates_saves_and_applies_the_lens(ingested
 
     data = _opencv_samples()
     out = tmp_path / "views"
+    # left*.jpg includes the stray left.jpg: the same size rule as the CLI
     rec = calibrate_and_crop_stage(ingested, out, image_size=32,
-                                   calibration_images=str(data / "left[01][0-9].jpg"))
+                                   calibration_images=str(data / "left*.jpg"))
     assert rec["lens"] == "calibrated" and rec["calibration"]["rms"] == pytest.approx(0.196, abs=0.01)
+    assert rec["calibration"]["rejected"] == {"left.jpg": "board not found (612x459)"}
     saved = load_intrinsics(out / "calibration.json")
     _, lens = read_geometry(out)
     assert lens.K == saved.K and tuple(lens.image_size) == (640, 480)

@@ -157,8 +157,8 @@ def _tasks(pipeline_spec: dict) -> dict:
 def _check_dag(sent: dict):
     assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "triview"
     tasks = _tasks(sent)
-    assert len(tasks) == 11  # the ten stages and the repeats condition
-    assert {t["taskInfo"]["name"] for t in tasks.values()} == STAGES | {"repeats"}
+    assert len(tasks) == 12  # the ten stages, the repeats condition and the deploy condition
+    assert {t["taskInfo"]["name"] for t in tasks.values()} == STAGES | {"repeats", "deploy"}
 
 
 PARAMS = {"data": "/mnt/data/digits.zip", "epochs": 3, "lr": 0.01, "crop_roi": True,
@@ -293,7 +293,7 @@ def test_five_field_cron_is_a_clear_cli_error_before_any_request(server, capsys)
     (["schedule", "--cron", "0 0 3 * *  0 2024", "--data", "/d"], "7 fields"),
     (["schedule", "--interval", "fortnight", "--data", "/d"], "not seconds or a duration"),
     (["schedule", "--interval", "0h", "--data", "/d"], "must be positive"),
-    (["submit", "--data", "/d", "--param", "epoch=3"], "unknown pipeline parameter 'epoch'"),
+    (["submit", "--data", "/d", "--param", "epoch=3"], "unknown parameter 'epoch'"),
     (["submit", "--data", "/d", "--param", "epochs=x"], "expects int"),
     (["submit", "--data", "/d", "--pipeline-root", "bucket/path"], "minio://bucket/path"),
     (["submit", "--data", "/d", "--gpu-pool", "gpu"], "LABEL=VALUE"),
@@ -396,3 +396,16 @@ def test_the_token_never_appears_in_output_or_logs(monkeypatch, capsys, caplog):
     assert "KFP API answered 500" in captured.err
     for text in (captured.out, captured.err, caplog.text):
         assert TOKEN not in text and TOKEN[4:12] not in text
+
+
+def test_an_unreachable_kfp_api_exits_1_with_the_reason(capsys, monkeypatch):
+    import _socket
+
+    # a real connection attempt, to a loopback port nothing listens on
+    monkeypatch.setattr(socket.socket, "connect", _socket.socket.connect)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["runs", "--host", f"http://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the KFP API" in err and str(port) in err and "Traceback" not in err

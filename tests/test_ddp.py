@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import digits_train
 import torch
 
 from triview import distributed as ddp
-from triview.train import _shard
+from triview.train.loop import _shard
 
 
 def test_shards_cover_the_epoch_with_equal_lengths():
@@ -35,16 +37,22 @@ def test_two_process_gloo_training(cropped, balanced, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "branch"
-    rec = train_branch_stage(cropped, None, balanced, "center", out, epochs=2, batch_size=32,
-                             seed=0, ddp_procs=2)
+    rec = train_branch_stage(cropped, None, balanced, "center", out, **digits_train(epochs=2, batch_size=32,
+                             seed=0, ddp_procs=2))
     assert rec["world_size"] == 2 and rec["stage"] == "train-branch-center"
     ranks = [json.loads((out / "ddp" / f"rank-{r}.json").read_text()) for r in range(2)]
     # both ranks end with the same weights (DDP averaged every gradient)...
     assert ranks[0]["parameter_digest"] == ranks[1]["parameter_digest"] == rec["parameter_digest"]
-    # ...after each saw half of every epoch
-    n_train = int(((pd.read_csv(cropped / "views.csv").query("view == 'center' and split == 'train'"))
-                   .shape[0]))
-    assert ranks[0]["images_per_epoch"] == ranks[1]["images_per_epoch"] == -(-n_train // 2)
+    # ...after each drew its own half of the epoch: together every training image, and
+    # no image on both ranks except the wrap-round padding of an odd count
+    train_ids = (pd.read_csv(cropped / "views.csv", dtype={"image_id": str})
+                 .query("view == 'center' and split == 'train'")["image_id"])
+    n_train = len(train_ids)
+    drawn = [ranks[r]["last_epoch_image_ids"] for r in range(2)]
+    assert len(drawn[0]) == len(drawn[1]) == ranks[0]["images_per_epoch"] == -(-n_train // 2)
+    assert set(drawn[0]) | set(drawn[1]) == set(train_ids)
+    assert len(drawn[0]) + len(drawn[1]) - n_train == n_train % 2
+    assert len(set(drawn[0]) & set(drawn[1])) <= n_train % 2
     meta = json.loads((out / "model.json").read_text())
     assert meta["world_size"] == 2
     history = pd.read_csv(out / "history.csv")

@@ -19,13 +19,27 @@ STAGES = {"ingest", "calibrate-and-crop", "balance", "augment", "train-branch-to
 def _run(data: Path, out: Path, *params: str, env: dict | None = None,
          repeats: int | None = None) -> dict:
     cmd = [str(Path(sys.executable).parent / "triview"), "run", "--data", str(data),
-           "--out", str(out)] + [a for p in params for a in ("--param", p)]
+           "--out", str(out), "--preset", "digits"] + [a for p in params for a in ("--param", p)]
     cmd += [] if repeats is None else ["--repeats", str(repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ensemble" in proc.stdout
+    _check_console(proc.stdout, out)
     return json.loads((out / "run_summary.json").read_text())
+
+
+def _check_console(stdout: str, out: Path) -> None:
+    """What the user sees: a short console, one line per task as it starts and ends,
+    none of kfp.local's executor output, each task's whole output in its log file."""
+    lines = stdout.splitlines()
+    assert len(lines) <= 60, stdout
+    started = [line.split()[1] for line in lines if line.startswith("  started  ")]
+    done = [line.split()[1] for line in lines if line.startswith("  done     ")]
+    assert len(started) >= 10 and started == done
+    assert "KFP Executor" not in stdout and "executor_input" not in stdout
+    for task in started:
+        assert "Executing task" in (out / "logs" / f"{task}.log").read_text()
 
 
 def _check_contract(summary: dict, n_images: int, extra_stages: set = frozenset()) -> None:
@@ -89,56 +103,10 @@ def test_small_run_with_params_through_the_cli(tmp_path, pushgateway):
 
 @pytest.mark.slow
 def test_full_digits_demo_meets_the_accuracy_bar(tmp_path):
-    """The `make run` job: all 1,797 digits with default parameters."""
+    """The `make run` job: all 1,797 digits with the digits preset."""
     write_digits(tmp_path / "data")
     summary = _run(tmp_path / "data", tmp_path / "out")
     _check_contract(summary, 1797)
     best_view = max(s["macro_f1"] for s in summary["views"].values())
     assert summary["ensemble"]["macro_f1"] >= 0.95
     assert summary["ensemble"]["macro_f1"] > best_view
-
-
-def test_repeats_aggregate_mean_and_sd():
-    from triview.summary import aggregate_repeats
-
-    runs = [{"views": {"left": {"macro_f1": f, "accuracy": 0.5}}, "ensemble": {"macro_f1": f + 0.1,
-                                                                           "method": "mean"}}
-            for f in (0.6, 0.7, 0.8)]
-    rep = aggregate_repeats(runs, [0, 1, 2])
-    assert rep["n"] == 3 and rep["seeds"] == [0, 1, 2]
-    assert rep["views"]["left"]["macro_f1"]["mean"] == pytest.approx(0.7)
-    assert rep["views"]["left"]["macro_f1"]["sd"] == pytest.approx(0.1)
-    assert rep["views"]["left"]["accuracy"]["sd"] == 0.0
-    assert rep["ensemble"]["macro_f1"]["values"] == pytest.approx([0.7, 0.8, 0.9])
-    assert "method" not in rep["ensemble"]
-
-
-def test_repeat_seeds_and_the_repeats_stage(tmp_path):
-    from triview.runinfo import stage_record
-    from triview.stages import repeat_seeds, repeats_stage
-
-    assert repeat_seeds(5, 3) == [6, 7] and repeat_seeds(0, 1) == []
-    with pytest.raises(ValueError, match="at least 1"):
-        repeat_seeds(0, 0)
-    dirs = []
-    for seed, f1 in ((2, 0.8), (0, 0.6), (1, 0.7)):  # collected in any order
-        d = tmp_path / f"eval-{seed}"
-        with stage_record("evaluate" if seed == 0 else f"evaluate-seed-{seed}", d) as rec:
-            rec.update(seed=seed, views={"left": {"macro_f1": f1 - 0.1}},
-                       ensemble={"macro_f1": f1, "method": "mean"})
-        dirs.append(d)
-    rec = repeats_stage(dirs, tmp_path / "summary")
-    rep = json.loads((tmp_path / "summary" / "repeats.json").read_text())
-    assert rep == rec["repeats"] and rep["seeds"] == [0, 1, 2]
-    assert rep["ensemble"]["macro_f1"]["values"] == pytest.approx([0.6, 0.7, 0.8])
-    assert rep["ensemble"]["macro_f1"]["sd"] == pytest.approx(0.1)
-    assert rep["views"]["left"]["macro_f1"]["mean"] == pytest.approx(0.6)
-    with pytest.raises(ValueError, match="share a seed"):
-        repeats_stage(dirs + dirs[:1], tmp_path / "again")
-
-
-def test_metrics_run_id_of_a_fan_out_task_is_its_run():
-    from triview.metrics import run_id_for
-
-    assert run_id_for("/root/triview-1/train-branch/model") == "triview-1"
-    assert run_id_for("/root/triview-1/for-loop-2-iteration-1/train-branch-4/model") == "triview-1"

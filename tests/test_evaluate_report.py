@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from triview.evaluate import evaluate, micro_roc_curve, scores
+from triview.evaluate import evaluate, micro_roc_curve
+from triview.scoring import scores
 
 
 def _preds(probs, y, n):

@@ -5,27 +5,19 @@ import pytest
 import torch
 
 from triview import manifest as mf
+from triview.artifacts import load_predictions
 from triview.export import load_ensemble
-from triview.stages import evaluate_stage, export_stage, train_voter_stage
 from triview.train import load_view
 from triview.voter import aligned, apply_voter, load_voter
-from triview.train import load_predictions
 
 
 @pytest.fixture(scope="module")
-def exported(trained, cropped, tmp_path_factory):
-    dirs = list(trained.values())
-    voter_dir = tmp_path_factory.mktemp("voter")
-    eval_dir = tmp_path_factory.mktemp("eval")
-    model_dir = tmp_path_factory.mktemp("model")
-    train_voter_stage(dirs, voter_dir)
-    evaluate_stage(dirs, voter_dir, eval_dir)
-    export_stage(dirs, voter_dir, cropped, eval_dir, model_dir)
-    return voter_dir, eval_dir, model_dir
+def chain(voted, evaluated, exported):
+    return voted, evaluated, exported
 
 
-def test_torchscript_ensemble_matches_the_evaluated_probabilities(exported, trained, cropped):
-    voter_dir, eval_dir, model_dir = exported
+def test_torchscript_ensemble_matches_the_evaluated_probabilities(chain, trained, cropped):
+    voter_dir, eval_dir, model_dir = chain
     module, card = load_ensemble(model_dir)
     classes = mf.read_classes(cropped)
     table = mf.read_views(cropped)
@@ -42,8 +34,8 @@ def test_torchscript_ensemble_matches_the_evaluated_probabilities(exported, trai
     assert (probs[order].argmax(1) == y).mean() == pytest.approx(evaluation["ensemble"]["accuracy"])
 
 
-def test_model_card_records_what_serving_needs(exported, cropped):
-    _, eval_dir, model_dir = exported
+def test_model_card_records_what_serving_needs(chain, cropped):
+    _, eval_dir, model_dir = chain
     card = json.loads((model_dir / "model_card.json").read_text())
     assert card["classes"] == mf.read_classes(cropped)
     assert card["views"] == ["left", "center", "right"] and card["image_size"] == 32

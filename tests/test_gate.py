@@ -3,12 +3,13 @@ and export refusing to promote an unblessed model."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from triview import metrics
 from triview.gate import GateConfig, comparability, decide, run_gate
 from triview.registry import ModelRegistry
-from triview.stages import evaluate_stage, export_stage, train_voter_stage
+from triview.stages import evaluate_stage, export_stage
 
 
 def test_first_run_is_blessed_when_the_absolute_bar_holds():
@@ -43,15 +44,37 @@ def test_champions_of_other_classes_or_image_sizes_are_not_compared():
     assert comparability(card, ["a", "b"], geometry) == []
     assert "classes" in comparability(card, ["a", "c"], geometry)[0]
     assert "image size" in comparability({**card, "image_size": 64}, ["a", "b"], geometry)[0]
+    assert "views" in comparability({**card, "views": ["left", "right"]}, ["a", "b"], geometry)[0]
+    other_crop = {**card, "crop_geometry": {**geometry["geometry"], "overlap": 0.3}}
+    assert "crop geometry" in comparability(other_crop, ["a", "b"], geometry)[0]
+    lens = {"K": [[500.0, 0, 320], [0, 500.0, 240], [0, 0, 1]], "dist": [-0.2, 0, 0, 0, 0],
+            "image_size": (640, 480)}
+    assert comparability({**card, "lens": lens}, ["a", "b"], {**geometry, "lens": lens}) == []
+    assert "lens" in comparability({**card, "lens": lens}, ["a", "b"], geometry)[0]
+    assert "task" in comparability(card, ["a", "b"], geometry, task="multilabel")[0]
     b = decide({"macro_f1": 0.9}, None, GateConfig(), incomparable=["classes differ"], champion_version=1)
     assert not b["blessed"] and b["comparison"] == "incomparable"
 
 
 @pytest.fixture(scope="module")
-def voter_dir(trained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("voter")
-    train_voter_stage(list(trained.values()), out)
-    return out
+def voter_dir(voted):
+    return voted
+
+
+def _earlier_split(trained: dict, dest) -> list:
+    """The same branches as they were evaluated on an earlier, smaller test split: copies
+    whose test predictions keep only the first half of the test images (by id)."""
+    from triview.artifacts import load_predictions, write_predictions
+
+    dirs = []
+    for view, folder in trained.items():
+        copy = dest / view
+        shutil.copytree(folder, copy)
+        preds = load_predictions(copy)
+        keep = np.argsort(preds["test_ids"])[: len(preds["test_ids"]) // 2]
+        write_predictions(copy, {k: (v[keep] if k.startswith("test_") else v) for k, v in preds.items()})
+        dirs.append(copy)
+    return dirs
 
 
 def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_path):
@@ -59,21 +82,26 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
     registry = str(tmp_path / "registry")
     reg = ModelRegistry(registry, "digits")
 
-    # first run: no champion -> blessed on the absolute bar, exported and promoted
-    rec = evaluate_stage(dirs, voter_dir, tmp_path / "e1", views_dir=cropped, registry=registry,
+    # first run, scored on an earlier test split: no champion -> blessed on the absolute
+    # bar, exported and promoted with the metrics of that split
+    earlier = _earlier_split(trained, tmp_path / "earlier")
+    rec = evaluate_stage(earlier, voter_dir, tmp_path / "e1", views_dir=cropped, registry=registry,
                          model_name="digits", gradcam_per_kind=0)
     first = json.loads((tmp_path / "e1" / "blessing.json").read_text())
     assert first["blessed"] and first["comparison"] == "first_run" and rec["blessed"] == 1
-    out = export_stage(dirs, voter_dir, cropped, tmp_path / "e1", tmp_path / "m1",
+    out = export_stage(earlier, voter_dir, cropped, tmp_path / "e1", tmp_path / "m1",
                        registry=registry, model_name="digits")
     assert out["promoted"] == 1 and reg.champion()["version"] == 1 and reg.versions() == [1]
     assert (tmp_path / "registry" / "models" / "digits" / "1" / "ensemble.onnx").is_file()
+    stored = reg.champion()["metrics"]
 
-    # same ensemble again: the champion is re-scored on these test crops -> identical
+    # the same ensemble on this run's (full) test split: the champion is re-scored on
+    # these test crops -> exactly the challenger's scores, not the ones it stored
     rec = evaluate_stage(dirs, voter_dir, tmp_path / "e2", views_dir=cropped, registry=registry,
                          model_name="digits", gate_min_delta=-0.01, gradcam_per_kind=0)
     second = json.loads((tmp_path / "e2" / "blessing.json").read_text())
     challenger = json.loads((tmp_path / "e2" / "eval.json").read_text())["ensemble"]
+    assert abs(stored["macro_f1"] - challenger["macro_f1"]) > 1e-3  # the splits do differ
     assert second["comparison"] == "compared" and second["champion_version"] == 1
     assert second["champion"] == pytest.approx(challenger["macro_f1"], abs=1e-9)
     assert second["champion_scores"]["accuracy"] == pytest.approx(challenger["accuracy"], abs=1e-9)
@@ -109,8 +137,9 @@ def test_first_run_below_the_bar_is_exported_but_never_promoted(trained, cropped
     dirs = list(trained.values())
     registry = str(tmp_path / "registry")
     evaluate_stage(dirs, voter_dir, tmp_path / "e", views_dir=cropped, registry=registry,
-                   gate_min_macro_f1=1.01, gradcam_per_kind=0)
+                   gate_min_macro_f1=0.999, gradcam_per_kind=0)
     verdict = json.loads((tmp_path / "e" / "blessing.json").read_text())
+    assert verdict["challenger"] < 0.999  # three epochs on 280 digits: far from perfect
     assert not verdict["blessed"] and verdict["comparison"] == "first_run"
     out = export_stage(dirs, voter_dir, cropped, tmp_path / "e", tmp_path / "m", registry=registry)
     assert out["promoted"] == 0 and ModelRegistry(registry).champion() is None

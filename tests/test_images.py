@@ -1,6 +1,8 @@
-"""Static checks of the container images (no Docker engine here): hadolint, a non-root
-user, pinned bases and packages, the same pins as pyproject.toml, CUDA matching torch."""
+"""Static checks of the container images' recipes: hadolint, a non-root user, pinned bases,
+hash-locked packages with the same pins as pyproject.toml, CUDA matching torch. The BUILT
+images are checked in tests/test_containers.py."""
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -12,7 +14,8 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 REPO = Path(__file__).resolve().parents[1]
-DOCKERFILES = {"gpu": REPO / "Dockerfile.gpu", "cpu": REPO / "images" / "Dockerfile.cpu"}
+DOCKERFILES = {"gpu": REPO / "Dockerfile.gpu", "cpu": REPO / "images" / "Dockerfile.cpu",
+               "serve": REPO / "images" / "Dockerfile.serve"}
 
 
 def _pins() -> dict[str, str]:
@@ -83,24 +86,70 @@ def test_multi_stage_leaves_no_build_tools_or_caches(kind):
     for tool in ("gcc", "g++", "build-essential", "make", "pip install", "apt-get install"):
         assert tool not in runtime_runs, f"runtime stage runs {tool}"
     copies = [ins["value"] for ins in final if ins["instruction"] == "COPY"]
-    assert copies == ["--from=build /opt/venv /opt/venv"]
+    # the CPU image also carries the serving venv (export's infra validation); the serving
+    # image only the serving venv
+    venvs = {"cpu": ["/opt/venv", "/opt/venv-serve"], "serve": ["/opt/venv-serve"]}.get(kind, ["/opt/venv"])
+    assert copies == [f"--from=build {v} {v}" for v in venvs] + ["--from=build /opt/triview /opt/triview"]
     build_env = " ".join(ins["value"] for ins in parser.structure if ins["instruction"] == "ENV")
-    assert "PIP_NO_CACHE_DIR=1" in build_env
+    assert "PIP_NO_CACHE_DIR=1" in build_env and "PIP_NO_INDEX=1" in build_env
 
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
-def test_installs_the_pins_of_pyproject(kind):
-    pins = _pins()
-    text = DOCKERFILES[kind].read_text()
-    runs = " ".join(ins["value"] for ins in _parse(DOCKERFILES[kind]).structure
-                    if ins["instruction"] == "RUN")
-    # the package itself is installed from pyproject.toml, i.e. with exactly its pins
-    assert re.search(r"pip install --no-compile \.(\s|$)", runs)
-    # anything named explicitly carries the same version (a +cpu local label at most)
-    for name, version in re.findall(r'"([A-Za-z0-9_.-]+)==([^"\s]+)"', text):
-        assert name.lower() in pins, f"{name} is installed but not in pyproject.toml"
-        assert version.split("+")[0] == pins[name.lower()], f"{name}=={version} vs {pins[name.lower()]}"
-    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+def test_installs_only_the_hash_locked_wheelhouse(kind):
+    runs = [ins["value"] for ins in _parse(DOCKERFILES[kind]).structure if ins["instruction"] == "RUN"]
+    installs = [part for run in runs for part in run.split("&&") if " install" in part]
+    assert installs, "no pip install"
+    for command in installs:
+        # every install comes from the wheelhouse (PIP_NO_INDEX, PIP_FIND_LINKS) and either
+        # checks the lock's hashes or installs triview itself from the copied sources
+        assert "--require-hashes -r /locks/" in command or command.rstrip().endswith(
+            "--no-deps --target /opt/triview /src"), command
+        assert "--index-url" not in command and "--extra-index-url" not in command
+    assert "PIP_FIND_LINKS=/wheelhouse" in DOCKERFILES[kind].read_text()
+
+
+def test_lock_pins_exactly_pyproject_with_hashes():
+    from images.lock import BUILD_LOCK, RUNTIME_LOCK, SERVE_LOCK, read_lock
+
+    locked = read_lock(RUNTIME_LOCK)
+    for name, version in _pins().items():
+        assert locked[name.replace("_", "-").lower()][0] == version, f"{name}: run `make lock`"
+    serve = read_lock(SERVE_LOCK)
+    for name, version in _serve_pins().items():
+        assert serve[name][0] == version, f"{name}: run `make lock`"
+    for lock in (RUNTIME_LOCK, SERVE_LOCK, BUILD_LOCK):
+        for name, (version, hashes) in read_lock(lock).items():
+            assert hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
+    assert _pins()["torch"] == "2.14.1" and _pins()["torchvision"] == "0.29.1"
+
+
+_CLOSURE = """
+import json, sys
+from importlib.metadata import distribution
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+locked = set(json.loads(sys.argv[1]))
+missing = {}
+for name in sorted(locked):
+    for raw in distribution(name).requires or []:
+        req = Requirement(raw)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            if canonicalize_name(req.name) not in locked:
+                missing.setdefault(canonicalize_name(req.name), []).append(name)
+print(json.dumps(missing))
+"""
+
+
+def test_serving_lock_is_closed_under_dependencies(serve_python):
+    """pip --require-hashes refuses a lock that misses a dependency (setuptools, which pip
+    leaves out of a freeze, once broke the serving image's build): every requirement of
+    every locked distribution, as installed in .venv-serve, is itself locked."""
+    from images.lock import SERVE_LOCK, read_lock
+
+    locked = sorted(read_lock(SERVE_LOCK))
+    done = subprocess.run([serve_python, "-c", _CLOSURE, json.dumps(locked)],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == {}, "add these to requirements-serve.txt, then `make lock`"
 
 
 def test_gpu_image_declares_the_cuda_of_the_pinned_torch():
@@ -125,6 +174,27 @@ def test_components_reference_the_pinned_images():
 
 
 def test_dockerignore_keeps_secrets_and_bulk_out_of_the_build_context():
-    ignored = (REPO / ".dockerignore").read_text().split()
-    for entry in (".git", ".venv", "runs", "demo-data"):
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for entry in (".git", ".venv", "runs", "demo-data", "build"):
         assert entry in ignored
+    assert "wheelhouse" not in ignored  # the build's only package source
+
+
+def _serve_pins() -> dict[str, str]:
+    from images.lock import SERVE_IN, pinned
+
+    return pinned(SERVE_IN)  # raises on a line not pinned exactly
+
+
+def test_serving_environment_shares_the_numerics_pins_and_has_no_torch():
+    """The predictor must decode, crop and run ONNX exactly as training: same versions."""
+    serve, train = _serve_pins(), _pins()
+    for name in ("numpy", "onnxruntime", "opencv-python-headless", "pillow", "minio",
+                 "prometheus-client", "pyyaml", "tabulate"):
+        assert serve[name] == train[name], f"{name}: serve {serve[name]} vs train {train[name]}"
+    assert serve["kserve"] == "0.21.0"
+    assert not {"torch", "torchvision", "kfp", "scikit-learn"} & set(serve)
+    assert serve["pandas"].startswith("2.")  # KServe 0.21: pandas<3 (why the env is separate)
+    makefile = (REPO / "Makefile").read_text()
+    assert "-f images/Dockerfile.serve" in makefile and "serve-env:" in makefile

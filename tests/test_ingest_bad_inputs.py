@@ -180,3 +180,65 @@ def test_s3_source_through_the_process_pool(s3_endpoint, tmp_path):
     local = ingest(tmp_path / "d", tmp_path / "local", workers=1)
     assert len(pooled.manifest) == 210 and len(pooled.quarantine) == 0
     assert pooled.dataset_version == local.dataset_version
+
+
+def test_links_byte_cap_and_unreadable_folders_are_quarantined_with_their_reasons(tmp_path,
+                                                                                monkeypatch):
+    """``broken_symlink``, ``symlink_dir``, ``too_large`` and ``read_error`` (a folder the
+    listing cannot open: tests run as root, who can open any folder, so its ``scandir``
+    fails by injection, as a permission error would)."""
+    import os
+
+    from triview.demo import write_digits
+
+    data = tmp_path / "data"
+    write_digits(data, per_class=6)
+    (data / "3" / "gone.jpg").symlink_to(data / "3" / "nothing-here.jpg")
+    (data / "4" / "folder-link").symlink_to(data / "5")
+    big = data / "6" / "big.jpg"
+    big.write_bytes((data / "6" / "digit_0006.jpg").read_bytes() + b"\0" * 200_000)
+    locked = data / "7" / "locked"
+    locked.mkdir()
+    (locked / "inside.jpg").write_bytes((data / "7" / "digit_0007.jpg").read_bytes())
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    ingest(data, out, max_file_bytes=100_000)
+    got = outcomes(out)
+    assert got["3/gone.jpg"] == "broken_symlink"
+    assert got["4/folder-link"] == "symlink_dir"
+    assert got["6/big.jpg"] == "too_large"
+    assert got["7/locked/"] == "read_error"
+    assert "7/locked/inside.jpg" not in got
+    assert got["6/digit_0006.jpg"] == "used"
+
+
+def test_s3_single_zip_and_parquet_objects(s3_endpoint, tmp_path):
+    """An ``s3://`` source that is one ZIP object, or one Parquet table object whose paths
+    lie below its prefix: read as the local ZIP / table would be."""
+    from triview.demo import write_digits
+    from triview.storage import S3Store
+
+    store = S3Store()
+    store.put_bytes(f"s3://{BUCKET}/zips/bad_inputs.zip", (FIXTURES / "bad_inputs.zip").read_bytes())
+    out = tmp_path / "zip"
+    assert main(["ingest", "--data", f"s3://{BUCKET}/zips/bad_inputs.zip", "--out", str(out)]) == 0
+    assert outcomes(out) == expected("bad_inputs.zip:")
+
+    write_digits(tmp_path / "d", per_class=5)
+    rows = []
+    for p in sorted((tmp_path / "d").rglob("*.jpg")):
+        rel = p.relative_to(tmp_path / "d").as_posix()
+        store.put_bytes(f"s3://{BUCKET}/table/{rel}", p.read_bytes())
+        rows.append((rel, p.parent.name))
+    table = pd.DataFrame(rows, columns=["path", "label"])
+    table.to_parquet(tmp_path / "labels.parquet", index=False)
+    store.put_bytes(f"s3://{BUCKET}/table/labels.parquet", (tmp_path / "labels.parquet").read_bytes())
+    result = ingest(f"s3://{BUCKET}/table/labels.parquet", tmp_path / "parquet")
+    assert len(result.manifest) == len(rows) and result.classes == sorted(set(table["label"]))

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from k8s_tools import kustomize_cmd, require_module
+
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 BASE = "base"
@@ -32,7 +34,9 @@ TARGETS = [BASE, *OVERLAYS]
 #: Kubernetes minor version the objects are validated against (kubernetes-validate ships it).
 K8S_VERSION = "1.32"
 #: Kinds served by CRDs: kubernetes-validate has no schema for them.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+             # KServe (components/serving): validated against its CRD in tests/test_deploy.py
+             ("serving.kserve.io/v1alpha1", "ServingRuntime")}
 
 NAMESPACE = "triview"
 RUNNER_SA = "triview-pipeline-runner"
@@ -54,19 +58,9 @@ DASHBOARD_METRICS = [
 
 # --------------------------------------------------------------------------- rendering
 
-def _kustomize_cmd(path: Path) -> list[str]:
-    kubectl = shutil.which("kubectl")
-    if kubectl:
-        return [kubectl, "kustomize", str(path)]
-    kustomize = shutil.which("kustomize")
-    if kustomize:
-        return [kustomize, "build", str(path)]
-    pytest.skip("neither kubectl nor kustomize is on PATH: cannot render manifests/")
-
-
 @functools.lru_cache(maxsize=None)
 def _render(target: str) -> tuple[dict, ...]:
-    proc = subprocess.run(_kustomize_cmd(MANIFESTS / target), capture_output=True, text=True,
+    proc = subprocess.run(kustomize_cmd(MANIFESTS / target), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, f"kustomize build {target} failed:\n{proc.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
@@ -122,7 +116,7 @@ def test_kustomize_builds_and_objects_are_well_formed(target):
 
 
 def test_objects_validate_strictly_against_kubernetes_schemas(target):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate = require_module("kubernetes_validate")
     errors, skipped = [], set()
     for doc in render(target):
         if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
@@ -142,7 +136,7 @@ def test_objects_validate_strictly_against_kubernetes_schemas(target):
 
 def test_strict_validation_rejects_unknown_fields():
     """Proof that strict mode is on: a misspelt field must fail, not be ignored."""
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate = require_module("kubernetes_validate")
     deployment = one(render(BASE), "Deployment", "pushgateway")
     kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
     deployment["spec"]["template"]["spec"]["containers"][0]["resource"] = {}  # sic
@@ -538,7 +532,7 @@ def test_local_kind_uses_kfp_standalone_minio():
 
 def test_manifest_names_match_the_pipeline_code():
     """The compiled pipeline names the Secret, its keys and the ConfigMap: keep them in step."""
-    pytest.importorskip("kfp.kubernetes")
+    require_module("kfp.kubernetes")
     from pipelines.platform import PlatformOptions
 
     options = PlatformOptions()
@@ -783,7 +777,7 @@ def test_grafana_dashboard_configmap(target):
 
 def test_dashboard_metric_names_match_what_the_pipeline_pushes():
     """triview/metrics.py derives gauge names from stage records: the dashboard must agree."""
-    pytest.importorskip("prometheus_client")
+    require_module("prometheus_client")
     from triview import metrics
 
     record = {"seconds": 2.0, "items_in": 12, "items_out": 10, "counts": {"quarantined": 1},

@@ -34,3 +34,33 @@ def test_unreachable_pushgateway_warns_and_the_stage_goes_on(tmp_path, monkeypat
 def test_no_url_means_no_push(monkeypatch):
     monkeypatch.delenv("PUSHGATEWAY_URL", raising=False)
     assert metrics.push("x", {"a": 1}, "r") is False
+
+
+def test_training_epochs_and_stage_figures_are_read_back(pushgateway, cropped, balanced, tmp_path,
+                                                          monkeypatch):
+    """Every gauge a training epoch pushes, and a stage's items_out and test figures, as
+    the real Pushgateway serves them."""
+    import re
+
+    from conftest import digits_train
+    from triview.stages import train_branch_stage
+
+    monkeypatch.setenv("PUSHGATEWAY_URL", pushgateway)
+    out = tmp_path / "root" / "run-7" / "train" / "model"
+    train_branch_stage(cropped, None, balanced, "center", out, **digits_train(epochs=1, batch_size=64))
+    with stage_record("evaluate", tmp_path / "root" / "run-7" / "evaluate" / "out") as rec:
+        rec.update(items_out=40, ensemble={"macro_f1": 0.75}, views={"left": {"macro_f1": 0.5}})
+    text = _scrape(pushgateway)
+
+    def value(name: str, stage: str) -> float:
+        found = re.findall(rf'^triview_{name}{{[^}}]*stage="{stage}"[^}}]*}} (\S+)$', text, re.M)
+        assert len(found) == 1, (name, stage)
+        return float(found[0])
+
+    assert value("epoch", "train-branch-center") == 1
+    for name in ("train_loss", "val_loss", "learning_rate", "images_per_second"):
+        assert value(name, "train-branch-center") > 0
+    assert 0 <= value("val_macro_f1", "train-branch-center") <= 1
+    assert value("items_out", "evaluate") == 40
+    assert value("test_ensemble_macro_f1", "evaluate") == 0.75
+    assert value("test_left_macro_f1", "evaluate") == 0.5

@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import digits_train
 import torch
 
 from triview import evaluate as ev
+from triview import scoring
 from triview import voter as vt
-from triview.train import MultiLabelLoss
+from triview.train.loss import MultiLabelLoss
 
 #: digits with a closed loop
 ROUND = {0, 6, 8, 9}
@@ -46,7 +49,7 @@ def multilabel_run(tmp_path_factory):
     branches = []
     for view in ("left", "center", "right"):
         rec = stages.train_branch_stage(out / "views", None, out / "balance", view,
-                                        out / f"branch-{view}", epochs=4, batch_size=32, seed=0)
+                                        out / f"branch-{view}", **digits_train(epochs=4, batch_size=32, seed=0))
         branches.append(out / f"branch-{view}")
         assert rec["task"] == "multilabel"
     stages.train_voter_stage(branches, out / "voter", seed=0)
@@ -113,6 +116,40 @@ def test_export_and_predict_use_the_tuned_thresholds(multilabel_run):
         assert all(item["score"] >= cut[item["label"]] for item in row["labels"])
 
 
+def test_predict_cuts_each_label_at_its_own_threshold_on_both_sides_of_one_half(multilabel_run,
+                                                                                  tmp_path):
+    """With a label's tuned threshold above 0.5 and a score between the two, predict leaves
+    the label out; with one below 0.5 and a score between, it lists it (a predict that
+    cut at 0.5 fails both)."""
+    import shutil
+
+    from triview.predict import Predictor
+
+    root, out, _ = multilabel_run
+    images = [str(p) for p in sorted((root / "photos").rglob("*.jpg"))[::25]]
+    scores = np.array([[s for _, s in sorted(r.labels)]  # every label, by name
+                       for r in Predictor(str(out / "export")).predict(images, threshold=0.0)])
+    card = json.loads((out / "export" / "model_card.json").read_text())
+    names = sorted(card["classes"])
+    hi = np.argwhere((scores > 0.55) & (scores < 0.99))[0]   # (image, label) above 0.5
+    lo = np.argwhere((scores > 0.01) & (scores < 0.45))
+    lo = next(x for x in lo if x[1] != hi[1])                   # another label below 0.5
+    cuts = dict(zip(card["classes"], card["thresholds"]))
+    cuts[names[hi[1]]] = (scores[tuple(hi)] + 1) / 2            # > score > 0.5
+    cuts[names[lo[1]]] = scores[tuple(lo)] / 2                  # < score < 0.5
+    model = tmp_path / "model"
+    shutil.copytree(out / "export", model)
+    (model / "model_card.json").write_text(json.dumps({**card, "thresholds": [cuts[c] for c in
+                                                                              card["classes"]]}))
+    run = subprocess.run([sys.executable, "-m", "triview.cli", "predict", "--model", str(model),
+                          images[hi[0]], images[lo[0]], "--format", "json"],
+                         capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    listed = [{item["label"] for item in row["labels"]} for row in rows]
+    assert names[hi[1]] not in listed[0]
+    assert names[lo[1]] in listed[1]
+
+
 def test_multilabel_loss_is_weighted_bce():
     logits = torch.tensor([[2.0, -1.0, 0.5], [-0.5, 0.3, 1.5]])
     target = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
@@ -130,24 +167,20 @@ def test_thresholds_are_tuned_per_label():
     y = (rng.random((400, 3)) < [0.5, 0.2, 0.0]).astype(int)
     prob = np.clip(0.25 * y + rng.random((400, 3)) * 0.5, 0, 1)  # positives score 0.25 higher
     prob[:, 0] = np.where(y[:, 0] == 1, 0.3, 0.1)                 # label 0 separable at 0.2
-    cut = ev.tune_thresholds(y, prob)
+    cut = scoring.tune_thresholds(y, prob)
     assert 0.1 < cut[0] <= 0.3
-    f1_tuned = ev.scores(y[:, :2], prob[:, :2], cut[:2])["macro_f1"]
-    assert f1_tuned > ev.scores(y[:, :2], prob[:, :2])["macro_f1"]
+    f1_tuned = scoring.scores(y[:, :2], prob[:, :2], cut[:2])["macro_f1"]
+    assert f1_tuned > scoring.scores(y[:, :2], prob[:, :2])["macro_f1"]
     assert cut[2] == 0.5  # no positives: left at 0.5
 
 
-def test_multilabel_voters_export_to_the_same_numbers():
-    from triview.export import VoterModule
-
+def test_the_chosen_multilabel_voter_exports_to_the_same_numbers():
     rng = np.random.default_rng(1)
     y = (rng.random((120, 4)) < 0.4).astype(int)
     probs = {v: np.clip(0.6 * y + 0.4 * rng.random((120, 4)), 0.01, 0.99) for v in ("a", "b", "c")}
     voter, table = vt.fit_voter(probs, y, 4, seed=0)
     assert voter["task"] == "multilabel" and len(voter["thresholds"]) == 4
-    mlp, _ = vt.fit_mlp_voter(probs, y, 4, seed=0)
-    for candidate in (mlp, {"method": "vote", "views": list(probs), "task": "multilabel"},
-                      {"method": "geomean", "views": list(probs), "task": "multilabel"}, voter):
-        module = VoterModule(candidate, 4)
-        torch_out = module([torch.tensor(probs[v], dtype=torch.float32) for v in candidate["views"]])
-        assert np.allclose(torch_out.detach().numpy(), vt.apply_voter(candidate, probs), atol=1e-5)
+    assert "logistic" not in set(table["candidate"])  # multi-class only
+    module = vt.get_method(voter["method"]).module(voter["params"], 3, 4, "multilabel")
+    torch_out = module([torch.tensor(probs[v], dtype=torch.float32) for v in voter["views"]])
+    assert np.allclose(torch_out.detach().numpy(), vt.apply_voter(voter, probs), atol=1e-5)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.local import parse_params
 from triview.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +24,8 @@ def test_dag_has_the_ten_stages_wired_with_typed_artifacts():
     spec = next(yaml.safe_load_all((REPO / "pipelines" / "triview.yaml").read_text()))
     tasks = spec["root"]["dag"]["tasks"]
     names = sorted(t["taskInfo"]["name"] for t in tasks.values())
-    assert names == sorted(STAGES + ["repeats"])  # repeats: the seeds fan-out, when asked for
+    # repeats: the seeds fan-out, when asked for; deploy: the serving step, when asked for
+    assert names == sorted(STAGES + ["repeats", "deploy"])
     by_name = {t["taskInfo"]["name"]: t for t in tasks.values()}
     assert set(by_name["train-voter"]["dependentTasks"]) == {
         k for k, t in tasks.items() if t["taskInfo"]["name"].startswith("train-branch")}
@@ -37,6 +37,23 @@ def test_dag_has_the_ten_stages_wired_with_typed_artifacts():
     views = sorted(t["inputs"]["parameters"]["view_index"]["runtimeValue"]["constant"]
                    for n, t in by_name.items() if n.startswith("train-branch"))
     assert views == [0, 1, 2]
+
+
+def test_deploy_runs_after_export_only_when_asked_for_and_is_never_cached():
+    spec = next(yaml.safe_load_all((REPO / "pipelines" / "triview.yaml").read_text()))
+    root = spec["root"]
+    assert root["inputDefinitions"]["parameters"]["deploy"]["defaultValue"] is False
+    cond = next(t for t in root["dag"]["tasks"].values() if t["taskInfo"]["name"] == "deploy")
+    assert cond["dependentTasks"] == ["export"]
+    assert cond["triggerPolicy"]["condition"] == \
+        "inputs.parameter_values['pipelinechannel--deploy'] == true"
+    inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
+    task = inner["deploy"]
+    assert task["inputs"]["artifacts"]["model"]["componentInputArtifact"] == \
+        "pipelinechannel--export-model"
+    assert not task["cachingOptions"].get("enableCache")  # a deploy acts on the cluster
+    assert task["inputs"]["parameters"]["serve_image"]["runtimeValue"]["constant"].split(
+        "/")[-1].startswith("triview-serve:")
 
 
 def test_repeats_fan_out_over_seeds_only_when_asked_for():
@@ -76,18 +93,13 @@ def test_library_never_imports_kfp():
             assert not any(n == "kfp" or n.startswith("kfp.") for n in names), path
 
 
-def test_params_are_typed_from_the_pipeline_signature():
-    assert parse_params(["epochs=3", "lr=0.01", "backbone=resnet18", "image-size=48"]) == {
-        "epochs": 3, "lr": 0.01, "backbone": "resnet18", "image_size": 48}
-
-
 def test_bad_params_are_clear_errors(capsys, tmp_path):
     rc = main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--param", "epoch=3"])
-    assert rc == 2 and "unknown pipeline parameter 'epoch'" in capsys.readouterr().err
+    assert rc == 2 and "unknown parameter 'epoch'" in capsys.readouterr().err
     rc = main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--param", "epochs=x"])
     assert rc == 2 and "expects int" in capsys.readouterr().err
     rc = main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--repeats", "0"])
-    assert rc == 2 and "repeats must be at least 1, got 0" in capsys.readouterr().err
+    assert rc == 2 and "parameter 'repeats' must be >= 1; got 0" in capsys.readouterr().err
     rc = main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--repeats", "3",
                "--param", "repeats=2"])
     assert rc == 2 and "--repeats 3 contradicts --param repeats=2" in capsys.readouterr().err
@@ -98,20 +110,3 @@ def test_cli_entry_point_is_installed():
                          capture_output=True, text=True, check=True).stdout
     for command in ("demo-data", "ingest", "compile", "run"):
         assert command in out
-
-
-def test_pipeline_and_component_defaults_match_the_library():
-    import dataclasses
-    import inspect
-
-    from components.train_branch import train_branch
-    from pipelines.triview_pipeline import triview_pipeline
-    from triview.train import TrainConfig
-
-    pipeline = inspect.signature(triview_pipeline.pipeline_func).parameters
-    component = inspect.signature(train_branch.python_func).parameters
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("channels_last", "checkpoint_dir"):  # checkpoint_root + run id in the DAG
-            continue
-        assert pipeline[f.name].default == f.default, f.name
-        assert component[f.name].default == f.default, f.name

@@ -33,7 +33,8 @@ def _is_training(label):
 def test_every_container_task_is_seen_the_repeats_included(tmp_path):
     _, spec, _ = _compile(tmp_path)
     names = sorted(t["taskInfo"]["name"] for _, t, _ in _container_tasks(spec))
-    assert len(names) == 10 + 1 + 5 + 1  # the stages, repeat-seeds, the loop body, the summary
+    # the stages, repeat-seeds, the loop body, the summary, deploy
+    assert len(names) == 10 + 1 + 5 + 1 + 1
     assert sum(_is_training(label) for _, _, label in _container_tasks(spec)) == 6
 
 
@@ -60,9 +61,14 @@ def test_gpu_pool_toleration_and_accelerator_on_train_tasks_only(tmp_path):
 
 def test_retries_caching_and_secret_injection(tmp_path):
     _, spec, k8s = _compile(tmp_path)
+    assert any(task["taskInfo"]["name"].startswith("train-branch") for _, task, _ in _container_tasks(spec))
     for name, task, label in _container_tasks(spec):
         assert task["retryPolicy"]["maxRetryCount"] == 3
         assert task["retryPolicy"]["backoffFactor"] == 2
+        assert task["retryPolicy"]["backoffDuration"] == "60s"
+        assert task["retryPolicy"]["backoffMaxDuration"] == "3600s"
+        training = task["taskInfo"]["name"].startswith("train-branch")
+        assert int(k8s[label]["activeDeadlineSeconds"]) == (6 * 3600 if training else 3600), name
         cached = task.get("cachingOptions", {}).get("enableCache", False)
         assert cached == (task["taskInfo"]["name"] in
                           {"ingest", "calibrate-and-crop", "balance", "augment"}), name

@@ -5,23 +5,17 @@ import json
 import numpy as np
 import pytest
 
+from s3_server import BUCKET, moto_server, s3_endpoint  # noqa: F401  (fixtures)
 from triview import manifest as mf
 from triview.cli import main
-from triview.export import load_runtime
+from triview.runtime import load_runtime
 from triview.registry import ModelRegistry
-from triview.stages import _split_inputs, evaluate_stage, export_stage, train_voter_stage
+from triview.train.data import load_split
 
 
 @pytest.fixture(scope="module")
-def model_dir(trained, cropped, tmp_path_factory):
-    dirs = list(trained.values())
-    voter_dir = tmp_path_factory.mktemp("voter")
-    eval_dir = tmp_path_factory.mktemp("eval")
-    out = tmp_path_factory.mktemp("model")
-    train_voter_stage(dirs, voter_dir)
-    evaluate_stage(dirs, voter_dir, eval_dir, views_dir=cropped, gradcam_per_kind=0)
-    export_stage(dirs, voter_dir, cropped, eval_dir, out)
-    return out
+def model_dir(exported):
+    return exported
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def test_json_output_matches_the_model_on_the_training_crops(model_dir, cropped,
     results = [json.loads(line) for line in lines]
     assert [r["path"] for r in results] == paths
     run, card = load_runtime(model_dir)
-    crops, _ = _split_inputs(cropped, card["views"], "test")
+    crops = load_split(cropped, card["views"], "test").inputs
     expected = run([c.numpy() for c in crops])
     for r, prob in zip(results, expected):
         assert set(r) == {"path", "labels"} and set(r["labels"][0]) == {"label", "score"}
@@ -109,3 +103,32 @@ def test_predictions_from_raw_images_are_mostly_right(model_dir, test_images):
     results = Predictor(str(model_dir)).predict(paths)
     accuracy = np.mean([r.labels[0][0] == y for r, y in zip(results, labels)])
     assert accuracy > 0.3  # 3 epochs on 400 digits: far above chance (0.1)
+
+
+def test_predict_from_an_s3_model_and_exif_rotated_photos(model_dir, test_images, s3_endpoint, tmp_path):
+    """A model folder on S3 predicts what the local one does; a photo stored sideways
+    with an EXIF orientation is turned upright before the crops are cut."""
+    from PIL import Image
+
+    from triview import storage
+    from triview.predict import Predictor
+
+    paths, _ = test_images
+    storage.copy_tree(model_dir, f"s3://{BUCKET}/models/digits")
+    local = Predictor(str(model_dir)).predict(paths[:4], threshold=0.0)
+    remote = Predictor(f"s3://{BUCKET}/models/digits").predict(paths[:4], threshold=0.0)
+    assert [r.labels for r in remote] == [r.labels for r in local]
+
+    upright = Image.open(paths[0]).convert("RGB").resize((96, 64))
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)
+    sideways.save(tmp_path / "exif.png", exif=exif)
+    sideways.save(tmp_path / "sideways.png")
+    scores = {name: dict(r.labels) for name, r in zip(
+        ("upright", "exif", "sideways"),
+        Predictor(str(model_dir)).predict([str(tmp_path / f"{n}.png") for n in ("upright", "exif", "sideways")],
+                                          threshold=0.0))}
+    assert scores["exif"] == pytest.approx(scores["upright"], abs=1e-6)
+    assert scores["sideways"] != pytest.approx(scores["upright"], abs=1e-3)  # orientation matters

@@ -7,14 +7,21 @@ import pytest
 
 from triview import manifest as mf
 from triview.augment import AugmentConfig, augment, augment_image, _rng
+from triview.params import stage_config
+from conftest import DIGITS_AUGMENT
+
+
+def digits_config(**overrides) -> AugmentConfig:
+    """The digits demo's augmentation (the spec's defaults serve photos), with ``overrides``."""
+    return AugmentConfig(**{**stage_config("augment", DIGITS_AUGMENT), **overrides})
 from triview.balance import inverse_frequency_weights, read_balance
 from triview.crop import CropGeometry, LensModel, crop_views, read_rgb, undistort_maps, view_boxes
 
 
 def test_view_boxes_overlap_and_cover_the_image():
-    boxes = view_boxes(64, 48, CropGeometry(overlap=0.5))
+    boxes = view_boxes(64, 48, CropGeometry(layout="horizontal", overlap=0.5))
     assert boxes == {"left": (0, 0, 32, 48), "center": (16, 0, 48, 48), "right": (32, 0, 64, 48)}
-    thirds = view_boxes(90, 30, CropGeometry(overlap=0.0))
+    thirds = view_boxes(90, 30, CropGeometry(layout="horizontal", overlap=0.0))
     assert thirds == {"left": (0, 0, 30, 30), "center": (30, 0, 60, 30), "right": (60, 0, 90, 30)}
     vertical = view_boxes(40, 100, CropGeometry(layout="vertical", overlap=0.25))
     assert list(vertical) == ["top", "center", "bottom"]
@@ -30,7 +37,7 @@ def test_bad_geometry_is_a_clear_error(bad):
 def test_crops_see_different_parts_and_have_the_requested_size():
     image = np.zeros((60, 90, 3), np.uint8)
     image[:, :30] = 200   # only the left third is bright
-    crops = crop_views(image, CropGeometry(overlap=0.0, image_size=16))
+    crops = crop_views(image, CropGeometry(layout="horizontal", overlap=0.0, image_size=16))
     assert all(c.shape == (16, 16, 3) for c in crops.values())
     assert crops["left"].mean() == pytest.approx(200) and crops["right"].mean() == 0
 
@@ -42,8 +49,8 @@ def test_identity_lens_has_no_maps_and_a_real_lens_undistorts():
     grid = np.zeros((48, 64, 3), np.uint8)
     grid[::8] = 255
     grid[:, ::8] = 255
-    plain = crop_views(grid, CropGeometry(image_size=32))
-    undistorted = crop_views(grid, CropGeometry(image_size=32), maps)
+    plain = crop_views(grid, CropGeometry(layout="horizontal", image_size=32))
+    undistorted = crop_views(grid, CropGeometry(layout="horizontal", image_size=32), maps)
     assert any(np.abs(plain[v].astype(int) - undistorted[v]).mean() > 5 for v in plain)
 
 
@@ -85,7 +92,7 @@ def test_augment_touches_train_only_and_is_deterministic(cropped, augmented, tmp
     assert set(aug["split"]) == {"train"} and (aug["augmented"] == 1).all()
     assert len(aug) == (views["split"] == "train").sum()
     again = tmp_path / "again"
-    augment(cropped, again, AugmentConfig(copies=1, seed=0))
+    augment(cropped, again, digits_config(copies=1, seed=0))
     first = aug["path"].iloc[0]
     assert np.array_equal(read_rgb(augmented / first), read_rgb(again / first))
     original = read_rgb(cropped / views[views["image_id"] == aug["image_id"].iloc[0]]
@@ -95,7 +102,7 @@ def test_augment_touches_train_only_and_is_deterministic(cropped, augmented, tmp
 
 def test_noise_sigma_is_a_fraction_of_the_range():
     flat = np.full((64, 64, 3), 128, np.uint8)
-    out = augment_image(flat, AugmentConfig(noise_std=0.05, max_rotation=0), _rng(0, "x"))
+    out = augment_image(flat, digits_config(noise_std=0.05, max_rotation=0), _rng(0, "x"))
     assert (out.astype(float) - 128).std() == pytest.approx(0.05 * 255, rel=0.05)
 
 
@@ -103,11 +110,64 @@ def test_rotation_stays_within_the_maximum():
     img = np.zeros((65, 65, 3), np.uint8)
     img[32, 32:] = 255  # a ray pointing right from the centre
     for k in range(20):
-        out = augment_image(img, AugmentConfig(noise_std=0, max_rotation=50), _rng(1, k))
+        out = augment_image(img, digits_config(noise_std=0, max_rotation=50), _rng(1, k))
         ys, xs = np.nonzero(out[..., 0] > 100)
         far = np.argmax((xs - 32) ** 2 + (ys - 32) ** 2)
         angle = np.degrees(np.arctan2(-(ys[far] - 32), xs[far] - 32))
         assert abs(angle) <= 50 + 3
+
+
+def _only(**one) -> AugmentConfig:
+    """Every augmentation off except ``one``."""
+    off = dict(noise_std=0.0, max_rotation=0.0, hflip=0.0, vflip=0.0, shift=0.0, zoom=0.0,
+               brightness=0.0, contrast=0.0, clahe=0.0, gray_world=0.0, crop_scale=1.0,
+               border_mode="constant")
+    return digits_config(**{**off, **one})
+
+
+def _blob_offsets(config: AugmentConfig, draws: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """A small blob 16 px right of the warp centre; its centroid (relative to the centre)
+    before, and after each of ``draws`` augmentations."""
+    yy, xx = np.mgrid[0:65, 0:65]
+    img = np.zeros((65, 65, 3), np.uint8)
+    img[..., 0] = np.round(250 * np.exp(-((xx - 48.5) ** 2 + (yy - 32.5) ** 2) / (2 * 1.5 ** 2)))
+
+    def centroid(image):
+        w = image[..., 0].astype(float)
+        return np.array([(w * xx).sum(), (w * yy).sum()]) / w.sum() - 32.5
+
+    after = [centroid(augment_image(img, config, _rng(2, "measure", k))) for k in range(draws)]
+    return centroid(img), np.array(after)
+
+
+def test_rotation_zoom_and_shift_move_the_image_by_the_amounts_asked():
+    """Measured on a blob: every draw stays within the asked range and the draws reach
+    most of it, on both sides (a warp scaled down or switched off fails)."""
+    before, after = _blob_offsets(_only(max_rotation=40.0))
+    angles = np.degrees(np.arctan2(-after[:, 1], after[:, 0]) - np.arctan2(-before[1], before[0]))
+    assert np.abs(angles).max() <= 40 + 1
+    assert angles.max() >= 0.8 * 40 and angles.min() <= -0.8 * 40
+    assert np.allclose(np.hypot(*after.T), np.hypot(*before), atol=0.3)  # a pure rotation
+
+    before, after = _blob_offsets(_only(zoom=0.3))
+    scale = np.hypot(*after.T) / np.hypot(*before)
+    assert np.abs(scale - 1).max() <= 0.3 + 0.02
+    assert scale.max() >= 1 + 0.8 * 0.3 and scale.min() <= 1 - 0.8 * 0.3
+
+    before, after = _blob_offsets(_only(shift=0.1))
+    moved = (after - before) / 65  # as a share of the side
+    assert np.abs(moved).max() <= 0.1 + 0.01
+    for axis in (0, 1):
+        assert moved[:, axis].max() >= 0.08 and moved[:, axis].min() <= -0.08
+
+
+def test_contrast_gain_stays_in_its_range_and_reaches_it():
+    img = np.full((32, 32, 3), 100, np.uint8)
+    img[:, 16:] = 160
+    gains = np.array([augment_image(img, _only(contrast=0.4), _rng(3, "contrast", k)).astype(float).std()
+                      / img.astype(float).std() for k in range(40)])
+    assert np.abs(gains - 1).max() <= 0.4 + 0.02
+    assert gains.max() >= 1 + 0.8 * 0.4 and gains.min() <= 1 - 0.8 * 0.4
 
 
 def test_effective_number_weights_follow_cui_et_al():
@@ -150,7 +210,7 @@ def test_fused_sampler_matches_undistort_then_crop(lens, resize):
     from triview.crop import ViewSampler
 
     image = _photo()
-    geometry = CropGeometry(image_size=32, resize=resize)
+    geometry = CropGeometry(layout="horizontal", image_size=32, resize=resize)
     reference = crop_views(image, geometry, undistort_maps(lens, 640, 480))
     fused = ViewSampler(lens, geometry, 640, 480).sample(image)
     for view in geometry.views:
@@ -166,7 +226,7 @@ def test_cropper_on_large_files_matches_the_full_resolution_reference(tmp_path, 
     image = _photo(1920, 1080)
     path = tmp_path / f"big{suffix}"
     cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    geometry = CropGeometry(image_size=32)
+    geometry = CropGeometry(layout="horizontal", image_size=32)
     assert choose_reduction(1920, 1080, geometry) == 8  # 960/8 = 120 px >= 2 x 32
     decoded = cv2.imread(str(path))
     reference = crop_views(decoded, geometry, undistort_maps(lens, 1920, 1080))
@@ -179,17 +239,17 @@ def test_cropper_on_large_files_matches_the_full_resolution_reference(tmp_path, 
 def test_window_fraction_centres_the_views():
     from triview.crop import view_fractions
 
-    g = CropGeometry(window=0.3, overlap=0.5)
+    g = CropGeometry(layout="horizontal", window=0.3, overlap=0.5)
     f = view_fractions(g)
     assert f["left"] == pytest.approx((0.2, 0.5)) and f["right"] == pytest.approx((0.5, 0.8))
     assert view_boxes(100, 10, g)["center"] == (35, 0, 65, 10)
     with pytest.raises(ValueError, match="spans"):
-        CropGeometry(window=0.5, overlap=0.2)
+        CropGeometry(layout="horizontal", window=0.5, overlap=0.2)
 
 
 def test_letterbox_keeps_the_aspect_ratio():
     image = np.full((60, 90, 3), 255, np.uint8)
-    views = crop_views(image, CropGeometry(overlap=0.0, image_size=30, resize="letterbox"))
+    views = crop_views(image, CropGeometry(layout="horizontal", overlap=0.0, image_size=30, resize="letterbox"))
     left = views["left"]  # a 30x60 crop -> 15x30 content with black bars left and right
     assert left.shape == (30, 30, 3)
     assert left[:, :7].max() == 0 and left[:, 8:22].min() == 255 and left[:, 23:].max() == 0
@@ -251,33 +311,33 @@ def test_each_augmentation_does_what_it_says():
     img = cv2.GaussianBlur(rng_img.integers(0, 255, (32, 32, 3), dtype=np.uint8), (0, 0), 1)
     img[..., 0] //= 2  # a colour cast for gray-world to remove
     base = dict(noise_std=0.0, max_rotation=0.0)
-    same = augment_image(img, AugmentConfig(**base), _rng(0, "x"))
+    same = augment_image(img, digits_config(**base), _rng(0, "x"))
     assert np.array_equal(same, img)
-    assert np.array_equal(augment_image(img, AugmentConfig(**base, hflip=1.0), _rng(0, "x")),
+    assert np.array_equal(augment_image(img, digits_config(**base, hflip=1.0), _rng(0, "x")),
                           img[:, ::-1])
-    assert np.array_equal(augment_image(img, AugmentConfig(**base, vflip=1.0), _rng(0, "x")),
+    assert np.array_equal(augment_image(img, digits_config(**base, vflip=1.0), _rng(0, "x")),
                           img[::-1])
-    balanced = augment_image(img, AugmentConfig(**base, gray_world=1.0), _rng(0, "x"))
+    balanced = augment_image(img, digits_config(**base, gray_world=1.0), _rng(0, "x"))
     means = balanced.reshape(-1, 3).mean(0)
     assert means.max() - means.min() < 3 < np.ptp(img.reshape(-1, 3).mean(0))
-    assert not np.array_equal(augment_image(img, AugmentConfig(**base, clahe=1.0), _rng(0, "x")), img)
-    bright = augment_image(img, AugmentConfig(**base, brightness=0.3), _rng(5, "x"))
+    assert not np.array_equal(augment_image(img, digits_config(**base, clahe=1.0), _rng(0, "x")), img)
+    bright = augment_image(img, digits_config(**base, brightness=0.3), _rng(5, "x"))
     assert abs(bright.mean() - img.mean()) > 1
-    shifted = augment_image(img, AugmentConfig(**base, shift=0.2), _rng(0, "y"))
+    shifted = augment_image(img, digits_config(**base, shift=0.2), _rng(0, "y"))
     assert not np.array_equal(shifted, img)
     batch = np.stack([img, img])
-    cfg = AugmentConfig(shift=0.1)
+    cfg = digits_config(shift=0.1)
     e1 = augment_batch(batch, ["a", "b"], cfg, epoch=1)
     assert np.array_equal(e1, augment_batch(batch, ["a", "b"], cfg, epoch=1))
     assert not np.array_equal(e1, augment_batch(batch, ["a", "b"], cfg, epoch=2))
-    with pytest.raises(ValueError, match="probability"):
-        AugmentConfig(hflip=1.5)
+    with pytest.raises(ValueError, match="'hflip' must be in \\[0, 1\\]"):
+        digits_config(hflip=1.5)
 
 
 def test_online_mode_writes_config_and_preview_but_no_copies(cropped, tmp_path):
     from triview.augment import load_config
 
-    augment(cropped, tmp_path, AugmentConfig(mode="online", zoom=0.1, seed=4))
+    augment(cropped, tmp_path, digits_config(mode="online", zoom=0.1, seed=4))
     assert len(mf.read_views(tmp_path)) == 0
     cfg = load_config(tmp_path)
     assert cfg.mode == "online" and cfg.zoom == 0.1 and cfg.seed == 4

@@ -62,7 +62,7 @@ def test_a_taken_version_is_not_overwritten(tmp_path):
 
 def test_bad_locations_are_clear_errors(tmp_path):
     with pytest.raises(RegistryError, match="unsupported"):
-        rg.open_store("gs://bucket/x")
+        ModelRegistry("gs://bucket/x")
     with pytest.raises(RegistryError, match="neither an exported model"):
         resolve_model(str(tmp_path))
 
@@ -80,7 +80,9 @@ def s3(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     try:
-        rg.open_store("s3://models-bucket").client.make_bucket("models-bucket")
+        from triview.storage import S3Store
+
+        S3Store().client.make_bucket("models-bucket")
         yield "s3://models-bucket/artifacts"
     finally:
         server.stop()

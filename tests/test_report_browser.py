@@ -11,7 +11,6 @@ import subprocess
 import pytest
 from PIL import Image
 
-from triview.stages import evaluate_stage, train_voter_stage
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -38,13 +37,8 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def report(trained, cropped, tmp_path_factory):
-    dirs = list(trained.values())
-    voter_dir = tmp_path_factory.mktemp("voter")
-    eval_dir = tmp_path_factory.mktemp("eval")
-    train_voter_stage(dirs, voter_dir)
-    evaluate_stage(dirs, voter_dir, eval_dir, views_dir=cropped)
-    return eval_dir / "report.html"
+def report(evaluated):
+    return evaluated / "report.html"
 
 
 def _run(browser, args, tmp_path, timeout=180):

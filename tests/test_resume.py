@@ -11,26 +11,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import digits_train
 import torch
 from s3_server import BUCKET, moto_server, s3_endpoint  # noqa: F401  (fixtures)
 
-from triview.train import CHECKPOINT_BEST, CHECKPOINT_LAST, load_checkpoint, load_predictions
+from triview.artifacts import CHECKPOINT_BEST, CHECKPOINT_LAST, load_predictions
+from triview.train.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
 TRAIN = """
 import sys, time
-from triview import train as tr
+from triview.params import load_preset, names
+from triview.train import loop
 from triview.stages import train_branch_stage
+DIGITS = {k: v for k, v in load_preset("digits").items() if k in names("train-branch")}
 slow = float(sys.argv[6])
 if slow:  # stretch each epoch so that the test can kill the process in the middle of one
-    original = tr.recalibrate_batchnorm
+    original = loop.recalibrate_batchnorm
     def recalibrate(*a, **k):
         time.sleep(slow)
         return original(*a, **k)
-    tr.recalibrate_batchnorm = recalibrate
+    loop.recalibrate_batchnorm = recalibrate
 rec = train_branch_stage(sys.argv[1], sys.argv[2], sys.argv[3], "center", sys.argv[4],
-                         epochs=%d, batch_size=32, seed=0, checkpoint_dir=sys.argv[5])
+                         **{**DIGITS, "epochs": %d, "batch_size": 32, "seed": 0,
+                            "checkpoint_root": sys.argv[5]}, run_id="run")
 print("RESUMED_FROM", rec["resumed_from_epoch"])
 """ % EPOCHS
 
@@ -44,7 +50,7 @@ def _train(cropped, augmented, balanced, out: Path, ckpt: Path, slow: float = 0.
 
 def _epoch_of(ckpt: Path) -> int:
     try:
-        return int(torch.load(ckpt / CHECKPOINT_LAST, weights_only=True)["epoch"])
+        return int(torch.load(ckpt / "run" / "center" / CHECKPOINT_LAST, weights_only=True)["epoch"])
     except (FileNotFoundError, EOFError, RuntimeError):
         return 0
 
@@ -86,7 +92,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(cropped, augme
     a, b = load_predictions(tmp_path / "ref"), load_predictions(tmp_path / "run")
     np.testing.assert_allclose(a["test_prob"], b["test_prob"], atol=1e-5)
     # best and last are both kept
-    assert (ckpt / CHECKPOINT_BEST).is_file() and _epoch_of(ckpt) == EPOCHS
+    assert (ckpt / "run" / "center" / CHECKPOINT_BEST).is_file() and _epoch_of(ckpt) == EPOCHS
 
 
 def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
@@ -103,16 +109,18 @@ def test_checkpoints_live_in_s3_and_a_rerun_resumes_from_there(s3_endpoint, crop
     from triview.stages import train_branch_stage
 
     root = f"s3://{BUCKET}/checkpoints/run-1/center"
-    first = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "a", epochs=2,
-                               batch_size=32, checkpoint_dir=root)
+    first = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "a", **digits_train(epochs=2,
+                               batch_size=32, checkpoint_root=f"s3://{BUCKET}/checkpoints",
+                               run_id="run-1"))
     assert first["resumed_from_epoch"] == 0
     store = storage.default_store()
     assert store.exists(f"{root}/{CHECKPOINT_LAST}") and store.exists(f"{root}/{CHECKPOINT_BEST}")
     assert not (tmp_path / "a" / "checkpoints").exists()  # nothing local when the root is S3
     assert load_checkpoint(root)["epoch"] == 2
     # the retried task (a fresh pod: new output folder) finds the finished epochs in S3
-    again = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "b", epochs=2,
-                               batch_size=32, checkpoint_dir=root)
+    again = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "b", **digits_train(epochs=2,
+                               batch_size=32, checkpoint_root=f"s3://{BUCKET}/checkpoints",
+                               run_id="run-1"))
     assert again["resumed_from_epoch"] == 2 and again["best_epoch"] == first["best_epoch"]
     np.testing.assert_allclose(load_predictions(tmp_path / "a")["test_prob"],
                                load_predictions(tmp_path / "b")["test_prob"], atol=1e-6)

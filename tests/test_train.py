@@ -3,11 +3,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import digits_train
 import torch
 
 from triview import manifest as mf
-from triview.models import BACKBONES, MAX_PARAMS, count_parameters, create_backbone
-from triview.train import load_branch, load_predictions, predict_proba
+from triview.artifacts import load_predictions
+from triview.backbones import BACKBONES
+from triview.models import MAX_PARAMS, count_parameters, create_backbone
+from triview.train import load_branch, predict_proba
 
 
 @pytest.mark.parametrize("name", ["resnet18", "shufflenet_v2_x1_0", "densenet121",
@@ -59,11 +63,35 @@ def test_saved_branch_reloads_to_the_same_predictions(trained, cropped):
     assert np.allclose(predict_proba(model, test.images), preds["test_prob"], atol=1e-5)
 
 
-def test_online_augmentation_trains_through_the_loader(cropped, balanced, tmp_path):
+def test_online_augmentation_trains_through_the_loader(cropped, balanced, tmp_path, monkeypatch):
+    """Every training image of every epoch reaches the model augmented, drawn afresh per
+    epoch (the loader's batches are recorded on their way to the model)."""
+    import triview.train.data as data
     from triview.augment import AugmentConfig, augment
     from triview.stages import train_branch_stage
 
-    augment(cropped, tmp_path / "aug", AugmentConfig(mode="online"))
+    seen = []  # (epoch, image ids, share of each image's pixels the augmentation changed)
+    real = data.augment_batch
+
+    def recording(images, ids, config, epoch):
+        out = real(images, ids, config, epoch)
+        seen.append((epoch, list(ids), (out != images).mean(axis=(1, 2, 3))))
+        return out
+
+    monkeypatch.setattr(data, "augment_batch", recording)
+    augment(cropped, tmp_path / "aug", AugmentConfig(mode="online", shift=0.1))
     rec = train_branch_stage(cropped, tmp_path / "aug", balanced, "center", tmp_path / "m",
-                             epochs=1, batch_size=64)
-    assert rec["epochs_run"] == 1 and (tmp_path / "m" / "model.pt").is_file()
+                             **digits_train(epochs=2, batch_size=64))
+    assert rec["epochs_run"] == 2 and (tmp_path / "m" / "model.pt").is_file()
+    train_ids = set(mf.read_views(cropped).query("view == 'center' and split == 'train'")["image_id"])
+    assert {e for e, _, _ in seen} == {1, 2}
+    for epoch in (1, 2):
+        assert {i for e, ids, _ in seen if e == epoch for i in ids} == train_ids
+    changed = np.concatenate([c for _, _, c in seen])
+    assert np.median(changed) > 0.2  # most pixels of a typical image move
+
+
+def test_a_backbone_over_100m_parameters_is_refused():
+    """vit_b_16 (86M) with a 20,000-class head crosses the 100M bar."""
+    with pytest.raises(ValueError, match=r"vit_b_16 has 101\.\dM parameters \(> 100M\)"):
+        create_backbone("vit_b_16", 20_000, 224)

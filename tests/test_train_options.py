@@ -3,9 +3,13 @@ import math
 
 import pandas as pd
 import pytest
+
+from conftest import digits_train
 import torch
 
-from triview.train import (TrainConfig, amp_dtype, lr_factor, make_optimizer)
+from triview.params import ParamError
+from triview.train import TrainConfig
+from triview.train.optim import amp_dtype, lr_factor, make_optimizer
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "linear", "poly", "step", "multistep"])
@@ -32,8 +36,8 @@ def test_cosine_midpoint_warmup_and_step_drops():
     assert [round(step(e), 6) for e in range(9)] == [1, 1, 1, 0.031623, 0.031623, 0.031623,
                                                       0.001, 0.001, 0.001]
     assert lr_factor(TrainConfig(scheduler="constant"), 5)(17) == 1.0
-    with pytest.raises(ValueError, match="unknown scheduler"):
-        lr_factor(TrainConfig(scheduler="exp"), 5)
+    with pytest.raises(ParamError, match="'scheduler' must be one of cosine"):
+        TrainConfig(scheduler="exp")
 
 
 def test_optimizers_and_amp_modes():
@@ -42,13 +46,13 @@ def test_optimizers_and_amp_modes():
     assert isinstance(make_optimizer(TrainConfig(optimizer="adam"), params), torch.optim.Adam)
     sgd = make_optimizer(TrainConfig(optimizer="sgd", momentum=0.8), params)
     assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.8
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        make_optimizer(TrainConfig(optimizer="lion"), params)
+    with pytest.raises(ParamError, match="'optimizer' must be one of adamw, adam, sgd"):
+        TrainConfig(optimizer="lion")
     cpu = torch.device("cpu")
     assert amp_dtype(TrainConfig(amp="auto"), cpu) is None  # CPU trains in full precision
     assert amp_dtype(TrainConfig(amp="bf16"), cpu) is None
-    with pytest.raises(ValueError, match="amp"):
-        amp_dtype(TrainConfig(amp="int8"), cpu)
+    with pytest.raises(ParamError, match="amp"):
+        TrainConfig(amp="int8")
 
 
 def test_patience_stops_early_and_sgd_step_schedule_with_accumulation(cropped, augmented,
@@ -56,15 +60,15 @@ def test_patience_stops_early_and_sgd_step_schedule_with_accumulation(cropped, a
     from triview.stages import train_branch_stage
 
     # lr = 0: validation never improves after epoch 1, so patience 2 stops after epoch 3
-    rec = train_branch_stage(cropped, augmented, balanced, "left", tmp_path / "a", epochs=8,
-                             batch_size=32, lr=0.0, patience=2, optimizer="sgd")
+    rec = train_branch_stage(cropped, augmented, balanced, "left", tmp_path / "a", **digits_train(epochs=8,
+                             batch_size=32, lr=1e-12, patience=2, optimizer="sgd"))
     history = pd.read_csv(tmp_path / "a" / "history.csv")
     assert rec["stopped_early"] and len(history) == 3 and rec["best_epoch"] == 1
     assert (tmp_path / "a" / "history.png").stat().st_size > 5000
 
-    rec = train_branch_stage(cropped, augmented, balanced, "left", tmp_path / "b", epochs=3,
+    rec = train_branch_stage(cropped, augmented, balanced, "left", tmp_path / "b", **digits_train(epochs=3,
                              batch_size=16, accumulate=2, clip_grad_norm=1.0, scheduler="linear",
-                             lrf=0.1, lr=0.01, warmup_epochs=0.5)
+                             lrf=0.1, lr=0.01, warmup_epochs=0.5))
     history = pd.read_csv(tmp_path / "b" / "history.csv")
     assert not rec["stopped_early"] and len(history) == 3
     # the lr logged after the last epoch is the schedule's end: lr * lrf
@@ -114,9 +118,9 @@ def test_linear_probe_trains_only_the_head_until_unfrozen(cropped, augmented, ba
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, weights)
     conv = "conv1.0.weight"
 
-    rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "probe", epochs=2,
+    rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "probe", **digits_train(epochs=2,
                              batch_size=32, weights=str(weights), finetune="linear_probe",
-                             normalization="per_sample")
+                             normalization="per_sample"))
     assert rec["parameters"]["frozen"] > 10 * rec["parameters"]["trainable"]
     model, meta = load_branch(tmp_path / "probe")
     assert meta["pretrained"]["loaded"] > 100 and meta["config"]["normalization"] == "per_sample"
@@ -124,11 +128,11 @@ def test_linear_probe_trains_only_the_head_until_unfrozen(cropped, augmented, ba
     assert torch.equal(model.backbone.state_dict()[conv], source.state_dict()[conv])
     assert not torch.equal(model.backbone.fc.weight, source.fc.weight)
 
-    train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "thaw", epochs=2,
+    train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "thaw", **digits_train(epochs=2,
                        batch_size=32, weights=str(weights), finetune="linear_probe",
-                       unfreeze_epoch=2)
-    from triview.train import load_checkpoint
+                       unfreeze_epoch=2))
+    from triview.train.checkpoint import load_checkpoint
 
-    last = load_checkpoint(tmp_path / "thaw" / "checkpoints")  # the state after epoch 2
+    last = load_checkpoint(str(tmp_path / "thaw" / "checkpoints"))  # the state after epoch 2
     assert last["epoch"] == 2
     assert not torch.equal(last["model"][f"backbone.{conv}"], source.state_dict()[conv])

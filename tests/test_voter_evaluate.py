@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from triview.evaluate import evaluate
-from triview.voter import aligned, apply_voter, fit_logistic_voter, fit_voter
+from triview.voter import VOTERS, aligned, apply_voter, fit_voter, get_method
 
 
 def _noisy_views(n=300, c=5, seed=0):
@@ -46,10 +46,11 @@ def test_a_dominant_view_decides():
 def test_logistic_voter_probabilities_are_valid_and_cover_unseen_classes():
     probs, y = _noisy_views(c=5)
     y = np.where(y == 4, 3, y)  # class 4 never appears on validation
-    voter, oof = fit_logistic_voter(probs, y, 5)
-    p = apply_voter(voter, probs)
+    logistic = get_method("logistic")
+    params, oof = logistic.fit(list(probs.values()), y, 5, seed=0)
+    p = logistic.apply(params, list(probs.values()), "multiclass")
     assert np.allclose(p.sum(1), 1) and (p[:, 4] < 1e-3).all() and (oof[:, 4] == 0).all()
-    assert fit_logistic_voter({k: v[:3] for k, v in probs.items()}, np.array([0, 1, 2]), 5) is None
+    assert logistic.fit([v[:3] for v in probs.values()], np.array([0, 1, 2]), 5, seed=0) is None
 
 
 def test_evaluate_scores_views_and_ensemble(tmp_path):
@@ -58,7 +59,7 @@ def test_evaluate_scores_views_and_ensemble(tmp_path):
     perm = np.random.default_rng(1).permutation(200)
     preds = {v: {"test_prob": p[perm], "test_ids": ids[perm], "test_labels": y[perm]}
              for v, p in probs.items()}
-    voter = {"method": "mean", "views": list(probs), "name": "mean"}
+    voter = {"method": "mean", "params": {}, "views": list(probs), "name": "mean"}
     result = evaluate(preds, voter, [str(i) for i in range(5)], tmp_path)
     mean = np.mean(list(probs.values()), axis=0)
     assert result["ensemble"]["accuracy"] == pytest.approx((mean.argmax(1) == y).mean())
@@ -80,32 +81,30 @@ def test_views_predicted_on_different_images_are_refused():
 
 
 def test_weighted_voter_leans_on_the_better_view_and_vote_counts_labels():
-    from triview.voter import fit_weighted_voter
-
     probs, y = _noisy_views(n=400)
     probs["center"] = 0.5 * probs["center"] + 0.5 * (np.eye(5)[y] * 0.9 + 0.02)  # a better view
-    voter, oof = fit_weighted_voter(probs, y, 5)
-    w = dict(zip(voter["views"], voter["weights"]))
+    params, oof = get_method("weighted").fit(list(probs.values()), y, 5, seed=0)
+    w = dict(zip(probs, params["weights"]))
     assert abs(sum(w.values()) - 1) < 1e-9 and w["center"] > max(w["left"], w["right"])
     assert np.allclose(oof.sum(1), 1)
     # majority vote: two views say class 1, one says class 0 -> class 1, whatever the confidences
     p = {"left": np.array([[0.1, 0.9]]), "center": np.array([[0.45, 0.55]]),
          "right": np.array([[0.99, 0.01]])}
-    vote = apply_voter({"method": "vote", "views": list(p)}, p)
+    vote = apply_voter({"method": "vote", "params": {}, "views": list(p)}, p)
     assert vote.argmax() == 1 and np.isclose(vote.sum(), 1)
-    assert apply_voter({"method": "mean", "views": list(p)}, p).argmax() == 0
+    assert apply_voter({"method": "mean", "params": {}, "views": list(p)}, p).argmax() == 0
 
 
 def test_geometric_mean_is_a_normalised_product_of_experts():
     probs, _ = _noisy_views(n=40, c=4)
-    p = apply_voter({"method": "geomean", "views": list(probs)}, probs)
+    p = apply_voter({"method": "geomean", "params": {}, "views": list(probs)}, probs)
     product = np.prod([probs[v] for v in probs], axis=0) ** (1 / 3)
     assert np.allclose(p, product / product.sum(1, keepdims=True), atol=1e-5)
     # one confident "no" vetoes a class that the mean would still pick
     q = {"left": np.array([[0.9, 0.1]]), "center": np.array([[0.9, 0.1]]),
          "right": np.array([[0.001, 0.999]])}
-    assert apply_voter({"method": "mean", "views": list(q)}, q).argmax() == 0
-    assert apply_voter({"method": "geomean", "views": list(q)}, q).argmax() == 1
+    assert apply_voter({"method": "mean", "params": {}, "views": list(q)}, q).argmax() == 0
+    assert apply_voter({"method": "geomean", "params": {}, "views": list(q)}, q).argmax() == 1
 
 
 def test_the_simplest_candidate_within_one_standard_error_is_kept():
@@ -126,20 +125,33 @@ def test_the_simplest_candidate_within_one_standard_error_is_kept():
     assert choose(table(mean=1.0, vote=0.99, single_center=1.0), 100) == "mean"
 
 
-@pytest.mark.parametrize("method", ["mean", "geomean", "weighted", "vote", "single"])
-def test_exported_voter_module_matches_numpy_in_torch_and_onnx(method, tmp_path):
+def _fitted_params(method, probs, y, n_classes):
+    """Real parameters for every method: fitted ones fit on the data, single picks a view."""
+    if method.name == "single":
+        return {"view": "center", "index": 1}
+    return method.fit(list(probs.values()), y, n_classes, seed=0)[0]
+
+
+@pytest.mark.parametrize("name,task", [(n, t) for n in sorted(VOTERS) for t in ("multiclass", "multilabel")
+                                       if t == "multiclass" or VOTERS[n].multilabel])
+def test_every_registered_voter_exports_to_torch_and_onnx_with_numpy_parity(name, task, tmp_path):
+    """Every method of the registry (not a hand-kept list), for every task it combines:
+    its torch module, and that module exported to ONNX, compute what its numpy apply
+    computes."""
     import onnxruntime as ort
     import torch
 
-    from triview.export import VoterModule
-
-    probs, _ = _noisy_views(n=50, c=4)
-    views = list(probs)
-    voter = {"method": method, "views": views, "weights": [0.2, 0.5, 0.3], "view": "center"}
-    module = VoterModule(voter, 4).eval()
+    method = get_method(name)
+    probs, y = _noisy_views(n=60, c=4)
+    if task == "multilabel":  # independent per-label probabilities and 0/1 targets
+        probs = {v: 1 / (1 + np.exp(-np.log(p / (1 - p + 1e-9)))) for v, p in probs.items()}
+        y = (np.eye(4)[y] + (np.random.default_rng(5).random((60, 4)) < 0.2)).clip(0, 1).astype(int)
+    params = _fitted_params(method, probs, y, 4)
+    voter = {"method": name, "params": params, "views": list(probs), "task": task}
     expected = apply_voter(voter, probs)
-    tensors = [torch.tensor(probs[v], dtype=torch.float32) for v in views]
-    assert np.allclose(module(tensors).numpy(), expected, atol=1e-6)
+    module = method.module(params, 3, 4, task).eval()
+    tensors = [torch.tensor(probs[v], dtype=torch.float32) for v in probs]
+    assert np.abs(module(tensors).detach().numpy() - expected).max() < 1e-5
 
     class Wrap(torch.nn.Module):
         def __init__(self):
@@ -157,3 +169,28 @@ def test_exported_voter_module_matches_numpy_in_torch_and_onnx(method, tmp_path)
     feed = {i.name: tensors["abc".index(i.name)].numpy() for i in session.get_inputs()}
     out = session.run(None, feed)[0]
     assert np.abs(out - expected).max() < 1e-5
+
+
+def test_a_sign_flipped_logistic_export_is_caught():
+    """The parity check above fails for a wrong torch module (here: negated weights)."""
+    import torch
+
+    probs, y = _noisy_views(n=60, c=4)
+    method = get_method("logistic")
+    params = _fitted_params(method, probs, y, 4)
+    flipped = {**params, "coef": (-np.asarray(params["coef"])).tolist()}
+    tensors = [torch.tensor(p, dtype=torch.float32) for p in probs.values()]
+    out = method.module(flipped, 3, 4, "multiclass")(tensors).detach().numpy()
+    expected = apply_voter({"method": "logistic", "params": params, "views": list(probs)}, probs)
+    assert np.abs(out - expected).max() > 1e-2
+
+
+def test_voter_files_of_the_earlier_format_are_read():
+    from triview.voter import upgrade
+
+    old = {"method": "weighted", "views": ["a", "b", "c"], "weights": [0.2, 0.3, 0.5],
+           "name": "weighted", "task": "multiclass", "val_macro_f1": 0.9}
+    new = upgrade(old)
+    assert new["params"] == {"weights": [0.2, 0.3, 0.5]} and new["name"] == "weighted"
+    single = upgrade({"method": "single", "views": ["a", "b", "c"], "view": "b"})
+    assert single["params"] == {"view": "b", "index": 1}

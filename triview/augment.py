@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -20,6 +19,7 @@ import pandas as pd
 
 from triview import manifest as mf
 from triview.crop import read_rgb, write_png
+from triview.params import config_class
 
 AUG_DIR = "augmented"
 BORDER_MODES = {
@@ -29,40 +29,13 @@ BORDER_MODES = {
 }
 
 
-MODES = ("offline", "online")
 CONFIG_FILE = "augment.json"
 PREVIEW_FILE = "preview.png"
 
 
-@dataclass
-class AugmentConfig:
-    copies: int = 1
-    noise_std: float = 0.05      # Gaussian sigma as a fraction of the 0..255 range
-    max_rotation: float = 50.0   # degrees; the angle is uniform in [-max, +max]
-    border_mode: str = "constant"
-    seed: int = 0
-    mode: str = "offline"
-    hflip: float = 0.0           # probability of a horizontal flip
-    vflip: float = 0.0           # probability of a vertical flip
-    shift: float = 0.0           # max translation as a fraction of the side
-    zoom: float = 0.0            # scale uniform in [1 - zoom, 1 + zoom]
-    brightness: float = 0.0      # additive, uniform in ±brightness x 255
-    contrast: float = 0.0        # gain uniform in [1 - contrast, 1 + contrast]
-    clahe: float = 0.0           # probability of CLAHE on the luminance
-    gray_world: float = 0.0      # probability of gray-world white balance
-
-    def __post_init__(self) -> None:
-        if self.border_mode not in BORDER_MODES:
-            raise ValueError(f"border_mode must be one of {sorted(BORDER_MODES)}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        values = [self.copies, self.noise_std, self.max_rotation, self.shift, self.zoom,
-                  self.brightness, self.contrast]
-        if any(v < 0 for v in values):
-            raise ValueError("copies and augmentation magnitudes must be >= 0")
-        for name in ("hflip", "vflip", "clahe", "gray_world"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a probability in [0, 1]")
+#: The augment stage's parameters (copies, mode, noise_std, max_rotation, border_mode,
+#: flips, shift, zoom, brightness, contrast, clahe, gray_world, seed), from the spec.
+AugmentConfig = config_class("AugmentConfig", "augment", module=__name__)
 
 
 def _rng(seed: int, *key: object) -> np.random.Generator:
@@ -85,10 +58,13 @@ def _clahe(image: np.ndarray) -> np.ndarray:
 def augment_image(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """One random draw of every enabled augmentation; uint8 RGB (H, W, 3) in and out.
 
-    Rotation, zoom and shift are one affine warp; flips, colour operations and the
-    Gaussian noise follow. The draw depends only on ``rng``.
+    A random resized crop comes first (with ``crop_scale`` < 1); rotation, zoom and shift
+    are one affine warp; flips, colour operations and the Gaussian noise follow. The draw
+    depends only on ``rng``.
     """
     h, w = image.shape[:2]
+    if config.crop_scale < 1.0:
+        image = random_resized_crop(image, config.crop_scale, rng)
     angle = rng.uniform(-config.max_rotation, config.max_rotation)
     scale = rng.uniform(1.0 - config.zoom, 1.0 + config.zoom)
     matrix = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
@@ -108,6 +84,21 @@ def augment_image(image: np.ndarray, config: AugmentConfig, rng: np.random.Gener
     noise = rng.normal(0.0, config.noise_std * 255.0, size=out.shape)
     mean = out.mean()
     return np.clip((out.astype(np.float32) - mean) * gain + mean + bias + noise, 0, 255).astype(np.uint8)
+
+
+def random_resized_crop(image: np.ndarray, min_area: float, rng: np.random.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """A crop of ``min_area``..1 of the image's area with an aspect ratio in ``ratio``
+    (log-uniform) at a random place, resized back to the image's size (torchvision's
+    RandomResizedCrop, inside the view: nothing outside the crop is ever shown)."""
+    h, w = image.shape[:2]
+    area = rng.uniform(min_area, 1.0) * h * w
+    aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+    cw = int(round(min(w, np.sqrt(area * aspect))))
+    ch = int(round(min(h, np.sqrt(area / aspect))))
+    x0 = int(rng.integers(0, w - cw + 1))
+    y0 = int(rng.integers(0, h - ch + 1))
+    return cv2.resize(image[y0:y0 + ch, x0:x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def augment_batch(images: np.ndarray, image_ids: list[str], config: AugmentConfig,

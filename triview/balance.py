@@ -9,7 +9,10 @@ import pandas as pd
 from sklearn.utils.class_weight import compute_class_weight
 
 from triview import manifest as mf
+from triview.params import stage_config
 from triview.storage import atomic_write_text
+
+DEFAULTS = stage_config("balance", {})
 
 BALANCE_FILE = "balance.json"
 COUNTS_FILE = "class_counts.csv"
@@ -112,9 +115,9 @@ def _plot_counts(counts: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def balance(views_dir: str | Path, out_dir: str | Path, weighting: str = "inverse_frequency",
-            beta: float = 0.999, resample: str = "none", target: float = 0.0,
-            seed: int = 0) -> dict:
+def balance(views_dir: str | Path, out_dir: str | Path, weighting: str = DEFAULTS["weighting"],
+            beta: float = DEFAULTS["beta"], resample: str = DEFAULTS["resample"],
+            target: float = DEFAULTS["target"], seed: int = DEFAULTS["seed"]) -> dict:
     """Analyse the class balance and decide how training compensates for it.
 
     Writes ``class_counts.csv`` (per split), ``class_counts.png`` and ``balance.json``

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,12 @@ SUBPIX_CRITERIA = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_COUNT, 30, 0.1)
 
 
 class CalibrationError(ValueError):
-    """Calibration could not be computed from the given input."""
+    """Calibration could not be computed from the given input; ``rejected`` maps
+    each photo that was not used to why."""
+
+    def __init__(self, message: str, rejected: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.rejected = dict(rejected or {})
 
 
 @dataclass
@@ -73,43 +80,77 @@ def find_corners(gray: np.ndarray, pattern: tuple[int, int],
 def calibrate_chessboard(paths: list[str | Path], pattern: tuple[int, int] = (9, 6),
                          square: float = 1.0, flags: int = 0,
                          subpix_window: tuple[int, int] = (5, 5)) -> Calibration:
-    """Calibrate one camera from chessboard photos (all of the same size)."""
+    """Calibrate one camera from chessboard photos.
+
+    The image size is the one shared by the largest group of photos in which the
+    board is found (ties: the size of the first such photo in sorted order), so a
+    stray photo of another size, wherever it sorts, cannot veto the rest. Every
+    photo not used is listed in ``rejected`` with why; with fewer than three boards
+    the :class:`CalibrationError` lists them too.
+    """
     if not paths:
         raise CalibrationError("no calibration images given")
-    obj_points, img_points, names, rejected = [], [], [], {}
-    size = None
+    ordered = sorted(str(p) for p in paths)
+    names = display_names(ordered)
     objp = board_points(pattern, square)
-    for path in sorted(str(p) for p in paths):
+    found: list[tuple[str, tuple[int, int], np.ndarray]] = []   # (path, size, corners)
+    rejected: dict[str, str] = {}
+    for path in ordered:
         gray = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
         if gray is None:
             rejected[path] = "undecodable"
             continue
         this_size = (gray.shape[1], gray.shape[0])
-        if size is None:
-            size = this_size
-        elif this_size != size:
-            rejected[path] = f"size {this_size[0]}x{this_size[1]} differs from {size[0]}x{size[1]}"
-            continue
         corners = find_corners(gray, pattern, subpix_window)
         if corners is None:
-            rejected[path] = "board not found"
+            rejected[path] = f"board not found ({this_size[0]}x{this_size[1]})"
             continue
-        obj_points.append(objp)
-        img_points.append(corners)
-        names.append(path)
-    if len(img_points) < 3:
-        raise CalibrationError(f"the {pattern[0]}x{pattern[1]} board was found in only "
-                               f"{len(img_points)} of {len(paths)} images; need at least 3")
+        found.append((path, this_size, corners))
+    size = _majority_size([s for _, s, _ in found])
+    used = []
+    for path, this_size, corners in found:
+        if this_size != size:
+            rejected[path] = (f"size {this_size[0]}x{this_size[1]} differs from "
+                              f"{size[0]}x{size[1]} (the size most boards were found in)")
+        else:
+            used.append((path, corners))
+    rejected = {names[p]: rejected[p] for p in ordered if p in rejected}
+    if len(used) < 3:
+        listing = "".join(f"\n  {name}: {why}" for name, why in rejected.items())
+        raise CalibrationError(
+            f"the {pattern[0]}x{pattern[1]} board was found in only {len(used)} of "
+            f"{len(ordered)} images of one size; need at least 3. Not used:{listing}",
+            rejected=rejected)
+    obj_points = [objp] * len(used)
+    img_points = [corners for _, corners in used]
     rms, K, dist, rvecs, tvecs = cv2.calibrateCamera(obj_points, img_points, size, None, None,
                                                      flags=flags)
     per_view = {}
-    for name, objp_i, imgp, rvec, tvec in zip(names, obj_points, img_points, rvecs, tvecs):
-        projected, _ = cv2.projectPoints(objp_i, rvec, tvec, K, dist)
-        per_view[Path(name).name] = float(np.sqrt(np.mean(np.sum(
+    for (path, imgp), rvec, tvec in zip(used, rvecs, tvecs):
+        projected, _ = cv2.projectPoints(objp, rvec, tvec, K, dist)
+        per_view[names[path]] = float(np.sqrt(np.mean(np.sum(
             (projected.reshape(-1, 2) - imgp) ** 2, axis=1))))
     return Calibration(K=K.tolist(), dist=dist.ravel().tolist(), rms=float(rms), image_size=size,
                        per_view_error=per_view, pattern=pattern, square=square,
-                       rejected={Path(r).name: why for r, why in rejected.items()})
+                       rejected=rejected)
+
+
+def _majority_size(sizes: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The most common size; a tie goes to the size that occurs first."""
+    if not sizes:
+        return None
+    counts = Counter(sizes)
+    return max(counts, key=lambda s: (counts[s], -sizes.index(s)))
+
+
+def display_names(paths: list[str]) -> dict[str, str]:
+    """How a photo is named in reports: its file name, or its path below the
+    photos' common folder when two photos share a file name."""
+    base = [Path(p).name for p in paths]
+    if len(set(base)) == len(base):
+        return dict(zip(paths, base))
+    common = os.path.commonpath([os.path.abspath(p) for p in paths])
+    return {p: os.path.relpath(os.path.abspath(p), common) for p in paths}
 
 
 def calibrate_glob(pattern_glob: str, **kwargs) -> Calibration:

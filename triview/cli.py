@@ -14,19 +14,57 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Extra spellings of stage flags (``--validation-split`` as in Keras); repeatable flags
+#: (``--remap a->b --remap c->d``) are joined with commas into the parameter's value.
+_FLAG_ALIASES = {"val_fraction": ("--validation-split",), "label_remap": ("--remap",),
+                 "label_drop": ("--drop",), "allowed_roots": ("--allow-root",)}
+_REPEATABLE = ("label_remap", "label_drop", "allowed_roots")
+
+
+def add_stage_flags(parser: argparse.ArgumentParser, stage: str) -> None:
+    """One ``--flag`` per spec parameter of ``stage`` (typed, checked, with the spec's
+    default and help)."""
+    from triview import params as spec
+
+    for name in spec.names(stage):
+        param = spec.PARAMS[name]
+        flags = (f"--{name.replace('_', '-')}",) + _FLAG_ALIASES.get(name, ())
+        if name in _REPEATABLE:
+            parser.add_argument(*flags, dest=name, action="append", default=[], metavar="VALUE",
+                                help=f"{spec.help_text(param)} Repeatable.")
+        else:
+            parser.add_argument(*flags, dest=name, type=_flag_type(param), default=param.default,
+                                metavar=param.type.__name__.upper(),
+                                help=f"{spec.help_text(param)} Default: {param.default!r}.")
+
+
+def _flag_type(param):
+    def convert(text: str):
+        try:
+            return param.validate(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = param.type.__name__
+    return convert
+
+
+def stage_flag_values(args: argparse.Namespace, stage: str) -> dict:
+    from triview import params as spec
+
+    values = {name: getattr(args, name) for name in spec.names(stage)}
+    for name in _REPEATABLE:
+        if name in values:
+            values[name] = ",".join(values[name])
+    return values
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from triview.ingest import parse_remap
     from triview.stages import ingest_stage
     from triview.storage import StorageError
 
     try:
-        rec = ingest_stage(args.data, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                           test_fraction=args.test_fraction, min_size=args.min_size,
-                           max_pixels=args.max_pixels, remap=parse_remap(args.remap),
-                           drop=tuple(d for spec in args.drop for d in spec.split(",") if d),
-                           min_per_class=args.min_per_class,
-                           near_duplicate_distance=args.near_duplicate_distance,
-                           workers=args.workers, plot=not args.no_plot, allow_empty=True)
+        rec = ingest_stage(args.data, args.out, workers=args.workers, plot=not args.no_plot,
+                           allow_empty=True, **stage_flag_values(args, "ingest"))
     except StorageError as exc:  # S3 unreachable or refusing: a message, not a trace
         print(f"triview ingest: error: {exc}", file=sys.stderr)
         return 2
@@ -47,9 +85,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     cal = calibrate_glob(args.images, pattern=parse_pattern(args.pattern), square=args.square)
     cal.save(args.out)
     used = len(cal.per_view_error)
-    print(f"calibrated from {used} images ({len(cal.rejected)} without a board): "
+    width, height = cal.image_size
+    print(f"calibrated from {used} of {used + len(cal.rejected)} images ({width}x{height}): "
           f"rms {cal.rms:.4f} px, fx {cal.K[0][0]:.1f} fy {cal.K[1][1]:.1f} "
           f"cx {cal.K[0][2]:.1f} cy {cal.K[1][2]:.1f} -> {args.out}")
+    for name, why in cal.rejected.items():
+        print(f"  not used: {name}: {why}")
     return 0
 
 
@@ -60,7 +101,7 @@ def _options(args: argparse.Namespace):
     return options_from_flags(gpus=args.gpus, gpu_pool=args.gpu_pool,
                               gpu_toleration=args.gpu_toleration, cpu_pool=args.cpu_pool,
                               minio_secret=args.minio_secret, image=args.image,
-                              gpu_image=args.gpu_image,
+                              gpu_image=args.gpu_image, serve_image=args.serve_image,
                               pipeline_root=getattr(args, "compile_pipeline_root", None))
 
 
@@ -72,15 +113,93 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.local import parse_params, run_local
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from triview import weights
 
-    params = parse_params(args.param)
-    if args.repeats is not None:
+    if args.action == "stage":
+        if not args.backbones or not args.to:
+            raise ValueError("weights stage needs BACKBONE... and --to DIR_OR_S3")
+        for row in weights.stage(args.backbones, args.to, source_file=args.source,
+                                 download=args.download, allow_unpublished=args.allow_unpublished):
+            own = "" if row.get("published_hash_match", True) else ", NOT the published file"
+            print(f"staged {row['backbone']}: {row['file']} ({row['bytes']} bytes, sha256 "
+                  f"{row['sha256'][:16]}..., from {row['staged_from']}{own}) -> {args.to}")
+        return 0
+    if args.backbones:
+        raise ValueError("weights list takes no backbones (use --from to list a mirror)")
+    if args.source:
+        rows = weights.list_mirror(args.source)
+        for row in rows:
+            origin = (row["source_url"] if row.get("published_hash_match", True)
+                      else f"own file staged under {row['file']} (not the published one)")
+            print(f"{row['backbone']:<20} {row['file']:<36} sha256 {row['sha256'][:16]}...  "
+                  f"{row['bytes']:>10} bytes  {origin}")
+        if not rows:
+            print(f"(no staged weights in {args.source})")
+        return 0
+    for row in weights.available():
+        where = f"{row['source']}: {row['location']}" if row["source"] else "not available here"
+        print(f"{row['backbone']:<20} {where}")
+    return 0
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    import json
+
+    from triview import params as spec
+
+    if args.format == "json":
+        print(json.dumps([{"name": p.name, "type": p.type.__name__, "default": p.default,
+                           "allowed": p.describe_range(), "stage": p.stage,
+                           "stages": list(p.stages), "help": p.help}
+                          for p in spec.PARAMS.values()
+                          if args.stage is None or args.stage in p.stages], indent=2))
+        return 0
+    for stage in spec.STAGES:
+        names = [n for n in spec.names(stage) if spec.PARAMS[n].stage == stage
+                 or (args.stage is not None and args.stage == stage)]
+        if not names or (args.stage is not None and stage != args.stage):
+            continue
+        print(f"[{stage}]")
+        for name in names:
+            p = spec.PARAMS[name]
+            allowed = p.describe_range()
+            print(f"  {name} ({p.type.__name__}, default {p.default!r}{'; ' + allowed if allowed else ''})")
+            print(f"      {p.help}")
+    return 0
+
+
+def _checked_run_params(args: argparse.Namespace) -> dict:
+    """The preset's values, then ``--param`` values (and ``--repeats``) over them, typed and
+    checked against the spec; nothing heavy is imported before this, so a bad value is
+    refused in well under a second."""
+    from triview.params import load_preset, parse_pairs, validate
+
+    params = validate({**(load_preset(args.preset) if args.preset else {}),
+                       **parse_pairs(args.param)})
+    if getattr(args, "repeats", None) is not None:
         if "repeats" in params and params["repeats"] != args.repeats:
             raise ValueError(f"--repeats {args.repeats} contradicts --param repeats={params['repeats']}")
-        params["repeats"] = args.repeats
-    summary = run_local(args.data, args.out, params)
+        params = validate({**params, "repeats": args.repeats})
+    return params
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    params = _checked_run_params(args)
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"input {args.data!r} does not exist")
+    from pipelines.console import TaskFailed
+    from pipelines.local import run_local
+    from pipelines.runners import DockerRunnerError
+
+    try:
+        summary = run_local(args.data, args.out, params, verbose=args.verbose, runner=args.runner)
+    except TaskFailed as exc:   # one clear block: the task, why, its log
+        print(exc.report(), file=sys.stderr)
+        return 1
+    except DockerRunnerError as exc:
+        print(f"triview run: error: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     print(f"summary: {Path(args.out) / 'run_summary.json'}")
     return 0
@@ -109,51 +228,55 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.client import ClusterError, check_params, check_pipeline_root, connect, submit
-    from pipelines.local import parse_params
+def _cluster_call(args: argparse.Namespace, action, check=lambda: None) -> int:
+    """Check everything first (parameters against the spec before kfp is even imported,
+    then ``check()``, the pipeline root and the cluster flags), then connect and print
+    what ``action(client, params, shared)`` says; an API failure is exit 1."""
+    values = _checked_run_params(args)
+    from pipelines.client import ClusterError, check_params, check_pipeline_root, connect
 
-    # Everything is checked before the client connects.
-    params = check_params({"data": args.data, **parse_params(args.param)})
+    check()
+    params = check_params({"data": args.data, **values})
     check_pipeline_root(args.pipeline_root)
     options = _options(args)
+    shared = dict(experiment=args.experiment, pipeline_root=args.pipeline_root,
+                  namespace=args.namespace, service_account=args.service_account,
+                  options=options, enable_caching=False if args.no_cache else None)
     try:
         client = connect(args.host, args.namespace, args.token)
-        run_id = submit(client, params=params, experiment=args.experiment, run_name=args.run_name,
-                        pipeline_root=args.pipeline_root, namespace=args.namespace,
-                        service_account=args.service_account, options=options,
-                        enable_caching=False if args.no_cache else None)
+        print(action(client, params, shared))
     except ClusterError as exc:
-        print(f"triview submit: error: {exc}", file=sys.stderr)
+        print(f"triview {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    print(f"submitted run {run_id} in experiment {args.experiment!r}")
     return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    def action(client, params, shared) -> str:
+        from pipelines.client import submit
+
+        run_id = submit(client, params=params, run_name=args.run_name, **shared)
+        return f"submitted run {run_id} in experiment {args.experiment!r}"
+    return _cluster_call(args, action)
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    from pipelines.client import (ClusterError, check_params, check_pipeline_root, connect,
-                                  schedule, trigger)
-    from pipelines.local import parse_params
+    def when() -> dict:
+        from pipelines.client import trigger
 
-    when = trigger(args.cron, args.interval)
-    params = check_params({"data": args.data, **parse_params(args.param)})
-    check_pipeline_root(args.pipeline_root)
-    options = _options(args)
-    try:
-        client = connect(args.host, args.namespace, args.token)
+        return trigger(args.cron, args.interval)
+
+    def action(client, params, shared) -> str:
+        from pipelines.client import schedule
+
         rr_id = schedule(client, params=params, cron=args.cron, interval=args.interval,
-                         experiment=args.experiment, job_name=args.job_name,
-                         pipeline_root=args.pipeline_root, namespace=args.namespace,
-                         service_account=args.service_account, options=options,
-                         enable_caching=False if args.no_cache else None)
-    except ClusterError as exc:
-        print(f"triview schedule: error: {exc}", file=sys.stderr)
-        return 1
-    every = (f"cron '{when['cron_expression']}'" if "cron_expression" in when
-             else f"every {when['interval_second']} s")
-    print(f"scheduled recurring run {rr_id} ({args.job_name!r}, {every}, max 1 concurrent run, "
-          f"no catch-up) in experiment {args.experiment!r}")
-    return 0
+                         job_name=args.job_name, **shared)
+        trigger = when()
+        every = (f"cron '{trigger['cron_expression']}'" if "cron_expression" in trigger
+                 else f"every {trigger['interval_second']} s")
+        return (f"scheduled recurring run {rr_id} ({args.job_name!r}, {every}, max 1 concurrent "
+                f"run, no catch-up) in experiment {args.experiment!r}")
+    return _cluster_call(args, action, check=when)
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
@@ -195,6 +318,53 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
+# --- issue 15: serving ------------------------------------------------------------------
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from triview.serving import has_kserve, serve_argv, serve_command
+
+    if has_kserve():  # this interpreter is the serving environment
+        from triview.serving.server import main as serve_main
+
+        return serve_main(serve_argv(args))
+    command = serve_command(serve_argv(args))  # FileNotFoundError: exit 2 with the hint
+    os.execv(command[0], command)  # the serving venv's Python replaces this process
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from triview import deploy as dp
+
+    if not (args.emit or args.apply):
+        raise ValueError("give --emit FILE (or -) and/or --apply")
+    version = args.version
+    if version != "champion" and not version.isdigit():
+        raise ValueError(f"--version must be a number or 'champion', got {version!r}")
+    spec = f"{args.registry.rstrip('/')}/{args.model_name}@{version}"
+    opts = dp.ServingOptions(image=args.image or dp.SERVE_IMAGE, cpu_request=args.cpu, cpu_limit=args.cpu_limit,
+                             memory_request=args.memory, memory_limit=args.memory_limit,
+                             min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                             canary_traffic_percent=args.canary_traffic_percent,
+                             max_batch_size=args.max_batch_size, max_latency_ms=args.max_latency_ms)
+    objects = dp.serving_objects(spec, args.name, args.namespace, opts, args.isvc_only,
+                                 args.s3_endpoint, args.s3_usehttps == 1, args.s3_region)
+    if args.emit:
+        text = dp.to_yaml(objects)
+        if args.emit == "-":
+            print(text, end="")
+        else:
+            from triview.storage import atomic_write_text
+
+            atomic_write_text(args.emit, text)
+            print(f"wrote {', '.join(o['kind'] for o in objects)} for {spec} to {args.emit}",
+                  file=sys.stderr)
+    if args.apply:
+        applied = dp.apply(objects, dp.kube_api_client(args.kubeconfig))
+        print(f"applied {', '.join(o['kind'] + '/' + o['metadata']['name'] for o in applied)} "
+              f"in {args.namespace}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triview", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,22 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder or ZIP of class folders (or a YOLO-classify/"
                    "Roboflow ZIP with data.yaml), CSV/Parquet multi-label table, or s3://bucket/prefix")
     p.add_argument("--out", required=True, help="output folder (or s3:// prefix)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", "--validation-split", type=float, default=0.15,
-                   help="validation share carved when the input has no val split (default 0.15)")
-    p.add_argument("--test-fraction", type=float, default=0.15)
-    p.add_argument("--min-size", type=int, default=8, help="quarantine images whose shorter side "
-                   "is below this (default 8)")
-    p.add_argument("--max-pixels", type=int, default=100_000_000,
-                   help="decompression-bomb cap in pixels (default 100M)")
-    p.add_argument("--remap", action="append", default=[], metavar="OLD->NEW",
-                   help="rename or merge a label, repeatable (e.g. --remap 'kitty->cat')")
-    p.add_argument("--drop", action="append", default=[], metavar="LABEL",
-                   help="drop a label, repeatable (images left without a label are quarantined)")
-    p.add_argument("--min-per-class", type=int, default=0,
-                   help="quarantine classes with fewer used images than this (default 0: off)")
-    p.add_argument("--near-duplicate-distance", type=int, default=3,
-                   help="report image pairs within this dHash distance, 0..3 (-1: off)")
+    add_stage_flags(p, "ingest")
     p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
     p.add_argument("--no-plot", action="store_true", help="skip stats.png")
     p.set_defaults(func=_cmd_ingest)
@@ -234,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="glob of chessboard photos, e.g. 'calib/*.jpg'")
     p.add_argument("--pattern", default="9x6", help="inner corners per row x column (default 9x6)")
     p.add_argument("--square", type=float, default=1.0, help="square side, in your unit (default 1.0)")
-    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--out", default="calib.json",
+                   help="calibration JSON to write (default calib.json)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML")
@@ -245,14 +401,46 @@ def build_parser() -> argparse.ArgumentParser:
     compile_p = p
     p.set_defaults(func=_cmd_compile)
 
+    p = sub.add_parser("weights", help="published ImageNet weights: list what resolves here or "
+                       "what a mirror holds; stage them into a mirror (a folder or s3://) for "
+                       "clusters without internet")
+    p.add_argument("action", choices=("list", "stage"))
+    p.add_argument("backbones", nargs="*", metavar="BACKBONE")
+    p.add_argument("--to", metavar="DIR_OR_S3", help="stage: the mirror to fill")
+    p.add_argument("--from", dest="source", metavar="FILE_OR_MIRROR",
+                   help="stage: the weights file to stage (one backbone); list: the mirror to list")
+    p.add_argument("--download", action="store_true",
+                   help="stage: download from the published URL when no local copy is found "
+                   "(needs network; never done at run time)")
+    p.add_argument("--allow-unpublished", action="store_true",
+                   help="stage: accept a --from FILE whose hash differs from the published one "
+                   "(your own weights); its manifest records that")
+    p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser("params", help="the pipeline parameters: type, default, allowed values, "
+                       "stage and help (the spec in triview/params.py)")
+    p.add_argument("--stage", default=None, help="only the parameters this stage reads")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=_cmd_params)
+
     p = sub.add_parser("run", help="run the whole DAG locally with kfp.local")
     p.add_argument("--data", required=True, help="folder or ZIP of class folders")
     p.add_argument("--out", required=True, help="output folder (pipeline root + run_summary.json)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline parameter, repeatable (e.g. --param epochs=4)")
+    p.add_argument("--preset", default=None, metavar="NAME|FILE",
+                   help="parameter values from a preset (e.g. digits, the `make run` demo) or a "
+                   "YAML file of name: value; --param values override them")
     p.add_argument("--repeats", type=int, default=None,
                    help="train N seeds seed..seed+N-1 in the one run (the pipeline's `repeats` "
                    "parameter) and report mean ± SD of every test metric (default 1)")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream every task's full output (kfp.local's executor logs) instead "
+                   "of one line per task; the logs are in OUT/logs/ either way")
+    p.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                   help="subprocess: every task in this venv (default); docker: every task in the "
+                   "image the compiled IR names, as a restricted pod (uid 10001, read-only root, "
+                   "no capabilities, no network, the task's CPU/memory limits; `make images` first)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("predict", help="predict images with an exported ensemble (local or s3://)")
@@ -266,6 +454,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="table with per-class counts, or one JSON object per image (default table)")
     p.set_defaults(func=_cmd_predict)
+
+    from triview.serving import SERVE_DESCRIPTION, add_serve_arguments  # issue 15
+
+    p = sub.add_parser("serve", help="serve an exported model with KServe (v1/v2 REST, health, "
+                       "metrics); runs in the serving environment (make serve-env)",
+                       description=SERVE_DESCRIPTION)
+    add_serve_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("deploy", help="write (or server-side apply) the KServe InferenceService, "
+                       "ServingRuntime and ServiceAccount for a registry version")
+    p.add_argument("--emit", metavar="FILE", help="write the objects as YAML ('-': stdout)")
+    p.add_argument("--apply", action="store_true", help="server-side apply them (in-cluster "
+                   "service account, else the kubeconfig)")
+    p.add_argument("--kubeconfig", help="kubeconfig file for --apply (default ~/.kube/config)")
+    p.add_argument("--registry", required=True, metavar="s3://BUCKET/PREFIX",
+                   help="the model registry (as the pipeline's `registry` parameter)")
+    p.add_argument("--model-name", default="triview", help="registry model name (default triview)")
+    p.add_argument("--version", default="champion", help="N or champion (default champion)")
+    p.add_argument("--name", help="InferenceService name and route model name (default: model name)")
+    p.add_argument("--namespace", default="triview", help="namespace (default triview)")
+    p.add_argument("--image", default=None, metavar="REF:TAG",
+                   help="serving image (default $TRIVIEW_SERVE_IMAGE or "
+                   "ghcr.io/triview/triview-serve:0.1.0; pinned, not :latest)")
+    p.add_argument("--canary-traffic-percent", type=int, default=None, metavar="N",
+                   help="send N%% of traffic to this version, the rest to the last ready one")
+    p.add_argument("--cpu", default="500m", help="CPU request (default 500m)")
+    p.add_argument("--cpu-limit", default="2", help="CPU limit (default 2)")
+    p.add_argument("--memory", default="512Mi", help="memory request (default 512Mi)")
+    p.add_argument("--memory-limit", default="1Gi", help="memory limit (default 1Gi)")
+    p.add_argument("--min-replicas", type=int, default=1, help="default 1 (0: scale to zero)")
+    p.add_argument("--max-replicas", type=int, default=3, help="default 3")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="KServe's batcher (agent sidecar, v1 requests): merge up to N instances")
+    p.add_argument("--max-latency-ms", type=int, default=None,
+                   help="batcher: wait at most this long for a batch (default 100)")
+    p.add_argument("--s3-endpoint", default="minio-service.kubeflow:9000",
+                   help="MinIO host:port as the cluster sees it (storage initializer)")
+    p.add_argument("--s3-usehttps", type=int, choices=(0, 1), default=0, help="default 0")
+    p.add_argument("--s3-region", default="us-east-1", help="default us-east-1")
+    p.add_argument("--isvc-only", action="store_true", help="only the InferenceService (the "
+                   "`serving` kustomize component installed the ServiceAccount and runtime)")
+    p.set_defaults(func=_cmd_deploy)
 
     submit_p = sub.add_parser("submit",
                               help="start a run of the DAG on a Kubeflow Pipelines cluster")
@@ -302,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Kubernetes service account of the run's pods")
         p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                        help="pipeline parameter, repeatable (e.g. --param epochs=4)")
+        p.add_argument("--preset", default=None, metavar="NAME|FILE",
+                       help="parameter values from a preset or YAML file (--param overrides)")
         p.add_argument("--no-cache", action="store_true",
                        help="disable caching for every task (default: as compiled)")
     for p in (compile_p, submit_p, schedule_p):  # the same cluster settings everywhere
@@ -316,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default $TRIVIEW_IMAGE or ghcr.io/triview/triview-cpu:0.1.0)")
         p.add_argument("--gpu-image", metavar="REF:TAG", help="image of train-branch "
                        "(default $TRIVIEW_GPU_IMAGE or ghcr.io/triview/triview-gpu:0.1.0)")
+        p.add_argument("--serve-image", metavar="REF:TAG", help="predictor image the deploy step "
+                       "puts in the InferenceService (default $TRIVIEW_SERVE_IMAGE or "
+                       "ghcr.io/triview/triview-serve:0.1.0)")
     return parser
 
 

@@ -6,21 +6,31 @@ The lens model is the identity when no calibration is given; a calibrated model
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import pandas as pd
 
-from triview import manifest as mf
+from triview.params import defaults
+
+DEFAULTS = defaults("calibrate-and-crop")
 from triview.storage import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:  # pandas only where the manifest is written: the predictor runs without it
+    import pandas as pd
 
 LAYOUTS = {
     "horizontal": ("left", "center", "right"),
     "vertical": ("top", "center", "bottom"),
+    # three centred windows, each keeping the image's aspect: the whole photo, then closer
+    # in. For photos of one whole object (an insect, a product) every view keeps it.
+    "nested": ("whole", "middle", "inner"),
 }
+NESTED_INNER = 0.5  # the inner view's share of each axis when window is 0
 CROPS_DIR = "crops"
 GEOMETRY_FILE = "geometry.json"
 
@@ -71,16 +81,18 @@ RESIZE_MODES = ("stretch", "letterbox")
 class CropGeometry:
     """Where the three views lie and how they are resized.
 
-    ``window`` is the share of the layout axis one view spans (0: derived from the
-    overlap so that the three views exactly cover the axis); adjacent views share
-    ``overlap`` of a window. ``resize`` is ``stretch`` (fill image_size²) or
-    ``letterbox`` (keep the aspect ratio, pad with black).
+    ``horizontal`` / ``vertical``: ``window`` is the share of the layout axis one view
+    spans (0: derived from the overlap so that the three views exactly cover the axis);
+    adjacent views share ``overlap`` of a window. ``nested``: centred windows of 1, (1 +
+    w) / 2 and w of each axis, w = ``window`` (0: 0.5); ``overlap`` is not used.
+    ``resize`` is ``stretch`` (fill image_size²) or ``letterbox`` (keep the aspect ratio,
+    pad with black).
     """
-    layout: str = "horizontal"
-    overlap: float = 0.5
-    image_size: int = 32
-    window: float = 0.0
-    resize: str = "stretch"
+    layout: str = DEFAULTS["layout"]
+    overlap: float = DEFAULTS["overlap"]
+    image_size: int = DEFAULTS["image_size"]
+    window: float = DEFAULTS["window"]
+    resize: str = DEFAULTS["resize"]
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -93,12 +105,15 @@ class CropGeometry:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if not 0.0 <= self.window <= 1.0:
             raise ValueError(f"window must be in (0, 1] (or 0 for automatic), got {self.window}")
-        if self.span > 1.0 + 1e-9:
+        if self.layout != "nested" and self.span > 1.0 + 1e-9:
             raise ValueError(f"window {self.window} with overlap {self.overlap} spans "
                              f"{self.span:.3f} of the image (> 1)")
 
     @property
     def window_fraction(self) -> float:
+        """Share of the layout axis of one view (nested: of the smallest, the inner one)."""
+        if self.layout == "nested":
+            return self.window if self.window > 0 else NESTED_INNER
         return self.window if self.window > 0 else 1.0 / (3.0 - 2.0 * self.overlap)
 
     @property
@@ -156,7 +171,16 @@ def view_fractions(geometry: CropGeometry) -> dict[str, tuple[float, float]]:
 
 
 def view_boxes(width: int, height: int, geometry: CropGeometry) -> dict[str, tuple[int, int, int, int]]:
-    """Pixel boxes ``(x0, y0, x1, y1)`` of the three views; each spans the full other axis."""
+    """Pixel boxes ``(x0, y0, x1, y1)`` of the three views; each spans the full other axis
+    (nested: centred boxes, the same share of both axes)."""
+    if geometry.layout == "nested":
+        inner = geometry.window_fraction
+        boxes = {}
+        for name, share in zip(geometry.views, (1.0, (1.0 + inner) / 2.0, inner)):
+            w, h = max(1, int(round(width * share))), max(1, int(round(height * share)))
+            x0, y0 = (width - w) // 2, (height - h) // 2
+            boxes[name] = (x0, y0, x0 + w, y0 + h)
+        return boxes
     along = width if geometry.layout == "horizontal" else height
     boxes = {}
     for name, (f0, f1) in view_fractions(geometry).items():
@@ -221,6 +245,15 @@ def decode_bgr(path: str | Path, reduction: int = 1) -> np.ndarray:
     image = cv2.imread(str(path), flag)
     if image is None:
         raise ValueError(f"cannot decode image {path}")
+    return image
+
+
+def decode_bgr_bytes(data: bytes, reduction: int = 1) -> np.ndarray:
+    """:func:`decode_bgr` of an image file's bytes (the same OpenCV decoder, from memory)."""
+    flag = dict(_REDUCED_FLAGS).get(reduction, cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    if image is None:
+        raise ValueError("cannot decode image")
     return image
 
 
@@ -327,10 +360,17 @@ class _Cropper:
 
     def views(self, path: Path) -> dict[str, np.ndarray]:
         """The three RGB views of one image file."""
-        src_w, src_h = _image_size(path)
-        reduction = choose_reduction(src_w, src_h, self.geometry) \
-            if path.suffix.lower() in _JPEG_SUFFIXES else 1
-        bgr = decode_bgr(path, reduction)
+        path = Path(path)
+        return self.views_of_bytes(path.read_bytes(), jpeg=path.suffix.lower() in _JPEG_SUFFIXES)
+
+    def views_of_bytes(self, data: bytes, jpeg: bool) -> dict[str, np.ndarray]:
+        """The three RGB views of one stored image's bytes (as ingest stores it: the
+        original JPEG/PNG/WebP/BMP, or a normalised PNG); ``jpeg`` allows DCT-scaled decoding.
+        Training (calibrate-and-crop), ``triview predict`` and the KServe predictor all
+        crop through here."""
+        src_w, src_h = _image_size(data)
+        reduction = choose_reduction(src_w, src_h, self.geometry) if jpeg else 1
+        bgr = decode_bgr_bytes(data, reduction)
         # Where DCT scaling could not shrink enough (not a JPEG, or a huge photo), area-
         # average down first so the remap never samples more than 2 source px per output.
         extra = int(_view_short_side(bgr.shape[1], bgr.shape[0], self.geometry)
@@ -347,14 +387,16 @@ class _Cropper:
 
 
 def _view_short_side(width: int, height: int, geometry: CropGeometry) -> float:
+    if geometry.layout == "nested":
+        return min(width, height) * geometry.window_fraction
     along, across = (width, height) if geometry.layout == "horizontal" else (height, width)
     return min(along * geometry.window_fraction, across)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def _image_size(data: bytes) -> tuple[int, int]:
     from PIL import Image
 
-    with Image.open(path) as img:  # reads the header only
+    with Image.open(io.BytesIO(data)) as img:  # reads the header only
         return img.size
 
 
@@ -389,6 +431,10 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
+
+    import pandas as pd
+
+    from triview import manifest as mf
 
     lens = lens or LensModel()
     src, out = Path(dataset_dir), Path(out_dir)

@@ -2,7 +2,8 @@
 
 ``train-branch`` runs as one process on a CPU or a single GPU. When a node shows it
 more than one GPU (or ``ddp_procs`` asks for more processes), the stage re-launches
-itself under ``torchrun`` (``python -m torch.distributed.run --standalone``) with one
+itself under ``torchrun`` (:func:`run_under_torchrun`; the entry point is the stage
+layer, ``python -m triview.stages``) (``python -m torch.distributed.run --standalone``) with one
 process per GPU; every process reads the world size, rank and local rank from the
 environment torchrun sets, joins the process group (NCCL on GPUs, gloo on CPUs) and
 trains its share of each epoch. Rank 0 alone writes files and pushes metrics.
@@ -108,15 +109,15 @@ def processes_wanted(ddp_procs: int = 0) -> int:
     return n if n > 1 else 1
 
 
-def launch(kwargs: dict, nproc: int, out_dir: str | Path) -> dict:
-    """Run ``stages.train_branch_stage(**kwargs)`` under torchrun with ``nproc`` processes
-    on this node; return rank 0's stage record."""
+def run_under_torchrun(module: str, kwargs: dict, nproc: int) -> None:
+    """Run ``python -m <module> ARGS.json`` under torchrun with ``nproc`` processes on this
+    node (``module`` reads its keyword arguments from the JSON file); raise on failure."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(kwargs, fh)
         args_file = fh.name
     try:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "triview.distributed", args_file]
+               f"--nproc_per_node={nproc}", "-m", module, args_file]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get(
             "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
         proc = subprocess.run(cmd, env=env)
@@ -124,22 +125,9 @@ def launch(kwargs: dict, nproc: int, out_dir: str | Path) -> dict:
             raise RuntimeError(f"torchrun with {nproc} processes failed (exit {proc.returncode})")
     finally:
         os.unlink(args_file)
-    from triview.runinfo import STAGE_FILE
-
-    return json.loads((Path(out_dir) / STAGE_FILE).read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of every torchrun process: ``python -m triview.distributed ARGS.json``."""
-    from triview import stages
-
-    args = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    try:
-        stages.train_branch_stage(**args)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+def destroy() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

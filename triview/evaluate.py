@@ -5,86 +5,21 @@ thresholded at 0.5) are both scored; the task follows from the shape of the labe
 """
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix, f1_score,
-                             multilabel_confusion_matrix, roc_auc_score, roc_curve)
+from sklearn.metrics import classification_report, confusion_matrix, multilabel_confusion_matrix, roc_curve
 
+from triview import artifacts
+from triview.artifacts import REPORT_HTML, REPORT_MD
+from triview.scoring import predicted, roc_auc_per_class, scores, task_of
 from triview.storage import atomic_write_text
 from triview.voter import aligned, apply_voter
 
-EVAL_FILE = "eval.json"
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
-MULTILABEL_THRESHOLD = 0.5
 ROC_POINTS = 101
-
-
-def task_of(y: np.ndarray) -> str:
-    return "multilabel" if np.ndim(y) == 2 else "multiclass"
-
-
-def predicted(prob: np.ndarray, task: str, threshold=None) -> np.ndarray:
-    """Predicted classes (N,) for multi-class, 0/1 indicators (N, C) for multi-label
-    (``threshold``: one number, or one per label; None: 0.5)."""
-    if task != "multilabel":
-        return prob.argmax(1)
-    cut = MULTILABEL_THRESHOLD if threshold is None else threshold
-    return (prob >= np.asarray(cut, dtype=np.float64)).astype(np.int64)
-
-
-def tune_thresholds(y: np.ndarray, prob: np.ndarray, grid: int = 37) -> np.ndarray:
-    """Per-label decision thresholds maximising that label's F1 on (validation) data.
-
-    Candidates are 0.05..0.95 in equal steps; ties go to the candidate nearest 0.5,
-    and a label without positives (or without negatives) keeps 0.5.
-    """
-    candidates = np.linspace(0.05, 0.95, grid)
-    order = np.argsort(np.abs(candidates - MULTILABEL_THRESHOLD), kind="stable")
-    out = np.full(prob.shape[1], MULTILABEL_THRESHOLD)
-    for k in range(prob.shape[1]):
-        truth = y[:, k].astype(bool)
-        if truth.all() or not truth.any():
-            continue
-        pred = prob[:, k][None, :] >= candidates[order][:, None]      # (grid, N)
-        tp = (pred & truth).sum(1)
-        f1 = 2 * tp / np.maximum(pred.sum(1) + truth.sum(), 1)
-        out[k] = candidates[order][int(np.argmax(f1))]                 # first max = nearest 0.5
-    return out
-
-
-def roc_auc_per_class(y: np.ndarray, prob: np.ndarray, classes: list[str]) -> dict[str, float | None]:
-    """One-vs-rest ROC-AUC per class (per label for multi-label); None where the test
-    split has only one of positive / negative for that class."""
-    onehot = y if task_of(y) == "multilabel" else np.eye(prob.shape[1], dtype=np.int64)[y]
-    out: dict[str, float | None] = {}
-    for k, name in enumerate(classes):
-        positives = onehot[:, k]
-        out[name] = (float(roc_auc_score(positives, prob[:, k]))
-                     if 0 < positives.sum() < len(positives) else None)
-    return out
-
-
-def scores(y: np.ndarray, prob: np.ndarray, thresholds=None) -> dict[str, float | None]:
-    """Headline numbers: accuracy (subset accuracy for multi-label), macro- and
-    weighted-F1, macro one-vs-rest ROC-AUC, and binary accuracy for multi-label
-    (at ``thresholds``, one per label, default 0.5)."""
-    task = task_of(y)
-    pred = predicted(prob, task, thresholds)
-    out = {"accuracy": float(accuracy_score(y, pred)),
-           "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
-           "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0))}
-    aucs = [a for a in roc_auc_per_class(y, prob, [str(i) for i in range(prob.shape[1])]).values()
-            if a is not None]
-    out["roc_auc"] = float(np.mean(aucs)) if aucs else None
-    if task == "multilabel":
-        out["binary_accuracy"] = float((pred == y).mean())
-    return out
 
 
 def micro_roc_curve(y: np.ndarray, prob: np.ndarray, points: int = ROC_POINTS) -> dict[str, list[float]]:
@@ -209,7 +144,7 @@ def evaluate(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list
         result["blessing"] = blessing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / EVAL_FILE, json.dumps(result, indent=2))
+    artifacts.write_eval(out, result)
     if crop_reader is not None:
         views = list(result["views"])
         for item in wrong:

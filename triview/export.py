@@ -15,100 +15,41 @@ import os
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from triview.models import IMAGENET_MEAN, IMAGENET_STD
+from triview import artifacts
+from triview.artifacts import (CARD_FILE, CARD_MD, ENSEMBLE_FILE, INT8_FILE, ONNX_FILE, VOTER_FILE,
+                               WEIGHTS_FILE)
+from triview.models import NORMALIZATION_CONSTANTS
+# the torch-free loaders live in triview.runtime (the serving environment has no torch)
+from triview.runtime import onnx_session, run_onnx
 from triview.storage import atomic_path, atomic_write_text
-from triview.voter import EPS, VOTE_TIE_BREAK
+from triview.voter import get_method, upgrade
 
-ENSEMBLE_FILE = "ensemble.torchscript.pt"
-ONNX_FILE = "ensemble.onnx"
-INT8_FILE = "ensemble.int8.onnx"
-WEIGHTS_FILE = "weights.safetensors"
-VOTER_FILE = "voter.json"
-CARD_FILE = "model_card.json"
-CARD_MD = "model_card.md"
 ONNX_OPSET = 17
 TORCHSCRIPT_TOLERANCE = 1e-5
 ONNX_TOLERANCE = 1e-4
 QUANTIZE_MODES = ("none", "dynamic", "static")
 
 
-class VoterModule(nn.Module):
-    """The voter of ``triview.voter.apply_voter`` in torch (same maths, same order of views)."""
-
-    def __init__(self, voter: dict, n_classes: int) -> None:
-        super().__init__()
-        views = list(voter["views"])
-        self.method = voter["method"]
-        self.single_index = views.index(voter["view"]) if self.method == "single" else 0
-        n_features = len(views) * n_classes
-        coef = torch.tensor(voter["coef"], dtype=torch.float32) if self.method == "logistic" \
-            else torch.zeros(n_classes, n_features)
-        intercept = torch.tensor(voter["intercept"], dtype=torch.float32) if self.method == "logistic" \
-            else torch.zeros(n_classes)
-        self.linear = nn.Linear(n_features, n_classes)
-        with torch.no_grad():
-            self.linear.weight.copy_(coef)
-            self.linear.bias.copy_(intercept)
-        weights = voter.get("weights") if self.method == "weighted" else [1.0 / len(views)] * len(views)
-        self.register_buffer("view_weights", torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1))
-        self.n_classes = n_classes
-        self.multilabel = voter.get("task") == "multilabel"
-        hidden = int(voter.get("hidden", 1)) if self.method == "mlp" else 1
-        self.mlp = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
-        if self.method == "mlp":  # sklearn keeps (in, out) matrices; nn.Linear wants (out, in)
-            with torch.no_grad():
-                self.mlp[0].weight.copy_(torch.tensor(voter["w1"], dtype=torch.float32).T)
-                self.mlp[0].bias.copy_(torch.tensor(voter["b1"], dtype=torch.float32))
-                self.mlp[2].weight.copy_(torch.tensor(voter["w2"], dtype=torch.float32).T)
-                self.mlp[2].bias.copy_(torch.tensor(voter["b2"], dtype=torch.float32))
-
-    def forward(self, probs: list[torch.Tensor]) -> torch.Tensor:
-        if self.method == "mean":
-            return torch.stack(probs, 0).mean(0)
-        if self.method == "geomean" and self.multilabel:  # mean logit per label
-            stacked = torch.stack(probs, 0)
-            return torch.sigmoid((torch.log(stacked + EPS) - torch.log1p(EPS - stacked)).mean(0))
-        if self.method == "geomean":
-            return torch.softmax(torch.log(torch.stack(probs, 0) + EPS).mean(0), dim=1)
-        if self.method == "weighted":
-            return (torch.stack(probs, 0) * self.view_weights).sum(0)
-        if self.method == "mlp":
-            logits = self.mlp(torch.log(torch.cat(probs, 1) + EPS))
-            return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
-        if self.method == "vote" and self.multilabel:
-            stacked = torch.stack(probs, 0)
-            return (1 - VOTE_TIE_BREAK) * (stacked >= 0.5).to(stacked.dtype).mean(0) \
-                + VOTE_TIE_BREAK * stacked.mean(0)
-        if self.method == "vote":
-            stacked = torch.stack(probs, 0)
-            votes = nn.functional.one_hot(stacked.argmax(-1), self.n_classes).to(stacked.dtype).sum(0)
-            score = votes + VOTE_TIE_BREAK * stacked.mean(0)
-            return score / score.sum(1, keepdim=True)
-        if self.method == "single":
-            return probs[self.single_index]
-        return torch.softmax(self.linear(torch.log(torch.cat(probs, 1) + EPS)), dim=1)
-
-
 class Ensemble(nn.Module):
     """Three crops in (float RGB in [0, 1], N×3×S×S each, in view order) → class
-    probabilities (softmax per branch; sigmoid per label for ``task="multilabel"``)."""
+    probabilities (softmax per branch; sigmoid per label for ``task="multilabel"``),
+    combined by the voter's method as a torch module (:meth:`VoterMethod.module`)."""
 
     def __init__(self, branches: list[nn.Module], voter: dict, n_classes: int,
                  task: str = "multiclass") -> None:
         super().__init__()
-        if task == "multilabel" and voter["method"] == "logistic":
-            raise ValueError("the logistic voter is multi-class only; multi-label uses mean, "
-                             "vote, weighted, mlp or single")
-        voter = {**voter, "task": task}
+        voter = upgrade(voter)
+        method = get_method(voter["method"])
+        if task == "multilabel" and not method.multilabel:
+            raise ValueError(f"the {method.name} voter is multi-class only")
         self.multilabel = task == "multilabel"
         self.branches = nn.ModuleList(branches)
-        self.voter = VoterModule(voter, n_classes)
+        self.voter = method.module(voter["params"], len(branches), n_classes, task)
 
     def forward(self, view0: torch.Tensor, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         inputs = [view0, view1, view2]
@@ -140,29 +81,6 @@ def _quiet_deprecations():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
         yield
-
-
-def onnx_session(path: str | Path, threads: int = 0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_feed(session, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """``{"view<k>": inputs[k]}`` for the inputs the graph kept: the exporter prunes the
-    views a voter ignores (e.g. ``single``), so inputs are matched by name, never by order."""
-    return {i.name: inputs[int(i.name.removeprefix("view"))] for i in session.get_inputs()}
-
-
-def run_onnx(session, inputs: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
-    n = len(inputs[0])
-    out = [session.run(None, onnx_feed(session, [x[i:i + batch_size] for x in inputs]))[0]
-           for i in range(0, n, batch_size)]
-    return np.concatenate(out)
 
 
 @torch.no_grad()
@@ -219,6 +137,7 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
     """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    voter = upgrade(voter)
     views = list(voter["views"])
     model = Ensemble([branches[v].eval() for v in views], voter, len(classes), task).eval()
     size = int(geometry["geometry"]["image_size"])
@@ -272,7 +191,7 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
                  "max_abs_diff": float(np.abs(int8_out - onnx_out).max()),
                  "n_images": len(onnx_out)}
         if test_labels is not None:
-            from triview.evaluate import predicted
+            from triview.scoring import predicted
 
             cut = voter.get("thresholds") if task == "multilabel" else None
 
@@ -297,9 +216,7 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
         "preprocessing": {"decode": "8-bit RGB, EXIF orientation applied (as ingest)",
                           "crop": "calibrate-and-crop with crop_geometry and lens (as training)",
                           "scale": 1.0 / 255.0, "layout": "NCHW", "channel_order": "RGB",
-                          "normalization": {v: ((training or {}).get(v, {}).get("config") or {})
-                                            .get("normalization", "imagenet") for v in views},
-                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                          "normalization": {v: _normalization_of(training, v) for v in views},
                           "normalisation_inside_model": True},
         "crop_geometry": geometry["geometry"],
         "lens": geometry.get("lens"),
@@ -317,9 +234,17 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
         "files": files,
         "lineage": {"git_commit": git_commit(), **(lineage or {})},
     }
-    atomic_write_text(out / CARD_FILE, json.dumps(card, indent=2, default=_jsonable))
+    artifacts.write_card(out, card)
     atomic_write_text(out / CARD_MD, card_markdown(card))
     return card
+
+
+def _normalization_of(training: dict | None, view: str) -> dict:
+    """The input normalisation inside a branch: its mode, and mean/std where it has them."""
+    info = (training or {}).get(view, {})
+    mode = info.get("normalization") or (info.get("config") or {}).get("normalization", "imagenet")
+    mean, std = NORMALIZATION_CONSTANTS.get(mode, (None, None))
+    return {"mode": mode, "mean": list(mean) if mean else None, "std": list(std) if std else None}
 
 
 def card_markdown(card: dict) -> str:
@@ -334,19 +259,24 @@ def card_markdown(card: dict) -> str:
              f"Views `{', '.join(card['views'])}`, image size {card['image_size']}, crop geometry "
              f"`{json.dumps(card['crop_geometry'])}`, lens "
              f"{'identity' if not (card.get('lens') or {}).get('K') else 'calibrated'}. "
-             f"Normalisation (mean {card['preprocessing']['mean']}, std {card['preprocessing']['std']}) "
-             "is inside the model.", "",
+             "Normalisation ("
+             + ", ".join(f"{v}: {n['mode']}" for v, n in card["preprocessing"]["normalization"].items())
+             + ") is inside the model.", "",
              "## Test metrics", "", "| model | accuracy | macro-F1 |", "|---|---|---|"]
     for name, s in {**(m.get("views") or {}), "ensemble": m.get("ensemble") or {}}.items():
         if s:
             lines.append(f"| {name} | {s.get('accuracy', float('nan')):.4f} | "
                          f"{s.get('macro_f1', float('nan')):.4f} |")
-    lines += ["", "## Training", "", "| view | backbone | epochs | best epoch | parameters |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Training", "", "| view | backbone | epochs | best epoch | parameters | "
+              "pretrained weights (source, SHA-256) |", "|---|---|---|---|---|---|"]
     for view, t in (card.get("training") or {}).items():
-        cfg = t.get("config", {})
+        cfg, w = t.get("config", {}), t.get("weights") or {}
+        start = (f"{cfg.get('weights')} from {w.get('source')}: `{w.get('file')}` "
+                 f"sha256 `{(w.get('sha256') or '')[:16]}`"
+                 + ("" if w.get("published", True) else " (NOT the published file: staged as your own)")
+                 if w else "none (random initialisation)")
         lines.append(f"| {view} | {cfg.get('backbone')} | {cfg.get('epochs')} | {t.get('best_epoch')} "
-                     f"| {(t.get('parameters') or {}).get('total')} |")
+                     f"| {(t.get('parameters') or {}).get('total')} | {start} |")
     lines += ["", "## Files and parity", "",
               f"TorchScript `{card['files']['torchscript']}` (max abs diff to eager "
               f"{card['torchscript_max_abs_diff']:.1e}), ONNX `{card['files']['onnx']}` (opset "
@@ -360,14 +290,7 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-def read_card(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / CARD_FILE).read_text())
+read_card = artifacts.read_card
 
 
 def load_ensemble(folder: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
@@ -387,27 +310,14 @@ def load_eager(folder: str | Path) -> tuple[Ensemble, dict]:
 
     folder = Path(folder)
     card = read_card(folder)
-    voter = json.loads((folder / card["files"]["voter"]).read_text())
+    voter = upgrade(json.loads((folder / card["files"]["voter"]).read_text()))
     branches = []
     for view in card["views"]:
         cfg = card["training"][view]["config"]
         branches.append(BranchNet(create_backbone(cfg["backbone"], len(card["classes"]),
                                                   card["image_size"], cfg.get("hidden", 0)),
-                                  cfg.get("normalization", "imagenet")))
+                                  card["training"][view].get("normalization")
+                                  or cfg.get("normalization", "imagenet")))
     model = Ensemble(branches, voter, len(card["classes"]), card.get("task", "multiclass"))
     model.load_state_dict(load_file(str(folder / card["files"]["weights"])))
     return model.eval(), card
-
-
-def load_runtime(folder: str | Path, threads: int = 0
-                 ) -> tuple[Callable[[list[np.ndarray]], np.ndarray], dict]:
-    """A function from per-view float32 NCHW arrays to probabilities, and the card.
-    ONNX Runtime when the export has an ONNX file, else TorchScript."""
-    folder = Path(folder)
-    card = read_card(folder)
-    onnx_file = card.get("files", {}).get("onnx")
-    if onnx_file and (folder / onnx_file).is_file():
-        session = onnx_session(folder / onnx_file, threads)
-        return (lambda inputs: run_onnx(session, inputs)), card
-    module, card = load_ensemble(folder)
-    return (lambda inputs: run_torch(module, inputs)), card

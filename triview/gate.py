@@ -16,18 +16,18 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from triview.storage import atomic_write_text
-
-BLESSING_FILE = "blessing.json"
+from triview import artifacts
+from triview.params import PARAMS
 
 
 @dataclass
 class GateConfig:
     metric: str = "macro_f1"
-    min_value: float = 0.0    # absolute bar: challenger[metric] >= min_value
+    #: absolute bar: challenger[metric] >= min_value
+    min_value: float = PARAMS["gate_min_macro_f1"].default
     #: challenger - champion >= min_delta: negative tolerates a regression of up to
     #: -min_delta (epsilon), positive demands an improvement of at least min_delta (delta)
-    min_delta: float = -0.01
+    min_delta: float = PARAMS["gate_min_delta"].default
 
 
 def comparability(card: dict, classes: list[str], geometry: dict, task: str = "multiclass") -> list[str]:
@@ -59,24 +59,15 @@ def score_champion(model_dir: str | Path, views_dir: str | Path) -> dict:
     """The exported model in ``model_dir`` scored on the test crops of ``views_dir``."""
     import numpy as np
 
-    from triview import manifest as mf
-    from triview.evaluate import scores
-    from triview.export import load_runtime
-    from triview.train import load_view
+    from triview.runtime import load_runtime
+    from triview.scoring import scores
+    from triview.train.data import load_split
 
     run, card = load_runtime(model_dir)
-    classes = mf.read_classes(views_dir)
-    table = mf.read_views(views_dir)
-    table = table[table["augmented"] == 0]
     task = card.get("task", "multiclass")
-    inputs = [load_view([(Path(views_dir), table)], v, "test", classes, task) for v in card["views"]]
-    ref = inputs[0].image_ids
-    for data in inputs[1:]:
-        if data.image_ids != ref:
-            raise ValueError("test crops of the views are not aligned on image id")
-    prob = run([d.images.numpy().astype(np.float32) / 255.0 for d in inputs])
-    labels = inputs[0].labels.numpy()
-    return scores(labels.astype(np.int64) if task == "multilabel" else labels, prob,
+    test = load_split(views_dir, card["views"], "test", task)
+    prob = run([x.numpy().astype(np.float32) for x in test.inputs])
+    return scores(test.labels.astype(np.int64) if task == "multilabel" else test.labels, prob,
                   card.get("thresholds") if task == "multilabel" else None)
 
 
@@ -136,7 +127,7 @@ def run_gate(challenger: dict, views_dir: str | Path, registry: str = "", model_
         return decide(challenger, None, config)
     version = int(pointer["version"])
     folder = reg.fetch(version)
-    card = json.loads((folder / "model_card.json").read_text())
+    card = artifacts.read_card(folder)
     geometry = json.loads((Path(views_dir) / crop.GEOMETRY_FILE).read_text())
     problems = comparability(card, mf.read_classes(views_dir), geometry, task)
     if problems:
@@ -148,11 +139,8 @@ def run_gate(challenger: dict, views_dir: str | Path, registry: str = "", model_
 
 
 def write_blessing(blessing: dict, out_dir: str | Path) -> Path:
-    path = Path(out_dir) / BLESSING_FILE
-    atomic_write_text(path, json.dumps(blessing, indent=2))
-    return path
+    return artifacts.write_blessing(out_dir, blessing)
 
 
-def read_blessing(folder: str | Path) -> dict | None:
-    path = Path(folder) / BLESSING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_blessing(location: str | Path) -> dict | None:
+    return artifacts.read_blessing(location)

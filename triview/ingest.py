@@ -23,12 +23,15 @@ from typing import Iterable, Iterator
 import pandas as pd
 
 from triview import manifest as mf
+from triview.params import defaults
 from triview import storage
+from triview.dataroot import split_root_list
 from triview.sources import Item, SourceError, ZipLimits, open_source
 from triview.storage import atomic_write_text
-from triview.validate import (IMAGES_DIR, MAX_PIXELS, WorkerConfig, init_worker, inspect_chunk,
+from triview.validate import (IMAGES_DIR, WorkerConfig, init_worker, inspect_chunk,
                               near_duplicate_pairs)
 
+DEFAULTS = defaults("ingest")
 # Below this many files the pool's start-up costs more than it saves.
 _POOL_MIN_FILES = 200
 _CHUNK = 64
@@ -41,20 +44,23 @@ class IngestError(ValueError):
 @dataclass(frozen=True)
 class IngestOptions:
     """Everything ingest can be told; the CLI flags and stage arguments map onto these."""
-    seed: int = 0
-    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    min_size: int = 8                       # shorter side, pixels
-    max_pixels: int = MAX_PIXELS            # decompression-bomb cap
+    seed: int = DEFAULTS["seed"]
+    split_fractions: tuple[float, float, float] = (
+        1 - DEFAULTS["val_fraction"] - DEFAULTS["test_fraction"], DEFAULTS["val_fraction"],
+        DEFAULTS["test_fraction"])
+    min_size: int = DEFAULTS["min_size"]    # shorter side, pixels
+    max_pixels: int = DEFAULTS["max_pixels"]  # decompression-bomb cap
     max_file_bytes: int = 512 << 20         # files above this are not read
     remap: tuple[tuple[str, str], ...] = ()  # ("a", "b"): label a becomes b (merge)
     drop: tuple[str, ...] = ()              # labels removed
-    min_per_class: int = 0                  # classes with fewer used images are quarantined
-    near_duplicate_distance: int = 3        # dHash Hamming distance reported; -1: off
+    min_per_class: int = DEFAULTS["min_per_class"]  # classes with fewer used images are quarantined
+    near_duplicate_distance: int = DEFAULTS["near_duplicate_distance"]  # dHash distance; -1: off
     workers: int = 0                        # processes (0: one per core)
     progress: bool | None = None            # progress bar (None: when stderr is a terminal)
     zip_limits: ZipLimits = ZipLimits()
     plot: bool = True                       # write stats.png
     allow_empty: bool = False               # no usable image: write an empty manifest, no error
+    allowed_roots: tuple[str, ...] = ()     # folders / s3://bucket/prefix table rows may also read
 
 
 @dataclass
@@ -85,8 +91,11 @@ def _inspect_all(tasks: list[tuple[tuple, bool]], config: WorkerConfig, workers:
     """Results in task order, from a pool that never has more than a few chunks queued."""
     from tqdm import tqdm
 
+    from triview.progress import Reporter
+
     bar = tqdm(total=len(tasks), unit="img", desc="ingest", disable=not progress,
                mininterval=0.5, file=sys.stderr)
+    events = Reporter("file", len(tasks), desc="ingest")   # the local console's bar
     chunks = (tasks[i:i + _CHUNK] for i in range(0, len(tasks), _CHUNK))
     try:
         if workers <= 1 or len(tasks) < _POOL_MIN_FILES:
@@ -94,6 +103,7 @@ def _inspect_all(tasks: list[tuple[tuple, bool]], config: WorkerConfig, workers:
             for chunk in chunks:
                 results = inspect_chunk(chunk)
                 bar.update(len(results))
+                events.advance(len(results))
                 yield from results
             return
         import multiprocessing
@@ -107,10 +117,12 @@ def _inspect_all(tasks: list[tuple[tuple, bool]], config: WorkerConfig, workers:
                 if len(pending) >= 4 * workers:
                     results = pending.pop(0).result()
                     bar.update(len(results))
+                    events.advance(len(results))
                     yield from results
             for fut in pending:
                 results = fut.result()
                 bar.update(len(results))
+                events.advance(len(results))
                 yield from results
     finally:
         bar.close()
@@ -207,9 +219,7 @@ def _split(groups: pd.DataFrame, fractions: tuple[float, float, float], seed: in
 # ----------------------------------------------------------------------------- ingest
 
 
-def ingest(data: str | Path, out_dir: str | Path, *, seed: int = 0,
-           split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-           min_size: int = 8, **options) -> IngestResult:
+def ingest(data: str | Path, out_dir: str | Path, **options) -> IngestResult:
     """Ingest a folder, ZIP, CSV/Parquet table or ``s3://`` prefix into ``out_dir``.
 
     Writes ``manifest.csv`` (one row per used image), ``quarantine.csv`` (one row
@@ -220,13 +230,16 @@ def ingest(data: str | Path, out_dir: str | Path, *, seed: int = 0,
     when OpenCV decodes them to the same RGB pixels (JPEG/PNG/WebP/BMP, RGB or gray,
     no EXIF rotation), otherwise a normalised 8-bit RGB PNG. ``out_dir`` may be an
     ``s3://`` prefix: the folder is built locally and uploaded, manifest last.
-    ``options`` are the other :class:`IngestOptions` fields.
+    ``options`` are :class:`IngestOptions` fields.
     """
     unknown = set(options) - {f.name for f in fields(IngestOptions)}
     if unknown:
         raise IngestError(f"unknown ingest options {sorted(unknown)}")
-    opts = IngestOptions(seed=seed, split_fractions=tuple(split_fractions), min_size=min_size,
-                         **options)
+    if "split_fractions" in options:
+        options["split_fractions"] = tuple(options["split_fractions"])
+    if "allowed_roots" in options:   # the pipeline passes one comma-separated string
+        options["allowed_roots"] = split_root_list(options["allowed_roots"])
+    opts = IngestOptions(**options)
     if storage.is_s3(str(out_dir)):
         with tempfile.TemporaryDirectory(prefix="triview-ingest-out-") as tmp:
             result = _ingest_local(data, Path(tmp), opts)
@@ -238,7 +251,7 @@ def ingest(data: str | Path, out_dir: str | Path, *, seed: int = 0,
 
 def _ingest_local(data: str | Path, out: Path, opts: IngestOptions) -> IngestResult:
     try:
-        source = open_source(data, opts.zip_limits)
+        source = open_source(data, opts.zip_limits, opts.allowed_roots)
     except SourceError as exc:
         raise IngestError(str(exc)) from exc
     try:

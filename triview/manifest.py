@@ -59,6 +59,8 @@ QUARANTINE_REASONS = {
     "dropped_label": "every label removed by a drop operation",
     "class_below_minimum": "class has fewer images than min_per_class",
     "missing_file": "listed in a CSV/Parquet manifest but not found",
+    "outside_root": "a table path that leads outside the data root (absolute, '..', '~', URL, "
+                    "another bucket, a symlink out): never opened",
     "symlink_escape": "symbolic link pointing outside the input root",
     "broken_symlink": "symbolic link to nothing",
     "symlink_dir": "symbolic link to a folder (not followed)",

@@ -1,33 +1,32 @@
-"""Backbones by name, from one registry over torchvision (no hub downloads)."""
+"""Networks from the backbone registry (:mod:`triview.backbones`), heads, input
+normalisation and pretrained weights; nothing is ever downloaded from a hub."""
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
+from triview.backbones import get_backbone
+
 MAX_PARAMS = 100_000_000
 
-# name -> factory(image_size) returning an un-initialised-weights torchvision model.
-BACKBONES: dict[str, Callable[[int], nn.Module]] = {
-    "resnet18": lambda size: tvm.resnet18(weights=None),
-    "resnet34": lambda size: tvm.resnet34(weights=None),
-    "resnet50": lambda size: tvm.resnet50(weights=None),
-    "densenet121": lambda size: tvm.densenet121(weights=None),
-    "efficientnet_v2_s": lambda size: tvm.efficientnet_v2_s(weights=None),
-    "shufflenet_v2_x0_5": lambda size: tvm.shufflenet_v2_x0_5(weights=None),
-    "shufflenet_v2_x1_0": lambda size: tvm.shufflenet_v2_x1_0(weights=None),
-    "regnet_y_400mf": lambda size: tvm.regnet_y_400mf(weights=None),
-    "mobilenet_v3_small": lambda size: tvm.mobilenet_v3_small(weights=None),
-    "mobilenet_v3_large": lambda size: tvm.mobilenet_v3_large(weights=None),
-    "convnext_tiny": lambda size: tvm.convnext_tiny(weights=None),
-    "vit_b_16": lambda size: tvm.vit_b_16(weights=None, image_size=size),
-    "vit_b_32": lambda size: tvm.vit_b_32(weights=None, image_size=size),
-}
+
+def build_network(name: str, image_size: int) -> nn.Module:
+    """The registry's backbone ``name`` with its builder's own initialisation (no download)."""
+    entry = get_backbone(name)
+    if entry.builder == "timm":
+        import timm
+
+        return timm.create_model(entry.constructor, pretrained=False)
+    constructor = getattr(tvm, entry.constructor)
+    return constructor(weights=None, image_size=image_size) if entry.sized else constructor(weights=None)
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: mean and std of the fixed normalisations (per_sample and unit have none)
+NORMALIZATION_CONSTANTS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                           "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
 def _replace_last_linear(model: nn.Module, num_classes: int, hidden: int) -> None:
@@ -60,9 +59,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 def create_backbone(name: str, num_classes: int, image_size: int = 224, hidden: int = 0,
                     allow_large: bool = False) -> nn.Module:
     """Build backbone ``name`` with a fresh ``num_classes`` head (optionally ``hidden`` ReLU units)."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
-    model = BACKBONES[name](image_size)
+    model = build_network(name, image_size)
     _replace_last_linear(model, num_classes, hidden)
     n = count_parameters(model)["total"]
     if n > MAX_PARAMS and not allow_large:
@@ -70,24 +67,31 @@ def create_backbone(name: str, num_classes: int, image_size: int = 224, hidden: 
     return model
 
 
-NORMALIZATIONS = ("imagenet", "per_sample", "unit")
+NORMALIZATIONS = ("imagenet", "inception", "per_sample", "unit")
+
+
+def resolve_normalization(mode: str, backbone: str) -> str:
+    """``auto`` is what the backbone's published weights expect; anything else stays."""
+    return get_backbone(backbone).normalization if mode == "auto" else mode
 
 
 class Normalize(nn.Module):
     """Maps float images in [0, 1] (N, 3, H, W) to the backbone's input normalisation:
-    ``imagenet`` (mean/std of ImageNet), ``per_sample`` (each image to zero mean and unit
+    ``imagenet`` (mean/std of ImageNet), ``inception`` (to [-1, 1], as TensorFlow's
+    EfficientNet-Lite was trained), ``per_sample`` (each image to zero mean and unit
     variance) or ``unit`` (kept in [0, 1], i.e. /255 of the raw bytes)."""
 
-    def __init__(self, mode: str = "imagenet", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+    def __init__(self, mode: str = "imagenet") -> None:
         super().__init__()
         if mode not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {mode!r}; choose from {NORMALIZATIONS}")
         self.mode = mode
+        mean, std = NORMALIZATION_CONSTANTS.get(mode, NORMALIZATION_CONSTANTS["imagenet"])
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "imagenet":
+        if self.mode in NORMALIZATION_CONSTANTS:
             return (x - self.mean) / self.std
         if self.mode == "per_sample":
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -96,33 +100,24 @@ class Normalize(nn.Module):
         return x
 
 
-def load_pretrained(backbone: nn.Module, location: str) -> dict[str, int]:
-    """Load a torchvision-style state dict (``.safetensors`` preferred; ``.pt``/``.pth``
-    with ``weights_only=True``) from a local file or an ``s3://`` URI into ``backbone``.
+def load_pretrained(backbone: nn.Module, source) -> dict[str, int]:
+    """Load a state dict (or a ``.safetensors`` / ``.pt`` file, local or ``s3://``, read
+    with ``weights_only=True``) into ``backbone``.
 
     Tensors whose shape does not fit (the classifier of another class count) are
-    skipped; a file that matches less than half of the backbone is refused (wrong
+    skipped; a state dict that matches less than half of the backbone is refused (wrong
     architecture). Never downloads from a model hub.
     """
-    import io
+    if not isinstance(source, dict):
+        from triview.weights import Resolved, load_state
 
-    from triview.storage import read_bytes
-
-    data = read_bytes(location)
-    if str(location).endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
-        state = load_safetensors(data)
-    else:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+        source = load_state(Resolved("", str(source), "file", ""), backbone)
     own = backbone.state_dict()
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in source.items()}
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(usable) < 0.5 * len(own):
-        raise ValueError(f"{location}: only {len(usable)} of {len(own)} tensors fit this "
-                         "backbone; is it the right architecture?")
+        raise ValueError(f"only {len(usable)} of {len(own)} tensors fit this backbone; is it "
+                         "the right architecture?")
     backbone.load_state_dict(usable, strict=False)
     return {"loaded": len(usable), "skipped": len(state) - len(usable),
             "missing": len(own) - len(usable)}

@@ -4,7 +4,7 @@ geometry and lens) and then through the exported model (ONNX Runtime, else Torch
 """
 from __future__ import annotations
 
-import tempfile
+import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,7 @@ import numpy as np
 
 from triview import crop
 from triview import validate
-from triview.export import load_runtime
+from triview.runtime import load_runtime
 from triview.registry import resolve_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -30,10 +30,16 @@ class Prediction:
     error: str | None = None
 
     def to_json(self) -> dict:
-        out = {"path": self.path, "labels": [{"label": k, "score": round(s, 6)} for k, s in self.labels]}
+        out = {"path": self.path, "labels": labels_json(self.labels)}
         if self.error:
             out["error"] = self.error
         return out
+
+
+def labels_json(labels: list[tuple[str, float]]) -> list[dict]:
+    """``[{"label", "score"}]`` as ``triview predict --format json`` prints them (and the
+    KServe predictor answers them)."""
+    return [{"label": k, "score": round(s, 6)} for k, s in labels]
 
 
 def expand_inputs(items: list[str]) -> list[str]:
@@ -64,27 +70,43 @@ class Predictor:
         self.classes = list(self.card["classes"])
         self.multilabel = self.card.get("task", "multiclass") == "multilabel"
 
-    def views(self, path: str | Path, scratch: Path) -> dict[str, np.ndarray]:
-        """The RGB views of one file, produced as in training: ingest's validation keeps
-        the original bytes when OpenCV decodes them as PIL does, else stores a normalised
-        8-bit RGB PNG; calibrate-and-crop then cuts the views from that file."""
+    def views(self, path: str | Path) -> dict[str, np.ndarray]:
+        """The RGB views of one image file, produced as in training (see :meth:`views_of_bytes`)."""
         path = Path(path)
         if not path.is_file():
             raise PredictError("no such file")
-        data = path.read_bytes()
-        decoded = validate.decode(data, min_size=1)
+        return self.views_of_bytes(path.read_bytes())
+
+    def views_of_bytes(self, data: bytes, max_pixels: int = validate.MAX_PIXELS) -> dict[str, np.ndarray]:
+        """The RGB views of one image file's bytes, produced as in training: ingest's
+        validation keeps the original bytes when OpenCV decodes them as PIL does, else
+        stores a normalised 8-bit RGB PNG; calibrate-and-crop then cuts the views from
+        those bytes. Raises :class:`PredictError` for what ingest would quarantine."""
+        decoded = validate.decode(data, min_size=1, max_pixels=max_pixels)
         if decoded.reason is not None:
             raise PredictError(decoded.reason.replace("_", " ")
                                + (f" ({decoded.detail})" if decoded.detail else ""))
-        stored = scratch / f"{decoded.sha256[:16]}{decoded.keep_suffix or '.png'}"
         if decoded.keep_suffix:
-            stored.write_bytes(data)
+            stored = data
         else:
-            decoded.image.save(stored, format="PNG")
+            buffer = io.BytesIO()
+            decoded.image.save(buffer, format="PNG")
+            stored = buffer.getvalue()
         try:
-            return self.cropper.views(stored)
-        finally:
-            stored.unlink(missing_ok=True)
+            return self.cropper.views_of_bytes(stored, jpeg=decoded.keep_suffix == ".jpg")
+        except ValueError as exc:
+            raise PredictError(str(exc)) from exc
+
+    def probabilities(self, views: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """The model's output (N x C) for the views of N images."""
+        inputs = [np.stack([b[v] for b in views]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+                  for v in self.card["views"]]
+        return self.run(inputs)
+
+    def default_threshold(self):
+        """0.5, or for multi-label models the per-label thresholds tuned on validation."""
+        tuned = self.card.get("thresholds") if self.multilabel else None
+        return np.asarray(tuned, dtype=np.float64) if tuned else 0.5
 
     def predict(self, paths: list[str], threshold: float | None = None,
                 batch_size: int = 64) -> list[Prediction]:
@@ -95,28 +117,26 @@ class Predictor:
         per-label thresholds tuned on validation (the model card's), else 0.5.
         """
         if threshold is None:
-            tuned = self.card.get("thresholds") if self.multilabel else None
-            threshold = np.asarray(tuned, dtype=np.float64) if tuned else 0.5
+            threshold = self.default_threshold()
         results = [Prediction(str(p)) for p in paths]
-        views = self.card["views"]
-        with tempfile.TemporaryDirectory(prefix="triview-predict-") as tmp:
-            for start in range(0, len(paths), batch_size):
-                batch, index = [], []
-                for i in range(start, min(start + batch_size, len(paths))):
-                    try:
-                        batch.append(self.views(paths[i], Path(tmp)))
-                        index.append(i)
-                    except (PredictError, OSError, ValueError) as exc:
-                        results[i].error = str(exc)
-                if not batch:
-                    continue
-                inputs = [np.stack([b[v] for b in batch]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-                          for v in views]
-                for i, prob in zip(index, self.run(inputs)):
-                    results[i].labels = self._labels(prob, threshold)
+        for start in range(0, len(paths), batch_size):
+            batch, index = [], []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    batch.append(self.views(paths[i]))
+                    index.append(i)
+                except (PredictError, OSError, ValueError) as exc:
+                    results[i].error = str(exc)
+            if not batch:
+                continue
+            for i, prob in zip(index, self.probabilities(batch)):
+                results[i].labels = self.labels(prob, threshold)
         return results
 
-    def _labels(self, prob: np.ndarray, threshold) -> list[tuple[str, float]]:
+    def labels(self, prob: np.ndarray, threshold=None) -> list[tuple[str, float]]:
+        """``(label, score)`` pairs, best first, under ``threshold`` (default: the model's)."""
+        if threshold is None:
+            threshold = self.default_threshold()
         order = np.argsort(-prob, kind="stable")
         cut = np.broadcast_to(np.asarray(threshold, dtype=np.float64), prob.shape)
         keep = [k for k in order if prob[k] >= cut[k]]

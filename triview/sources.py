@@ -29,6 +29,7 @@ import pandas as pd
 
 from triview import manifest as mf
 from triview import storage
+from triview.dataroot import OUTSIDE_ROOT, DataRoots
 
 #: Folder names that mean "this is a split, not a class" (Roboflow / YOLO-classify).
 SPLIT_FOLDERS = {"train": "train", "valid": "val", "val": "val", "validation": "val",
@@ -75,18 +76,26 @@ class Source:
             self.tempdir.cleanup()
 
 
-def open_source(data: str | os.PathLike, zip_limits: ZipLimits = ZipLimits()) -> Source:
-    """Enumerate every file of ``data`` (folder, ZIP, CSV/Parquet table or s3:// URI)."""
+def open_source(data: str | os.PathLike, zip_limits: ZipLimits = ZipLimits(),
+                allowed_roots: tuple[str, ...] = ()) -> Source:
+    """Enumerate every file of ``data`` (folder, ZIP, CSV/Parquet table or s3:// URI).
+
+    Paths inside the input (table rows, symbolic links) lead only into the data root
+    or into one of ``allowed_roots`` (folders or ``s3://bucket/prefix``): see
+    :mod:`triview.dataroot`.
+    """
     text = str(data)
     if storage.is_s3(text):
-        return _s3_source(text, zip_limits)
+        return _s3_source(text, zip_limits, allowed_roots)
     src = Path(data)
     if not src.exists():
         raise SourceError(f"input {text!r} does not exist")
     if src.is_dir():
-        return _labelled(Source("folder", []), _folder_entries(src), _read_local)
+        return _labelled(Source("folder", []),
+                         _folder_entries(src, DataRoots.for_folder(src, allowed_roots)),
+                         _read_local)
     if src.suffix.lower() in TABLE_SUFFIXES:
-        return _table_source(src)
+        return _table_source(src, DataRoots.for_folder(src.parent, allowed_roots))
     if zipfile.is_zipfile(src):
         return _zip_source(src, zip_limits)
     raise SourceError(f"input {text!r} is neither a folder, a ZIP archive, a CSV/Parquet "
@@ -207,10 +216,9 @@ def parse_class_map(data: bytes, where: str) -> list[str]:
 # ----------------------------------------------------------------------------- folder
 
 
-def _folder_entries(root: Path) -> list[_Entry]:
-    """Every non-folder entry below ``root``, in a stable order; symlinks are checked,
-    never followed out of the root."""
-    root_real = root.resolve()
+def _folder_entries(root: Path, roots: DataRoots) -> list[_Entry]:
+    """Every non-folder entry below ``root``, in a stable order; symlinks are resolved
+    inside ``roots`` only, never followed (or looked at) out of them."""
     entries = []
 
     def unreadable(exc: OSError) -> None:  # os.walk would skip such a folder silently
@@ -225,17 +233,15 @@ def _folder_entries(root: Path) -> list[_Entry]:
             path = here / name
             rel = path.relative_to(root).as_posix()
             if path.is_symlink():
-                try:
-                    target = path.resolve(strict=True)
-                except (OSError, RuntimeError):
-                    entries.append(_Entry(rel, (), "broken_symlink", os.readlink(path)))
+                placed = roots.place_link(str(root), rel)
+                if placed.reason is not None:
+                    reason = "symlink_escape" if placed.reason == OUTSIDE_ROOT else "broken_symlink"
+                    entries.append(_Entry(rel, (), reason, f"-> {os.readlink(path)}"))
                     continue
-                if target != root_real and root_real not in target.parents:
-                    entries.append(_Entry(rel, (), "symlink_escape", f"-> {os.readlink(path)}"))
-                    continue
-                if target.is_dir():
+                if os.path.isdir(placed.locator[1]):
                     entries.append(_Entry(rel, (), "symlink_dir", f"-> {os.readlink(path)}"))
                     continue
+                path = Path(placed.locator[1])
             try:
                 mode = path.stat().st_mode
             except OSError as exc:
@@ -312,8 +318,9 @@ def _zip_source(archive: Path, limits: ZipLimits) -> Source:
 _PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
 
 
-def _table_source(table_path: Path) -> Source:
-    """A CSV/Parquet manifest: one row per image, paths relative to the table's folder."""
+def _table_source(table_path: Path, roots: DataRoots) -> Source:
+    """A CSV/Parquet manifest: one row per image, paths relative to the table's folder
+    and confined to ``roots``."""
     try:
         if table_path.suffix.lower() in (".parquet", ".pq"):
             df = pd.read_parquet(table_path)
@@ -334,7 +341,6 @@ def _table_source(table_path: Path) -> Source:
                   and _is_binary(df[c])]
         if not onehot:
             raise SourceError(f"{table_path}: no 'labels' column and no 0/1 label columns")
-    base = table_path.parent
     items = []
     for row in df.to_dict(orient="records"):
         rel = str(row[path_col]).strip()
@@ -349,8 +355,10 @@ def _table_source(table_path: Path) -> Source:
             items.append(Item(f"<row {len(items) + 1}>", (), reason="missing_file",
                               detail="empty path"))
             continue
-        locator = ("s3", rel) if storage.is_s3(rel) else \
-            ("file", str(Path(rel) if Path(rel).is_absolute() else base / rel))
+        locator, reason, detail = roots.place(rel)
+        if reason is not None:
+            items.append(Item(rel, (), labels, split, reason=reason, detail=detail))
+            continue
         if labels:
             items.append(Item(rel, locator, labels, split))
         else:
@@ -368,7 +376,7 @@ def _is_binary(column: pd.Series) -> bool:
 # ----------------------------------------------------------------------------- S3
 
 
-def _s3_source(uri: str, limits: ZipLimits) -> Source:
+def _s3_source(uri: str, limits: ZipLimits, allowed_roots: tuple[str, ...]) -> Source:
     store = storage.S3Store()
     loc = storage.S3Uri.parse(uri)
     suffix = PurePosixPath(loc.key).suffix.lower()
@@ -377,7 +385,12 @@ def _s3_source(uri: str, limits: ZipLimits) -> Source:
         tmp = tempfile.TemporaryDirectory(prefix="triview-s3-")
         local = Path(tmp.name) / PurePosixPath(loc.key).name
         store.download_file(uri, local)
-        source = _table_source(local) if suffix in TABLE_SUFFIXES else _zip_source(local, limits)
+        if suffix in TABLE_SUFFIXES:   # rows are relative to the table's own prefix
+            folder = PurePosixPath(loc.key).parent.as_posix()
+            prefix = f"s3://{loc.bucket}/{'' if folder == '.' else folder}"
+            source = _table_source(local, DataRoots.for_s3_prefix(prefix, allowed_roots))
+        else:
+            source = _zip_source(local, limits)
         source.tempdir = tmp
         source.kind = "s3"
         return source

@@ -1,20 +1,27 @@
-"""The ten DAG stages as plain functions over folders.
+"""The DAG's stages as plain functions over folders: the layer every caller goes through
+(the KFP components, the CLI, the tests, and torchrun's worker processes).
 
-Each takes input folders and parameters, writes its output folder (including a
-``stage.json`` with its timing and counts) and returns a small dict of
-metadata. The KFP components in ``components/`` call exactly these, and so do
-the tests; nothing here imports kfp.
+Each takes input folders and the parameters it owns by their spec names
+(:mod:`triview.params`), checks them against the spec first (a run started from the KFP
+UI is checked here, at the top of the task), writes its output folder (including a
+``stage.json`` with its timing and counts) and returns that record. Nothing here imports
+kfp.
 
-Each stage imports only what it needs, inside the function: every task of the
-DAG is a fresh process, and the light stages should not pay for importing torch.
+Each stage imports what it needs inside the function: every task of the DAG is a fresh
+process, and the light stages should not pay for importing torch.
+
+``python -m triview.stages ARGS.json`` is the entry point of the processes torchrun
+starts when a branch trains with more than one process (DDP).
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from triview.runinfo import stage_record
+from triview.params import stage_config
+from triview.runinfo import STAGE_FILE, stage_record
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,86 +30,83 @@ if TYPE_CHECKING:
 Folder = str | Path
 
 
-def ingest_stage(data: str, out_dir: Folder, seed: int = 0, val_fraction: float = 0.15,
-                 test_fraction: float = 0.15, min_size: int = 8, **options) -> dict:
-    """``data``: folder, ZIP, CSV/Parquet table or s3:// prefix. ``val_fraction`` is the
-    validation split carved when the input has none. ``options`` are the other
-    :class:`~triview.ingest.IngestOptions` fields (remap, drop, min_per_class, ...)."""
+def ingest_stage(data: str, out_dir: Folder, *, workers: int = 0, progress: bool | None = None,
+                 plot: bool = True, allow_empty: bool = False, **params) -> dict:
+    """``data``: folder, ZIP, CSV/Parquet table or s3:// prefix. ``params``: the ingest
+    parameters of the spec (seed, val_fraction, test_fraction, min_size, label_remap, ...)."""
     from triview import ingest as ing
 
+    p = stage_config("ingest", params)
     with stage_record("ingest", out_dir) as rec:
-        fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
-        result = ing.ingest(data, out_dir, seed=seed, split_fractions=fractions, min_size=min_size,
-                            **options)
+        fractions = (1.0 - p["val_fraction"] - p["test_fraction"], p["val_fraction"],
+                     p["test_fraction"])
+        result = ing.ingest(
+            data, out_dir, seed=p["seed"], split_fractions=fractions, min_size=p["min_size"],
+            max_pixels=p["max_pixels"], remap=ing.parse_remap([p["label_remap"]]),
+            drop=tuple(d.strip() for d in p["label_drop"].split(",") if d.strip()),
+            min_per_class=p["min_per_class"], near_duplicate_distance=p["near_duplicate_distance"],
+            allowed_roots=p["allowed_roots"], workers=workers, progress=progress, plot=plot, allow_empty=allow_empty)
         rec.update(counts=result.counts, classes=result.classes, items_in=result.n_input,
                    items_out=len(result.manifest), dataset_version=result.dataset_version,
                    quarantine_reasons=result.statistics.get("quarantine_reasons", {}))
     return rec
 
 
-def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, layout: str = "vertical",
-                             overlap: float = 0.5, image_size: int = 32, window: float = 0.0,
-                             resize: str = "stretch", calibration_file: str = "",
-                             calibration_images: str = "", pattern: str = "9x6",
-                             square: float = 1.0, lens_alpha: float = -1.0,
-                             crop_roi: bool = False, workers: int = 0) -> dict:
-    """Calibrate (from chessboard photos, or read an intrinsics file, or use the
-    identity lens), then undistort and crop every image into three views.
+def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, *, workers: int = 0,
+                             **params) -> dict:
+    """Calibrate (from chessboard photos, or read an intrinsics file, or use the identity
+    lens), then undistort and crop every image into three views.
 
-    A lens calibrated here is saved as ``calibration.json`` in the output so later
-    runs (and predict) can reuse it through ``calibration_file``.
+    A lens calibrated here is saved as ``calibration.json`` in the output so later runs
+    (and predict) can reuse it through ``calibration_file``.
     """
     from triview import calibration as cal
     from triview import crop
 
+    p = stage_config("calibrate-and-crop", params)
     with stage_record("calibrate-and-crop", out_dir) as rec:
-        alpha = None if lens_alpha < 0 else lens_alpha
-        if calibration_images:
-            result = cal.calibrate_glob(calibration_images, pattern=cal.parse_pattern(pattern),
-                                        square=square)
+        alpha = None if p["lens_alpha"] < 0 else p["lens_alpha"]
+        if p["calibration_images"]:
+            result = cal.calibrate_glob(p["calibration_images"],
+                                        pattern=cal.parse_pattern(p["pattern"]), square=p["square"])
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             result.save(Path(out_dir) / "calibration.json")
             lens = crop.LensModel(K=result.K, dist=result.dist, image_size=result.image_size,
-                                  alpha=alpha, crop_roi=crop_roi)
+                                  alpha=alpha, crop_roi=p["crop_roi"])
             rec.update(calibration={"rms": result.rms, "used": len(result.per_view_error),
                                     "rejected": result.rejected})
-        elif calibration_file:
-            lens = crop.LensModel.from_file(calibration_file, alpha=alpha, crop_roi=crop_roi)
+        elif p["calibration_file"]:
+            lens = crop.LensModel.from_file(p["calibration_file"], alpha=alpha,
+                                            crop_roi=p["crop_roi"])
         else:
             lens = crop.LensModel()
-        geometry = crop.CropGeometry(layout=layout, overlap=overlap, image_size=image_size,
-                                     window=window, resize=resize)
+        geometry = crop.CropGeometry(layout=p["layout"], overlap=p["overlap"],
+                                     image_size=p["image_size"], window=p["window"],
+                                     resize=p["resize"])
         views = crop.calibrate_and_crop(dataset_dir, out_dir, geometry, lens, workers=workers)
         rec.update(views=list(geometry.views), items_in=int(views["image_id"].nunique()),
                    items_out=len(views), lens="identity" if lens.is_identity else "calibrated")
     return rec
 
 
-def balance_stage(views_dir: Folder, out_dir: Folder, weighting: str = "inverse_frequency",
-                  beta: float = 0.999, resample: str = "none", target: float = 0.0,
-                  seed: int = 0) -> dict:
+def balance_stage(views_dir: Folder, out_dir: Folder, **params) -> dict:
     from triview import balance as bal
 
+    p = stage_config("balance", params)
     with stage_record("balance", out_dir) as rec:
-        result = bal.balance(views_dir, out_dir, weighting=weighting, beta=beta,
-                             resample=resample, target=target, seed=seed)
+        result = bal.balance(views_dir, out_dir, **p)
         rec.update(class_weights=result["class_weights"], imbalance_ratio=result["imbalance_ratio"],
                    train_counts_after=result["resample"]["train_counts_after"])
     return rec
 
 
-def augment_stage(views_dir: Folder, out_dir: Folder, copies: int = 1, noise_std: float = 0.05,
-                  max_rotation: float = 50.0, border_mode: str = "constant", seed: int = 0,
-                  **options) -> dict:
-    """``options`` are the other :class:`~triview.augment.AugmentConfig` fields
-    (mode, hflip, vflip, shift, zoom, brightness, contrast, clahe, gray_world)."""
+def augment_stage(views_dir: Folder, out_dir: Folder, **params) -> dict:
     from triview import augment as aug
 
+    config = aug.AugmentConfig(**stage_config("augment", params))
     with stage_record("augment", out_dir) as rec:
-        config = aug.AugmentConfig(copies=copies, noise_std=noise_std, max_rotation=max_rotation,
-                                   border_mode=border_mode, seed=seed, **options)
         table = aug.augment(views_dir, out_dir, config)
-        rec.update(items_out=len(table), copies=copies, mode=config.mode)
+        rec.update(items_out=len(table), copies=config.copies, mode=config.mode)
     return rec
 
 
@@ -112,69 +116,78 @@ def repeat_suffix(seed: int, repeat: bool) -> str:
     return f"-seed-{seed}" if repeat else ""
 
 
+def checkpoint_location(checkpoint_root: str, run_id: str, seed: int, repeat: bool,
+                        view: str) -> str:
+    """Where a branch's checkpoints live: ``<root>/<run_id>/<view>`` (a repeat:
+    ``<root>/<run_id>/seed-<seed>/<view>``); "" (inside the branch's output) without a root."""
+    from triview import storage
+
+    if not checkpoint_root:
+        return ""
+    return storage.join(checkpoint_root, run_id or "run", f"seed-{seed}" if repeat else "", view)
+
+
 def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_dir: Folder,
-                       view: str, out_dir: Folder, repeat: bool = False, **options) -> dict:
-    """Train ``view``'s branch; ``options`` are :class:`triview.train.TrainConfig` fields.
+                       view: str | int, out_dir: Folder, *, repeat: bool = False,
+                       run_id: str = "", **params) -> dict:
+    """Train ``view``'s branch (a view name, or its index in the crop geometry's views);
+    ``params`` are the spec's train-branch parameters.
 
     With more than one GPU visible (or ``ddp_procs > 1``) the stage runs itself again
     under torchrun, one process per GPU, and returns rank 0's record. ``repeat`` marks
     a repeat of the main run with another seed (``repeats > 1``): its records and
-    metrics are named ``train-branch-<view>-seed-<seed>``.
+    metrics are named ``train-branch-<view>-seed-<seed>``. ``run_id`` (KFP's job id on a
+    cluster) names the checkpoint folder below ``checkpoint_root``, so a retry finds it.
     """
     import os
 
+    from triview import crop
     from triview import distributed as ddp
-    from triview import train as tr
+    from triview.train import TrainConfig, train_branch
 
-    config = tr.TrainConfig(**options)
+    config = TrainConfig(**stage_config("train-branch", params))
+    if isinstance(view, int):
+        view = crop.read_geometry(views_dir)[0].views[view]
     name = f"train-branch-{view}" + repeat_suffix(config.seed, repeat)
     nproc = ddp.processes_wanted(config.ddp_procs)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        kwargs = {"views_dir": str(views_dir), "balance_dir": str(balance_dir), "view": view,
-                  "out_dir": str(out_dir), "augmented_dir": None if augmented_dir is None
-                  else str(augmented_dir), "repeat": repeat, **options}
-        return ddp.launch(kwargs, nproc, out_dir)
+        ddp.run_under_torchrun(__name__, {
+            "views_dir": str(views_dir), "balance_dir": str(balance_dir), "view": view,
+            "out_dir": str(out_dir), "augmented_dir": None if augmented_dir is None
+            else str(augmented_dir), "repeat": repeat, "run_id": run_id, **params}, nproc)
+        return json.loads((Path(out_dir) / STAGE_FILE).read_text())
+    ckpt = checkpoint_location(config.checkpoint_root, run_id, config.seed, repeat, view)
     if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: rank 0 keeps the record
-        return tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
-                               stage=name)
+        return train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
+                            stage=name, checkpoint_dir=ckpt)
     with stage_record(name, out_dir) as rec:
-        rec.update(tr.train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
-                                   stage=name))
+        rec.update(train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
+                                stage=name, checkpoint_dir=ckpt))
     return rec
 
 
-def branches_by_view(branch_dirs: list[Folder]) -> dict[str, Path]:
-    """Map each trained branch folder to its view name (from its ``model.json``)."""
-    from triview.train import MODEL_META_FILE
-
-    out = {}
-    for d in branch_dirs:
-        view = json.loads((Path(d) / MODEL_META_FILE).read_text())["view"]
-        out[view] = Path(d)
-    return out
-
-
-def _load_branch_predictions(branch_dirs: dict[str, Path]) -> dict[str, dict]:
-    from triview.train import load_predictions
+def _branch_predictions(branch_dirs: dict[str, Path]) -> dict[str, dict]:
+    from triview.artifacts import load_predictions
 
     return {view: load_predictions(d) for view, d in branch_dirs.items()}
 
 
-def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, seed: int = 0,
-                      repeat: bool = False) -> dict:
+def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, *, repeat: bool = False,
+                      **params) -> dict:
     from triview import voter as vt
+    from triview.artifacts import branches_by_view
 
-    with stage_record("train-voter" + repeat_suffix(seed, repeat), out_dir) as rec:
-        branch_dirs = branches_by_view(branch_dirs)
-        preds = _load_branch_predictions(branch_dirs)
+    p = stage_config("train-voter", params)
+    with stage_record("train-voter" + repeat_suffix(p["seed"], repeat), out_dir) as rec:
+        preds = _branch_predictions(branches_by_view(branch_dirs))
         probs, y, _ = vt.aligned(preds, "val")
         n_classes = next(iter(probs.values())).shape[1]
         oof = None
-        if all("oof_prob" in p for p in preds.values()):  # the branches ran with voter_folds > 1
+        if all("oof_prob" in x for x in preds.values()):  # the branches ran with voter_folds > 1
             oof_probs, oof_y, _ = vt.aligned(preds, "oof")
             oof = (oof_probs, oof_y)
-        voter, table = vt.fit_voter(probs, y, n_classes, seed=seed, oof=oof)
-        voter["seed"] = seed
+        voter, table = vt.fit_voter(probs, y, n_classes, seed=p["seed"], oof=oof)
+        voter["seed"] = p["seed"]
         vt.save_voter(voter, table, out_dir)
         rec.update(method=voter["name"], val_macro_f1=voter["val_macro_f1"], task=voter["task"],
                    voter_inputs="train out-of-fold" if oof else "validation",
@@ -183,9 +196,8 @@ def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, seed: int = 0,
 
 
 def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder,
-                   views_dir: Folder | None = None, registry: str = "", model_name: str = "triview",
-                   gate_min_macro_f1: float = 0.0, gate_min_delta: float = -0.01,
-                   gradcam_per_kind: int = 4, repeat: bool = False) -> dict:
+                   views_dir: Folder | None = None, *, gradcam_per_kind: int = 4,
+                   repeat: bool = False, **params) -> dict:
     """Score views and ensemble on the test split, gate the ensemble against the
     registry's champion and write the report.
 
@@ -197,68 +209,45 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
     """
     import pandas as pd
 
+    from triview import artifacts
     from triview import evaluate as ev
     from triview import gate as gt
     from triview import voter as vt
-    from triview.train import HISTORY_FILE, MODEL_META_FILE
 
+    p = stage_config("evaluate", params)
     voter = vt.load_voter(voter_dir)
     seed = int(voter.get("seed", 0))
-    if repeat and registry:
+    if repeat and p["registry"]:
         raise ValueError("a repeat is not gated: evaluate it without a registry")
+    if views_dir is None and p["registry"]:
+        raise ValueError("the gate needs the views to re-score the champion on the same test images")
     with stage_record("evaluate" + repeat_suffix(seed, repeat), out_dir) as rec:
-        branch_dirs = branches_by_view(branch_dirs)
-        preds = _load_branch_predictions(branch_dirs)
-        metas = {v: json.loads((d / MODEL_META_FILE).read_text()) for v, d in branch_dirs.items()}
+        branch_dirs = artifacts.branches_by_view(branch_dirs)
+        preds = _branch_predictions(branch_dirs)
+        metas = {v: artifacts.read_branch_meta(d) for v, d in branch_dirs.items()}
         first = next(iter(metas.values()))
         classes, task = first["classes"], first.get("task", "multiclass")
-        candidates = pd.read_csv(Path(voter_dir) / vt.CANDIDATES_FILE)
-        histories = {v: pd.read_csv(d / HISTORY_FILE) for v, d in branch_dirs.items()
-                     if (d / HISTORY_FILE).is_file()}
+        candidates = pd.read_csv(Path(voter_dir) / artifacts.CANDIDATES_FILE)
+        histories = {v: pd.read_csv(d / artifacts.HISTORY_FILE) for v, d in branch_dirs.items()
+                     if (d / artifacts.HISTORY_FILE).is_file()}
         challenger = ev.score_all(preds, voter, classes)
-        config = gt.GateConfig(min_value=gate_min_macro_f1, min_delta=gate_min_delta)
-        if views_dir is None and registry:
-            raise ValueError("the gate needs the views to re-score the champion on the same test images")
-        blessing = gt.run_gate(challenger["ensemble"], views_dir, registry, model_name, config, task)
-        gt.write_blessing(blessing, out_dir)
-        timing, gallery, reader = _evaluate_extras(branch_dirs, metas, histories, voter,
-                                                           challenger, views_dir, gradcam_per_kind)
+        config = gt.GateConfig(min_value=p["min_value"], min_delta=p["min_delta"])
+        blessing = gt.run_gate(challenger["ensemble"], views_dir, p["registry"], p["model_name"],
+                               config, task)
+        artifacts.write_blessing(out_dir, blessing)
+        timing, gallery, reader = _evaluate_extras(branch_dirs, metas, voter, challenger,
+                                                   histories, views_dir, gradcam_per_kind)
         result = ev.evaluate(preds, voter, classes, out_dir, candidates, histories=histories,
                              timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader)
         rec.update(seed=seed, ensemble=result["ensemble"], views=result["views"],
-                   n_test=result["n_test"], blessed=int(blessing["blessed"]), champion_macro_f1=blessing["champion"],
+                   n_test=result["n_test"], blessed=int(blessing["blessed"]),
+                   champion_macro_f1=blessing["champion"],
                    gate={k: blessing[k] for k in ("blessed", "reasons", "comparison", "champion_version")},
                    ensemble_ms_per_sample=timing["ensemble_ms_per_sample"], device=timing["device"])
     return rec
 
 
-def repeat_seeds(seed: int, repeats: int) -> list[int]:
-    """The seeds of a run's repeats: ``seed+1 .. seed+repeats-1`` (the main run has ``seed``)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    return [seed + k for k in range(1, repeats)]
-
-
-def repeats_stage(evaluation_dirs: list[Folder], out_dir: Folder) -> dict:
-    """Mean and SD over seeds of every view and ensemble metric, from the evaluate
-    records of the main run and its repeats (the same split, crops and augmentation;
-    only the training seeds differ). Writes ``repeats.json``."""
-    from triview.runinfo import STAGE_FILE
-    from triview.storage import atomic_write_text
-    from triview.summary import aggregate_repeats
-
-    records = [json.loads((Path(d) / STAGE_FILE).read_text()) for d in evaluation_dirs]
-    records.sort(key=lambda r: r["seed"])
-    seeds = [int(r["seed"]) for r in records]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"repeated evaluations share a seed: {seeds}")
-    with stage_record("repeats", out_dir) as rec:
-        rec["repeats"] = aggregate_repeats(records, seeds)
-        atomic_write_text(Path(out_dir) / "repeats.json", json.dumps(rec["repeats"], indent=2))
-    return rec
-
-
-def _evaluate_extras(branch_dirs, metas, histories, voter, challenger, views_dir, per_kind):
+def _evaluate_extras(branch_dirs, metas, voter, challenger, histories, views_dir, per_kind):
     """Timing figures, the Grad-CAM gallery and a crop reader for the report."""
     from triview import crop
     from triview import evaluate as ev
@@ -287,89 +276,156 @@ def _evaluate_extras(branch_dirs, metas, histories, voter, challenger, views_dir
     return figures, gallery, read_crop
 
 
+def repeat_seeds(seed: int, repeats: int) -> list[int]:
+    """The seeds of a run's repeats: ``seed+1 .. seed+repeats-1`` (the main run has ``seed``)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    return [seed + k for k in range(1, repeats)]
+
+
+def repeats_stage(evaluation_dirs: list[Folder], out_dir: Folder) -> dict:
+    """Mean and SD over seeds of every view and ensemble metric, from the evaluate
+    records of the main run and its repeats (the same split, crops and augmentation;
+    only the training seeds differ). Writes ``repeats.json``."""
+    from triview.storage import atomic_write_text
+    from triview.summary import aggregate_repeats
+
+    records = [json.loads((Path(d) / STAGE_FILE).read_text()) for d in evaluation_dirs]
+    records.sort(key=lambda r: r["seed"])
+    seeds = [int(r["seed"]) for r in records]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"repeated evaluations share a seed: {seeds}")
+    with stage_record("repeats", out_dir) as rec:
+        rec["repeats"] = aggregate_repeats(records, seeds)
+        atomic_write_text(Path(out_dir) / "repeats.json", json.dumps(rec["repeats"], indent=2))
+    return rec
+
+
 def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder,
                  eval_dir: Folder, out_dir: Folder, blessing: Folder | None = None,
-                 registry: str = "", model_name: str = "triview", quantize: str = "none") -> dict:
+                 dataset_dir: Folder | None = None, **params) -> dict:
     """Export the ensemble (TorchScript + ONNX, parity-checked on the real test crops),
     and, with a ``registry``, publish it there and make it the champion, but only
-    when the gate blessed it.
+    when the gate blessed it and the real predictor served it correctly.
 
     ``blessing`` is the gate's ``blessing.json`` (or a folder holding it; default:
-    the one in ``eval_dir``).
+    the one in ``eval_dir``). With ``infra_validate`` (auto: when a serving environment
+    exists; on: required), before promoting, the export is served with ``triview serve``
+    and its answers on ``infra_images`` test images (ingest's photos from ``dataset_dir``
+    when given, else the test crops) are compared with ONNX Runtime; a failure refuses
+    promotion and its reason goes into the blessing.
     """
+    from triview import artifacts
     from triview import crop
-    from triview import evaluate as ev
     from triview import export as ex
-    from triview import gate as gt
     from triview import manifest as mf
     from triview import metrics as mx
-    from triview import train as tr
     from triview import voter as vt
     from triview.registry import ModelRegistry
+    from triview.train import load_branch
+    from triview.train.branch import branch_normalization
+    from triview.train.data import load_split
 
+    p = stage_config("export", params)
     with stage_record("export", out_dir) as rec:
-        branch_dirs = branches_by_view(branch_dirs)
+        branch_dirs = artifacts.branches_by_view(branch_dirs)
         branches, training, task = {}, {}, "multiclass"
         for view, d in branch_dirs.items():
-            model, meta = tr.load_branch(d)
+            model, meta = load_branch(d)
             branches[view] = model
             task = meta.get("task", task)
             training[view] = {"config": meta["config"], "best_epoch": meta["best_epoch"],
-                              "parameters": meta["parameters"], "val_macro_f1": meta.get("val_macro_f1")}
+                              "parameters": meta["parameters"], "val_macro_f1": meta.get("val_macro_f1"),
+                              "normalization": branch_normalization(meta),
+                              "weights": _weights_record(meta.get("pretrained"))}
         geometry = json.loads((Path(views_dir) / crop.GEOMETRY_FILE).read_text())
-        metrics = json.loads((Path(eval_dir) / ev.EVAL_FILE).read_text())
-        test, labels = _split_inputs(views_dir, geometry["views"], "test", task)
-        calibration = _split_inputs(views_dir, geometry["views"], "val", task)[0] \
-            if quantize == "static" else None
+        metrics = artifacts.read_eval(eval_dir)
+        test = load_split(views_dir, geometry["views"], "test", task)
+        calibration = (load_split(views_dir, geometry["views"], "val", task).inputs
+                       if p["quantize"] == "static" else None)
         run_id = mx.run_id_for(out_dir)
         card = ex.export_ensemble(
             branches, vt.load_voter(voter_dir), mf.read_classes(views_dir), geometry,
             {"views": metrics["views"], "ensemble": metrics["ensemble"]}, out_dir,
-            training=training, example=test, test_labels=labels, calibration=calibration,
-            quantize=quantize, task=task, lineage={"run_id": run_id},
-            data_version=_data_version(views_dir))
-        verdict = _read_blessing(blessing if blessing is not None else eval_dir)
+            training=training, example=test.inputs, test_labels=test.labels,
+            calibration=calibration, quantize=p["quantize"], task=task,
+            lineage={"run_id": run_id}, data_version=_data_version(views_dir))
+        verdict = artifacts.read_blessing(blessing if blessing is not None else eval_dir)
         if verdict is not None:
-            gt.write_blessing(verdict, out_dir)  # travels with the model into the registry
+            artifacts.write_blessing(out_dir, verdict)  # travels with the model into the registry
         blessed = bool(verdict and verdict["blessed"])
+        if p["registry"] and blessed and p["infra_validate"] != "off":
+            required = {"auto": None, "on": True}[p["infra_validate"]]
+            verdict = _infra_validation(out_dir, views_dir, verdict, rec, required,
+                                        p["infra_images"], dataset_dir, p["model_name"])
+            blessed = bool(verdict["blessed"])
         rec.update(torchscript_max_abs_diff=card["torchscript_max_abs_diff"],
                    onnx_max_abs_diff=card["onnx_max_abs_diff"], blessed=int(blessed),
                    champion_macro_f1=(verdict or {}).get("champion"), promoted=0,
                    quantization=card["quantization"], data_version=card["data_version"])
-        if registry and blessed:
-            reg = ModelRegistry(registry, model_name)
+        if p["registry"] and blessed:
+            reg = ModelRegistry(p["registry"], p["model_name"])
             version = reg.publish(out_dir)
             pointer = reg.promote(version, metrics=metrics["ensemble"], run_id=run_id)
             rec.update(promoted=1, registry_version=version, champion_uri=pointer["uri"])
-        elif registry:
+        elif p["registry"]:
             reasons = "; ".join((verdict or {}).get("reasons", ["no blessing from the gate"]))
             rec.update(refused=f"not promoted: the model is not blessed ({reasons})")
     return rec
 
 
-def _read_blessing(location: Folder) -> dict | None:
-    from triview import gate as gt
+def deploy_stage(export_dir: Folder, out_dir: Folder, *, serve_image: str | None = None,
+                 api_client=None, **params) -> dict:
+    """The optional deploy step after export: server-side apply the InferenceService of
+    the version export promoted (KServe, the ``triview-onnx`` ServingRuntime in
+    ``serve_image``) and wait until it is Ready; when export promoted nothing, record why
+    and apply nothing."""
+    from triview import deploy
 
-    path = Path(location)
-    if path.is_file():
-        return json.loads(path.read_text())
-    return gt.read_blessing(path)
+    p = stage_config("deploy", params)
+    export_record = json.loads((Path(export_dir) / STAGE_FILE).read_text())
+    with stage_record("deploy", out_dir) as rec:
+        rec.update(deploy.deploy_promoted(
+            export_record, p["registry"], p["model_name"], p["namespace"],
+            serve_image or deploy.SERVE_IMAGE, p["wait_seconds"], api_client=api_client))
+    return rec
 
 
-def _split_inputs(views_dir: Folder, views: list[str], split: str,
-                  task: str = "multiclass") -> tuple[list[torch.Tensor], "np.ndarray"]:
-    """Every real crop of one split per view (float [0, 1] NCHW, aligned on image id)
-    and their labels: the export's parity check runs on all test images."""
-    from triview import manifest as mf
-    from triview.train import load_view
+def _weights_record(pretrained: dict | None) -> dict | None:
+    """Where a branch's starting weights came from: source, location, file, SHA-256, URL
+    and licence (None: random initialisation)."""
+    if not pretrained:
+        return None
+    keys = ("source", "location", "file", "sha256", "source_url", "licence", "published", "loaded",
+            "skipped")
+    return {k: pretrained.get(k) for k in keys}
 
-    table = mf.read_views(views_dir)
-    table = table[table["augmented"] == 0]
-    classes = mf.read_classes(views_dir)
-    data = [load_view([(Path(views_dir), table)], v, split, classes, task) for v in views]
-    if any(d.image_ids != data[0].image_ids for d in data[1:]):
-        raise ValueError(f"{split} crops of the views are not aligned on image id")
-    return [d.images.float().div(255.0) for d in data], data[0].labels.numpy()
+
+def _infra_validation(out_dir: Folder, views_dir: Folder, verdict: dict, rec: dict,
+                      required: bool | None, n_images: int, dataset_dir: Folder | None,
+                      model_name: str) -> dict:
+    """Serve the export in the real predictor before promotion (TFX InfraValidator); the
+    verdict goes into ``infra_validation.json``, the stage record and the blessing, and a
+    failure un-blesses the model."""
+    from triview import artifacts
+    from triview.serving import infra
+    from triview.storage import atomic_write_text
+
+    if required is None and not infra.serving_available():
+        rec.update(infra_validation={"skipped": "no serving environment (make serve-env)"})
+        return verdict
+    check = infra.infra_validate(out_dir, infra.sample_images(views_dir, n_images, dataset_dir),
+                                 name=model_name)
+    atomic_write_text(Path(out_dir) / "infra_validation.json", json.dumps(check, indent=2))
+    rec.update(infra_validation=check)
+    verdict = {**verdict, "infra_validation": check}
+    if not check["passed"]:
+        verdict.update(blessed=False, reasons=[*verdict.get("reasons", []),
+                                               f"infra validation failed: {check['reason']}"])
+    artifacts.write_blessing(out_dir, verdict)
+    return verdict
+
+
 
 
 def _data_version(views_dir: Folder) -> str:
@@ -383,3 +439,19 @@ def _data_version(views_dir: Folder) -> str:
     rows = table[table["augmented"] == 0][["image_id", "split", "labels"]].drop_duplicates()
     text = "\n".join(sorted(",".join(map(str, r)) for r in rows.itertuples(index=False)))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of every torchrun process: ``python -m triview.stages ARGS.json``
+    (the keyword arguments of :func:`train_branch_stage`)."""
+    from triview import distributed as ddp
+
+    args = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    try:
+        train_branch_stage(**args)
+    finally:
+        ddp.destroy()
+
+
+if __name__ == "__main__":
+    main()

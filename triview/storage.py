@@ -45,6 +45,10 @@ _RETRIABLE_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestT
                     "RequestTimeTooSkewed", "OperationAborted"}
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # (read once: os.umask can only be read by setting it)
+
+
 class StorageError(OSError):
     """A storage operation failed for good (after retries, or with a final error)."""
 
@@ -62,6 +66,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from other readers
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -299,6 +304,42 @@ class S3Store:
                 loc.bucket, prefix=prefix, recursive=True) if not o.is_dir)
         return self._retry(listing, f"list {uri}")
 
+    def get_bytes_or_none(self, uri: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object (or bucket)."""
+        from minio.error import S3Error
+
+        try:
+            return self.get_bytes(uri)
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, S3Error) and cause.code in ("NoSuchKey", "NoSuchBucket"):
+                return None
+            raise
+
+    def children(self, uri: str) -> list[str]:
+        """Names of the objects and "folders" directly below a prefix, sorted."""
+        loc = S3Uri.parse(uri)
+        prefix = loc.key if not loc.key or loc.key.endswith("/") else loc.key + "/"
+
+        def listing() -> list[str]:
+            names = {o.object_name[len(prefix):].strip("/").split("/")[0]
+                     for o in self.client.list_objects(loc.bucket, prefix=prefix)}
+            return sorted(n for n in names if n)
+        return self._retry(listing, f"list {uri}")
+
+    def download_tree(self, uri: str, folder: str | os.PathLike) -> int:
+        """Download every object below the prefix ``uri`` into ``folder`` (each file
+        atomically); returns how many."""
+        loc = S3Uri.parse(uri)
+        prefix = loc.key if not loc.key or loc.key.endswith("/") else loc.key + "/"
+        count = 0
+        for key, _ in self.list(uri):
+            rel = key[len(prefix):]
+            if rel:
+                self.download_file(f"{S3_SCHEME}{loc.bucket}/{key}", Path(folder) / rel)
+                count += 1
+        return count
+
     def upload_tree(self, folder: str | os.PathLike, uri: str, last: tuple[str, ...] = ()) -> int:
         """Upload every file below ``folder`` under the prefix ``uri``; the files named in
         ``last`` (relative paths, e.g. the manifest) go up after all the others, so a
@@ -330,3 +371,76 @@ def put_bytes(uri: str, data: bytes) -> None:
 
 def get_bytes(uri: str) -> bytes:
     return default_store().get_bytes(uri)
+
+
+# ----------------------------------------------------------------------------- locations
+# A location is a local path or an s3:// URI; these are the operations the model registry,
+# checkpoints and artifacts share, retried on S3 as above.
+
+
+def join(root: str | os.PathLike, *parts: str) -> str:
+    """``root/part/...`` for a local folder or an ``s3://`` prefix."""
+    return "/".join([str(root).rstrip("/")] + [p.strip("/") for p in parts if p])
+
+
+def exists(location: str | os.PathLike) -> bool:
+    if is_s3(location):
+        return default_store().exists(str(location))
+    return Path(location).is_file()
+
+
+def read_bytes_or_none(location: str | os.PathLike) -> bytes | None:
+    """The bytes of a file or object, or None when it does not exist."""
+    if is_s3(location):
+        return default_store().get_bytes_or_none(str(location))
+    path = Path(location)
+    return path.read_bytes() if path.is_file() else None
+
+
+def children(location: str | os.PathLike) -> list[str]:
+    """Names directly below a folder or prefix, sorted ([] when there is none)."""
+    if is_s3(location):
+        return default_store().children(str(location))
+    path = Path(location)
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+def reserve(location: str | os.PathLike) -> bool:
+    """Claim a new folder/prefix: False when it exists already (another writer has it).
+    Locally an exclusive ``mkdir``; S3 has no exclusive create, so a marker object claims
+    an empty prefix (best effort)."""
+    if is_s3(location):
+        if children(location):
+            return False
+        put_bytes(join(location, ".reserved"), b"")
+        return True
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(location)
+    except FileExistsError:
+        return False
+    return True
+
+
+def copy_tree(folder: str | os.PathLike, location: str | os.PathLike) -> None:
+    """Copy every file below a local ``folder`` to ``location`` (a folder or a prefix)."""
+    if is_s3(location):
+        default_store().upload_tree(folder, str(location))
+        return
+    import shutil
+
+    shutil.copytree(folder, location, dirs_exist_ok=True)
+
+
+def local_tree(location: str | os.PathLike, scratch: str | os.PathLike | None = None) -> Path:
+    """A local folder with the files of ``location``: the folder itself, or a download of
+    the prefix into ``scratch`` (a new temporary folder when not given)."""
+    if not is_s3(location):
+        path = Path(location)
+        if not path.is_dir():
+            raise StorageError(f"{path} is not a folder")
+        return path
+    dest = Path(scratch or tempfile.mkdtemp(prefix="triview-"))
+    if default_store().download_tree(str(location), dest) == 0:
+        raise StorageError(f"{location} holds no files")
+    return dest

@@ -27,6 +27,14 @@ def latency_ms(module: nn.Module, inputs: tuple[torch.Tensor, ...], runs: int = 
     return 1000.0 * statistics.median(times)
 
 
+def _weights_text(pretrained: dict | None) -> str:
+    """Where a branch's starting weights came from, in one cell."""
+    if not pretrained or not pretrained.get("sha256"):
+        return "none (random initialisation)"
+    return (f"{pretrained.get('source')}: {pretrained.get('file')} "
+            f"(sha256 {pretrained['sha256'][:16]})")
+
+
 def ensemble_timing(branches: dict[str, nn.Module], ensemble: nn.Module, metas: dict[str, dict],
                     histories: dict[str, pd.DataFrame], image_size: int, device: str,
                     batch: int = 64) -> dict:
@@ -47,6 +55,7 @@ def ensemble_timing(branches: dict[str, nn.Module], ensemble: nn.Module, metas: 
             "seconds_per_epoch": float(np.mean(h["seconds"])) if h is not None and "seconds" in h else None,
             "train_images_per_s": (float(np.mean(h["images_per_s"]))
                                    if h is not None and "images_per_s" in h else None),
+            "pretrained_weights": _weights_text(metas[view].get("pretrained")),
         }
     n_views = len(branches)
     # Batch 1 on one thread: at this size a parallel region costs more than it saves,

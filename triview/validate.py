@@ -20,13 +20,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from triview import storage
+from triview.params import PARAMS
 
 #: Folder of the stored images inside the ingest output.
 IMAGES_DIR = "images"
 
 # Never decode more than this many pixels (decompression-bomb guard). PIL's own guard
 # (an error above 2 x Image.MAX_IMAGE_PIXELS) stays in place behind it.
-MAX_PIXELS = 100_000_000
+MAX_PIXELS = PARAMS["max_pixels"].default
 
 #: Formats (as PIL names them after sniffing the content) that ingest decodes.
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "DIB"}
@@ -235,7 +236,12 @@ class _Reader:
         if kind == "s3":
             if self.store is None:
                 self.store = storage.S3Store(self.config.s3)
-            return self.store.get_bytes(locator[1])
+            try:
+                return self.store.get_bytes(locator[1])
+            except storage.StorageError as exc:   # a table row naming no object
+                if getattr(exc.__cause__, "code", None) in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    raise FileNotFoundError(f"no object {locator[1]}") from exc
+                raise
         raise ValueError(f"unknown locator {locator!r}")
 
     def store_file(self, target: Path, write) -> None:

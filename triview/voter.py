@@ -1,50 +1,51 @@
 """The voter: combines the three views' probabilities into one prediction.
 
-Candidates are scored on the validation split, which no branch trained on:
-mean of probabilities, their normalised geometric mean (a product of experts: per
-label, the mean logit), each single view, majority vote (the sum of the views'
-one-hot label vectors, ties broken by the mean probability; multi-label: per label,
-the share of views that say yes), a weighted mean (view weights fitted by log-loss),
-and learned voters on the concatenated log-probabilities: multinomial logistic
-regression (multi-class) and a small MLP (one hidden ReLU layer; softmax, or sigmoid
-per label).
+Every method is one class in :data:`VOTERS`, registered by name, with what it is:
+how it is fitted (nothing, for the fixed rules), how it combines probabilities in numpy
+(:meth:`VoterMethod.apply`), its torch module for the exported ensemble
+(:meth:`VoterMethod.module`), and its rank among candidates tied on validation.
+
+The candidates: mean of probabilities, their normalised geometric mean (a product of
+experts: per label, the mean logit), majority vote (the sum of the views' one-hot label
+vectors, ties broken by the mean probability; multi-label: per label, the share of views
+that say yes), each single view, a weighted mean (view weights fitted by log-loss), and
+learned voters on the concatenated log-probabilities: multinomial logistic regression
+(multi-class) and a small MLP (one hidden ReLU layer; softmax, or sigmoid per label).
 
 Fitted candidates are never judged on data they were fitted to. Without out-of-fold
 inputs they are scored by cross-validated predictions on the validation split; with
 ``oof`` (the branches' out-of-fold probabilities of the training images, from
-``voter_folds > 1``) they are fitted on those and scored on the whole validation
-split, and the chosen one is refitted on both. The best by validation macro-F1 is
-kept, with Breiman's one-standard-error rule: of the candidates within one standard
-error of it, the simplest (unfitted combinations before fitted voters, single views
-last; see :func:`choose`). Multi-label voters carry per-label decision
-thresholds tuned on validation.
+``voter_folds > 1``) they are fitted on those and scored on the whole validation split,
+and the chosen one is refitted on both. The best by validation macro-F1 is kept, with
+Breiman's one-standard-error rule (:func:`choose`). Multi-label voters carry per-label
+decision thresholds tuned on validation.
+
+``voter.json`` holds ``{"method", "params", "views", "task", "name", ...}``.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score, log_loss
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neural_network import MLPClassifier
 
-from triview.storage import atomic_write_text
+from triview import artifacts
+from triview.scoring import selection_scores, task_of, tune_thresholds
 
-VOTER_FILE = "voter.json"
-CANDIDATES_FILE = "candidates.csv"
 EPS = 1e-6
 VOTE_TIE_BREAK = 1e-3  # mean probability's share in the majority vote: breaks ties only
-FIXED_RULES = ("mean", "geomean", "vote")  # combinations with nothing fitted
-PREFERENCE = ("geomean", "mean", "vote", "weighted", "logistic", "mlp")  # then single views
+
+Probs = list[np.ndarray]            # one (N, C) array per view, in the voter's view order
+HeldOut = tuple[Probs, np.ndarray] | None
 
 
-def stack_features(probs: list[np.ndarray]) -> np.ndarray:
-    """Features of the learned voter: concatenated log-probabilities of the views."""
+def stack_features(probs: Probs) -> np.ndarray:
+    """Features of the learned voters: concatenated log-probabilities of the views."""
     return np.concatenate([np.log(p + EPS) for p in probs], axis=1)
 
 
@@ -62,113 +63,234 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p + EPS) - np.log1p(EPS - p)
 
 
-def apply_voter(voter: dict, probs: dict[str, np.ndarray]) -> np.ndarray:
-    """Ensemble probabilities (N, C) from per-view probabilities, as the voter says."""
-    method, views = voter["method"], voter["views"]
-    multilabel = voter.get("task") == "multilabel"
-    if method == "mean":
-        return np.mean([probs[v] for v in views], axis=0)
-    if method == "geomean":  # normalised geometric mean: a product of experts
-        logs = np.mean([_logit(probs[v]) if multilabel else np.log(probs[v] + EPS) for v in views], 0)
-        return _sigmoid(logs) if multilabel else _softmax(logs)
-    if method == "weighted":
-        return np.tensordot(np.asarray(voter["weights"]), np.stack([probs[v] for v in views]), 1)
-    if method == "mlp":
-        hidden = np.maximum(stack_features([probs[v] for v in views]) @ np.asarray(voter["w1"])
-                            + np.asarray(voter["b1"]), 0.0)
-        logits = hidden @ np.asarray(voter["w2"]) + np.asarray(voter["b2"])
-        return _sigmoid(logits) if multilabel else _softmax(logits)
-    if method == "vote" and multilabel:  # per label: the share of views above 0.5
-        stacked = np.stack([probs[v] for v in views])
-        return (1 - VOTE_TIE_BREAK) * (stacked >= 0.5).mean(0) + VOTE_TIE_BREAK * stacked.mean(0)
-    if method == "vote":
-        stacked = np.stack([probs[v] for v in views])
-        n_classes = stacked.shape[-1]
-        votes = np.eye(n_classes)[stacked.argmax(-1)].sum(0)  # sum of one-hot label vectors
+class VoterMethod:
+    """One way of combining the views. Subclasses set ``name`` and ``rank`` and implement
+    :meth:`apply` and :meth:`module`; fitted ones also :meth:`fit`."""
+    name = ""
+    rank = 99                 # lower wins among candidates tied on validation
+    fitted = False
+    multilabel = True         # also combines per-label (sigmoid) probabilities
+
+    def fit(self, probs: Probs, y: np.ndarray, n_classes: int, seed: int,
+            held_out: HeldOut = None) -> tuple[dict, np.ndarray] | None:
+        """Fitted parameters and the probabilities the candidate is scored with: its
+        predictions on ``held_out`` when given, else cross-validated ones on ``probs``.
+        None when the data are too few to fit it. Fixed rules fit nothing."""
+        params: dict = {}
+        return params, self.apply(params, held_out[0] if held_out else probs,
+                                  task_of(y))
+
+    def apply(self, params: dict, probs: Probs, task: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def module(self, params: dict, n_views: int, n_classes: int, task: str):
+        """The same combination as a torch ``nn.Module`` (``forward(list of (N, C)
+        probabilities) -> (N, C)``), for the exported ensemble."""
+        raise NotImplementedError
+
+
+VOTERS: dict[str, VoterMethod] = {}
+
+
+def register(cls: type[VoterMethod]) -> type[VoterMethod]:
+    VOTERS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> VoterMethod:
+    if name not in VOTERS:
+        raise ValueError(f"unknown voter method {name!r}; known: {sorted(VOTERS)}")
+    return VOTERS[name]
+
+
+@register
+class GeometricMean(VoterMethod):
+    """Normalised geometric mean: a product of experts, where one confident view can veto
+    a class (multi-label: the mean logit per label)."""
+    name, rank = "geomean", 0
+
+    def apply(self, params, probs, task):
+        if task == "multilabel":
+            return _sigmoid(np.mean([_logit(p) for p in probs], 0))
+        return _softmax(np.mean([np.log(p + EPS) for p in probs], 0))
+
+    def module(self, params, n_views, n_classes, task):
+        from triview import voter_modules
+
+        return voter_modules.GeometricMean(task == "multilabel", EPS)
+
+
+@register
+class Mean(VoterMethod):
+    name, rank = "mean", 1
+
+    def apply(self, params, probs, task):
+        return np.mean(probs, axis=0)
+
+    def module(self, params, n_views, n_classes, task):
+        from triview import voter_modules
+
+        return voter_modules.WeightedMean([1.0 / n_views] * n_views)
+
+
+@register
+class MajorityVote(VoterMethod):
+    """Sum of the views' one-hot label vectors, ties broken by the mean probability
+    (multi-label: per label, the share of views at or above 0.5)."""
+    name, rank = "vote", 2
+
+    def apply(self, params, probs, task):
+        stacked = np.stack(probs)
+        if task == "multilabel":
+            return (1 - VOTE_TIE_BREAK) * (stacked >= 0.5).mean(0) + VOTE_TIE_BREAK * stacked.mean(0)
+        votes = np.eye(stacked.shape[-1])[stacked.argmax(-1)].sum(0)
         score = votes + VOTE_TIE_BREAK * stacked.mean(0)
         return score / score.sum(axis=1, keepdims=True)
-    if method == "single":
-        return probs[voter["view"]]
-    if method == "logistic":
-        logits = stack_features([probs[v] for v in views]) @ np.asarray(voter["coef"]).T
-        logits = logits + np.asarray(voter["intercept"])
-        logits -= logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
-        return e / e.sum(axis=1, keepdims=True)
-    raise ValueError(f"unknown voter method {method!r}")
+
+    def module(self, params, n_views, n_classes, task):
+        from triview import voter_modules
+
+        return voter_modules.MajorityVote(n_classes, task == "multilabel", VOTE_TIE_BREAK)
 
 
-def _scores(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    """Validation accuracy and macro-F1 (multi-label: at thresholds tuned on these data,
-    the way the chosen voter will be used)."""
-    from triview.evaluate import predicted, task_of, tune_thresholds
+@register
+class Weighted(VoterMethod):
+    """Weighted mean of the views' probabilities, weights on the simplex fitted by
+    log-loss (multi-label: binary cross-entropy over every label)."""
+    name, rank, fitted = "weighted", 3, True
 
-    task = task_of(y)
-    pred = predicted(prob, task, tune_thresholds(y, prob) if task == "multilabel" else None)
-    if task == "multilabel":  # mean binary cross-entropy over every (image, label)
-        loss = log_loss(y.ravel(), prob.ravel(), labels=[0, 1])
-    else:  # the vote's scores and float32 averages: rows renormalised to sum to one
-        loss = log_loss(y, prob / prob.sum(1, keepdims=True), labels=np.arange(prob.shape[1]))
-    return {"val_accuracy": float(accuracy_score(y, pred)),
-            "val_macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
-            "val_log_loss": float(loss)}
-
-
-def _mlp_model(seed: int, hidden: int) -> MLPClassifier:
-    return MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-2, max_iter=800,
-                         learning_rate_init=3e-3, random_state=seed)
-
-
-def _mlp_voter(model: MLPClassifier, views: list[str], n_classes: int, task: str) -> dict:
-    """The fitted MLP as plain weights; classes absent from its training data get a
-    very low logit (multi-class) so that they are never predicted."""
-    w1, w2 = model.coefs_
-    b1, b2 = model.intercepts_
-    if task == "multiclass":
-        full_w2 = np.zeros((w2.shape[0], n_classes))
-        full_b2 = np.full(n_classes, -1e4)
-        full_w2[:, model.classes_] = w2
-        full_b2[model.classes_] = b2
-        w2, b2 = full_w2, full_b2
-    return {"method": "mlp", "views": views, "task": task, "hidden": int(w1.shape[1]),
-            "w1": w1.tolist(), "b1": b1.tolist(), "w2": w2.tolist(), "b2": b2.tolist()}
-
-
-def fit_mlp_voter(probs: dict[str, np.ndarray], y: np.ndarray, n_classes: int, seed: int = 0,
-                  hidden: int = 32, held_out: tuple[dict[str, np.ndarray], np.ndarray] | None = None
-                  ) -> tuple[dict, np.ndarray] | None:
-    """A small MLP on the views' log-probabilities (the old "vote model").
-
-    Returns the voter and the probabilities it is scored with: cross-validated on
-    ``(probs, y)``, or, given ``held_out`` data, its predictions there. None when
-    there are too few examples per class for cross-validation (multi-class needs
-    at least 3 classes with 2 images each).
-    """
-    from triview.evaluate import task_of
-
-    task = task_of(y)
-    views = list(probs)
-    X = stack_features([probs[v] for v in views])
-    if task == "multiclass":
-        present = np.unique(y)
-        if len(present) < 3 or np.bincount(y, minlength=n_classes)[present].min() < 2:
-            return None
-    with _quiet_convergence():
+    def fit(self, probs, y, n_classes, seed, held_out=None):
+        params = {"weights": _fit_weights(probs, y).tolist()}
         if held_out is not None:
-            model = _mlp_model(seed, hidden).fit(X, y)
-            voter = _mlp_voter(model, views, n_classes, task)
-            return voter, apply_voter(voter, held_out[0])
-        folds = (min(5, int(np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
-                 if task == "multiclass" else min(5, len(y)))
-        splitter = (StratifiedKFold(folds, shuffle=True, random_state=seed) if task == "multiclass"
-                    else KFold(folds, shuffle=True, random_state=seed))
-        oof = np.zeros((len(y), n_classes))
-        for train_idx, test_idx in splitter.split(X, y if task == "multiclass" else None):
-            fold = _mlp_voter(_mlp_model(seed, hidden).fit(X[train_idx], y[train_idx]),
-                              views, n_classes, task)
-            oof[test_idx] = apply_voter(fold, {v: probs[v][test_idx] for v in views})
-        model = _mlp_model(seed, hidden).fit(X, y)
-    return _mlp_voter(model, views, n_classes, task), oof
+            return params, self.apply(params, held_out[0], task_of(y))
+        folds = min(5, len(y) // 2)
+        if folds < 2:
+            return params, self.apply(params, probs, task_of(y))
+        oof = np.zeros(probs[0].shape)
+        for train_idx, test_idx in KFold(folds, shuffle=True, random_state=seed).split(y):
+            w = _fit_weights([p[train_idx] for p in probs], y[train_idx])
+            oof[test_idx] = np.tensordot(w, np.stack([p[test_idx] for p in probs]), 1)
+        return params, oof
+
+    def apply(self, params, probs, task):
+        return np.tensordot(np.asarray(params["weights"]), np.stack(probs), 1)
+
+    def module(self, params, n_views, n_classes, task):
+        from triview import voter_modules
+
+        return voter_modules.WeightedMean(params["weights"])
+
+
+@register
+class Logistic(VoterMethod):
+    """Multinomial logistic regression on the views' log-probabilities (multi-class)."""
+    name, rank, fitted, multilabel = "logistic", 4, True, False
+    C = 1.0
+
+    def fit(self, probs, y, n_classes, seed, held_out=None):
+        X = stack_features(probs)
+        present = np.unique(y)
+        folds = min(5, int(np.bincount(y, minlength=n_classes)[present].min()))
+        if folds < 2 and held_out is None:
+            return None
+        model = LogisticRegression(C=self.C, max_iter=2000)
+        oof = None
+        if held_out is None:
+            cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+            oof = np.zeros((len(y), n_classes))
+            oof[:, present] = cross_val_predict(model, X, y, cv=cv, method="predict_proba")
+        model.fit(X, y)
+        coef = np.zeros((n_classes, X.shape[1]))
+        intercept = np.full(n_classes, -1e4)  # classes never seen in fitting are never predicted
+        binary = len(model.classes_) == 2
+        coef[model.classes_] = np.vstack([-model.coef_, model.coef_]) / 2 if binary else model.coef_
+        intercept[model.classes_] = (np.concatenate([-model.intercept_, model.intercept_]) / 2
+                                     if binary else model.intercept_)
+        params = {"C": self.C, "coef": coef.tolist(), "intercept": intercept.tolist(),
+                  "cv_folds": folds}
+        return params, (self.apply(params, held_out[0], "multiclass") if held_out else oof)
+
+    def apply(self, params, probs, task):
+        logits = stack_features(probs) @ np.asarray(params["coef"]).T + np.asarray(params["intercept"])
+        return _softmax(logits)
+
+    def module(self, params, n_views, n_classes, task):
+        from triview import voter_modules
+
+        return voter_modules.LogisticHead(params["coef"], params["intercept"], EPS)
+
+
+@register
+class Mlp(VoterMethod):
+    """One hidden ReLU layer on the views' log-probabilities (scikit-learn's
+    MLPClassifier; softmax, or sigmoid per label)."""
+    name, rank, fitted = "mlp", 5, True
+    hidden = 32
+
+    def _model(self, seed: int) -> MLPClassifier:
+        return MLPClassifier(hidden_layer_sizes=(self.hidden,), alpha=1e-2, max_iter=800,
+                             learning_rate_init=3e-3, random_state=seed)
+
+    def _params(self, model: MLPClassifier, n_classes: int, task: str) -> dict:
+        """Plain weights; classes absent from the fitting data get a very low logit
+        (multi-class) so that they are never predicted."""
+        w1, w2 = model.coefs_
+        b1, b2 = model.intercepts_
+        if task == "multiclass":
+            full_w2 = np.zeros((w2.shape[0], n_classes))
+            full_b2 = np.full(n_classes, -1e4)
+            full_w2[:, model.classes_] = w2
+            full_b2[model.classes_] = b2
+            w2, b2 = full_w2, full_b2
+        return {"hidden": int(w1.shape[1]), "w1": w1.tolist(), "b1": b1.tolist(),
+                "w2": w2.tolist(), "b2": b2.tolist()}
+
+    def fit(self, probs, y, n_classes, seed, held_out=None):
+        task = task_of(y)
+        X = stack_features(probs)
+        if task == "multiclass":
+            present = np.unique(y)
+            if len(present) < 3 or np.bincount(y, minlength=n_classes)[present].min() < 2:
+                return None
+        with _quiet_convergence():
+            if held_out is not None:
+                params = self._params(self._model(seed).fit(X, y), n_classes, task)
+                return params, self.apply(params, held_out[0], task)
+            folds = (min(5, int(np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
+                     if task == "multiclass" else min(5, len(y)))
+            splitter = (StratifiedKFold(folds, shuffle=True, random_state=seed)
+                        if task == "multiclass" else KFold(folds, shuffle=True, random_state=seed))
+            oof = np.zeros((len(y), n_classes))
+            for train_idx, test_idx in splitter.split(X, y if task == "multiclass" else None):
+                fold = self._params(self._model(seed).fit(X[train_idx], y[train_idx]), n_classes, task)
+                oof[test_idx] = self.apply(fold, [p[test_idx] for p in probs], task)
+            params = self._params(self._model(seed).fit(X, y), n_classes, task)
+        return params, oof
+
+    def apply(self, params, probs, task):
+        hidden = np.maximum(stack_features(probs) @ np.asarray(params["w1"]) + np.asarray(params["b1"]), 0)
+        logits = hidden @ np.asarray(params["w2"]) + np.asarray(params["b2"])
+        return _sigmoid(logits) if task == "multilabel" else _softmax(logits)
+
+    def module(self, params, n_views, n_classes, task):
+        from triview import voter_modules
+
+        return voter_modules.MlpHead(params["w1"], params["b1"], params["w2"], params["b2"],
+                                     task == "multilabel", EPS)
+
+
+@register
+class SingleView(VoterMethod):
+    """One view alone (``params["view"]``): the baseline every combination must beat."""
+    name, rank = "single", 6
+
+    def apply(self, params, probs, task):
+        return probs[params["index"]]
+
+    def module(self, params, n_views, n_classes, task):
+        from triview import voter_modules
+
+        return voter_modules.Pick(params["index"])
 
 
 @contextlib.contextmanager
@@ -181,60 +303,23 @@ def _quiet_convergence():
         yield
 
 
-def fit_logistic_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: int,
-                       seed: int = 0, C: float = 1.0,
-                       held_out: tuple[dict[str, np.ndarray], np.ndarray] | None = None
-                       ) -> tuple[dict, np.ndarray] | None:
-    """Multinomial logistic regression on the views' log-probabilities (multi-class).
-
-    Returns the voter and the probabilities it is scored with (out-of-fold on the
-    data it is fitted to, or its predictions on ``held_out``), or None when some
-    class has fewer than 2 images for cross-validation.
-    """
-    views = list(val_probs)
-    X = stack_features([val_probs[v] for v in views])
-    present = np.unique(y_val)
-    folds = min(5, int(np.bincount(y_val, minlength=n_classes)[present].min()))
-    if folds < 2 and held_out is None:
-        return None
-    lr = LogisticRegression(C=C, max_iter=2000)
-    oof = None
-    if held_out is None:
-        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        oof = np.zeros((len(y_val), n_classes))
-        oof[:, present] = cross_val_predict(lr, X, y_val, cv=cv, method="predict_proba")
-    lr.fit(X, y_val)
-    coef = np.zeros((n_classes, X.shape[1]))
-    intercept = np.full(n_classes, -1e4)  # classes never seen in fitting are never predicted
-    coef[lr.classes_] = lr.coef_ if len(lr.classes_) > 2 else np.vstack([-lr.coef_, lr.coef_]) / 2
-    intercept[lr.classes_] = lr.intercept_ if len(lr.classes_) > 2 else \
-        np.concatenate([-lr.intercept_, lr.intercept_]) / 2
-    voter = {"method": "logistic", "views": views, "C": C, "coef": coef.tolist(),
-             "intercept": intercept.tolist(), "cv_folds": folds}
-    return voter, (apply_voter(voter, held_out[0]) if held_out is not None else oof)
-
-
-def _fit_weights(probs: list[np.ndarray], y: np.ndarray) -> np.ndarray:
+def _fit_weights(probs: Probs, y: np.ndarray) -> np.ndarray:
     """View weights on the simplex minimising the log-loss of the weighted mean
     (multi-label: the binary cross-entropy over every label)."""
     from scipy.optimize import minimize
 
     stacked = np.stack(probs)                      # (V, N, C)
     if y.ndim == 2:
-        def nll(p):
-            p = np.clip(p, EPS, 1 - EPS)
-            return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-
         def loss(theta: np.ndarray) -> float:
             w = np.exp(theta - theta.max())
-            return nll(np.tensordot(w / w.sum(), stacked, 1))
+            p = np.clip(np.tensordot(w / w.sum(), stacked, 1), EPS, 1 - EPS)
+            return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
     else:
         picked = stacked[:, np.arange(len(y)), y]  # (V, N): each view's probability of the truth
 
         def loss(theta: np.ndarray) -> float:
             w = np.exp(theta - theta.max())
-            w /= w.sum()
-            return float(-np.log(w @ picked + EPS).mean())
+            return float(-np.log((w / w.sum()) @ picked + EPS).mean())
 
     theta = minimize(loss, np.zeros(len(probs)), method="Nelder-Mead",
                      options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000}).x
@@ -242,37 +327,32 @@ def _fit_weights(probs: list[np.ndarray], y: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
-def fit_weighted_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: int,
-                       seed: int = 0, held_out: tuple[dict[str, np.ndarray], np.ndarray] | None = None
-                       ) -> tuple[dict, np.ndarray]:
-    """Weighted mean of the views' probabilities; returns the voter (weights fitted on
-    all of ``val_probs``) and the probabilities it is scored with (out-of-fold, or on
-    ``held_out``)."""
-    views = list(val_probs)
-    probs = [val_probs[v] for v in views]
-    weights = _fit_weights(probs, y_val)
-    voter = {"method": "weighted", "views": views, "weights": weights.tolist()}
-    if held_out is not None:
-        return voter, apply_voter(voter, held_out[0])
-    folds = min(5, len(y_val) // 2)
-    if folds < 2:
-        return voter, np.tensordot(weights, np.stack(probs), 1)
-    oof = np.zeros((len(y_val), n_classes))
-    for train_idx, test_idx in KFold(folds, shuffle=True, random_state=seed).split(y_val):
-        w = _fit_weights([p[train_idx] for p in probs], y_val[train_idx])
-        oof[test_idx] = np.tensordot(w, np.stack([p[test_idx] for p in probs]), 1)
-    return voter, oof
+# ----------------------------------------------------------------------------- voters
 
 
-def _concat(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {v: np.concatenate([a[v], b[v]]) for v in a}
+def apply_voter(voter: dict, probs: dict[str, np.ndarray]) -> np.ndarray:
+    """Ensemble probabilities (N, C) from per-view probabilities, as the voter says."""
+    voter = upgrade(voter)
+    method = get_method(voter["method"])
+    return method.apply(voter["params"], [probs[v] for v in voter["views"]],
+                        voter.get("task", "multiclass"))
+
+
+def upgrade(voter: dict) -> dict:
+    """A ``voter.json`` of triview 0.1 (method fields at the top level) in today's form."""
+    if "params" in voter:
+        return voter
+    method = voter["method"]
+    keep = {"method", "views", "task", "name", "val_macro_f1", "thresholds", "seed", "fitted_on"}
+    params = {k: v for k, v in voter.items() if k not in keep}
+    if method == "single":
+        params = {"view": voter["view"], "index": list(voter["views"]).index(voter["view"])}
+    return {**{k: v for k, v in voter.items() if k in keep}, "params": params}
 
 
 def preference(candidate: str) -> int:
-    """Order among candidates tied on validation: unfitted combinations first (the
-    geometric mean, where one confident view can veto a class, then the mean, then the
-    vote), then fitted voters by parameter count, single views last."""
-    return PREFERENCE.index(candidate) if candidate in PREFERENCE else len(PREFERENCE)
+    """Order among candidates tied on validation (``single:<view>`` ranks as ``single``)."""
+    return get_method(candidate.split(":")[0]).rank
 
 
 def choose(table: pd.DataFrame, n_val: int) -> str:
@@ -280,8 +360,8 @@ def choose(table: pd.DataFrame, n_val: int) -> str:
     validation images the macro-F1 order of close candidates is mostly noise, and its
     top is the candidate that happens to fit that noise best; so every candidate within
     one standard error of the best (binomial, of the best's validation accuracy, at
-    least one image) counts as tied, and the first of the tied in :func:`preference`
-    order is kept."""
+    least one image) counts as tied, and the lowest ``rank`` among the tied is kept:
+    unfitted combinations first, then fitted voters by parameter count, single views last."""
     best = table.sort_values("val_macro_f1", ascending=False).iloc[0]
     acc = float(best["val_accuracy"])
     se = max(np.sqrt(acc * (1 - acc) / n_val), 1.0 / n_val)
@@ -290,58 +370,51 @@ def choose(table: pd.DataFrame, n_val: int) -> str:
 
 
 def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: int,
-              seed: int = 0, C: float = 1.0,
-              oof: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
-              mlp_hidden: int = 32) -> tuple[dict, pd.DataFrame]:
-    """Fit and compare candidate voters; return the chosen voter and the candidates table.
+              seed: int = 0, oof: tuple[dict[str, np.ndarray], np.ndarray] | None = None
+              ) -> tuple[dict, pd.DataFrame]:
+    """Fit and compare every registered method; return the chosen voter and the
+    candidates table (validation accuracy, macro-F1 and log-loss of each).
 
     ``oof``: the views' out-of-fold probabilities of the training images and their
     labels; fitted candidates then learn from them and are scored on validation.
     """
-    from triview.evaluate import task_of, tune_thresholds
-
     task = task_of(y_val)
     views = list(val_probs)
-    rows: list[dict] = []
-    voters: dict[str, dict] = {}
-    scored: dict[str, np.ndarray] = {}  # what each candidate was scored on (validation)
-
-    def add(name: str, voter: dict, prob: np.ndarray, fitted_on: str) -> None:
-        voters[name] = {**voter, "task": task}
-        scored[name] = prob
-        rows.append({"candidate": name, "fitted_on": fitted_on,
-                     **_scores(y_val, prob)})
-
-    for name in FIXED_RULES:
-        voter = {"method": name, "views": views, "task": task}
-        add(name, voter, apply_voter(voter, val_probs), "-")
-    for v in views:
-        add(f"single:{v}", {"method": "single", "views": views, "view": v}, val_probs[v], "-")
-
+    val = [val_probs[v] for v in views]
     if oof is not None:  # fit on out-of-fold training predictions, score on validation
-        fit_probs, fit_y, held, how = oof[0], oof[1], (val_probs, y_val), "train out-of-fold"
+        fit_probs, fit_y, held = [oof[0][v] for v in views], oof[1], (val, y_val)
+        how = "train out-of-fold"
     else:                # cross-validate on validation
-        fit_probs, fit_y, held, how = val_probs, y_val, None, "validation (cross-validated)"
-    fitted = {"weighted": fit_weighted_voter(fit_probs, fit_y, n_classes, seed, held_out=held)}
-    if task == "multiclass":
-        fitted["logistic"] = fit_logistic_voter(fit_probs, fit_y, n_classes, seed, C, held_out=held)
-    fitted["mlp"] = fit_mlp_voter(fit_probs, fit_y, n_classes, seed, mlp_hidden, held_out=held)
-    for name, result in fitted.items():
-        if result is not None:
-            add(name, result[0], result[1], how)
+        fit_probs, fit_y, held, how = val, y_val, None, "validation (cross-validated)"
+
+    rows, params, scored = [], {}, {}
+    for method in VOTERS.values():
+        if task == "multilabel" and not method.multilabel:
+            continue
+        if method.name == "single":
+            candidates = [(f"single:{v}", {"view": v, "index": k}, val[k], "-")
+                          for k, v in enumerate(views)]
+        elif not method.fitted:
+            candidates = [(method.name, {}, method.apply({}, val, task), "-")]
+        else:
+            result = method.fit(fit_probs, fit_y, n_classes, seed, held_out=held)
+            candidates = [] if result is None else [(method.name, result[0], result[1], how)]
+        for name, p, prob, fitted_on in candidates:
+            params[name], scored[name] = p, prob
+            rows.append({"candidate": name, "fitted_on": fitted_on,
+                         **selection_scores(y_val, prob)})
 
     table = pd.DataFrame(rows)
     chosen = choose(table, len(y_val))
     table["chosen"] = table["candidate"] == chosen
-    voter = voters[chosen]
-    if oof is not None and chosen in fitted:  # refit the chosen one on everything it may see
-        both, both_y = _concat(oof[0], val_probs), np.concatenate([oof[1], y_val])
-        refit = {"weighted": lambda: fit_weighted_voter(both, both_y, n_classes, seed, held_out=held),
-                 "logistic": lambda: fit_logistic_voter(both, both_y, n_classes, seed, C, held_out=held),
-                 "mlp": lambda: fit_mlp_voter(both, both_y, n_classes, seed, mlp_hidden, held_out=held)}
-        voter = {**refit[chosen]()[0], "task": task, "fitted_on": "train out-of-fold + validation"}
-    voter = {**voter, "name": chosen,
-             "val_macro_f1": float(table.loc[table["chosen"], "val_macro_f1"].iloc[0])}
+    method = get_method(chosen.split(":")[0])
+    voter = {"method": method.name, "params": params[chosen], "views": views, "task": task,
+             "name": chosen, "val_macro_f1": float(table.loc[table["chosen"], "val_macro_f1"].iloc[0])}
+    if oof is not None and method.fitted:  # refit the chosen one on everything it may see
+        both = [np.concatenate([a, b]) for a, b in zip(fit_probs, val)]
+        voter["params"] = method.fit(both, np.concatenate([fit_y, y_val]), n_classes, seed,
+                                     held_out=held)[0]
+        voter["fitted_on"] = "train out-of-fold + validation"
     if task == "multilabel":
         voter["thresholds"] = tune_thresholds(y_val, scored[chosen]).tolist()
     return voter, table
@@ -349,16 +422,18 @@ def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: in
 
 def save_voter(voter: dict, table: pd.DataFrame, out_dir: str | Path) -> None:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / VOTER_FILE, json.dumps(voter, indent=2))
-    atomic_write_text(out / CANDIDATES_FILE, table.to_csv(index=False))
+    artifacts.write_voter(out, voter)
+    from triview.storage import atomic_write_text
+
+    atomic_write_text(out / artifacts.CANDIDATES_FILE, table.to_csv(index=False))
 
 
 def load_voter(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / VOTER_FILE).read_text())
+    return upgrade(artifacts.load_voter(folder))
 
 
-def aligned(preds: dict[str, dict[str, np.ndarray]], split: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def aligned(preds: dict[str, dict[str, np.ndarray]], split: str
+            ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Per-view probabilities of one split aligned on image id; returns (probs, labels, ids)."""
     views = list(preds)
     ref_ids = preds[views[0]][f"{split}_ids"]

@@ -9,11 +9,10 @@ def balance(
     views: Input[Dataset],
     balance: Output[Dataset],
     class_counts: Output[Markdown],
-    class_weighting: str = "inverse_frequency",
-    beta: float = 0.999,
-    resample: str = "none",
-    resample_target: float = 0.0,
-    seed: int = 0,
+    # params: balance (generated from triview/params.py by `python -m components.codegen`)
+    seed: int = 0, class_weighting: str = "inverse_frequency", beta: float = 0.999,
+    resample: str = "none", resample_target: float = 0.0,
+    # end params
 ):
     """Count images per class and split, and compute the training class weights.
 
@@ -21,21 +20,24 @@ def balance(
         views: Cropped views dataset.
         balance: Output folder: ``balance.json`` (class weights, counts) and ``class_counts.csv``.
         class_counts: The per-split class counts as a Markdown table for the UI.
-        class_weighting: ``inverse_frequency`` (N / (C n_c)), ``effective_number``
-            (Cui et al. 2019) or ``none``.
-        beta: The effective-number beta, in [0, 1).
-        resample: Training-split resampling: ``none``, ``oversample`` (repeat minority
-            images) or ``undersample`` (drop majority images). Val/test are never resampled.
-        resample_target: Target images per class: 0 = largest (oversample) or smallest
-            (undersample) class; in (0, 1] a share of the largest class; > 1 a count.
-        seed: Seed for which images are repeated or dropped.
+        seed: Seed of the split, the augmentation, resampling, initialisation, shuffling and the
+            voter's folds. (>= 0)
+        class_weighting: Class weights of the loss: inverse_frequency (N / (C n_c)),
+            effective_number (Cui et al. 2019) or none. (one of inverse_frequency,
+            effective_number, none)
+        beta: The effective-number beta. (in [0, 1))
+        resample: Training-split resampling: none, oversample (repeat minority images) or
+            undersample (drop majority images); val/test never. (one of none, oversample,
+            undersample)
+        resample_target: Target images per class: 0 = the largest (oversample) or smallest
+            (undersample) class; in (0, 1] a share of the largest class; > 1 a count. (>= 0)
     """
     import pandas as pd
 
+    from triview.params import pick
     from triview.stages import balance_stage
 
-    rec = balance_stage(views.path, balance.path, weighting=class_weighting, beta=beta,
-                        resample=resample, target=resample_target, seed=seed)
+    rec = balance_stage(views.path, balance.path, **pick("balance", locals()))
     balance.metadata.update({"imbalance_ratio": rec["imbalance_ratio"],
                              "class_weights": rec["class_weights"]})
     table = pd.read_csv(f"{balance.path}/class_counts.csv")

@@ -8,45 +8,41 @@ from components.images import CPU_IMAGE
 def calibrate_and_crop(
     dataset: Input[Dataset],
     views: Output[Dataset],
-    layout: str = "vertical",
-    overlap: float = 0.5,
-    image_size: int = 32,
-    window: float = 0.0,
-    resize: str = "stretch",
-    calibration_file: str = "",
-    calibration_images: str = "",
-    pattern: str = "9x6",
-    square: float = 1.0,
-    lens_alpha: float = -1.0,
-    crop_roi: bool = False,
+    # params: calibrate-and-crop (generated from triview/params.py by `python -m components.codegen`)
+    layout: str = "nested", overlap: float = 0.5, image_size: int = 224, window: float = 0.0,
+    resize: str = "stretch", calibration_file: str = "", calibration_images: str = "",
+    pattern: str = "9x6", square: float = 1.0, lens_alpha: float = -1.0, crop_roi: bool = False,
+    # end params
 ):
     """Undistort every image and cut three overlapping views.
 
     Args:
         dataset: Ingested dataset (manifest and images).
         views: Output folder: ``views.csv`` (one row per crop), the crops and ``geometry.json``.
-        layout: ``horizontal`` (left/center/right) or ``vertical`` (top/center/bottom).
-        overlap: Share of a window that adjacent windows have in common, in [0, 1).
-        image_size: Side in pixels every crop is resized to.
-        window: Share of the layout axis one view spans; 0 derives it from the overlap so
-            the three views exactly cover the image.
-        resize: ``stretch`` to image_size², or ``letterbox`` (keep aspect, black bars).
-        calibration_file: Intrinsics to apply: triview calibration JSON or OpenCV YAML/XML
-            (``camera_matrix``, ``distortion_coefficients``). Empty: identity lens.
-        calibration_images: Glob of chessboard photos to calibrate from (overrides
-            calibration_file); the result is saved as ``calibration.json`` in ``views``.
-        pattern: Chessboard inner corners, e.g. ``9x6``.
-        square: Chessboard square side (any unit).
-        lens_alpha: ``getOptimalNewCameraMatrix`` alpha in [0, 1]; negative keeps K.
-        crop_roi: Cut undistorted images to the valid region (with lens_alpha).
+        layout: Where the three views lie: vertical (top/center/bottom), horizontal
+            (left/center/right) or nested (whole/middle/inner: centred windows of 1,
+            (1+window)/2 and window of each axis). (one of vertical, horizontal, nested)
+        overlap: Share of a window that adjacent views have in common. (in [0, 1))
+        image_size: Side in pixels every crop is resized to. (in [8, 1024])
+        window: Share of the layout axis one view spans; 0 derives it from the overlap so that
+            the three views exactly cover the image. (in [0, 1])
+        resize: stretch each crop to image_size², or letterbox (keep the aspect ratio, black
+            bars). (one of stretch, letterbox)
+        calibration_file: Lens intrinsics to undistort with: a triview calibration JSON or an
+            OpenCV YAML/XML (camera_matrix, distortion_coefficients), local or s3://. Empty:
+            identity lens.
+        calibration_images: Glob of chessboard photos to calibrate from in the run (overrides
+            calibration_file); the result is saved as calibration.json.
+        pattern: Chessboard inner corners per row x column.
+        square: Chessboard square side, in any unit. (> 0)
+        lens_alpha: getOptimalNewCameraMatrix alpha in [0, 1] (0: only valid pixels, 1: all
+            source pixels); negative keeps K. (in [-1, 1])
+        crop_roi: Cut undistorted images to their valid region (with lens_alpha).
     """
+    from triview.params import pick
     from triview.stages import calibrate_and_crop_stage
 
-    rec = calibrate_and_crop_stage(dataset.path, views.path, layout=layout, overlap=overlap,
-                                   image_size=image_size, window=window, resize=resize,
-                                   calibration_file=calibration_file,
-                                   calibration_images=calibration_images, pattern=pattern,
-                                   square=square, lens_alpha=lens_alpha, crop_roi=crop_roi)
+    rec = calibrate_and_crop_stage(dataset.path, views.path, **pick("calibrate-and-crop", locals()))
     views.metadata.update({"views": rec["views"], "crops": rec["items_out"], "lens": rec["lens"]})
     if "calibration" in rec:
         views.metadata["calibration_rms"] = rec["calibration"]["rms"]

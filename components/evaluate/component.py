@@ -16,11 +16,11 @@ def evaluate(
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
     blessing: Output[Artifact],
-    registry: str = "",
-    model_name: str = "triview",
-    gate_min_macro_f1: float = 0.0,
-    gate_min_delta: float = -0.01,
     repeat: bool = False,
+    # params: evaluate (generated from triview/params.py by `python -m components.codegen`)
+    registry: str = "", model_name: str = "triview", gate_min_macro_f1: float = 0.0,
+    gate_min_delta: float = -0.01,
+    # end params
 ):
     """Score every view and the ensemble on the test split and gate the ensemble
     against the registry's champion (champion/challenger, TFX-blessing style).
@@ -40,25 +40,26 @@ def evaluate(
             voter candidates, misclassified images, Grad-CAM per view, timing).
         blessing: The gate's verdict (JSON): blessed or not, with its reasons; export
             promotes only a blessed model.
-        registry: Model registry location (a folder or ``s3://bucket/prefix``); empty: no
-            registry, so no champion and nothing to compare with.
-        model_name: Model name in the registry (``models/<model_name>/...``).
-        gate_min_macro_f1: Absolute bar: the ensemble's test macro-F1 must reach it.
-        gate_min_delta: Least allowed change of macro-F1 against the champion on the same
-            test images: negative tolerates that much regression, positive demands that
-            much improvement.
         repeat: This task scores a repeat of the run with another seed (``repeats > 1``):
             its record is ``evaluate-seed-<seed>`` and it is never gated (no registry).
+        registry: Model registry: a folder or s3://bucket/prefix. Empty: no registry, no
+            champion, nothing promoted.
+        model_name: Model name in the registry (models/<model_name>/...).
+        gate_min_macro_f1: Absolute bar: the ensemble's test macro-F1 must reach it to be
+            blessed. (in [0, 1])
+        gate_min_delta: Least change of macro-F1 against the champion on the same test images:
+            negative tolerates that much regression, positive demands that much gain. (in [-1,
+            1])
     """
     import json
     import shutil
 
+    from triview.params import pick
     from triview.stages import evaluate_stage
 
     dirs = [branch_1.path, branch_2.path, branch_3.path]
-    evaluate_stage(dirs, voter.path, evaluation.path, views_dir=views.path, registry=registry,
-                   model_name=model_name, gate_min_macro_f1=gate_min_macro_f1,
-                   gate_min_delta=gate_min_delta, repeat=repeat)
+    evaluate_stage(dirs, voter.path, evaluation.path, views_dir=views.path, repeat=repeat,
+                   **pick("evaluate", locals()))
     with open(f"{evaluation.path}/eval.json") as fh:
         result = json.load(fh)
     with open(f"{evaluation.path}/blessing.json") as fh:

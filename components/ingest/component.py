@@ -8,13 +8,11 @@ from components.images import CPU_IMAGE
 def ingest(
     data: str,
     dataset: Output[Dataset],
-    seed: int = 0,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    min_size: int = 8,
-    label_remap: str = "",
-    label_drop: str = "",
-    min_per_class: int = 0,
+    # params: ingest (generated from triview/params.py by `python -m components.codegen`)
+    seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15, min_size: int = 8,
+    max_pixels: int = 100000000, label_remap: str = "", label_drop: str = "",
+    min_per_class: int = 0, allowed_roots: str = "", near_duplicate_distance: int = 3,
+    # end params
 ):
     """Decode every input image, quarantine bad files, drop duplicates, split.
 
@@ -23,22 +21,28 @@ def ingest(
             CSV/Parquet table (multi-label) or ``s3://bucket/prefix``.
         dataset: Output folder: ``manifest.csv``, ``quarantine.csv``, ``classes.json``,
             ``dataset.json`` (``dataset_version``), statistics and the normalised RGB images.
-        seed: Seed of the stratified, source-grouped train/val/test split.
-        val_fraction: Share of source images in the validation split.
-        test_fraction: Share of source images in the test split.
-        min_size: Images whose shorter side is below this many pixels are quarantined.
-        label_remap: Rename/merge labels, comma-separated ``old->new`` pairs.
+        seed: Seed of the split, the augmentation, resampling, initialisation, shuffling and the
+            voter's folds. (>= 0)
+        val_fraction: Share of source images in the validation split, when the input gives none.
+            (in [0, 1))
+        test_fraction: Share of source images in the test split, when the input gives none. (in
+            [0, 1))
+        min_size: Images whose shorter side is below this many pixels are quarantined. (>= 1)
+        max_pixels: Images with more pixels are quarantined as decompression bombs. (>= 1)
+        label_remap: Rename or merge labels: comma-separated old->new pairs.
         label_drop: Labels whose images are quarantined, comma-separated.
-        min_per_class: Classes with fewer images are quarantined (0: keep all).
+        min_per_class: Classes with fewer images are quarantined (0: keep all). (>= 0)
+        allowed_roots: Comma-separated further folders or s3://bucket/prefix that table paths
+            (CSV/Parquet, data.yaml) may read; by default only the data root itself (the table's
+            folder, the ZIP, the s3 prefix). Any other path is quarantined as outside_root and
+            never opened, stat-ed or listed.
+        near_duplicate_distance: Report image pairs within this dHash Hamming distance as near
+            duplicates (-1: off). (in [-1, 3])
     """
-    from triview.ingest import parse_remap
+    from triview.params import pick
     from triview.stages import ingest_stage
 
-    rec = ingest_stage(data, dataset.path, seed=seed, val_fraction=val_fraction,
-                       test_fraction=test_fraction, min_size=min_size,
-                       remap=parse_remap([label_remap]),
-                       drop=tuple(d.strip() for d in label_drop.split(",") if d.strip()),
-                       min_per_class=min_per_class)
+    rec = ingest_stage(data, dataset.path, **pick("ingest", locals()))
     dataset.metadata.update({k: rec["counts"][k] for k in ("train", "val", "test", "quarantined")})
     dataset.metadata["classes"] = rec["classes"]
     dataset.metadata["dataset_version"] = rec["dataset_version"]

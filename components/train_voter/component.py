@@ -11,8 +11,10 @@ def train_voter(
     branch_3: Input[Model],
     voter: Output[Model],
     candidates: Output[Markdown],
-    seed: int = 0,
     repeat: bool = False,
+    # params: train-voter (generated from triview/params.py by `python -m components.codegen`)
+    seed: int = 0,
+    # end params
 ):
     """Fit the voter on the branches' validation probabilities (or, when the branches
     ran with ``voter_folds > 1``, on their out-of-fold training probabilities, scored
@@ -24,15 +26,17 @@ def train_voter(
         branch_3: Third view's trained branch.
         voter: Output folder: ``voter.json`` (the chosen voter) and ``candidates.csv``.
         candidates: Validation scores of every candidate voter, as Markdown.
-        seed: Seed of the cross-validation folds (the run's seed).
         repeat: This task is a repeat of the run with another seed (``repeats > 1``).
+        seed: Seed of the split, the augmentation, resampling, initialisation, shuffling and the
+            voter's folds. (>= 0)
     """
     import pandas as pd
 
+    from triview.params import pick
     from triview.stages import train_voter_stage
 
     dirs = [branch_1.path, branch_2.path, branch_3.path]
-    rec = train_voter_stage(dirs, voter.path, seed=seed, repeat=repeat)
+    rec = train_voter_stage(dirs, voter.path, repeat=repeat, **pick("train-voter", locals()))
     voter.metadata.update({"method": rec["method"], "val_macro_f1": rec["val_macro_f1"],
                            "task": rec["task"], "inputs": rec["voter_inputs"]})
     with open(candidates.path, "w") as fh:

@@ -1,0 +1,1 @@
+from components.deploy.component import deploy  # noqa: F401

@@ -1,0 +1,122 @@
+"""The console of a local run: one line per task, a bar driven by the task's progress
+events, warnings, a log file per task, and one clear block when a task fails. The
+hook is exercised on kfp.local itself (a two-task pipeline) and through the CLI."""
+
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kfp import dsl, local
+
+from pipelines.console import RunConsole, TaskFailed, describe_stage, error_message
+from triview import progress
+
+
+@dsl.component(base_image="python:3.11")
+def chatty(n: int) -> int:
+    import warnings
+
+    from triview.progress import Reporter
+
+    print("first line of chatty")
+    events = Reporter("batch", n, desc="left", min_interval=0.0)
+    for _ in events.track(range(n)):
+        pass
+    events.note(loss=0.25, val_macro_f1=0.9)
+    warnings.warn("the cache is cold", RuntimeWarning)
+    return n
+
+
+@dsl.component(base_image="python:3.11")
+def broken(n: int):
+    raise ValueError(f"the reason is {n}")
+
+
+@dsl.pipeline(name="tiny")
+def tiny(n: int = 5):
+    broken(n=chatty(n=n).output)
+
+
+@pytest.fixture()
+def kfp_local(tmp_path):
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(tmp_path / "root"), raise_on_error=True)
+
+
+def test_one_line_per_task_a_bar_from_progress_events_and_a_clear_failure(kfp_local, tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    stdout, filters = sys.stdout, list(logging.getLogger().filters)
+    with pytest.raises(TaskFailed) as failed:
+        with RunConsole(tmp_path / "logs", out=out, err=err, bars=True):
+            tiny(n=5)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("triview run:") and str(tmp_path / "logs") in lines[0]
+    assert [line.split()[:2] for line in lines[1:]] == [
+        ["started", "chatty"], ["warning", "chatty:"], ["done", "chatty"],
+        ["started", "broken"], ["FAILED", "broken"]]
+    assert lines[2].endswith("RuntimeWarning: the cache is cold")
+    assert lines[-1].endswith("ValueError: the reason is 5")
+    # the bar followed the task's events: its count, unit, view and fields
+    assert "5/5 batch" in err.getvalue() and "chatty (left)" in err.getvalue()
+    assert "loss=0.25, val_macro_f1=0.9" in err.getvalue()
+    # the failure: which task, the error, its log (which holds the traceback)
+    exc = failed.value
+    assert (exc.task, exc.message) == ("broken", "ValueError: the reason is 5")
+    assert exc.log_path == tmp_path / "logs" / "broken.log"
+    assert "Traceback (most recent call last):" in exc.log_path.read_text()
+    report = exc.report().splitlines()
+    assert "'broken'" in report[1] and str(exc.log_path) in report[3]
+    chatty_log = (tmp_path / "logs" / "chatty.log").read_text()
+    assert "first line of chatty" in chatty_log and "executor_input" in chatty_log
+    assert progress.MARK not in chatty_log
+    # everything is put back
+    assert sys.stdout is stdout and logging.getLogger().filters == filters
+    assert progress.ENV not in os.environ
+
+
+def test_verbose_streams_everything_and_still_writes_the_logs(kfp_local, tmp_path):
+    out = io.StringIO()
+    with pytest.raises(TaskFailed):
+        with RunConsole(tmp_path / "logs", verbose=True, out=out):
+            tiny(n=2)
+    text = out.getvalue()
+    assert "Executing task 'chatty'" in text.replace("\x1b[96m", "").replace("\x1b[0m", "")
+    assert "first line of chatty" in text and "Traceback" in text
+    assert progress.MARK not in text   # no progress events without the console's bar
+    assert "first line of chatty" in (tmp_path / "logs" / "chatty.log").read_text()
+
+
+def test_a_failed_cli_run_ends_with_the_task_the_reason_and_the_log(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([str(Path(sys.executable).parent / "triview"), "run", "--data", str(empty),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    last = (proc.stdout + proc.stderr).splitlines()[-10:]
+    log = tmp_path / "out" / "logs" / "ingest.log"
+    assert any("FAILED in task 'ingest'" in line for line in last)
+    assert any(f"IngestError: no files in '{empty}'" in line for line in last)
+    assert any(str(log) in line for line in last) and log.is_file()
+    assert "Traceback" not in proc.stdout + proc.stderr and "Traceback" in log.read_text()
+
+
+def test_error_message_and_stage_lines():
+    tail = ["[KFP Executor INFO]: start", "Traceback (most recent call last):",
+            '  File "x.py", line 1, in <module>', "    raise ValueError('inner')",
+            "ValueError: inner", "", "During handling of the above exception, another occurred:",
+            "", "Traceback (most recent call last):", '  File "y.py", line 2, in f',
+            "triview.calibration.CalibrationError: the board was found in only 0 of 2 images",
+            "  a.png: board not found (100x100)", "  b.png: undecodable", ""]
+    assert error_message(tail) == ("CalibrationError: the board was found in only 0 of 2 images\n"
+                                   "  a.png: board not found (100x100)\n  b.png: undecodable")
+    assert error_message(["Killed"]).endswith("its last output: Killed")
+    assert describe_stage({"stage": "ingest", "counts": {"input": 10, "train": 6, "val": 2,
+                                                         "test": 2, "quarantined": 0}}) == \
+        "10 files: 6 train / 2 val / 2 test, 0 quarantined"
+    assert describe_stage({"stage": "train-branch-top-seed-1", "view": "top", "best_epoch": 3,
+                           "epochs_run": 4, "val_macro_f1": 0.91234}) == \
+        "seed 1: top: best epoch 3 of 4, val macro-F1 0.9123"

@@ -1,0 +1,133 @@
+"""The output contract of the model stages: what a branch, a voter, an evaluation and an
+export folder hold, named here and nowhere else, with the readers and writers of the
+small files (the image and view manifests are :mod:`triview.manifest`'s).
+
+A branch folder (train-branch)::
+
+    model.pt  model.json  predictions.npz  history.csv  history.png  checkpoints/
+
+``model.json`` names the view, classes, image size, task and training config;
+``predictions.npz`` holds ``{val,test}_{prob,ids,labels}`` (and ``thresholds`` for
+multi-label, ``oof_*`` with out-of-fold voter inputs). A voter folder: ``voter.json``
+(``{method, params, views, task, name, ...}``) and ``candidates.csv``. An evaluation
+folder: ``eval.json``, ``blessing.json``, ``report.md``, ``report.html``. An export
+folder: the ensemble as TorchScript and ONNX, ``weights.safetensors``, ``voter.json``,
+``model_card.json`` and ``model_card.md``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from triview.storage import atomic_path, atomic_write_text
+
+# branch
+MODEL_FILE = "model.pt"
+MODEL_META_FILE = "model.json"
+PREDICTIONS_FILE = "predictions.npz"
+HISTORY_FILE = "history.csv"
+HISTORY_PLOT = "history.png"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_LAST = "last.pt"
+CHECKPOINT_BEST = "best.pt"
+# voter
+VOTER_FILE = "voter.json"
+CANDIDATES_FILE = "candidates.csv"
+# evaluation
+EVAL_FILE = "eval.json"
+BLESSING_FILE = "blessing.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+# export
+ENSEMBLE_FILE = "ensemble.torchscript.pt"
+ONNX_FILE = "ensemble.onnx"
+INT8_FILE = "ensemble.int8.onnx"
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "model_card.json"
+CARD_MD = "model_card.md"
+
+Folder = str | Path
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable))
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def read_branch_meta(folder: Folder) -> dict:
+    return _read_json(Path(folder) / MODEL_META_FILE)
+
+
+def write_branch_meta(folder: Folder, meta: dict) -> None:
+    _write_json(Path(folder) / MODEL_META_FILE, meta)
+
+
+def branches_by_view(branch_dirs: list[Folder]) -> dict[str, Path]:
+    """Each trained branch folder by its view name (from its ``model.json``)."""
+    return {read_branch_meta(d)["view"]: Path(d) for d in branch_dirs}
+
+
+def load_predictions(folder: Folder) -> dict:
+    import numpy as np
+
+    with np.load(Path(folder) / PREDICTIONS_FILE) as data:
+        return {k: data[k] for k in data.files}
+
+
+def write_predictions(folder: Folder, arrays: dict) -> None:
+    import numpy as np
+
+    with atomic_path(Path(folder) / PREDICTIONS_FILE) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def load_voter(folder: Folder) -> dict:
+    return _read_json(Path(folder) / VOTER_FILE)
+
+
+def write_voter(folder: Folder, voter: dict) -> None:
+    _write_json(Path(folder) / VOTER_FILE, voter)
+
+
+def read_eval(folder: Folder) -> dict:
+    return _read_json(Path(folder) / EVAL_FILE)
+
+
+def write_eval(folder: Folder, result: dict) -> None:
+    _write_json(Path(folder) / EVAL_FILE, result)
+
+
+def read_blessing(location: Folder) -> dict | None:
+    """The gate's verdict from ``blessing.json`` or a folder holding it (None: no verdict)."""
+    path = Path(location)
+    path = path if path.is_file() else path / BLESSING_FILE
+    return _read_json(path) if path.is_file() else None
+
+
+def write_blessing(folder: Folder, blessing: dict) -> Path:
+    path = Path(folder) / BLESSING_FILE
+    _write_json(path, blessing)
+    return path
+
+
+def read_card(folder: Folder) -> dict:
+    return _read_json(Path(folder) / CARD_FILE)
+
+
+def write_card(folder: Folder, card: dict) -> None:
+    _write_json(Path(folder) / CARD_FILE, card)

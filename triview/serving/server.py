@@ -1,0 +1,76 @@
+"""``python -m triview.serving.server --model LOCATION``: the KServe ModelServer with the
+triview model, in the serving environment (``triview serve`` starts it).
+
+KServe provides the HTTP server (FastAPI on uvicorn), the v1 and v2 routes, health,
+readiness and metadata, and ``/metrics`` (Prometheus: request latency histograms per
+stage). Set here: the listen address (KServe 0.21 always binds 0.0.0.0), FastAPI's request
+body limit (413), uvloop as the event loop.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from triview import validate
+from triview.serving import SERVE_DESCRIPTION, add_serve_arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m triview.serving.server",
+                                     description=SERVE_DESCRIPTION)
+    add_serve_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load the model, then serve until SIGTERM/SIGINT."""
+    from triview.registry import resolve_model_spec
+
+    folder, registry_name = resolve_model_spec(args.model)
+    sys.argv = sys.argv[:1]  # kserve.model_server parses sys.argv when imported
+    import kserve
+    from kserve import model_server
+
+    from triview.serving.model import TriviewModel
+
+    class _ModelServer(kserve.ModelServer):
+        def setup_event_loop(self) -> None:
+            # start() has built the REST server but not bound it yet: set the address here
+            if self._rest_server is not None:
+                self._rest_server.config.host = args.host
+            asyncio.set_event_loop(asyncio.new_event_loop())  # uvloop's policy makes none itself
+            super().setup_event_loop()
+
+    model = TriviewModel(args.name or registry_name or "triview", str(folder), threads=args.threads,
+                         inference_workers=args.inference_workers, max_images=args.max_images,
+                         max_pixels=args.max_pixels or validate.MAX_PIXELS)
+    model.load()
+    if args.name is None and registry_name is None:
+        model.name = model.predictor.card.get("name") or "triview"
+    # FastAPI's own request body limit (Starlette's RequestBodyLimitMiddleware): 413 when
+    # Content-Length or the bytes received exceed it, before the body is buffered
+    model_server.app.max_body_size = args.max_body_bytes
+    server = _ModelServer(http_port=args.port, enable_grpc=False, workers=1,
+                          enable_latency_logging=False)
+    # KServe's timing middleware logs two lines per request; /metrics has the same times
+    # and uvicorn's access log still names every request
+    logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    try:  # KServe runs its servers in asyncio.run(); uvloop is what its "auto" loop means
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    server.start([model])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The training loop: one epoch, and :func:`fit`, which trains a fresh branch epoch by
+epoch (checkpointing and resuming, early stopping, DDP when a process group exists) and
+keeps the best epoch by validation macro-F1."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score
+from torch import nn
+
+from triview import distributed as ddp
+from triview import metrics
+from triview import progress
+from triview import weights as published_weights
+from triview.models import (BranchNet, count_parameters, create_backbone, load_pretrained,
+                            resolve_normalization, set_backbone_frozen)
+from triview.scoring import macro_f1, predicted
+from triview.train import checkpoint
+from triview.train.config import TrainConfig, resume_key
+from triview.train.data import ViewData, as_float, batches
+from triview.train.optim import amp_dtype, lr_factor, make_optimizer, training_device
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
+                  task: str = "multiclass") -> np.ndarray:
+    """Class probabilities (softmax), or per-label probabilities (sigmoid) for multi-label."""
+    model.eval()
+    device = next(model.parameters()).device
+    squash = torch.sigmoid if task == "multilabel" else (lambda z: torch.softmax(z, dim=1))
+    out = [squash(model(as_float(images[i:i + batch_size].to(device))).float()).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
+                          memory_format=torch.contiguous_format, max_images: int = 1024) -> None:
+    """Recompute BatchNorm running statistics as exact averages over training images
+    ("precise BN"). The running averages lag behind fast-moving weights in short
+    trainings, and evaluation with stale statistics can collapse to one class."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average = exact mean over the batches
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    for i in range(0, min(len(images), max_images), batch_size):
+        model(as_float(images[i:i + batch_size].to(device)).contiguous(memory_format=memory_format))
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    model.train(was_training)
+
+
+def validation_row(prob: np.ndarray, labels: torch.Tensor, task: str, criterion: nn.Module) -> dict:
+    """Validation loss, accuracy and macro-F1 of one epoch (multi-label: at 0.5, plus the
+    binary accuracy)."""
+    y = labels.numpy()
+    pred = predicted(prob, task)
+    p = torch.from_numpy(prob).clamp(1e-7, 1 - 1e-7)
+    if task == "multilabel":
+        loss = float(nn.functional.binary_cross_entropy(p, labels.float()))
+    else:
+        weight = getattr(criterion, "weight", None)
+        loss = float(nn.functional.nll_loss(torch.log(p), labels,
+                                            weight=None if weight is None else weight.cpu()))
+    row = {"val_loss": loss, "val_accuracy": float(accuracy_score(y, pred)),
+           "val_macro_f1": macro_f1(y, pred)}
+    if task == "multilabel":
+        row["val_binary_accuracy"] = float((pred == y).mean())
+    return row
+
+
+def train_one_epoch(model: nn.Module, batches_iter, criterion, optimizer, scheduler, scaler,
+                    config: TrainConfig, device: torch.device, dtype: torch.dtype | None) -> float:
+    """One pass over ``batches_iter`` (float images, labels): autocast, gradient scaling,
+    accumulation every ``config.accumulate`` batches, clipping, one scheduler step per
+    optimiser step. Returns the summed loss (mean loss x batch size)."""
+    model.train()
+    if config.freeze_bn:
+        set_batchnorm_eval(model)
+    total_loss, pending = torch.zeros((), device=device), 0
+    optimizer.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        if config.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    for batch, labels in batches_iter:
+        batch = batch.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = criterion(model(batch), labels)
+        scaler.scale(loss / config.accumulate).backward()
+        pending += 1
+        if pending == config.accumulate:
+            step()
+            pending = 0
+        total_loss += loss.detach().float() * len(labels)  # no host sync per batch
+    if pending:  # the epoch's last, partial accumulation
+        step()
+    return float(total_loss)
+
+
+@dataclass
+class FitResult:
+    net: BranchNet             # on the CPU, with the best epoch's weights
+    history: list[dict]
+    best_epoch: int
+    best_f1: float
+    stopped_early: bool
+    resumed_from_epoch: int
+    parameters: dict
+    pretrained: str | None
+    device: torch.device
+    world_size: int
+    #: positions in ``train`` this rank drew in its last fine-tuning epoch (its shard)
+    drawn: list[int] = field(default_factory=list)
+
+
+def head_module(net: BranchNet) -> nn.Module:
+    """The new head the backbone got from :func:`create_backbone` (a Linear, or the hidden
+    ReLU head around one)."""
+    return net.backbone.get_submodule(net.backbone.triview_head)
+
+
+@torch.no_grad()
+def head_inputs(net: BranchNet, images: torch.Tensor, batch_size: int = 64,
+                memory_format=torch.contiguous_format) -> torch.Tensor:
+    """What the head sees for each image (the frozen backbone's pooled features), computed
+    once: a forward hook on the head records its input."""
+    device = next(net.parameters()).device
+    captured: list[torch.Tensor] = []
+    hook = head_module(net).register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].detach().float().cpu()))
+    was_training = net.training
+    net.eval()
+    try:
+        for i in range(0, len(images), batch_size):
+            batch = as_float(images[i:i + batch_size].to(device)).contiguous(memory_format=memory_format)
+            net(batch)
+    finally:
+        hook.remove()
+        net.train(was_training)
+    return torch.cat(captured)
+
+
+def fit_head(net: BranchNet, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+             val_y: torch.Tensor, criterion: nn.Module, config: TrainConfig, task: str) -> dict:
+    """Train only the head on cached features for ``config.head_epochs`` (AdamW, cosine
+    from head_lr, the branch's loss) and keep its best epoch by validation macro-F1.
+    Returns that epoch's history row (``epoch`` 0, ``phase`` head)."""
+    head = head_module(net)
+    device = next(head.parameters()).device
+    head.train()
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.head_lr,
+                                  weight_decay=config.weight_decay)
+    steps = config.head_epochs * -(-len(train_y) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+    squash = torch.sigmoid if task == "multilabel" else (lambda z: torch.softmax(z, dim=1))
+    best, best_state, start = None, None, time.perf_counter()
+    train_x, train_y, val_x = train_x.to(device), train_y.to(device), val_x.to(device)
+    for epoch in range(1, config.head_epochs + 1):
+        head.train()
+        total = 0.0
+        order = torch.randperm(len(train_y), generator=generator)
+        for i in range(0, len(order), config.batch_size):
+            idx = order[i:i + config.batch_size].to(device)
+            loss = criterion(head(train_x[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(idx)
+        head.eval()
+        with torch.no_grad():
+            val_prob = squash(head(val_x).float()).cpu().numpy()
+        row = {"epoch": 0, "phase": "head", "head_epoch": epoch, "train_loss": total / len(train_y),
+               **validation_row(val_prob, val_y, task, criterion),
+               "lr": optimizer.param_groups[0]["lr"]}
+        if best is None or row["val_macro_f1"] > best["val_macro_f1"]:
+            best, best_state = row, {k: v.detach().clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best_state)
+    seconds = time.perf_counter() - start
+    return {**best, "seconds": round(seconds, 3),
+            "images_per_s": round(config.head_epochs * len(train_y) / max(seconds, 1e-9), 1)}
+
+
+def parameter_groups(net: BranchNet, config: TrainConfig) -> list[dict]:
+    """The head at ``lr``, the pretrained backbone at ``lr * backbone_lr_scale``."""
+    head = {id(p) for p in head_module(net).parameters()}
+    # frozen parameters too: a linear probe that unfreezes later trains them with this
+    # optimizer (until then they have no gradient, so it leaves them alone)
+    everything = list(net.parameters())
+    return [{"params": [p for p in everything if id(p) in head], "lr": config.lr},
+            {"params": [p for p in everything if id(p) not in head],
+             "lr": config.lr * config.backbone_lr_scale}]
+
+
+def set_batchnorm_eval(net: nn.Module) -> None:
+    """BatchNorm layers to inference mode (``freeze_bn``): their statistics stay as loaded."""
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def _shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of an epoch's order; padded (by wrapping round) so that every
+    rank runs the same number of batches, as DistributedSampler does."""
+    if world == 1:
+        return order
+    total = -(-len(order) // world) * world
+    padded = torch.cat([order, order[:total - len(order)]])
+    return padded[rank::world]
+
+
+def _head_phase(net: BranchNet, train: ViewData, val: ViewData, criterion: nn.Module,
+                config: TrainConfig, task: str, memory_format) -> dict:
+    """Features of every training and validation crop through the frozen backbone, once;
+    then :func:`fit_head` on them. The backbone is untouched."""
+    start = time.perf_counter()
+    train_x = head_inputs(net, train.images, memory_format=memory_format)
+    val_x = head_inputs(net, val.images, memory_format=memory_format)
+    feature_seconds = time.perf_counter() - start
+    row = fit_head(net, train_x, train.labels, val_x, val.labels,
+                   criterion.to(next(net.parameters()).device), config, task)
+    return {**row, "feature_seconds": round(feature_seconds, 3),
+            "seconds": round(feature_seconds + row["seconds"], 3)}
+
+
+def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str], task: str,
+        criterion: nn.Module, view: str, ckpt_dir: str, run_id: str | None = None,
+        online=None, log=print, push: bool = True, stage: str | None = None) -> FitResult:
+    """Train a fresh branch on ``train``, choosing the epoch by validation macro-F1.
+
+    Checkpoints go to ``ckpt_dir`` every epoch and a matching checkpoint found there is
+    resumed. Under ``torchrun`` (a process group is initialised) the model is wrapped
+    in DistributedDataParallel: every rank trains on its share of each epoch with
+    ``batch_size / world_size`` images per step, rank 0 alone validates (and tells the
+    others what it found), writes checkpoints and pushes metrics.
+    """
+    rank, world = ddp.rank_and_world()
+    torch.manual_seed(config.seed)
+    image_size = int(train.images.shape[-1])
+    device = training_device()
+    dtype = amp_dtype(config, device)
+    backbone = create_backbone(config.backbone, len(classes), image_size, config.hidden)
+    found = published_weights.resolve(config.backbone, config.weights, config.weights_root)
+    pretrained = None
+    if found is not None:
+        pretrained = {**load_pretrained(backbone, published_weights.load_state(found, backbone)),
+                      **found.record()}
+    frozen = config.finetune == "linear_probe"
+    set_backbone_frozen(backbone, frozen)
+    net = BranchNet(backbone, resolve_normalization(config.normalization, config.backbone))
+    params = count_parameters(net)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    net = net.to(device=device, memory_format=memory_format)
+    model = ddp.wrap(net, device, config.compile)
+    criterion = criterion.to(device)
+    optimizer = make_optimizer(config, parameter_groups(net, config))
+    per_rank_batch = max(1, config.batch_size // world)
+    per_rank_images = -(-len(train.labels) // world)
+    batches_per_epoch = -(-per_rank_images // per_rank_batch)
+    steps_per_epoch = -(-batches_per_epoch // config.accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    generator = torch.Generator().manual_seed(config.seed)
+    if rank == 0:
+        log(f"[{view}] {config.backbone} ({task}) on {device} x{world}: "
+            f"{params['trainable'] / 1e6:.2f}M trainable, {params['frozen'] / 1e6:.2f}M frozen "
+            f"parameters; {config.optimizer} + {config.scheduler}, amp {dtype or 'off'}"
+            + (f"; {config.weights} weights from {found.source} {found.location} "
+               f"(sha256 {found.sha256[:12]}, {pretrained['loaded']} tensors)" if found else ""))
+
+    history, best_f1, best_state, best_epoch = [], -1.0, None, 0
+    key = resume_key(config, view, classes, len(train.labels), task, world)
+    first_epoch = 1
+    state = checkpoint.load_checkpoint(ckpt_dir, key)
+    if state is not None:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_f1, best_epoch = state["history"], state["best_f1"], state["best_epoch"]
+        best_state = checkpoint.load_best(ckpt_dir)
+        first_epoch = state["epoch"] + 1
+        if rank == 0:
+            log(f"[{view}] resuming from the checkpoint of epoch {state['epoch']} in {ckpt_dir}")
+    elif config.head_epochs:
+        if rank == 0:
+            progress.Reporter("phase", 1, desc=view).note(phase="head on cached features")
+        row = _head_phase(net, train, val, criterion, config, task, memory_format)
+        history, best_f1, best_epoch = [row], row["val_macro_f1"], 0
+        best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        if rank == 0:
+            log(f"[{view}] head on cached features: {config.head_epochs} epochs in "
+                f"{row['seconds']:.1f} s (features {row['feature_seconds']:.1f} s), best epoch "
+                f"{row['head_epoch']}: val_acc {row['val_accuracy']:.4f} val_macro_f1 "
+                f"{row['val_macro_f1']:.4f}")
+            checkpoint.save_best(best_state, ckpt_dir)
+            checkpoint.save_last({"key": key, "epoch": 0, "model": net.state_dict(),
+                                  "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                  "generator": generator.get_state(),
+                                  "torch_rng": torch.get_rng_state(), "history": history,
+                                  "best_f1": best_f1, "best_epoch": best_epoch}, ckpt_dir)
+    stopped_early = False
+    drawn: list[int] = []
+    # live progress for the local console (a no-op unless TRIVIEW_PROGRESS is set)
+    events = progress.Reporter("batch", max(0, config.epochs - first_epoch + 1) * batches_per_epoch,
+                               desc=view, enabled=rank == 0)
+    for epoch in range(first_epoch, config.epochs + 1):
+        events.note(epoch=f"{epoch}/{config.epochs}")
+        if config.patience and best_epoch and epoch - best_epoch > config.patience:
+            stopped_early = True  # (a resumed run that had already run out of patience)
+            break
+        if frozen and config.unfreeze_epoch and epoch >= config.unfreeze_epoch:
+            set_backbone_frozen(backbone, False)
+            frozen = False
+            model = ddp.wrap(net, device, config.compile)  # DDP registers trainable parameters once
+            if rank == 0:
+                log(f"[{view}] epoch {epoch}: backbone unfrozen, fine-tuning everything")
+        start = time.perf_counter()
+        order = torch.randperm(len(train.labels), generator=generator)
+        mine = _shard(order, rank, world)
+        drawn = mine.tolist()
+        total_loss = train_one_epoch(
+            model, events.track(batches(train, mine, per_rank_batch, memory_format, online, epoch)),
+            criterion, optimizer, scheduler, scaler, config, device, dtype)
+        total_loss = ddp.sum_across(total_loss)
+        if not config.freeze_bn:
+            recalibrate_batchnorm(net, train.images[order], config.batch_size, memory_format)
+        seconds = time.perf_counter() - start
+        row = None
+        if rank == 0:
+            val_prob = predict_proba(net, val.images, task=task)
+            row = {"epoch": epoch, "phase": "finetune",
+                   "train_loss": total_loss / (len(mine) * world),
+                   **validation_row(val_prob, val.labels, task, criterion),
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+                   "images_per_s": round(len(mine) * world / seconds, 1)}
+        row = ddp.broadcast(row)  # every rank takes the same early-stopping decision
+        history.append(row)
+        if rank == 0:
+            log(f"[{view}] epoch {epoch}/{config.epochs} loss {row['train_loss']:.4f} "
+                f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
+                f"val_macro_f1 {row['val_macro_f1']:.4f} ({row['images_per_s']:.0f} img/s)")
+            events.note(loss=round(row["train_loss"], 4), val_macro_f1=round(row["val_macro_f1"], 4))
+            if push:
+                metrics.push(stage or f"train-branch-{view}", {
+                    "epoch": epoch, "train_loss": row["train_loss"], "val_loss": row["val_loss"],
+                    "val_macro_f1": row["val_macro_f1"], "learning_rate": row["lr"],
+                    "images_per_second": row["images_per_s"]}, run_id)
+        if row["val_macro_f1"] > best_f1:
+            best_f1, best_epoch = row["val_macro_f1"], epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            if rank == 0:
+                checkpoint.save_best(best_state, ckpt_dir)
+        # best.pt first: a last.pt on disk always has its best.pt beside it
+        if rank == 0:
+            checkpoint.save_last({"key": key, "epoch": epoch, "model": net.state_dict(),
+                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict(), "generator": generator.get_state(),
+                   "torch_rng": torch.get_rng_state(), "history": history, "best_f1": best_f1,
+                   "best_epoch": best_epoch},
+                  ckpt_dir)
+        ddp.barrier()
+        if config.patience and epoch - best_epoch >= config.patience and epoch < config.epochs:
+            if rank == 0:
+                log(f"[{view}] no better val macro-F1 for {config.patience} epochs: stopping "
+                    f"after epoch {epoch} (best {best_epoch})")
+            stopped_early = True
+            break
+
+    net = net.cpu()
+    net.load_state_dict(best_state)
+    return FitResult(net, history, best_epoch, best_f1, stopped_early, first_epoch - 1, params,
+                     pretrained, device, world, drawn)
