@@ -136,3 +136,67 @@ def test_linear_probe_trains_only_the_head_until_unfrozen(cropped, augmented, ba
     last = load_checkpoint(str(tmp_path / "thaw" / "checkpoints"))  # the state after epoch 2
     assert last["epoch"] == 2
     assert not torch.equal(last["model"][f"backbone.{conv}"], source.state_dict()[conv])
+
+
+def _tiny_epoch(dtype, scaler_enabled):
+    """One real training epoch of a small conv net through ``train_one_epoch``; returns the
+    dtypes its layers computed in, the weight change, the loss and the scaler."""
+    from triview.train.loop import train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 4))
+    seen = []
+    for layer in (model[0], model[3]):
+        layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled, init_scale=2.0 ** 10)
+    batches = [(torch.rand(8, 3, 8, 8), torch.randint(0, 4, (8,))) for _ in range(3)]
+    loss = train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, scheduler,
+                           scaler, TrainConfig(clip_grad_norm=1.0), torch.device("cpu"), dtype)
+    change = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
+    return set(seen), change, loss, scaler
+
+
+@pytest.mark.parametrize("amp,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_amp_modes_train_in_the_reduced_precision_they_name(amp, dtype, monkeypatch):
+    """What `amp` does on a GPU, exercised through the same training step on the CPU (CPU
+    autocast runs the same code path; the GPU itself is not available to tests)."""
+    cuda = torch.device("cuda")
+    assert amp_dtype(TrainConfig(amp=amp), cuda) is dtype
+    assert amp_dtype(TrainConfig(amp="off"), cuda) is None
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+        assert amp_dtype(TrainConfig(amp="auto"), cuda) is expected
+
+    full, full_change, full_loss, _ = _tiny_epoch(None, scaler_enabled=False)
+    assert full == {torch.float32} and full_change > 0
+    # fp16 trains with the gradient scaler, as `fit` enables it (GradScaler(enabled=fp16))
+    seen, change, loss, scaler = _tiny_epoch(dtype, scaler_enabled=dtype == torch.float16)
+    assert seen == {dtype}  # the conv and the linear layer really ran in reduced precision
+    assert change > 0 and math.isfinite(loss)  # and the optimiser stepped on finite gradients
+    assert loss == pytest.approx(full_loss, rel=0.05)  # the same model, to reduced precision
+    if dtype == torch.float16:
+        assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 10  # no overflow: no backoff
+
+
+def test_deterministic_turns_on_deterministic_algorithms_and_repeats_exactly(
+        cropped, augmented, balanced, tmp_path):
+    from triview.stages import train_branch_stage
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        outputs = []
+        for run in ("a", "b"):
+            train_branch_stage(cropped, augmented, balanced, "left", tmp_path / run,
+                               **digits_train(epochs=1, deterministic=True))
+            assert torch.are_deterministic_algorithms_enabled()
+            outputs.append(pd.read_csv(tmp_path / run / "history.csv"))
+        timing = [c for c in outputs[0].columns if c in ("seconds", "images_per_s")]
+        assert {"train_loss", "val_loss"} <= set(outputs[0].columns)
+        pd.testing.assert_frame_equal(outputs[0].drop(columns=timing),
+                                      outputs[1].drop(columns=timing))
+    finally:
+        torch.use_deterministic_algorithms(False)
