@@ -65,3 +65,45 @@ def test_multilabel_scores_per_label_and_binary_accuracy(tmp_path):
     assert micro_roc_curve(y, probs["top"])["tpr"][-1] == 1
     html = (tmp_path / "report.html").read_text()
     assert "<th>tp</th>" in html and "task <code>multilabel</code>" in html
+
+
+def test_timing_measures_every_branch_and_the_ensemble_at_a_size_scaled_batch():
+    import pandas as pd
+    import torch
+
+    from triview.timing import ensemble_timing, timing_batch
+
+    # the same pixels per batch as 64 crops at 32 px, never fewer than 8 crops
+    assert [timing_batch(s) for s in (24, 32, 64, 224, 512)] == [64, 64, 16, 8, 8]
+    calls = []
+
+    class Branch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            return self.conv(x).mean((2, 3))
+
+    class Ensemble(torch.nn.Module):
+        def __init__(self, branches):
+            super().__init__()
+            self.branches = torch.nn.ModuleList(branches)
+
+        def forward(self, *views):
+            return sum(b(v) for b, v in zip(self.branches, views))
+
+    branches = {"left": Branch(), "right": Branch()}
+    metas = {v: {"config": {"backbone": "tiny"}, "parameters": {"total": 112}} for v in branches}
+    histories = {v: pd.DataFrame({"seconds": [2.0, 4.0], "images_per_s": [10.0, 30.0]})
+                 for v in branches}
+    t = ensemble_timing(branches, Ensemble(list(branches.values())), metas, histories, 64, "cpu")
+    assert t["batch"] == 16 and (16, 3, 64, 64) in calls and (1, 3, 64, 64) in calls
+    assert not any(shape[0] not in (1, 16) for shape in calls)
+    assert t["ensemble_parameters"] == 224 and t["threads"]["batch_1"] == 1
+    assert t["ensemble_ms_per_sample"] > 0 and t["ensemble_batched_ms_per_sample"] > 0
+    for row in t["branches"].values():
+        assert row["epochs"] == 2 and row["seconds_per_epoch"] == 3.0
+        assert row["train_images_per_s"] == 20.0 and row["inference_ms_per_sample"] > 0
+        assert row["pretrained_weights"].startswith("none")

@@ -168,7 +168,8 @@ def render_html(inp: ReportInputs) -> str:
         parts += ["<h2>Timing</h2>",
                   f"<p>Device: <code>{html.escape(str(t.get('device')))}</code>. Ensemble inference "
                   f"(eager PyTorch, batch 1, one thread): {t.get('ensemble_ms_per_sample', float('nan')):.2f} "
-                  f"ms per sample; batched: {t.get('ensemble_batched_ms_per_sample', float('nan')):.3f} "
+                  f"ms per sample; batched ({t.get('batch', 64)} per batch, all threads): "
+                  f"{t.get('ensemble_batched_ms_per_sample', float('nan')):.3f} "
                   f"ms per sample. {t.get('ensemble_parameters', 0):,} parameters in all.</p>", _table_html(timing_table(t))]
     if inp.histories:
         parts += ["<h2>Training curves</h2>",
