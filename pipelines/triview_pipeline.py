@@ -93,7 +93,7 @@ def make_pipeline(options: PlatformOptions | None = None):
             gate = {} if repeat else params.pick("evaluate", values)
             eval_task = evaluate(branch_1=models[0], branch_2=models[1], branch_3=models[2],
                                  voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
-                                 repeat=repeat, **gate)
+                                 dataset=ingest_task.outputs["dataset"], repeat=repeat, **gate)
             eval_task.set_display_name(f"evaluate{suffix}")
             configure_task(eval_task, "evaluate", options)
             return models, voter_task, eval_task

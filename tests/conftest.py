@@ -41,7 +41,7 @@ def ingested(digits_dir, tmp_path_factory) -> Path:
     from triview.stages import ingest_stage
 
     out = tmp_path_factory.mktemp("ingested")
-    ingest_stage(str(digits_dir), out, seed=0)
+    ingest_stage(str(digits_dir), out)
     return out
 
 

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from triview import manifest as mf
 from triview import metrics
 from triview.gate import GateConfig, comparability, decide, run_gate
 from triview.registry import ModelRegistry
@@ -121,6 +122,61 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
     assert reg.versions() == [1] and reg.champion()["version"] == 1
     assert (tmp_path / "m3" / "ensemble.onnx").is_file()  # exported, just not promoted
     assert metrics.stage_values(out)["blessed"] == 0
+
+    # the champion's card records what it saw (every train and val image, no test image);
+    # here none of the challenger's test images is excluded
+    card_path = tmp_path / "registry" / "models" / "digits" / "1" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    views = mf.read_views(cropped)
+    test_ids = sorted(set(views.loc[views["split"] == "test", "image_id"]))
+    assert card["data"]["seen_images"] == mf.seen_image_ids(views)
+    assert len(card["data"]["seen_images"]) == len(set(views.loc[views["split"] != "test", "image_id"]))
+    assert not set(test_ids) & set(card["data"]["seen_images"])
+    assert second["clean"] == {"test_images": len(test_ids), "clean_images": len(test_ids),
+                               "excluded": {}}
+    assert rec["gate_clean_images"] == len(test_ids) and rec["gate_excluded_images"] == 0
+    promotions = reg.history()
+    assert [(h["version"], h["replaced"]) for h in promotions] == [(1, None)]
+
+    # a champion that trained on half of this test split (a split drawn with another
+    # salt): both models are scored on the other half only, and the blessing says so
+    contaminated = tmp_path / "contaminated"
+    shutil.copytree(tmp_path / "registry", contaminated)
+    half = test_ids[: len(test_ids) // 2]
+    c_card = contaminated / "models" / "digits" / "1" / "model_card.json"
+    c_card.write_text(json.dumps({**card, "data": {**card["data"],
+                                                   "seen_images": card["data"]["seen_images"] + half}}))
+    rec = evaluate_stage(dirs, voter_dir, tmp_path / "e4", views_dir=cropped,
+                         registry=str(contaminated), model_name="digits",
+                         gate_min_clean_images=10, gradcam_per_kind=0)
+    fourth = json.loads((tmp_path / "e4" / "blessing.json").read_text())
+    assert fourth["comparison"] == "compared"
+    assert fourth["clean"] == {"test_images": len(test_ids), "clean_images": len(test_ids) - len(half),
+                               "excluded": {"champion_trained_or_validated": len(half)}}
+    # the champion is this very ensemble: on the same clean images it scores exactly alike
+    assert fourth["champion"] == pytest.approx(fourth["challenger_compared"], abs=1e-12)
+    assert fourth["challenger_clean_scores"]["accuracy"] == pytest.approx(
+        fourth["champion_scores"]["accuracy"], abs=1e-12)
+    assert fourth["challenger"] == pytest.approx(challenger["macro_f1"])  # the bar: whole split
+    assert any(f"{len(test_ids) - len(half)} of {len(test_ids)} test images are clean" in r
+               and f"{len(half)} champion trained or validated" in r for r in fourth["reasons"])
+    assert rec["gate_excluded_images"] == len(half)
+    report = (tmp_path / "e4" / "report.html").read_text()
+    assert "clean test images" in report and "excluded: champion trained or validated" in report
+
+    # too few clean images: no comparison; the documented fallback decides
+    for fallback, blessed in (("keep_champion", False), ("absolute_bar", True)):
+        evaluate_stage(dirs, voter_dir, tmp_path / f"e5{fallback}", views_dir=cropped,
+                       registry=str(contaminated), model_name="digits", gradcam_per_kind=0,
+                       gate_min_clean_images=len(test_ids), gate_fallback=fallback)
+        fifth = json.loads((tmp_path / f"e5{fallback}" / "blessing.json").read_text())
+        assert fifth["comparison"] == "too_few_clean" and fifth["blessed"] is blessed
+        assert fifth["champion"] is None and f"fallback {fallback}" in fifth["reasons"][-1]
+    # a champion whose card does not record what it saw: nothing counts as clean
+    c_card.write_text(json.dumps({k: v for k, v in card.items() if k != "data"}))
+    verdict = run_gate(challenger, cropped, str(contaminated), "digits")
+    assert verdict["comparison"] == "too_few_clean" and not verdict["blessed"]
+    assert verdict["clean"]["excluded"] == {"champion_record_missing": len(test_ids)}
 
     # a champion trained on other classes is refused with the reason
     tampered = tmp_path / "tampered"

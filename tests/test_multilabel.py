@@ -42,7 +42,7 @@ def multilabel_run(tmp_path_factory):
             for p in sorted((root / "photos").rglob("*.jpg"))]
     pd.DataFrame(rows, columns=["path", "labels"]).to_csv(root / "labels.csv", index=False)
     out = root / "run"
-    stages.ingest_stage(str(root / "labels.csv"), out / "dataset", seed=0)
+    stages.ingest_stage(str(root / "labels.csv"), out / "dataset")
     stages.calibrate_and_crop_stage(out / "dataset", out / "views", layout="horizontal",
                                     image_size=32)
     stages.balance_stage(out / "views", out / "balance")

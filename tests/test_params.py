@@ -140,7 +140,7 @@ LAYERS = [
     {"scoring", "artifacts"},
     {"calibration", "crop", "validate", "dataroot", "sources", "datastats", "ingest", "balance", "augment",
      "models", "weights", "distributed", "registry", "report", "gradcam", "timing", "summary",
-     "runtime"},
+     "runtime", "drift"},
     {"train", "voter", "voter_modules", "evaluate", "gate", "export", "predict", "serving",
      "deploy"},
     {"stages"},

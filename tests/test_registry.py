@@ -48,10 +48,14 @@ def test_the_champion_pointer_is_replaced_in_one_atomic_step(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "replace", spy)
     reg.promote(2)
-    (src, dst, version), = replaced
+    (src, dst, version), (_, logged, _) = replaced
     assert str(dst).endswith("models/m/champion.json") and version == 2
     assert os.path.dirname(src) == os.path.dirname(dst)   # same filesystem: rename is atomic
-    assert sorted(p.name for p in (tmp_path / "models" / "m").iterdir()) == ["1", "2", "champion.json"]
+    assert str(logged).endswith("models/m/history/2.json")  # then the promotion log
+    assert sorted(p.name for p in (tmp_path / "models" / "m").iterdir()) == [
+        "1", "2", "champion.json", "history"]
+    assert [(h["version"], h["replaced"]) for h in reg.history()] == [(1, None), (2, 1)]
+    assert reg.versions() == [1, 2]
 
 
 def test_a_taken_version_is_not_overwritten(tmp_path):

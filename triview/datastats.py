@@ -40,9 +40,25 @@ def class_table(table: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(STATS_COLUMNS))
 
 
+def split_balance(per_class: pd.DataFrame) -> dict:
+    """How closely each split's class mix follows the whole data set's: per split, each
+    class's share and the largest absolute difference from its overall share."""
+    total = per_class["images"].sum()
+    overall = per_class.set_index("class")["images"] / max(1, total)
+    result = {}
+    for s in mf.SPLITS:
+        n = per_class[s].sum()
+        share = per_class.set_index("class")[s] / n if n else overall * 0
+        result[s] = {"images": int(n),
+                     "class_share": {str(k): round(float(v), 4) for k, v in share.items()},
+                     "max_share_difference": round(float((share - overall).abs().max()), 4)
+                     if n and len(overall) else 0.0}
+    return result
+
+
 def write_statistics(table: pd.DataFrame, quarantine: pd.DataFrame, near: pd.DataFrame,
                      classes: list[str], out: str | Path, *, n_input: int, dataset_version: str,
-                     plot: bool = True) -> dict:
+                     plot: bool = True, split: dict | None = None) -> dict:
     """Write ``stats.csv``, ``stats.json`` and (``plot``) ``stats.png``; return the summary."""
     out = Path(out)
     per_class = class_table(table, classes)
@@ -67,6 +83,7 @@ def write_statistics(table: pd.DataFrame, quarantine: pd.DataFrame, near: pd.Dat
         "near_duplicate_pairs_across_splits": int((near["split_a"] != near["split_b"]).sum())
         if len(near) else 0,
         "quarantine_reasons": {k: int(v) for k, v in quarantine["reason"].value_counts().items()},
+        "split": {**(split or {}), "class_balance": split_balance(per_class)},
     }
     atomic_write_text(out / mf.STATS_JSON_FILE, json.dumps(summary, indent=2))
     if plot and len(table):

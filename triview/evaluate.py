@@ -125,12 +125,14 @@ def evaluate(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list
              out_dir: str | Path, candidates: pd.DataFrame | None = None, *,
              histories: dict[str, pd.DataFrame] | None = None, timing: dict | None = None,
              gradcam: dict[str, list[dict]] | None = None, blessing: dict | None = None,
-             crop_reader: Callable[[str, str], np.ndarray] | None = None) -> dict:
+             crop_reader: Callable[[str, str], np.ndarray] | None = None,
+             drift: dict | None = None) -> dict:
     """Score every view and the ensemble on the test split; write eval.json, report.md
     and the self-contained report.html.
 
     The keyword arguments add report sections: training curves per branch, timing
-    figures, a Grad-CAM gallery per view, the gate's blessing, and (given
+    figures, a Grad-CAM gallery per view, the gate's blessing, the drift against the
+    champion's data (:mod:`triview.drift`), and (given
     ``crop_reader(image_id, view) -> RGB``) the misclassified test images.
     """
     from triview import report
@@ -142,6 +144,8 @@ def evaluate(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list
         result["timing"] = timing
     if blessing is not None:
         result["blessing"] = blessing
+    if drift is not None:
+        result["drift"] = drift
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_eval(out, result)
@@ -151,7 +155,8 @@ def evaluate(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list
             item["crops"] = {v: crop_reader(item["image_id"], v) for v in views}
     sections = report.ReportInputs(result=result, voter=voter, candidates=candidates,
                                    histories=histories or {}, timing=timing,
-                                   misclassified=wrong, gradcam=gradcam or {}, blessing=blessing)
+                                   misclassified=wrong, gradcam=gradcam or {}, blessing=blessing,
+                                   drift=drift)
     atomic_write_text(out / REPORT_MD, report.render_markdown(sections))
     atomic_write_text(out / REPORT_HTML, report.render_html(sections))
     return result

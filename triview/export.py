@@ -128,7 +128,8 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
                     training: dict | None = None, example: list[torch.Tensor] | None = None, *,
                     test_labels: np.ndarray | None = None, calibration: list[torch.Tensor] | None = None,
                     quantize: str = "none", task: str = "multiclass",
-                    lineage: dict | None = None, data_version: str | None = None) -> dict:
+                    lineage: dict | None = None, data_version: str | None = None,
+                    data: dict | None = None) -> dict:
     """Export the ensemble to TorchScript and ONNX, check both against eager on ``example``
     (real test crops, float [0, 1]), write the weights, the voter and the model card.
 
@@ -226,6 +227,9 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
         "test_metrics": metrics,
         "training": training or {},
         "data_version": data_version,
+        # the images the model saw (train + val), so that a later gate scores it only on
+        # images it has not seen
+        "data": data or {},
         "torchscript_max_abs_diff": ts_diff,
         "onnx_max_abs_diff": onnx_diff,
         "parity_images": int(len(example[0])),

@@ -10,6 +10,7 @@ by a process pool, so memory holds one small row per file, never the images.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,7 +45,7 @@ class IngestError(ValueError):
 @dataclass(frozen=True)
 class IngestOptions:
     """Everything ingest can be told; the CLI flags and stage arguments map onto these."""
-    seed: int = DEFAULTS["seed"]
+    split_salt: str = DEFAULTS["split_salt"]  # salt of the split hash ("" = the default salt)
     split_fractions: tuple[float, float, float] = (
         1 - DEFAULTS["val_fraction"] - DEFAULTS["test_fraction"], DEFAULTS["val_fraction"],
         DEFAULTS["test_fraction"])
@@ -168,11 +169,29 @@ def source_id_of(rel: str) -> str:
 # ----------------------------------------------------------------------------- split
 
 
-def _split(groups: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """Assign each source group to a split, stratified by the group's label.
+#: The salt of the split hash when ``split_salt`` is empty.
+DEFAULT_SPLIT_SALT = "triview-split-v1"
 
-    Groups whose split the input gives (``given`` column) keep it; the splits the
-    input lacks are carved from the rest (and from its train split) by ``fractions``.
+
+def split_position(source_id: str, salt: str = "") -> float:
+    """Where a source photo falls in [0, 1): the first 8 bytes of
+    SHA-256(salt NUL source_id). It depends on nothing but the photo's group key and the
+    salt, so a photo keeps its split however many other photos come or go."""
+    digest = hashlib.sha256(f"{salt or DEFAULT_SPLIT_SALT}\0{source_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def _split(groups: pd.DataFrame, fractions: tuple[float, float, float], salt: str = ""
+           ) -> tuple[dict[str, str], list[dict]]:
+    """Assign each source group to a split by its salted hash (:func:`split_position`).
+
+    Groups whose split the input gives (``given`` column) keep it; the splits the input
+    lacks are carved from the rest by ``fractions``: a group whose position is below the
+    test share goes to test, below test + val share to val, else to train. Stratification
+    is by expectation (every class is cut by the same bands). A class that the bands
+    leave without an image in a carved split (a small class) gets its group nearest to
+    that band moved there; these moves are returned (``forced``) and reported, and they
+    are the one case in which a photo's split can depend on the other photos of its class.
     """
     train_frac, val_frac, test_frac = fractions
     if abs(train_frac + val_frac + test_frac - 1.0) > 1e-6 or min(fractions) < 0:
@@ -181,11 +200,11 @@ def _split(groups: pd.DataFrame, fractions: tuple[float, float, float], seed: in
     given = given.where(given.notna(), None)
     assignment = {sid: s for sid, s in zip(groups["source_id"], given) if s is not None}
     present = set(assignment.values())
-    needed = [s for s in ("val", "test") if s not in present]
+    needed = [s for s in ("test", "val") if s not in present]
     pool = groups[[s in (None, "train") for s in given]]
     if not needed:
         assignment.update({sid: assignment.get(sid, "train") for sid in pool["source_id"]})
-        return assignment
+        return assignment, []
     frac = {"val": val_frac, "test": test_frac}
     counts = pool["label"].value_counts()
     need = 1 + len(needed)
@@ -195,25 +214,38 @@ def _split(groups: pd.DataFrame, fractions: tuple[float, float, float], seed: in
         where = "" if not present else " in the train part of the given split"
         raise IngestError(
             f"classes with fewer than {need} source images{where} cannot be split into "
-            f"train/{'/'.join(needed)}: {names}. Add images, merge the class "
+            f"train/{'/'.join(reversed(needed))}: {names}. Add images, merge the class "
             f"(--remap 'OLD->NEW'), drop it (--drop NAME) or set --min-per-class {need}")
-    ids, labels = pool["source_id"].to_numpy(), pool["label"].to_numpy()
-    n_classes = len(counts)
-    n_total = len(groups)
-    # Whole-image counts, at least one image of every class in each carved split.
-    sizes = {s: max(n_classes, round(frac[s] * n_total)) for s in needed}
-    from sklearn.model_selection import train_test_split
+    # the bands, as shares of the pool (given test/val images are not in it)
+    share = train_frac + sum(frac[s] for s in needed)
+    bands, low = {}, 0.0
+    for s in needed:  # test first, then val
+        bands[s] = (low, low + frac[s] / share)
+        low = bands[s][1]
+    position = {sid: split_position(sid, salt) for sid in pool["source_id"]}
 
-    if len(ids) - sum(sizes.values()) < n_classes:
-        raise IngestError(f"{len(ids)} source images are too few to give each of the "
-                          f"{n_classes} classes a train, val and test image")
-    rest_ids, rest_labels = ids, labels
-    for s in reversed(needed):  # test first, as before
-        rest_ids, carved, rest_labels, _ = train_test_split(
-            rest_ids, rest_labels, test_size=sizes[s], stratify=rest_labels, random_state=seed)
-        assignment.update({i: s for i in carved})
-    assignment.update({i: "train" for i in rest_ids})
-    return assignment
+    def band_of(u: float) -> str:
+        return next((s for s, (lo, hi) in bands.items() if lo <= u < hi), "train")
+
+    carved = {sid: band_of(position[sid]) for sid in pool["source_id"]}
+    forced = []
+    bands["train"] = (low, 1.0)
+    for label, part in pool.groupby("label", sort=True):
+        ids = list(part["source_id"])
+        for s in needed + ["train"]:
+            if any(carved[i] == s for i in ids):
+                continue
+            # take from the split of this class that has the most groups
+            sizes = {t: sum(carved[i] == t for i in ids) for t in ["train"] + needed}
+            donor = max(sizes, key=lambda t: (sizes[t], t == "train"))
+            lo, hi = bands[s]
+            centre = (lo + hi) / 2
+            pick = min((i for i in ids if carved[i] == donor),
+                       key=lambda i: (abs(position[i] - centre), i))
+            carved[pick] = s
+            forced.append({"source_id": pick, "label": label, "split": s, "from": donor})
+    assignment.update(carved)
+    return assignment, forced
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -332,12 +364,18 @@ def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestR
     if len(table):
         groups = _source_groups(table)
         try:
-            assignment = _split(groups, opts.split_fractions, opts.seed)
-        except ValueError as exc:  # sklearn's own complaints about tiny strata, too
+            assignment, forced = _split(groups, opts.split_fractions, opts.split_salt)
+        except ValueError as exc:
             raise IngestError(str(exc)) from exc
         table["split"] = table["source_id"].map(assignment)
     else:
         table["split"] = pd.Series(dtype=str)
+        forced = []
+    split_info = {"method": "hash", "key": "source_id",
+                  "salt": opts.split_salt or DEFAULT_SPLIT_SALT,
+                  "fractions": list(opts.split_fractions),
+                  "given": sorted({s for s in table.get("given_split", []) if isinstance(s, str)}),
+                  "forced": forced}
     table = table.drop(columns=["given_split"])
 
     all_labels = {lab for s in table["labels"] for lab in mf.split_labels(s)}
@@ -355,13 +393,14 @@ def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestR
     from triview import datastats
 
     stats = datastats.write_statistics(table, quarantine, near, classes, out, n_input=n_input,
-                                       dataset_version=version, plot=opts.plot)
+                                       dataset_version=version, plot=opts.plot,
+                                       split=split_info)
     counts = {s: int((table["split"] == s).sum()) for s in mf.SPLITS}
     counts["quarantined"] = len(quarantine)
     counts["input"] = n_input
     atomic_write_text(out / mf.DATASET_FILE, json.dumps({
         "dataset_version": version, "source": data, "source_kind": source.kind,
-        "counts": counts, "classes": classes, "notes": source.notes,
+        "counts": counts, "classes": classes, "notes": source.notes, "split": split_info,
         "options": _jsonable(asdict(opts))}, indent=2))
     return IngestResult(table, quarantine, classes, n_input, counts, version, stats)
 

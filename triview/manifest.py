@@ -140,6 +140,18 @@ def read_views(folder: str | os.PathLike) -> pd.DataFrame:
     return read_table(Path(folder) / VIEWS_FILE, VIEW_COLUMNS)
 
 
+#: The splits a model learns from: its training images, and the validation images that
+#: chose its epoch, voter and thresholds. A model has "seen" an image in either.
+SEEN_SPLITS = ("train", "val")
+
+
+def seen_image_ids(views: pd.DataFrame) -> list[str]:
+    """The ids (content-hash prefixes) of the real images a model trained on views
+    ``views`` has seen (train and val), sorted: what its model card records."""
+    real = views[(views["augmented"] == 0) & views["split"].isin(SEEN_SPLITS)]
+    return sorted(set(real["image_id"].astype(str)))
+
+
 def write_classes(classes: list[str], folder: str | os.PathLike) -> Path:
     """Label encoding: class index i is ``classes[i]`` (sorted class names)."""
     path = Path(folder) / CLASSES_FILE

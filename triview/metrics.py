@@ -80,6 +80,11 @@ def stage_values(record: dict) -> dict[str, float]:
                 "torchscript_max_abs_diff", "ensemble_ms_per_sample"):
         if key in record:
             values[key] = record[key]
+    # evaluate: the gate's clean comparison and the drift against the champion's data
+    # (triview_gate_clean_images, triview_drift_embedding_auc, triview_drift_class_psi, ...)
+    for key, value in record.items():
+        if key.startswith(("gate_", "drift_")):
+            values[key] = value
     for key in ("val_macro_f1", "val_accuracy", "best_epoch"):
         if key in record:
             values[key] = record[key]

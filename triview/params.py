@@ -187,8 +187,8 @@ _UNIT_OPEN = dict(low=0.0, high=1.0, high_open=True)
 
 PARAMS: dict[str, Param] = {p.name: p for p in (
     # the DAG
-    Param("seed", int, 0, "Seed of the split, the augmentation, resampling, initialisation, "
-          "shuffling and the voter's folds.", _ALL_TRAINING, low=0),
+    Param("seed", int, 0, "Seed of the augmentation, resampling, initialisation, shuffling and "
+          "the voter's folds (not of the split: see split_salt).", _ALL_TRAINING[1:], low=0),
     Param("deploy", bool, False, "After a blessed model is promoted, server-side apply its KServe "
           "InferenceService (deploy_namespace) and wait until it is Ready; needs an s3:// "
           "registry the cluster can read.", ("pipeline",)),
@@ -200,6 +200,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           "when the input gives none.", ("ingest",), **_UNIT_OPEN),
     Param("test_fraction", float, 0.15, "Share of source images in the test split, when the "
           "input gives none.", ("ingest",), **_UNIT_OPEN),
+    Param("split_salt", str, "", "Salt of the split hash: an image's split is a function of "
+          "its source photo's id and this salt only, so it stays put as the data set grows. "
+          "Change it only to draw a new split (empty: the default salt).", ("ingest",)),
     Param("min_size", int, 8, "Images whose shorter side is below this many pixels are "
           "quarantined.", ("ingest",), low=1),
     Param("max_pixels", int, 100_000_000, "Images with more pixels are quarantined as "
@@ -343,7 +346,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("weights_root", str, "", "Weights mirror for weights=imagenet: a folder or "
           "s3://bucket/prefix that `triview weights stage` filled (on a cluster, e.g. "
           "s3://triview-artifacts/weights on MinIO, so that nothing reaches the internet).",
-          ("train-branch",), check=_check_location),
+          ("train-branch", "evaluate"), check=_check_location),
     Param("head_epochs", int, 60, "Train the new head first for this many epochs on features of "
           "the frozen backbone, computed once per crop (0: off); fine-tuning then starts from "
           "that head and keeps it unless an epoch beats it on validation.", ("train-branch",),
@@ -382,6 +385,21 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("gate_min_delta", float, -0.01, "Least change of macro-F1 against the champion on "
           "the same test images: negative tolerates that much regression, positive demands "
           "that much gain.", ("evaluate",), low=-1.0, high=1.0, field="min_delta"),
+    Param("gate_min_clean_images", int, 20, "Fewest clean test images (neither the champion "
+          "nor the challenger trained or validated on them) the champion comparison is made on; "
+          "with fewer, gate_fallback decides.", ("evaluate",), low=1, field="min_clean_images"),
+    Param("gate_fallback", str, "keep_champion", "When too few clean test images remain: "
+          "keep_champion (the challenger is not blessed) or absolute_bar (blessed on the "
+          "absolute bar alone). Never a comparison on images a model has seen.", ("evaluate",),
+          choices=("keep_champion", "absolute_bar"), field="fallback"),
+    Param("gate_max_drift", float, 0.0, "Embedding drift (two-sample ROC-AUC of new images "
+          "against the champion's, 0.5 = none, 1 = fully separable) above which the challenger "
+          "is not blessed; 0: drift is reported, never gated.", ("evaluate",), low=0.0, high=1.0,
+          field="max_drift"),
+    Param("drift_sample", int, 256, "Images per side of the drift measurement (this run's new "
+          "images against the champion's data: class PSI and chi-square, image statistics, "
+          "two-sample ROC-AUC of ImageNet EfficientNet-Lite0 embeddings); 0: no drift profile.",
+          ("evaluate",), low=0, high=5000),
     Param("infra_validate", str, "auto", "Before a blessed model is promoted, serve it in the "
           "real KServe predictor (triview serve, a subprocess on 127.0.0.1) and compare its "
           "answers on infra_images test images with ONNX Runtime; a failure refuses promotion "

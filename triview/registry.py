@@ -4,6 +4,8 @@ Layout below a registry location (a local folder or ``s3://bucket/prefix``)::
 
     models/<name>/<version>/...        one exported model folder (model_card.json, ...)
     models/<name>/champion.json        {"version", "promoted", "metrics", "run_id"}
+    models/<name>/history/<n>.json     every promotion, in order (n = 1, 2, ...): the
+                                       pointer it wrote and the version it replaced
 
 Versions are integers counted up from 1. A version is written completely before the
 pointer names it, and the pointer itself is replaced in one step (``os.replace``
@@ -21,6 +23,7 @@ from triview.artifacts import CARD_FILE
 
 MODELS_DIR = "models"
 CHAMPION_FILE = "champion.json"
+HISTORY_DIR = "history"
 
 
 class RegistryError(ValueError):
@@ -75,12 +78,26 @@ class ModelRegistry:
         """Point ``champion`` at ``version`` (one atomic replace of the pointer)."""
         if version not in self.versions():
             raise RegistryError(f"version {version} of {self.name!r} is not in the registry")
+        previous = self.champion()
         pointer = {"name": self.name, "version": int(version), "uri": self.uri(version),
                    "promoted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "metrics": metrics or {}, "run_id": run_id}
         storage.atomic_write_bytes(storage.join(self.base, CHAMPION_FILE),
                                    json.dumps(pointer, indent=2).encode())
+        # the promotion log (one writer promotes at a time: the pipeline's export task)
+        entry = {**pointer, "replaced": None if previous is None else int(previous["version"])}
+        number = len(self.history()) + 1
+        storage.atomic_write_bytes(storage.join(self.base, HISTORY_DIR, f"{number}.json"),
+                                   json.dumps(entry, indent=2).encode())
         return pointer
+
+    def history(self) -> list[dict]:
+        """Every promotion so far, oldest first (each: the champion pointer it wrote and
+        ``replaced``, the version it replaced)."""
+        folder = storage.join(self.base, HISTORY_DIR)
+        numbers = sorted(int(n.removesuffix(".json")) for n in storage.children(folder)
+                         if n.removesuffix(".json").isdigit())
+        return [json.loads(storage.read_bytes(storage.join(folder, f"{n}.json"))) for n in numbers]
 
 
 def resolve_model(location: str, dest: str | Path | None = None) -> Path:

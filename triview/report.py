@@ -37,6 +37,7 @@ class ReportInputs:
     misclassified: list[dict] = field(default_factory=list)   # may carry "crops": {view: RGB}
     gradcam: dict[str, list[dict]] = field(default_factory=dict)  # view -> [{"overlay", ...}]
     blessing: dict | None = None
+    drift: dict | None = None                      # triview.drift.measure's result
 
 
 def png_data_uri(image: np.ndarray) -> str:
@@ -133,11 +134,30 @@ def _blessing_html(b: dict) -> str:
     verdict = "<span class='blessed'>BLESSED</span>" if b["blessed"] else \
         "<span class='unblessed'>NOT BLESSED</span>"
     items = "".join(f"<li>{html.escape(r)}</li>" for r in b.get("reasons", []))
-    rows = {k: b.get(k) for k in ("metric", "challenger", "champion", "delta", "champion_version",
-                                  "comparison")}
+    rows = {k: b.get(k) for k in ("metric", "challenger", "challenger_compared", "champion", "delta",
+                                  "champion_version", "comparison")}
+    clean = b.get("clean") or {}
+    if clean:
+        rows.update({"test images": clean["test_images"], "clean test images": clean["clean_images"],
+                     **{f"excluded: {k.replace('_', ' ')}": v for k, v in clean["excluded"].items()}})
     rows.update({f"threshold {k}": v for k, v in (b.get("thresholds") or {}).items()})
     table = pd.DataFrame({"value": rows}).rename_axis("gate")
     return f"<p>{verdict}</p><ul>{items}</ul>" + table.to_html(na_rep="–", border=0)
+
+
+def _drift_html(d: dict) -> str:
+    from triview.drift import summary_lines
+
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(d))
+    if not d.get("measured"):
+        return f"<ul>{items}</ul>"
+    rows = {"classes: PSI": d["classes"]["psi"], "classes: chi-square p": d["classes"]["p_value"],
+            "embeddings: two-sample ROC-AUC": d["embedding"].get("auc"),
+            **{f"{k}: KS": v["ks"] for k, v in d["image"].items()}}
+    shares = pd.DataFrame({"champion's data": d["classes"]["reference_share"],
+                           "new images": d["classes"]["new_share"]}).rename_axis("class share")
+    return (f"<ul>{items}</ul>" + pd.DataFrame({"value": rows}).rename_axis("drift")
+            .to_html(na_rep="–", border=0) + _table_html(shares))
 
 
 def _card(image_uris: list[str], caption: str) -> str:
@@ -158,6 +178,8 @@ def render_html(inp: ReportInputs) -> str:
     ]
     if inp.blessing is not None:
         parts += ["<h2>Gate (champion / challenger)</h2>", _blessing_html(inp.blessing)]
+    if inp.drift is not None:
+        parts += ["<h2>Drift against the champion's data</h2>", _drift_html(inp.drift)]
     parts += ["<h2>Test metrics</h2>", _table_html(metrics_table(r)),
               "<h2>Per class F1 (views and ensemble side by side)</h2>", _table_html(per_class_table(r)),
               "<h2>Per class ROC-AUC (one-vs-rest)</h2>", _table_html(roc_auc_table(r)),
@@ -221,6 +243,10 @@ def render_markdown(inp: ReportInputs) -> str:
         b = inp.blessing
         md += ["## Gate", "", f"**{'blessed' if b['blessed'] else 'not blessed'}**: "
                + "; ".join(b.get("reasons", [])), ""]
+    if inp.drift is not None:
+        from triview.drift import summary_lines
+
+        md += ["## Drift against the champion's data", ""] + [f"- {x}" for x in summary_lines(inp.drift)] + [""]
     md += ["## Test metrics", "", metrics_table(r).round(4).to_markdown(), "",
            "## Per class F1", "", per_class_table(r).round(4).to_markdown(), "",
            "## Per class (ensemble)", "", pd.DataFrame(r["classification_report"]).T.round(4).to_markdown()]

@@ -16,6 +16,7 @@ starts when a branch trains with more than one process (DDP).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ Folder = str | Path
 def ingest_stage(data: str, out_dir: Folder, *, workers: int = 0, progress: bool | None = None,
                  plot: bool = True, allow_empty: bool = False, **params) -> dict:
     """``data``: folder, ZIP, CSV/Parquet table or s3:// prefix. ``params``: the ingest
-    parameters of the spec (seed, val_fraction, test_fraction, min_size, label_remap, ...)."""
+    parameters of the spec (split_salt, val_fraction, test_fraction, min_size, label_remap, ...)."""
     from triview import ingest as ing
 
     p = stage_config("ingest", params)
@@ -41,14 +42,16 @@ def ingest_stage(data: str, out_dir: Folder, *, workers: int = 0, progress: bool
         fractions = (1.0 - p["val_fraction"] - p["test_fraction"], p["val_fraction"],
                      p["test_fraction"])
         result = ing.ingest(
-            data, out_dir, seed=p["seed"], split_fractions=fractions, min_size=p["min_size"],
+            data, out_dir, split_salt=p["split_salt"], split_fractions=fractions, min_size=p["min_size"],
             max_pixels=p["max_pixels"], remap=ing.parse_remap([p["label_remap"]]),
             drop=tuple(d.strip() for d in p["label_drop"].split(",") if d.strip()),
             min_per_class=p["min_per_class"], near_duplicate_distance=p["near_duplicate_distance"],
             allowed_roots=p["allowed_roots"], workers=workers, progress=progress, plot=plot, allow_empty=allow_empty)
         rec.update(counts=result.counts, classes=result.classes, items_in=result.n_input,
                    items_out=len(result.manifest), dataset_version=result.dataset_version,
-                   quarantine_reasons=result.statistics.get("quarantine_reasons", {}))
+                   quarantine_reasons=result.statistics.get("quarantine_reasons", {}),
+                   split_salt=result.statistics["split"].get("salt"),
+                   split_forced=len(result.statistics["split"].get("forced", [])))
     return rec
 
 
@@ -197,7 +200,7 @@ def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, *, repeat: boo
 
 def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder,
                    views_dir: Folder | None = None, *, gradcam_per_kind: int = 4,
-                   repeat: bool = False, **params) -> dict:
+                   repeat: bool = False, dataset_dir: Folder | None = None, **params) -> dict:
     """Score views and ensemble on the test split, gate the ensemble against the
     registry's champion and write the report.
 
@@ -206,6 +209,10 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
     (and a ``registry`` cannot be used). ``repeat`` marks a repeat of the main run
     (``repeats > 1``): the record is named ``evaluate-seed-<seed>`` (the voter's seed),
     and a repeat is never gated against the registry.
+
+    ``dataset_dir`` (ingest's output) adds the data profile (written next to the report;
+    export puts it into the model folder) and the drift of this run's new images against
+    the champion's profile (:mod:`triview.drift`); a repeat measures none.
     """
     import pandas as pd
 
@@ -231,20 +238,50 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
         histories = {v: pd.read_csv(d / artifacts.HISTORY_FILE) for v, d in branch_dirs.items()
                      if (d / artifacts.HISTORY_FILE).is_file()}
         challenger = ev.score_all(preds, voter, classes)
-        config = gt.GateConfig(min_value=p["min_value"], min_delta=p["min_delta"])
+        config = gt.GateConfig(min_value=p["min_value"], min_delta=p["min_delta"],
+                               min_clean_images=p["min_clean_images"], fallback=p["fallback"],
+                               max_drift=p["max_drift"])
+        arrays = challenger["_arrays"]
+        test = {"ids": arrays["ids"], "y": arrays["y"], "ensemble": arrays["ensemble"],
+                "thresholds": (challenger["thresholds"] or {}).get("ensemble")}
+        drift = None
+        if dataset_dir is not None and not repeat and p["drift_sample"] > 0:
+            from triview import drift as dr
+
+            drift = dr.measure(dataset_dir, _champion_profile(p["registry"], p["model_name"]),
+                               p["drift_sample"], p["weights_root"], out_dir)
+            rec.update(drift=drift, **dr.flat(drift))
         blessing = gt.run_gate(challenger["ensemble"], views_dir, p["registry"], p["model_name"],
-                               config, task)
+                               config, task, test=test, drift=drift)
         artifacts.write_blessing(out_dir, blessing)
         timing, gallery, reader = _evaluate_extras(branch_dirs, metas, voter, challenger,
                                                    histories, views_dir, gradcam_per_kind)
         result = ev.evaluate(preds, voter, classes, out_dir, candidates, histories=histories,
-                             timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader)
+                             timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader,
+                             drift=drift)
         rec.update(seed=seed, ensemble=result["ensemble"], views=result["views"],
                    n_test=result["n_test"], blessed=int(blessing["blessed"]),
                    champion_macro_f1=blessing["champion"],
-                   gate={k: blessing[k] for k in ("blessed", "reasons", "comparison", "champion_version")},
+                   gate={k: blessing.get(k) for k in ("blessed", "reasons", "comparison",
+                                                      "champion_version", "clean")},
                    ensemble_ms_per_sample=timing["ensemble_ms_per_sample"], device=timing["device"])
+        if blessing.get("clean"):
+            rec.update(gate_clean_images=blessing["clean"]["clean_images"],
+                       gate_excluded_images=(blessing["clean"]["test_images"]
+                                             - blessing["clean"]["clean_images"]))
     return rec
+
+
+def _champion_profile(registry: str, model_name: str):
+    """The registry champion's data profile (:func:`triview.drift.read_profile`), or None."""
+    from triview import drift as dr
+    from triview.registry import ModelRegistry
+
+    if not registry:
+        return None
+    reg = ModelRegistry(registry, model_name)
+    pointer = reg.champion()
+    return None if pointer is None else dr.read_profile(reg.fetch(int(pointer["version"])))
 
 
 def _evaluate_extras(branch_dirs, metas, voter, challenger, histories, views_dir, per_kind):
@@ -349,7 +386,16 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
             {"views": metrics["views"], "ensemble": metrics["ensemble"]}, out_dir,
             training=training, example=test.inputs, test_labels=test.labels,
             calibration=calibration, quantize=p["quantize"], task=task,
-            lineage={"run_id": run_id}, data_version=_data_version(views_dir))
+            lineage={"run_id": run_id}, data_version=_data_version(views_dir),
+            data={"seen_images": mf.seen_image_ids(mf.read_views(views_dir)),
+                  "seen_images_key": "image_id: the first 16 hex digits of the original file's "
+                                     "SHA-256, of every train and val image",
+                  "test_images": int(len(test.labels))})
+        from triview import drift as dr
+
+        for name in (dr.PROFILE_FILE, dr.EMBEDDINGS_FILE):  # the data profile travels with the model
+            if (Path(eval_dir) / name).is_file():
+                shutil.copyfile(Path(eval_dir) / name, Path(out_dir) / name)
         verdict = artifacts.read_blessing(blessing if blessing is not None else eval_dir)
         if verdict is not None:
             artifacts.write_blessing(out_dir, verdict)  # travels with the model into the registry

@@ -24,8 +24,8 @@ def augment(
         augmented: Output folder: ``views.csv`` listing only the augmented crops,
             ``augment.json`` and ``preview.png``.
         preview: Training crops next to augmented draws of them (Markdown, image embedded).
-        seed: Seed of the split, the augmentation, resampling, initialisation, shuffling and the
-            voter's folds. (>= 0)
+        seed: Seed of the augmentation, resampling, initialisation, shuffling and the voter's
+            folds (not of the split: see split_salt). (>= 0)
         augment_mode: offline writes augmented copies; online writes only the configuration and
             training draws fresh augmentations every epoch. (one of offline, online)
         augment_copies: Augmented copies per training crop (offline). (in [0, 100])

@@ -20,8 +20,8 @@ def balance(
         views: Cropped views dataset.
         balance: Output folder: ``balance.json`` (class weights, counts) and ``class_counts.csv``.
         class_counts: The per-split class counts as a Markdown table for the UI.
-        seed: Seed of the split, the augmentation, resampling, initialisation, shuffling and the
-            voter's folds. (>= 0)
+        seed: Seed of the augmentation, resampling, initialisation, shuffling and the voter's
+            folds (not of the split: see split_salt). (>= 0)
         class_weighting: Class weights of the loss: inverse_frequency (N / (C n_c)),
             effective_number (Cui et al. 2019) or none. (one of inverse_frequency,
             effective_number, none)

@@ -11,6 +11,7 @@ def evaluate(
     branch_3: Input[Model],
     voter: Input[Model],
     views: Input[Dataset],
+    dataset: Input[Dataset],
     evaluation: Output[Dataset],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
@@ -18,8 +19,10 @@ def evaluate(
     blessing: Output[Artifact],
     repeat: bool = False,
     # params: evaluate (generated from triview/params.py by `python -m components.codegen`)
-    registry: str = "", model_name: str = "triview", gate_min_macro_f1: float = 0.0,
-    gate_min_delta: float = -0.01,
+    weights_root: str = "", registry: str = "", model_name: str = "triview",
+    gate_min_macro_f1: float = 0.0, gate_min_delta: float = -0.01,
+    gate_min_clean_images: int = 20, gate_fallback: str = "keep_champion",
+    gate_max_drift: float = 0.0, drift_sample: int = 256,
     # end params
 ):
     """Score every view and the ensemble on the test split and gate the ensemble
@@ -32,7 +35,11 @@ def evaluate(
         voter: The chosen voter.
         views: Cropped views dataset: the test crops the champion is re-scored on, and the
             images of the report's misclassified and Grad-CAM galleries.
-        evaluation: Output folder: ``eval.json``, ``blessing.json``, ``report.md`` and ``report.html``.
+        dataset: Ingest's dataset: the images the data profile and the drift against the
+            champion's data are measured on (not for a repeat).
+        evaluation: Output folder: ``eval.json``, ``blessing.json``, ``report.md``,
+            ``report.html`` and the data profile (``drift_profile.json``,
+            ``drift_embeddings.npy``) export puts into the model.
         metrics: Test accuracy, macro-F1, weighted-F1 and ROC-AUC per view and for the
             ensemble; ``blessed`` (0/1) and ``champion_macro_f1``.
         confusion: The ensemble's test confusion matrix and micro-averaged ROC curve.
@@ -42,6 +49,9 @@ def evaluate(
             promotes only a blessed model.
         repeat: This task scores a repeat of the run with another seed (``repeats > 1``):
             its record is ``evaluate-seed-<seed>`` and it is never gated (no registry).
+        weights_root: Weights mirror for weights=imagenet: a folder or s3://bucket/prefix that
+            `triview weights stage` filled (on a cluster, e.g. s3://triview-artifacts/weights on
+            MinIO, so that nothing reaches the internet).
         registry: Model registry: a folder or s3://bucket/prefix. Empty: no registry, no
             champion, nothing promoted.
         model_name: Model name in the registry (models/<model_name>/...).
@@ -50,6 +60,18 @@ def evaluate(
         gate_min_delta: Least change of macro-F1 against the champion on the same test images:
             negative tolerates that much regression, positive demands that much gain. (in [-1,
             1])
+        gate_min_clean_images: Fewest clean test images (neither the champion nor the challenger
+            trained or validated on them) the champion comparison is made on; with fewer,
+            gate_fallback decides. (>= 1)
+        gate_fallback: When too few clean test images remain: keep_champion (the challenger is
+            not blessed) or absolute_bar (blessed on the absolute bar alone). Never a comparison
+            on images a model has seen. (one of keep_champion, absolute_bar)
+        gate_max_drift: Embedding drift (two-sample ROC-AUC of new images against the
+            champion's, 0.5 = none, 1 = fully separable) above which the challenger is not
+            blessed; 0: drift is reported, never gated. (in [0, 1])
+        drift_sample: Images per side of the drift measurement (this run's new images against
+            the champion's data: class PSI and chi-square, image statistics, two-sample ROC-AUC
+            of ImageNet EfficientNet-Lite0 embeddings); 0: no drift profile. (in [0, 5000])
     """
     import json
     import shutil
@@ -59,7 +81,7 @@ def evaluate(
 
     dirs = [branch_1.path, branch_2.path, branch_3.path]
     evaluate_stage(dirs, voter.path, evaluation.path, views_dir=views.path, repeat=repeat,
-                   **pick("evaluate", locals()))
+                   dataset_dir=dataset.path, **pick("evaluate", locals()))
     with open(f"{evaluation.path}/eval.json") as fh:
         result = json.load(fh)
     with open(f"{evaluation.path}/blessing.json") as fh:
@@ -71,6 +93,13 @@ def evaluate(
     metrics.log_metric("blessed", int(verdict["blessed"]))
     if verdict.get("champion") is not None:
         metrics.log_metric("champion_macro_f1", verdict["champion"])
+    if verdict.get("clean"):
+        metrics.log_metric("gate_clean_images", verdict["clean"]["clean_images"])
+    if result.get("drift"):
+        from triview.drift import flat
+
+        for key, value in flat(result["drift"]).items():
+            metrics.log_metric(key, value)
     if result["task"] == "multiclass":
         confusion.log_confusion_matrix(result["classes"], result["confusion_matrix"])
     roc = result["roc_curve"]

@@ -9,8 +9,8 @@ def ingest(
     data: str,
     dataset: Output[Dataset],
     # params: ingest (generated from triview/params.py by `python -m components.codegen`)
-    seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15, min_size: int = 8,
-    max_pixels: int = 100000000, label_remap: str = "", label_drop: str = "",
+    val_fraction: float = 0.15, test_fraction: float = 0.15, split_salt: str = "",
+    min_size: int = 8, max_pixels: int = 100000000, label_remap: str = "", label_drop: str = "",
     min_per_class: int = 0, allowed_roots: str = "", near_duplicate_distance: int = 3,
     # end params
 ):
@@ -21,12 +21,13 @@ def ingest(
             CSV/Parquet table (multi-label) or ``s3://bucket/prefix``.
         dataset: Output folder: ``manifest.csv``, ``quarantine.csv``, ``classes.json``,
             ``dataset.json`` (``dataset_version``), statistics and the normalised RGB images.
-        seed: Seed of the split, the augmentation, resampling, initialisation, shuffling and the
-            voter's folds. (>= 0)
         val_fraction: Share of source images in the validation split, when the input gives none.
             (in [0, 1))
         test_fraction: Share of source images in the test split, when the input gives none. (in
             [0, 1))
+        split_salt: Salt of the split hash: an image's split is a function of its source photo's
+            id and this salt only, so it stays put as the data set grows. Change it only to draw
+            a new split (empty: the default salt).
         min_size: Images whose shorter side is below this many pixels are quarantined. (>= 1)
         max_pixels: Images with more pixels are quarantined as decompression bombs. (>= 1)
         label_remap: Rename or merge labels: comma-separated old->new pairs.

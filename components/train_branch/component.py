@@ -42,8 +42,8 @@ def train_branch(
             checkpoint folder below checkpoint_root, so a retry of the run finds it.
         repeat: This task is a repeat of the run with another seed (``repeats > 1``): its
             checkpoints, record and metrics are kept apart under ``seed-<seed>``.
-        seed: Seed of the split, the augmentation, resampling, initialisation, shuffling and the
-            voter's folds. (>= 0)
+        seed: Seed of the augmentation, resampling, initialisation, shuffling and the voter's
+            folds (not of the split: see split_salt). (>= 0)
         backbone: Backbone from the registry. (one of efficientnet_lite0, resnet18, resnet34,
             resnet50, densenet121, efficientnet_v2_s, shufflenet_v2_x0_5, shufflenet_v2_x1_0,
             regnet_y_400mf, mobilenet_v3_small, mobilenet_v3_large, convnext_tiny, vit_b_16,

@@ -27,8 +27,8 @@ def train_voter(
         voter: Output folder: ``voter.json`` (the chosen voter) and ``candidates.csv``.
         candidates: Validation scores of every candidate voter, as Markdown.
         repeat: This task is a repeat of the run with another seed (``repeats > 1``).
-        seed: Seed of the split, the augmentation, resampling, initialisation, shuffling and the
-            voter's folds. (>= 0)
+        seed: Seed of the augmentation, resampling, initialisation, shuffling and the voter's
+            folds (not of the split: see split_salt). (>= 0)
     """
     import pandas as pd
 
