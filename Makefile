@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# rfc3987-syntax comes only with jsonschema[format-nongpl] (cyclonedx-bom's validation
+	# extra) and builds a Lark grammar when imported: 3-5 s in every process that imports
+	# kfp (kfp -> kubernetes -> the optional kubernetes_validate -> jsonschema), i.e. in
+	# every DAG task. Nothing here checks the "iri" formats it serves (bench/task_startup.py).
+	$(BIN)/python -m pip uninstall --quiet --yes rfc3987-syntax
 	touch $(STAMP)
 
 install: $(STAMP)
