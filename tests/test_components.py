@@ -56,7 +56,7 @@ def test_a_face_refuses_a_bad_value_from_the_ui(faces, tmp_path):
 
 
 def test_the_whole_chain_of_faces(faces, tmp_path):
-    tmp, _, views = faces
+    tmp, dataset, views = faces
     weights = _artifact(Dataset, tmp_path, "balance")
     counts = _artifact(Markdown, tmp_path, "counts")
     balance.python_func(views=views, balance=weights, class_counts=counts)
@@ -66,7 +66,7 @@ def test_the_whole_chain_of_faces(faces, tmp_path):
     augmented = _artifact(Dataset, tmp_path, "augmented")
     preview = _artifact(Markdown, tmp_path, "preview")
     augment.python_func(views=views, augmented=augmented, preview=preview, augment_copies=1)
-    assert augmented.metadata == {"crops": 840, "mode": "offline"}  # 280 training images x 3 views
+    assert augmented.metadata == {"crops": 873, "mode": "offline"}  # 291 training images x 3 views
     assert "data:image/png;base64," in Path(preview.path).read_text()
 
     branches = []
@@ -93,10 +93,13 @@ def test_the_whole_chain_of_faces(faces, tmp_path):
     report = _artifact(HTML, tmp_path, "report.html")
     blessing = _artifact(Artifact, tmp_path, "blessing.json")
     evaluate.python_func(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
-                         voter=voter, views=views, evaluation=evaluation, metrics=metrics,
-                         confusion=confusion, report=report, blessing=blessing,
-                         registry=str(tmp_path / "registry"), model_name="digits")
+                         voter=voter, views=views, dataset=dataset, evaluation=evaluation,
+                         metrics=metrics, confusion=confusion, report=report, blessing=blessing,
+                         registry=str(tmp_path / "registry"), model_name="digits", drift_sample=64)
     assert {"ensemble_accuracy", "ensemble_macro_f1", "top_macro_f1", "blessed"} <= set(metrics.metadata)
+    # the first model: a data profile to measure the next run's drift against, no drift yet
+    assert metrics.metadata["drift_measured"] == 0 and metrics.metadata["drift_new_images"] == 400
+    assert (Path(evaluation.path) / "drift_profile.json").is_file()
     assert len(confusion.metadata["confusionMatrix"]["rows"]) == 10
     assert blessing.metadata["comparison"] == "first_run" and blessing.metadata["blessed"]
     assert Path(report.path).read_text().lower().startswith("<!doctype html>")
@@ -109,6 +112,8 @@ def test_the_whole_chain_of_faces(faces, tmp_path):
     assert model.metadata["onnx_max_abs_diff"] <= 1e-4
     card = json.loads((Path(model.path) / "model_card.json").read_text())
     assert card["training"]["top"]["weights"] is None  # the digits train from scratch
+    assert len(card["data"]["seen_images"]) == dataset.metadata["train"] + dataset.metadata["val"]
+    assert (Path(model.path) / "drift_embeddings.npy").is_file()  # the profile travels with it
 
     seeds = repeat_seeds.python_func(seed=4, repeats=3)
     assert seeds == [5, 6]

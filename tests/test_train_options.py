@@ -59,9 +59,10 @@ def test_patience_stops_early_and_sgd_step_schedule_with_accumulation(cropped, a
                                                                       balanced, tmp_path):
     from triview.stages import train_branch_stage
 
-    # lr = 0: validation never improves after epoch 1, so patience 2 stops after epoch 3
+    # lr = 0 and frozen BatchNorm statistics: validation never improves after epoch 1, so
+    # patience 2 stops after epoch 3
     rec = train_branch_stage(cropped, augmented, balanced, "left", tmp_path / "a", **digits_train(epochs=8,
-                             batch_size=32, lr=1e-12, patience=2, optimizer="sgd"))
+                             batch_size=32, lr=1e-12, patience=2, optimizer="sgd", freeze_bn=True))
     history = pd.read_csv(tmp_path / "a" / "history.csv")
     assert rec["stopped_early"] and len(history) == 3 and rec["best_epoch"] == 1
     assert (tmp_path / "a" / "history.png").stat().st_size > 5000
