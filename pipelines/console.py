@@ -360,8 +360,15 @@ def describe_stage(rec: dict) -> str:
         return f"{repeat}voter {rec['method']}, val macro-F1 {rec['val_macro_f1']:.4f}"
     if stage.startswith("evaluate"):
         ensemble = rec["ensemble"]
-        return (f"{repeat}ensemble test accuracy {ensemble['accuracy']:.4f}, macro-F1 "
+        text = (f"{repeat}ensemble test accuracy {ensemble['accuracy']:.4f}, macro-F1 "
                 f"{ensemble['macro_f1']:.4f}; {'blessed' if rec.get('blessed') else 'not blessed'}")
+        if "gate_clean_images" in rec:
+            text += (f" (vs champion v{(rec.get('gate') or {}).get('champion_version')} on "
+                     f"{rec['gate_clean_images']} clean test images, "
+                     f"{rec['gate_excluded_images']} excluded)")
+        if rec.get("drift_embedding_auc") is not None:
+            text += f"; drift AUC {rec['drift_embedding_auc']:.2f} on {rec['drift_new_images']} new images"
+        return text
     if stage == "export":
         return (f"{'blessed' if rec.get('blessed') else 'not blessed'}, "
                 f"{'promoted' if rec.get('promoted') else 'not promoted'} in the registry; "

@@ -120,3 +120,9 @@ def test_error_message_and_stage_lines():
     assert describe_stage({"stage": "train-branch-top-seed-1", "view": "top", "best_epoch": 3,
                            "epochs_run": 4, "val_macro_f1": 0.91234}) == \
         "seed 1: top: best epoch 3 of 4, val macro-F1 0.9123"
+    assert describe_stage({"stage": "evaluate", "ensemble": {"accuracy": 0.9, "macro_f1": 0.89},
+                           "blessed": 1, "gate": {"champion_version": 2}, "gate_clean_images": 87,
+                           "gate_excluded_images": 0, "drift_embedding_auc": 0.512,
+                           "drift_new_images": 200}) == \
+        ("ensemble test accuracy 0.9000, macro-F1 0.8900; blessed (vs champion v2 on 87 clean "
+         "test images, 0 excluded); drift AUC 0.51 on 200 new images")
