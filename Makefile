@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# rfc3987-syntax comes only with jsonschema[format-nongpl] (cyclonedx-bom's validation
-	# extra) and builds a Lark grammar when imported: 3-5 s in every process that imports
-	# kfp (kfp -> kubernetes -> the optional kubernetes_validate -> jsonschema), i.e. in
-	# every DAG task. Nothing here checks the "iri" formats it serves (bench/task_startup.py).
+	# extra) and builds a Lark grammar when imported: 4.5 s in every process that imports
+	# kfp's client (kfp -> kubernetes -> the optional kubernetes_validate -> jsonschema):
+	# `triview run/compile/submit`, the test process. (DAG tasks set _KFP_RUNTIME and skip
+	# the client.) Nothing here checks the "iri" formats it serves (bench/cli_startup.py).
 	$(BIN)/python -m pip uninstall --quiet --yes rfc3987-syntax
 	touch $(STAMP)
 

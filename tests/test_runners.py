@@ -79,13 +79,14 @@ def test_an_out_folder_the_task_user_cannot_enter_is_refused_before_any_containe
     check_reachable(private / "out")
 
 
-def test_a_task_process_starts_without_the_slow_optional_grammar():
-    """Every DAG task is a fresh `python -m kfp.dsl.executor_main`; kfp -> kubernetes ->
+def test_the_cli_imports_kfp_without_the_slow_optional_grammar():
+    """`triview run/compile/submit` import kfp's client; kfp -> kubernetes ->
     kubernetes_validate -> jsonschema would import rfc3987_syntax, which builds a Lark
-    grammar for 3-5 s per task (bench/task_startup.py). `make install` leaves it out."""
+    grammar for 4.5 s (bench/cli_startup.py). `make install` leaves it out."""
     import subprocess
     import sys
 
-    code = "import sys, kfp.dsl.executor_main; print('rfc3987_syntax' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = "import sys, pipelines.local, kfp.client; print('rfc3987_syntax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"

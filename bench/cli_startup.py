@@ -1,10 +1,11 @@
-"""Start-up of one DAG task's process: what ``python -m kfp.dsl.executor_main`` imports
-before the component runs, with and without the optional ``rfc3987_syntax`` (pulled into
-the dev venv by cyclonedx-bom's jsonschema[format-nongpl]; kfp -> kubernetes ->
-kubernetes_validate -> jsonschema imports it, and it builds a Lark grammar at import).
-The Makefile uninstalls it; this measures what that saves, in the same run.
+"""Start-up of a process that imports kfp's client, as `triview run`, `compile` and
+`submit` and the test process do, with and without the optional ``rfc3987_syntax`` (pulled
+into the dev venv by cyclonedx-bom's jsonschema[format-nongpl]; kfp -> kubernetes ->
+kubernetes_validate -> jsonschema imports it, and it builds a Lark grammar at import). The
+Makefile uninstalls it; this measures what that saves, in the same run. (A DAG task's own
+process sets _KFP_RUNTIME=true, skips kfp's client and never paid this.)
 
-    python bench/task_startup.py [--rounds 5] [--json FILE]
+    python bench/cli_startup.py [--rounds 5] [--json FILE]
 """
 from __future__ import annotations
 
