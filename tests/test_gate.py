@@ -1,5 +1,6 @@
 """The champion/challenger gate: first run, blessed, not blessed, incomparable champion,
 and export refusing to promote an unblessed model."""
+import hashlib
 import json
 import shutil
 
@@ -129,9 +130,12 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
     card = json.loads(card_path.read_text())
     views = mf.read_views(cropped)
     test_ids = sorted(set(views.loc[views["split"] == "test", "image_id"]))
-    assert card["data"]["seen_images"] == mf.seen_image_ids(views)
-    assert len(card["data"]["seen_images"]) == len(set(views.loc[views["split"] != "test", "image_id"]))
-    assert not set(test_ids) & set(card["data"]["seen_images"])
+    seen_file = card_path.parent / card["data"]["seen_images"]["file"]
+    seen = seen_file.read_text().split()
+    assert seen == mf.seen_image_ids(views) and card["data"]["seen_images"]["count"] == len(seen)
+    assert len(seen) == len(set(views.loc[views["split"] != "test", "image_id"]))
+    assert not set(test_ids) & set(seen)
+    assert card["data"]["seen_images"]["sha256"] == hashlib.sha256(seen_file.read_bytes()).hexdigest()
     assert second["clean"] == {"test_images": len(test_ids), "clean_images": len(test_ids),
                                "excluded": {}}
     assert rec["gate_clean_images"] == len(test_ids) and rec["gate_excluded_images"] == 0
@@ -143,9 +147,8 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
     contaminated = tmp_path / "contaminated"
     shutil.copytree(tmp_path / "registry", contaminated)
     half = test_ids[: len(test_ids) // 2]
-    c_card = contaminated / "models" / "digits" / "1" / "model_card.json"
-    c_card.write_text(json.dumps({**card, "data": {**card["data"],
-                                                   "seen_images": card["data"]["seen_images"] + half}}))
+    c_seen = contaminated / "models" / "digits" / "1" / "seen_images.txt"
+    c_seen.write_text("\n".join(seen + half) + "\n")
     rec = evaluate_stage(dirs, voter_dir, tmp_path / "e4", views_dir=cropped,
                          registry=str(contaminated), model_name="digits",
                          gate_min_clean_images=10, gradcam_per_kind=0)
@@ -172,8 +175,8 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
         fifth = json.loads((tmp_path / f"e5{fallback}" / "blessing.json").read_text())
         assert fifth["comparison"] == "too_few_clean" and fifth["blessed"] is blessed
         assert fifth["champion"] is None and f"fallback {fallback}" in fifth["reasons"][-1]
-    # a champion whose card does not record what it saw: nothing counts as clean
-    c_card.write_text(json.dumps({k: v for k, v in card.items() if k != "data"}))
+    # a champion that does not record what it saw: nothing counts as clean
+    c_seen.unlink()
     verdict = run_gate(challenger, cropped, str(contaminated), "digits")
     assert verdict["comparison"] == "too_few_clean" and not verdict["blessed"]
     assert verdict["clean"]["excluded"] == {"champion_record_missing": len(test_ids)}

@@ -11,6 +11,7 @@ import pytest
 
 from triview import manifest as mf
 from triview import stages
+from triview.artifacts import read_seen_images
 from triview.registry import ModelRegistry
 
 from conftest import digits_train
@@ -58,8 +59,7 @@ def test_three_scheduled_runs_on_growing_data_share_one_registry(tmp_path):
         champion_before = reg.champion()
         seen_by_champion = set()
         if champion_before is not None:
-            card = json.loads((reg.fetch(champion_before["version"]) / "model_card.json").read_text())
-            seen_by_champion = set(card["data"]["seen_images"])
+            seen_by_champion = read_seen_images(reg.fetch(champion_before["version"]))
         if data.exists():
             shutil.rmtree(data)
         write_batch(data, per_class, total=60, invert_after=WEEKS[1] if week == 2 else None)

@@ -10,9 +10,10 @@ A branch folder (train-branch)::
 ``predictions.npz`` holds ``{val,test}_{prob,ids,labels}`` (and ``thresholds`` for
 multi-label, ``oof_*`` with out-of-fold voter inputs). A voter folder: ``voter.json``
 (``{method, params, views, task, name, ...}``) and ``candidates.csv``. An evaluation
-folder: ``eval.json``, ``blessing.json``, ``report.md``, ``report.html``. An export
-folder: the ensemble as TorchScript and ONNX, ``weights.safetensors``, ``voter.json``,
-``model_card.json`` and ``model_card.md``.
+folder: ``eval.json``, ``blessing.json``, ``report.md``, ``report.html`` (and the data
+profile of :mod:`triview.drift`). An export folder: the ensemble as TorchScript and ONNX,
+``weights.safetensors``, ``voter.json``, ``model_card.json``, ``model_card.md``,
+``seen_images.txt`` (the images it trained and validated on) and the data profile.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ INT8_FILE = "ensemble.int8.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "model_card.json"
 CARD_MD = "model_card.md"
+#: the ids of the images the model trained and validated on, one per line (the card names
+#: the file, its count and SHA-256); the gate scores a champion only on images not in it
+SEEN_FILE = "seen_images.txt"
 
 Folder = str | Path
 
@@ -131,3 +135,24 @@ def read_card(folder: Folder) -> dict:
 
 def write_card(folder: Folder, card: dict) -> None:
     _write_json(Path(folder) / CARD_FILE, card)
+
+
+def write_seen_images(folder: Folder, ids: list[str]) -> dict:
+    """Write ``seen_images.txt``; return the card's record of it."""
+    import hashlib
+
+    text = "".join(f"{i}\n" for i in ids)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(folder) / SEEN_FILE, text)
+    return {"file": SEEN_FILE, "count": len(ids),
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "key": "image_id: the first 16 hex digits of the original file's SHA-256, of every "
+                   "train and val image"}
+
+
+def read_seen_images(folder: Folder) -> set[str] | None:
+    """The ids a model folder records as seen, or None when it records none."""
+    path = Path(folder) / SEEN_FILE
+    if not path.is_file():
+        return None
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}

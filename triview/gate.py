@@ -9,8 +9,8 @@ to (other classes, views, image size, crop geometry or lens) is not compared, an
 challenger is not blessed, with that reason.
 
 Both models are compared only on test images that neither of them trained or validated
-on: the champion's model card records the images it saw (``data.seen_images``, content-hash
-ids), and the challenger's test images it saw are excluded too (none, unless a split was
+on: the champion's model folder records the images it saw (``seen_images.txt``, content-hash
+ids, named in its card), and the challenger's test images it saw are excluded too (none, unless a split was
 given that overlaps). When fewer than ``min_clean_images`` remain (a champion trained on a
 split drawn with another salt, or a card from before this record), the comparison is not
 made and ``fallback`` decides: ``keep_champion`` (default) refuses the challenger,
@@ -97,14 +97,15 @@ def score_champion(model_dir: str | Path, views_dir: str | Path) -> dict:
     return scores(pred["y"], pred["prob"], pred["thresholds"])
 
 
-def clean_test_images(test_ids: list[str], champion_card: dict, challenger_seen: set[str]) -> dict:
+def clean_test_images(test_ids: list[str], champion_seen: set[str] | None,
+                      challenger_seen: set[str]) -> dict:
     """Which of the challenger's test images neither model trained or validated on.
 
-    Returns ``{"ids": [...clean ids...], "test_images": n, "clean_images": k,
-    "excluded": {reason: count}}``; an image is counted under the first reason that applies.
+    ``champion_seen`` is None when the champion records nothing (every image then counts
+    as ``champion_record_missing``). Returns ``{"ids": [...clean ids...], "test_images": n,
+    "clean_images": k, "excluded": {reason: count}}``; an image is counted under the first
+    reason that applies.
     """
-    record = (champion_card.get("data") or {}).get("seen_images")
-    champion_seen = set(record) if record is not None else None
     excluded = {"champion_trained_or_validated": 0, "challenger_trained_or_validated": 0,
                 "champion_record_missing": 0}
     clean = []
@@ -235,7 +236,8 @@ def run_gate(challenger: dict, views_dir: str | Path, registry: str = "", model_
     views = mf.read_views(views_dir)
     champ = champion_predictions(folder, views_dir)
     test_ids = list(test["ids"]) if test is not None else champ["ids"]
-    clean = clean_test_images(test_ids, card, set(mf.seen_image_ids(views)))
+    clean = clean_test_images(test_ids, artifacts.read_seen_images(folder),
+                              set(mf.seen_image_ids(views)))
     if clean["clean_images"] < config.min_clean_images:
         return decide(challenger, None, config, champion_version=version, clean=clean, drift=drift)
     keep = set(clean["ids"])

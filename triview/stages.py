@@ -387,9 +387,8 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
             training=training, example=test.inputs, test_labels=test.labels,
             calibration=calibration, quantize=p["quantize"], task=task,
             lineage={"run_id": run_id}, data_version=_data_version(views_dir),
-            data={"seen_images": mf.seen_image_ids(mf.read_views(views_dir)),
-                  "seen_images_key": "image_id: the first 16 hex digits of the original file's "
-                                     "SHA-256, of every train and val image",
+            data={"seen_images": artifacts.write_seen_images(
+                      out_dir, mf.seen_image_ids(mf.read_views(views_dir))),
                   "test_images": int(len(test.labels))})
         from triview import drift as dr
 
