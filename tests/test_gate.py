@@ -37,6 +37,21 @@ def test_tolerated_regression_and_required_improvement():
     assert not decide({"macro_f1": 0.5}, {"macro_f1": 0.1}, GateConfig(min_value=0.6))["blessed"]
 
 
+def test_a_large_drift_stops_promotion_only_when_gate_max_drift_is_set():
+    shifted, same = {"embedding_auc": 0.97}, {"embedding_auc": 0.52}
+    assert decide({"macro_f1": 0.9}, None, GateConfig(), drift=shifted)["blessed"]  # 0: report only
+    stopped = decide({"macro_f1": 0.9}, None, GateConfig(max_drift=0.8), drift=shifted)
+    assert not stopped["blessed"] and "above gate_max_drift 0.800" in stopped["reasons"][1]
+    assert decide({"macro_f1": 0.9}, None, GateConfig(max_drift=0.8), drift=same)["blessed"]
+    # not measured (no new images, no champion profile): nothing to stop for
+    assert decide({"macro_f1": 0.9}, None, GateConfig(max_drift=0.8), drift={"measured": False})["blessed"]
+    values = metrics.stage_values({"seconds": 1.0, "gate_clean_images": 87, "gate_excluded_images": 3,
+                                   "drift_embedding_auc": 0.97, "drift_class_psi": 0.01,
+                                   "drift": {"measured": True}})
+    assert values["gate_clean_images"] == 87 and values["drift_embedding_auc"] == 0.97
+    assert values["drift_class_psi"] == 0.01 and "drift" not in values
+
+
 def test_champions_of_other_classes_or_image_sizes_are_not_compared():
     geometry = {"views": ["left", "center", "right"], "lens": None,
                 "geometry": {"layout": "horizontal", "overlap": 0.5, "image_size": 32,
