@@ -251,7 +251,7 @@ def test_a_task_reads_and_writes_minio_artifacts_as_uid_10001_on_a_read_only_roo
     executor_output = json.loads(log.split("EXECUTOR_OUTPUT ", 1)[1])
     metadata = executor_output["artifacts"]["balance"]["artifacts"][0]["metadata"]
     # the outputs are on S3 under their URIs, and are what the stage computes on the host
-    expected = balance_stage(cropped, tmp_path / "balance", weighting="effective_number")
+    expected = balance_stage(cropped, tmp_path / "balance", class_weighting="effective_number")
     uploaded = json.loads(store.get_bytes(f"s3://{BUCKET}/pipeline-root/triview-run-1/balance/balance/balance.json"))
     assert uploaded["class_weights"] == pytest.approx(expected["class_weights"])
     assert metadata["class_weights"] == pytest.approx(expected["class_weights"])
