@@ -121,12 +121,14 @@ def _class_counts(table: pd.DataFrame) -> dict[str, int]:
 
 
 def build_profile(dataset_dir: str | Path, sample: int = 256, extractor: Extractor | None = None,
-                  extra_ids: list[str] = ()) -> tuple[dict, np.ndarray | None, dict]:
+                  extra_ids: list[str] = (), table: pd.DataFrame | None = None
+                  ) -> tuple[dict, np.ndarray | None, dict]:
     """The data profile of an ingested data set, its sample's embeddings, and the
     embeddings and statistics of ``extra_ids`` too (``{id: (stats, embedding)}``), so that
-    a drift measurement reads and embeds every image once."""
+    a drift measurement reads and embeds every image once. ``table``: its manifest, when
+    the caller has read it already."""
     folder = Path(dataset_dir)
-    table = mf.read_manifest(folder)
+    table = mf.read_manifest(folder) if table is None else table
     ids = [str(i) for i in table["image_id"]]
     chosen = stable_sample(ids, sample)
     wanted = list(dict.fromkeys(chosen + [i for i in extra_ids if i not in set(chosen)]))
@@ -249,7 +251,8 @@ def measure(dataset_dir: str | Path, reference: tuple[dict, np.ndarray | None] |
     new_ids = [i for i in ids if i not in known]
     new_sample = stable_sample(new_ids, sample) if ref_profile else []
     extractor = Extractor.load(weights_root)
-    profile, emb, per_id = build_profile(dataset_dir, sample, extractor, extra_ids=new_sample)
+    profile, emb, per_id = build_profile(dataset_dir, sample, extractor, extra_ids=new_sample,
+                                         table=table)
     if out_dir is not None:
         write_profile(profile, emb, out_dir)
     result = {"measured": False, "new_images": len(new_ids), "images": len(ids),
