@@ -9,7 +9,7 @@ import torch
 
 from triview.params import ParamError
 from triview.train import TrainConfig
-from triview.train.optim import amp_dtype, lr_factor, make_optimizer
+from triview.train.optim import amp_dtype, kernel, lr_factor, make_optimizer
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "linear", "poly", "step", "multistep"])
@@ -53,6 +53,31 @@ def test_optimizers_and_amp_modes():
     assert amp_dtype(TrainConfig(amp="bf16"), cpu) is None
     with pytest.raises(ParamError, match="amp"):
         TrainConfig(amp="int8")
+
+
+def test_optimizers_take_the_fused_kernel_on_cpu_and_step_like_the_default():
+    """One fused update kernel per step on CPU/CUDA (bench/optimizer_kernel.py: the
+    default is a Python loop over the tensors); the same update up to float rounding."""
+    torch.manual_seed(0)
+    groups = [{"params": [torch.nn.Parameter(torch.randn(4, 3))], "lr": 1e-2},
+              {"params": [torch.nn.Parameter(torch.randn(5))], "lr": 1e-3}]
+    assert kernel(groups) == {"fused": True}
+    assert kernel([torch.zeros(2, device="meta", requires_grad=True)]) == {}  # no fused kernel there
+    for name, plain in (("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam),
+                        ("sgd", torch.optim.SGD)):
+        config = TrainConfig(optimizer=name, lr=1e-2, momentum=0.9)
+        fused_params = [torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)))]
+        plain_params = [torch.nn.Parameter(fused_params[0].detach().clone())]
+        fused = make_optimizer(config, fused_params)
+        assert fused.defaults["fused"] is True
+        kwargs = ({"momentum": 0.9, "nesterov": True} if name == "sgd" else {})
+        reference = plain(plain_params, lr=1e-2, weight_decay=config.weight_decay, **kwargs)
+        for step in range(5):
+            for params, opt in ((fused_params, fused), (plain_params, reference)):
+                opt.zero_grad()
+                (params[0] ** 2).sum().mul(step + 1).backward()
+                opt.step()
+        torch.testing.assert_close(fused_params[0], plain_params[0], rtol=1e-5, atol=1e-6)
 
 
 def test_patience_stops_early_and_sgd_step_schedule_with_accumulation(cropped, augmented,

@@ -21,7 +21,7 @@ from triview.scoring import macro_f1, predicted
 from triview.train import checkpoint
 from triview.train.config import TrainConfig, resume_key
 from triview.train.data import ViewData, as_float, batches
-from triview.train.optim import amp_dtype, lr_factor, make_optimizer, training_device
+from triview.train.optim import amp_dtype, kernel, lr_factor, make_optimizer, training_device
 
 
 @torch.no_grad()
@@ -166,8 +166,9 @@ def fit_head(net: BranchNet, train_x: torch.Tensor, train_y: torch.Tensor, val_x
     device = next(head.parameters()).device
     head.train()
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.head_lr,
-                                  weight_decay=config.weight_decay)
+    params = list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.head_lr, weight_decay=config.weight_decay,
+                                  **kernel(params))
     steps = config.head_epochs * -(-len(train_y) // config.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
     squash = torch.sigmoid if task == "multilabel" else (lambda z: torch.softmax(z, dim=1))
