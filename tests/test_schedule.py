@@ -37,7 +37,11 @@ def _run(data: Path, work: Path, registry: str) -> dict:
                                   work / view, **digits_train(epochs=2, batch_size=32, seed=0))
         branches.append(work / view)
     stages.train_voter_stage(branches, work / "voter")
-    gate = {"registry": registry, "model_name": "digits", "gate_min_delta": -0.05}
+    # every challenger passes the comparison (two epochs at 16 px learn little, and which
+    # tiny model scores a few hundredths higher is chance): this test is about what the
+    # registry, the split and the drift record, and week 3's drift is measured against the
+    # images of week 2's champion
+    gate = {"registry": registry, "model_name": "digits", "gate_min_delta": -1.0}
     evaluated = stages.evaluate_stage(branches, work / "voter", work / "eval",
                                       views_dir=work / "views", dataset_dir=work / "dataset",
                                       gradcam_per_kind=0, drift_sample=150, **gate)

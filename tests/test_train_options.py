@@ -139,7 +139,7 @@ def test_linear_probe_trains_only_the_head_until_unfrozen(cropped, augmented, ba
     from triview.train import load_branch
 
     torch.manual_seed(123)
-    source = create_backbone("shufflenet_v2_x1_0", 10, 32)
+    source = create_backbone(digits_train()["backbone"], 10, 32)  # the architecture trained below
     weights = tmp_path / "pre.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, weights)
     conv = "conv1.0.weight"
