@@ -208,7 +208,9 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
     misclassified images and the Grad-CAM gallery; without it those are left out
     (and a ``registry`` cannot be used). ``repeat`` marks a repeat of the main run
     (``repeats > 1``): the record is named ``evaluate-seed-<seed>`` (the voter's seed),
-    and a repeat is never gated against the registry.
+    a repeat is never gated against the registry, and its report has no Grad-CAM gallery
+    (the same networks trained from another seed: the main seed's report shows where they
+    look; repeats are there for mean and SD).
 
     ``dataset_dir`` (ingest's output) adds the data profile (written next to the report;
     export puts it into the model folder) and the drift of this run's new images against
@@ -255,7 +257,8 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
                                config, task, test=test, drift=drift)
         artifacts.write_blessing(out_dir, blessing)
         timing, gallery, reader = _evaluate_extras(branch_dirs, metas, voter, challenger,
-                                                   histories, views_dir, gradcam_per_kind)
+                                                   histories, views_dir,
+                                                   0 if repeat else gradcam_per_kind)
         result = ev.evaluate(preds, voter, classes, out_dir, candidates, histories=histories,
                              timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader,
                              drift=drift)
