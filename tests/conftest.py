@@ -3,6 +3,7 @@ chain each test module picks up where it needs it: digits -> ingested -> cropped
 balanced / augmented -> trained (three branches) -> voted -> evaluated -> exported."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -116,9 +117,10 @@ def exported(trained, voted, evaluated, cropped, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture()
-def pushgateway(tmp_path):
-    """A real Prometheus Pushgateway (Debian's prometheus-pushgateway) on 127.0.0.1."""
+@contextlib.contextmanager
+def pushgateway_server():
+    """A real Prometheus Pushgateway (Debian's prometheus-pushgateway) on 127.0.0.1;
+    yields its URL."""
     import shutil
     import socket
     import subprocess
@@ -148,6 +150,48 @@ def pushgateway(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def pushgateway():
+    with pushgateway_server() as url:
+        yield url
+
+
+#: The small DAG run's parameters: the photo defaults (ImageNet EfficientNet-Lite0 from
+#: its wheel, the head on cached features, then fine-tuning) at 24 px, one epoch of
+#: fine-tuning, no offline copies: every task still in the DAG, minutes turned into seconds.
+SMALL_RUN_PARAMS = ("epochs=1", "image_size=24", "augment_copies=0")
+
+
+@pytest.fixture(scope="session")
+def small_cli_run(tmp_path_factory) -> dict:
+    """One ``triview run`` through the CLI (kfp.local's subprocess runner) on 400 real
+    digits and one broken file, with :data:`SMALL_RUN_PARAMS` and ``--repeats 2``,
+    pushing its metrics to a real Pushgateway. Shared by the end-to-end
+    test (what the run printed, wrote and pushed) and the container test (the same DAG in
+    the built images must give the same metrics). Returns the data and output folders,
+    the process's stdout/stderr/return code and the Pushgateway's /metrics text after
+    the run."""
+    import os
+    import subprocess
+    import urllib.request
+
+    from triview.demo import write_digits
+
+    tmp = tmp_path_factory.mktemp("small_run")
+    data, out = tmp / "data", tmp / "out"
+    write_digits(data, per_class=40)
+    (data / "0" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    cmd = [str(Path(sys.executable).parent / "triview"), "run", "--data", str(data),
+           "--out", str(out), "--repeats", "2"]
+    cmd += [a for p in SMALL_RUN_PARAMS for a in ("--param", p)]
+    with pushgateway_server() as url:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                              env={**os.environ, "PUSHGATEWAY_URL": url})
+        metrics = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    return {"data": data, "out": out, "params": SMALL_RUN_PARAMS, "returncode": proc.returncode,
+            "stdout": proc.stdout, "stderr": proc.stderr, "metrics": metrics}
 
 
 @pytest.fixture(scope="session")

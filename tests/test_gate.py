@@ -182,12 +182,11 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
     report = (tmp_path / "e4" / "report.html").read_text()
     assert "clean test images" in report and "excluded: champion trained or validated" in report
 
-    # too few clean images: no comparison; the documented fallback decides
+    # too few clean images: no comparison; the documented fallback decides (the gate
+    # itself: the evaluate stage above showed how its verdict reaches blessing.json)
     for fallback, blessed in (("keep_champion", False), ("absolute_bar", True)):
-        evaluate_stage(dirs, voter_dir, tmp_path / f"e5{fallback}", views_dir=cropped,
-                       registry=str(contaminated), model_name="digits", gradcam_per_kind=0,
-                       gate_min_clean_images=len(test_ids), gate_fallback=fallback)
-        fifth = json.loads((tmp_path / f"e5{fallback}" / "blessing.json").read_text())
+        fifth = run_gate(challenger, cropped, str(contaminated), "digits",
+                         GateConfig(min_clean_images=len(test_ids), fallback=fallback))
         assert fifth["comparison"] == "too_few_clean" and fifth["blessed"] is blessed
         assert fifth["champion"] is None and f"fallback {fallback}" in fifth["reasons"][-1]
     # a champion that does not record what it saw: nothing counts as clean
