@@ -1,6 +1,5 @@
 """End-to-end: the real kfp.local DAG, through the CLI, on real digits."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
