@@ -25,14 +25,15 @@ def kernel(params) -> dict:
     return {"fused": True} if fused else {}
 
 
-#: optimizer name -> factory(param groups, config)
+#: optimizer name -> factory(param groups, config, **update-kernel options)
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay,
-                                                 **kernel(groups)),
-    "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay,
-                                               **kernel(groups)),
-    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=True,
-                                             weight_decay=c.weight_decay, **kernel(groups)),
+    "adamw": lambda groups, c, **kw: torch.optim.AdamW(groups, lr=c.lr,
+                                                       weight_decay=c.weight_decay, **kw),
+    "adam": lambda groups, c, **kw: torch.optim.Adam(groups, lr=c.lr,
+                                                     weight_decay=c.weight_decay, **kw),
+    "sgd": lambda groups, c, **kw: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum,
+                                                   nesterov=True, weight_decay=c.weight_decay,
+                                                   **kw),
 }
 
 
@@ -79,8 +80,9 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     """The configured optimizer over ``params`` (tensors, or param groups whose own
-    ``lr`` overrides the config's)."""
-    return OPTIMIZERS[config.optimizer](list(params), config)
+    ``lr`` overrides the config's), with the update :func:`kernel` they allow."""
+    params = list(params)
+    return OPTIMIZERS[config.optimizer](params, config, **kernel(params))
 
 
 def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
