@@ -158,6 +158,12 @@ def pushgateway():
         yield url
 
 
+def triview_run_command(data: Path, out: Path, params=(), *options: str) -> list[str]:
+    """``triview run --data DATA --out OUT [OPTIONS] --param P ...`` with this venv's CLI."""
+    return ([str(Path(sys.executable).parent / "triview"), "run", "--data", str(data),
+             "--out", str(out), *options] + [a for p in params for a in ("--param", p)])
+
+
 #: The small DAG run's parameters: the photo defaults (ImageNet EfficientNet-Lite0 from
 #: its wheel, the head on cached features, then fine-tuning) at 24 px, one epoch of
 #: fine-tuning, no offline copies: every task still in the DAG, minutes turned into seconds.
@@ -183,9 +189,7 @@ def small_cli_run(tmp_path_factory) -> dict:
     data, out = tmp / "data", tmp / "out"
     write_digits(data, per_class=40)
     (data / "0" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    cmd = [str(Path(sys.executable).parent / "triview"), "run", "--data", str(data),
-           "--out", str(out), "--repeats", "2"]
-    cmd += [a for p in SMALL_RUN_PARAMS for a in ("--param", p)]
+    cmd = triview_run_command(data, out, SMALL_RUN_PARAMS, "--repeats", "2")
     with pushgateway_server() as url:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                               env={**os.environ, "PUSHGATEWAY_URL": url})

@@ -51,3 +51,12 @@ def shared_tmp():
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def readable_copy(source: Path, dest: Path) -> Path:
+    """Copy the folder ``source`` to ``dest`` (inside :func:`shared_tmp`) readable by the
+    images' uid 10001: pytest's own folders are private to root."""
+    shutil.copytree(source, dest)
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dest

@@ -13,7 +13,8 @@ import pytest
 from kfp import dsl
 
 from components.images import CPU_IMAGE, GPU_IMAGE
-from docker_engine import shared_tmp, triview_images  # noqa: F401  (fixtures)
+from conftest import triview_run_command
+from docker_engine import readable_copy, shared_tmp, triview_images  # noqa: F401  (fixtures)
 from s3_server import BUCKET, moto_server, s3_endpoint  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,16 +54,11 @@ def test_serving_image_answers_as_triview_predict(triview_images, exported, inge
                                                   shared_tmp):
     """The predictor image as the InferenceService runs it: uid 10001, read-only root, no
     capabilities, the model mounted read-only at /mnt/models; on the host's loopback only."""
-    import shutil
-
     from triview import manifest as mf
     from triview.serving import protocol
     from triview.serving.infra import ServerProcess, post_json
 
-    model = shared_tmp / "model"
-    shutil.copytree(exported, model)
-    for path in [model, *model.rglob("*")]:  # pytest's folders are private to root
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    model = readable_copy(exported, shared_tmp / "model")
     table = mf.read_manifest(ingested)
     photos = [ingested / p for p in table.loc[table["split"] == "test", "path"]][:8]
     proc = subprocess.run([str(Path(sys.executable).parent / "triview"), "predict", "--model",
@@ -267,15 +263,8 @@ def test_dag_in_containers_equals_the_subprocess_runner(triview_images, small_cl
     """The DAG with ``--runner docker`` against conftest's ``small_cli_run`` (kfp.local's
     subprocess runner): same code, data, parameters and seed. That run also fanned out a
     second seed (``--repeats 2``); its main seed's tasks are the ones run here."""
-    import shutil
-
-    shutil.copytree(small_cli_run["data"], shared_tmp / "data")  # readable by uid 10001
-    for path in [shared_tmp / "data", *(shared_tmp / "data").rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    out = shared_tmp / "docker"
-    cmd = [str(Path(sys.executable).parent / "triview"), "run", "--runner", "docker",
-           "--data", str(shared_tmp / "data"), "--out", str(out)]
-    cmd += [a for p in small_cli_run["params"] for a in ("--param", p)]
+    data, out = readable_copy(small_cli_run["data"], shared_tmp / "data"), shared_tmp / "docker"
+    cmd = triview_run_command(data, out, small_cli_run["params"], "--runner", "docker")
     env = {k: v for k, v in os.environ.items() if k not in ("PUSHGATEWAY_URL", "S3_ENDPOINT")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -1,13 +1,14 @@
 """End-to-end: the real kfp.local DAG, through the CLI, on real digits."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from triview.demo import write_digits
 from triview.runinfo import read_stage_records
+
+from conftest import triview_run_command
 
 DIGITS_VIEWS = ("top", "center", "bottom")  # the digits preset's layout is vertical
 PHOTO_VIEWS = ("whole", "middle", "inner")   # the defaults' layout is nested
@@ -19,9 +20,8 @@ def _stages(views) -> set[str]:
 
 
 def _run(data: Path, out: Path, *params: str) -> dict:
-    cmd = [str(Path(sys.executable).parent / "triview"), "run", "--data", str(data),
-           "--out", str(out), "--preset", "digits"] + [a for p in params for a in ("--param", p)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(triview_run_command(data, out, params, "--preset", "digits"),
+                          capture_output=True, text=True)
     return _checked(proc.returncode, proc.stdout, proc.stderr, out)
 
 
