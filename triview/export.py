@@ -251,6 +251,15 @@ def _normalization_of(training: dict | None, view: str) -> dict:
     return {"mode": mode, "mean": list(mean) if mean else None, "std": list(std) if std else None}
 
 
+def _weights_verification(w: dict) -> str:
+    """What the SHA-256 check proved about a branch's starting weights (weights.Resolved)."""
+    verification = w.get("verification") or ("published" if w.get("published", True) else "own")
+    return {"published": " (the published file: full SHA-256 verified)",
+            "unverified": " (UNVERIFIED: no full published SHA-256 is pinned for it; only the "
+                          "8-digit prefix in its name matched)",
+            }.get(verification, " (NOT the published file: your own)")
+
+
 def card_markdown(card: dict) -> str:
     """The model card for people: what the model is, how to feed it, how good it is."""
     m = card.get("test_metrics") or {}
@@ -277,7 +286,7 @@ def card_markdown(card: dict) -> str:
         cfg, w = t.get("config", {}), t.get("weights") or {}
         start = (f"{cfg.get('weights')} from {w.get('source')}: `{w.get('file')}` "
                  f"sha256 `{(w.get('sha256') or '')[:16]}`"
-                 + ("" if w.get("published", True) else " (NOT the published file: staged as your own)")
+                 + _weights_verification(w)
                  if w else "none (random initialisation)")
         lines.append(f"| {view} | {cfg.get('backbone')} | {cfg.get('epochs')} | {t.get('best_epoch')} "
                      f"| {(t.get('parameters') or {}).get('total')} | {start} |")

@@ -444,8 +444,8 @@ def _weights_record(pretrained: dict | None) -> dict | None:
     and licence (None: random initialisation)."""
     if not pretrained:
         return None
-    keys = ("source", "location", "file", "sha256", "source_url", "licence", "published", "loaded",
-            "skipped")
+    keys = ("source", "location", "file", "sha256", "source_url", "licence", "published",
+            "verification", "loaded", "skipped")
     return {k: pretrained.get(k) for k in keys}
 
 
