@@ -152,6 +152,12 @@ def seen_image_ids(views: pd.DataFrame) -> list[str]:
     return sorted(set(real["image_id"].astype(str)))
 
 
+def seen_source_ids(views: pd.DataFrame) -> list[str]:
+    """The source groups (``source_id``) of those images, sorted."""
+    real = views[(views["augmented"] == 0) & views["split"].isin(SEEN_SPLITS)]
+    return sorted(set(real["source_id"].astype(str)))
+
+
 def write_classes(classes: list[str], folder: str | os.PathLike) -> Path:
     """Label encoding: class index i is ``classes[i]`` (sorted class names)."""
     path = Path(folder) / CLASSES_FILE

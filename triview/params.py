@@ -383,8 +383,13 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("gate_min_macro_f1", float, 0.0, "Absolute bar: the ensemble's test macro-F1 must "
           "reach it to be blessed.", ("evaluate",), **_UNIT, field="min_value"),
     Param("gate_min_delta", float, -0.01, "Least change of macro-F1 against the champion on "
-          "the same test images: negative tolerates that much regression, positive demands "
-          "that much gain.", ("evaluate",), low=-1.0, high=1.0, field="min_delta"),
+          "the same clean test images, shown at gate_confidence by a paired bootstrap: "
+          "negative tolerates that much regression (non-inferiority), positive demands that "
+          "much gain (superiority).", ("evaluate",), low=-1.0, high=1.0, field="min_delta"),
+    Param("gate_confidence", float, 0.95, "Confidence of the gate's paired test: the "
+          "challenger is blessed when this two-sided interval of its macro-F1 change against "
+          "the champion lies above gate_min_delta (one-sided p <= (1 - confidence) / 2).",
+          ("evaluate",), low=0.5, high=1.0, high_open=True, field="confidence"),
     Param("gate_min_clean_images", int, 20, "Fewest clean test images (neither the champion "
           "nor the challenger trained or validated on them) the champion comparison is made on; "
           "with fewer, gate_fallback decides.", ("evaluate",), low=1, field="min_clean_images"),

@@ -135,7 +135,12 @@ def _blessing_html(b: dict) -> str:
         "<span class='unblessed'>NOT BLESSED</span>"
     items = "".join(f"<li>{html.escape(r)}</li>" for r in b.get("reasons", []))
     rows = {k: b.get(k) for k in ("metric", "challenger", "challenger_compared", "champion", "delta",
-                                  "champion_version", "comparison")}
+                                  "champion_version", "comparison", "rule")}
+    if b.get("interval") is not None:
+        confidence = (b.get("thresholds") or {}).get("confidence")
+        rows[f"delta {confidence:.0%} interval" if confidence else "delta interval"] = \
+            f"[{b['interval'][0]:+.4f}, {b['interval'][1]:+.4f}]"
+        rows["p-value"] = f"{b['p_value']:.4g}"
     clean = b.get("clean") or {}
     if clean:
         rows.update({"test images": clean["test_images"], "clean test images": clean["clean_images"],

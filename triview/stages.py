@@ -242,7 +242,7 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
         challenger = ev.score_all(preds, voter, classes)
         config = gt.GateConfig(min_value=p["min_value"], min_delta=p["min_delta"],
                                min_clean_images=p["min_clean_images"], fallback=p["fallback"],
-                               max_drift=p["max_drift"])
+                               max_drift=p["max_drift"], confidence=p["confidence"])
         arrays = challenger["_arrays"]
         test = {"ids": arrays["ids"], "y": arrays["y"], "ensemble": arrays["ensemble"],
                 "thresholds": (challenger["thresholds"] or {}).get("ensemble")}
@@ -266,12 +266,10 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
                    n_test=result["n_test"], blessed=int(blessing["blessed"]),
                    champion_macro_f1=blessing["champion"],
                    gate={k: blessing.get(k) for k in ("blessed", "reasons", "comparison",
-                                                      "champion_version", "clean")},
+                                                      "champion_version", "clean", "interval",
+                                                      "p_value")},
                    ensemble_ms_per_sample=timing["ensemble_ms_per_sample"], device=timing["device"])
-        if blessing.get("clean"):
-            rec.update(gate_clean_images=blessing["clean"]["clean_images"],
-                       gate_excluded_images=(blessing["clean"]["test_images"]
-                                             - blessing["clean"]["clean_images"]))
+        rec.update(gt.metric_values(blessing))
     return rec
 
 
@@ -384,6 +382,7 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
         calibration = (load_split(views_dir, geometry["views"], "val", task).inputs
                        if p["quantize"] == "static" else None)
         run_id = mx.run_id_for(out_dir)
+        views = mf.read_views(views_dir)
         card = ex.export_ensemble(
             branches, vt.load_voter(voter_dir), mf.read_classes(views_dir), geometry,
             {"views": metrics["views"], "ensemble": metrics["ensemble"]}, out_dir,
@@ -391,7 +390,7 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
             calibration=calibration, quantize=p["quantize"], task=task,
             lineage={"run_id": run_id}, data_version=_data_version(views_dir),
             data={"seen_images": artifacts.write_seen_images(
-                      out_dir, mf.seen_image_ids(mf.read_views(views_dir))),
+                      out_dir, mf.seen_image_ids(views), mf.seen_source_ids(views)),
                   "test_images": int(len(test.labels))})
         from triview import drift as dr
 
