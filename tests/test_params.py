@@ -137,7 +137,7 @@ def test_cli_params_lists_the_spec(capsys):
 LAYERS = [
     {"backbones", "params", "storage", "demo", "progress"},
     {"manifest", "runinfo", "metrics"},
-    {"scoring", "artifacts"},
+    {"scoring", "artifacts", "paired"},
     {"calibration", "crop", "validate", "dataroot", "sources", "datastats", "ingest", "balance", "augment",
      "models", "weights", "distributed", "registry", "report", "gradcam", "timing", "summary",
      "runtime", "drift"},
