@@ -132,3 +132,59 @@ def test_predict_from_an_s3_model_and_exif_rotated_photos(model_dir, test_images
                                           threshold=0.0))}
     assert scores["exif"] == pytest.approx(scores["upright"], abs=1e-6)
     assert scores["sideways"] != pytest.approx(scores["upright"], abs=1e-3)  # orientation matters
+
+
+def _photo(width: int, height: int, seed: int) -> np.ndarray:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = (rng.random((height // 16 + 1, width // 16 + 1, 3)) * 255).astype(np.uint8)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def test_one_decode_gives_the_views_the_training_path_cuts(model_dir):
+    """Predictor decodes each file once (PIL, a kept JPEG at the DCT scale cropping will
+    use) and cuts the views from those pixels; calibrate-and-crop decodes what ingest
+    stored (the original bytes or a normalised PNG) with OpenCV. The views are the same
+    bytes, for JPEGs at DCT scales 1 to 8, grey JPEGs, PNGs, and files ingest normalises
+    (EXIF-rotated JPEG, RGBA PNG)."""
+    import io
+
+    from PIL import Image
+
+    from triview import crop, validate
+    from triview.predict import Predictor
+
+    predictor = Predictor(str(model_dir))
+
+    def encoded(array, fmt, **kw) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt, **kw)
+        return buffer.getvalue()
+
+    rotated = Image.fromarray(_photo(640, 480, 3))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    files = {f"jpeg {w}x{h}": encoded(_photo(w, h, w), "JPEG", quality=90)
+             for w, h in ((97, 61), (640, 480), (1280, 960), (2600, 1900), (4100, 3000))}
+    files["grey jpeg"] = encoded(_photo(1600, 1200, 1)[:, :, 0], "JPEG")
+    files["png"] = encoded(_photo(1500, 1000, 2), "PNG")
+    files["rgba png"] = encoded(np.dstack([_photo(500, 400, 4), _photo(500, 400, 5)[:, :, 0]]), "PNG")
+    buffer = io.BytesIO()
+    rotated.save(buffer, format="JPEG", exif=exif)
+    files["exif-rotated jpeg"] = buffer.getvalue()
+    reductions = set()
+    for name, data in files.items():
+        stored = validate.decode(data, min_size=1)
+        if not stored.keep_suffix:
+            buffer = io.BytesIO()
+            stored.image.save(buffer, format="PNG")
+        kept = data if stored.keep_suffix else buffer.getvalue()
+        want = predictor.cropper.views_of_bytes(kept, jpeg=stored.keep_suffix == ".jpg")
+        got = predictor.views_of_bytes(data)
+        assert got.keys() == want.keys()
+        for view in want:
+            assert np.array_equal(got[view], want[view]), (name, view)
+        if stored.keep_suffix == ".jpg":
+            reductions.add(crop.choose_reduction(*stored.source_size, predictor.geometry))
+    assert reductions == {1, 2, 4, 8}

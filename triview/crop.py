@@ -370,20 +370,25 @@ class _Cropper:
         crop through here."""
         src_w, src_h = _image_size(data)
         reduction = choose_reduction(src_w, src_h, self.geometry) if jpeg else 1
-        bgr = decode_bgr_bytes(data, reduction)
+        views = self.views_of_image(decode_bgr_bytes(data, reduction), (src_w, src_h))
+        return {k: cv2.cvtColor(v, cv2.COLOR_BGR2RGB) for k, v in views.items()}
+
+    def views_of_image(self, image: np.ndarray, source_size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The three views of an image already decoded (``source_size`` is the file's size;
+        ``image`` may be its DCT-reduced decode), in ``image``'s channel order."""
         # Where DCT scaling could not shrink enough (not a JPEG, or a huge photo), area-
         # average down first so the remap never samples more than 2 source px per output.
-        extra = int(_view_short_side(bgr.shape[1], bgr.shape[0], self.geometry)
+        extra = int(_view_short_side(image.shape[1], image.shape[0], self.geometry)
                     // (2 * SUPERSAMPLE * self.geometry.image_size))
         if extra >= 2:
-            bgr = cv2.resize(bgr, (max(1, bgr.shape[1] // extra), max(1, bgr.shape[0] // extra)),
-                             interpolation=cv2.INTER_AREA)
-        key = (src_w, src_h, bgr.shape[1], bgr.shape[0])
+            image = cv2.resize(image, (max(1, image.shape[1] // extra),
+                                       max(1, image.shape[0] // extra)),
+                               interpolation=cv2.INTER_AREA)
+        key = (*source_size, image.shape[1], image.shape[0])
         if key not in self.samplers:
-            self.samplers[key] = ViewSampler(self.lens, self.geometry, src_w, src_h,
-                                             decoded_size=(bgr.shape[1], bgr.shape[0]))
-        views = self.samplers[key].sample(bgr)
-        return {k: cv2.cvtColor(v, cv2.COLOR_BGR2RGB) for k, v in views.items()}
+            self.samplers[key] = ViewSampler(self.lens, self.geometry, *source_size,
+                                             decoded_size=(image.shape[1], image.shape[0]))
+        return self.samplers[key].sample(image)
 
 
 def _view_short_side(width: int, height: int, geometry: CropGeometry) -> float:

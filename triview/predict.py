@@ -4,7 +4,6 @@ geometry and lens) and then through the exported model (ONNX Runtime, else Torch
 """
 from __future__ import annotations
 
-import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,22 +77,23 @@ class Predictor:
         return self.views_of_bytes(path.read_bytes())
 
     def views_of_bytes(self, data: bytes, max_pixels: int = validate.MAX_PIXELS) -> dict[str, np.ndarray]:
-        """The RGB views of one image file's bytes, produced as in training: ingest's
-        validation keeps the original bytes when OpenCV decodes them as PIL does, else
-        stores a normalised 8-bit RGB PNG; calibrate-and-crop then cuts the views from
-        those bytes. Raises :class:`PredictError` for what ingest would quarantine."""
-        decoded = validate.decode(data, min_size=1, max_pixels=max_pixels)
+        """The RGB views of one image file's bytes, produced as in training, decoding the
+        file once: ingest's validation (which keeps the original bytes when OpenCV decodes
+        them as PIL does, else stores the normalised 8-bit RGB image) gives the pixels
+        calibrate-and-crop would decode from what ingest stored (a JPEG at the same DCT
+        scale), and the views are cut from them. Raises :class:`PredictError` for what
+        ingest would quarantine (a file declaring more than ``max_pixels`` is refused
+        from its header, before any decoding)."""
+        decoded = validate.decode(
+            data, min_size=1, max_pixels=max_pixels,
+            jpeg_reduction=lambda w, h: crop.choose_reduction(w, h, self.geometry))
         if decoded.reason is not None:
             raise PredictError(decoded.reason.replace("_", " ")
                                + (f" ({decoded.detail})" if decoded.detail else ""))
-        if decoded.keep_suffix:
-            stored = data
-        else:
-            buffer = io.BytesIO()
-            decoded.image.save(buffer, format="PNG")
-            stored = buffer.getvalue()
+        rgb = np.asarray(decoded.image)
+        decoded.image = None  # the array is the one copy of the pixels from here on
         try:
-            return self.cropper.views_of_bytes(stored, jpeg=decoded.keep_suffix == ".jpg")
+            return self.cropper.views_of_image(rgb, decoded.source_size)
         except ValueError as exc:
             raise PredictError(str(exc)) from exc
 

@@ -15,6 +15,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -61,6 +62,8 @@ class Decoded:
     mode: str = ""
     keep_suffix: str | None = None     # store the original bytes under this suffix
     dhash: int = 0
+    source_size: tuple[int, int] = (0, 0)  # width, height the file declares
+    reduction: int = 1                 # ``image`` is a JPEG decoded at 1/reduction scale
 
 
 def sniff_unsupported(data: bytes) -> str | None:
@@ -77,15 +80,23 @@ def sniff_unsupported(data: bytes) -> str | None:
     return None
 
 
-def decode(data: bytes, *, min_size: int = 8, max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Validate and normalise one file's bytes."""
+def decode(data: bytes, *, min_size: int = 8, max_pixels: int = MAX_PIXELS,
+           jpeg_reduction: Callable[[int, int], int] | None = None) -> Decoded:
+    """Validate and normalise one file's bytes (its declared size is checked against
+    ``max_pixels`` before any pixel is decoded).
+
+    ``jpeg_reduction(width, height)`` gives the DCT scale (1, 2, 4 or 8) at which a JPEG
+    that is kept byte for byte is decoded (libjpeg's scaled decoding, the pixels OpenCV's
+    ``IMREAD_REDUCED_COLOR_<n>`` gives): the caller crops from ``image`` without decoding
+    the file again."""
     with warnings.catch_warnings():
         # our cap reports large images with a reason; PIL's warning would only be noise
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return _decode(data, min_size, max_pixels)
+        return _decode(data, min_size, max_pixels, jpeg_reduction)
 
 
-def _decode(data: bytes, min_size: int, max_pixels: int) -> Decoded:
+def _decode(data: bytes, min_size: int, max_pixels: int,
+            jpeg_reduction: Callable[[int, int], int] | None = None) -> Decoded:
     sha = hashlib.sha256(data).hexdigest()
     if not data:
         return Decoded(sha, "empty_file")
@@ -97,6 +108,13 @@ def _decode(data: bytes, min_size: int, max_pixels: int) -> Decoded:
             if img.width * img.height > max_pixels:
                 return Decoded(sha, "decompression_bomb",
                                f"{img.width}x{img.height} > {max_pixels} pixels", format=fmt)
+            size, reduction = img.size, 1
+            # a JPEG's EXIF is read with its header: one kept as is may be decoded scaled
+            if (jpeg_reduction is not None and fmt == "JPEG" and mode in _KEEP_MODES
+                    and img.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1)):
+                reduction = jpeg_reduction(*size)
+                if reduction > 1:
+                    img.draft(mode, (size[0] // reduction, size[1] // reduction))
             img.load()  # forces a full decode: truncated files fail here
             rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
             keep = KEEP_FORMATS.get(fmt) if mode in _KEEP_MODES and not rotated else None
@@ -117,10 +135,10 @@ def _decode(data: bytes, min_size: int, max_pixels: int) -> Decoded:
         reason = "truncated" if isinstance(exc, EOFError) or "truncat" in text.lower() \
             or "premature end" in text.lower() else "undecodable"
         return Decoded(sha, reason, f"{type(exc).__name__}: {text[:200]}")
-    if min(rgb.size) < min_size:
-        return Decoded(sha, "too_small", f"{rgb.width}x{rgb.height} < {min_size}", format=fmt)
+    if min(size) < min_size:
+        return Decoded(sha, "too_small", f"{size[0]}x{size[1]} < {min_size}", format=fmt)
     return Decoded(sha, None, image=rgb, format=fmt, mode=mode, keep_suffix=keep,
-                   dhash=dhash(rgb))
+                   dhash=dhash(rgb), source_size=size, reduction=reduction)
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:

@@ -44,6 +44,11 @@ DEFAULT_PORT = 8080
 MAX_IMAGES = 64
 #: Largest request body accepted (bytes); a larger one gets 413 and is never buffered.
 MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Pixels one image may declare, all images of one request together, and all inference
+#: threads decode at once (:mod:`triview.serving.limits`).
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_REQUEST_PIXELS = 256_000_000
+MAX_SERVER_PIXELS = 100_000_000
 SERVE_DESCRIPTION = ("Serve an exported triview ensemble with KServe's ModelServer: v1 "
                      "/v1/models/<name>:predict and v2 /v2/models/<name>/infer (base64 image "
                      "files in, labels and scores out, as `triview predict --format json`), "
@@ -77,8 +82,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "CPUs this process may use, at most 4)")
     parser.add_argument("--max-images", type=int, default=MAX_IMAGES,
                         help=f"images per request (default {MAX_IMAGES})")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="decompression-bomb cap per image (default: ingest's, 100M)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="pixels one image may declare, else 413 before decoding (default "
+                        f"{MAX_IMAGE_PIXELS:,}; serving's own cap, below ingest's)")
+    parser.add_argument("--max-request-pixels", type=int, default=MAX_REQUEST_PIXELS,
+                        help="pixels the images of one request may declare together, else 413 "
+                        f"before decoding (default {MAX_REQUEST_PIXELS:,})")
+    parser.add_argument("--max-server-pixels", type=int, default=MAX_SERVER_PIXELS,
+                        help="pixels all inference threads decode at once; an image waits "
+                        f"until it fits (default {MAX_SERVER_PIXELS:,}: decoding takes about "
+                        "10 bytes of memory a pixel, so about 1 GB)")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                         help=f"largest request body, else 413 (default {MAX_BODY_BYTES})")
 
@@ -87,7 +100,7 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     """The server's command-line arguments for parsed ``triview serve`` options."""
     argv = []
     for key in ("model", "name", "port", "host", "threads", "inference_workers", "max_images",
-                "max_pixels", "max_body_bytes"):
+                "max_pixels", "max_request_pixels", "max_server_pixels", "max_body_bytes"):
         value = getattr(args, key, None)
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
