@@ -8,6 +8,10 @@ black PNGs of 7000 x 7000 pixels, 245 megapixels a request, under the 256 MP req
 budget), at the same concurrency with the same probe: every image is decoded, on the
 inference threads, within the server's pixel budget.
 
+Also, in this process: a 48 MP photo-like image through the predictor's path (one
+decode) against the path it replaced (ingest's validation decode, then OpenCV decoding
+what ingest stores), as PNG and as JPEG.
+
 Measured in the same run: readiness latency with the server idle (the baseline), during
 the flood and during the heavy phase; the latency of every bomb's refusal and every
 answer; whether each answer equals ``triview predict``'s (:class:`triview.predict.Predictor`
@@ -27,6 +31,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import sys
 import tempfile
 import threading
@@ -98,6 +103,54 @@ def good_images(images_dir: str | None, tmp: Path) -> list[Path]:
     return sorted((tmp / "digits").rglob("*.jpg"))
 
 
+def decode_once(predictor: Predictor, side: tuple[int, int] = (8000, 6000), rounds: int = 2) -> dict:
+    """Seconds per image of the predictor's path (one decode) against the path it replaced
+    (ingest's validation decode, then OpenCV decoding what ingest would store), on a
+    photo-like 48 MP image as PNG and as JPEG; the views are checked equal."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from triview import validate
+
+    rng = np.random.default_rng(0)
+    small = (rng.random((300, 400, 3)) * 255).astype(np.uint8)
+    photo = cv2.resize(small, side, interpolation=cv2.INTER_CUBIC)
+    photo = (photo.astype(np.int16) + rng.integers(-8, 8, photo.shape)).clip(0, 255).astype(np.uint8)
+
+    def twice(data: bytes) -> dict:
+        decoded = validate.decode(data, min_size=1)
+        if decoded.keep_suffix:
+            stored = data
+        else:
+            buffer = io.BytesIO()
+            decoded.image.save(buffer, format="PNG")
+            stored = buffer.getvalue()
+        return predictor.cropper.views_of_bytes(stored, jpeg=decoded.keep_suffix == ".jpg")
+
+    out = {}
+    for fmt, options in (("PNG", {"compress_level": 1}), ("JPEG", {"quality": 90})):
+        buffer = io.BytesIO()
+        Image.fromarray(photo).save(buffer, format=fmt, **options)
+        data = buffer.getvalue()
+        times = {"before": [], "once": []}
+        for _ in range(rounds):  # interleaved, so load from other processes hits both alike
+            for name, call in (("before", lambda: twice(data)),
+                               ("once", lambda: predictor.views_of_bytes(data, max_pixels=10**9))):
+                t0 = time.perf_counter()
+                views = call()
+                times[name].append(time.perf_counter() - t0)
+                if name == "before":
+                    reference = views
+            same = all(np.array_equal(views[k], reference[k]) for k in reference)
+        best = {k: min(v) for k, v in times.items()}
+        out[fmt.lower()] = {"megapixels": side[0] * side[1] / 1e6, "bytes": len(data),
+                            "seconds_before": best["before"], "seconds_once": best["once"],
+                            "speedup": best["before"] / best["once"], "same_views": same}
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +173,8 @@ def run(args: argparse.Namespace) -> dict:
             jobs.append(("good", route, json.dumps(body).encode(), [str(p) for p in picks]))
         rng.shuffle(jobs)
 
-        server = ServerProcess(args.model, NAME, extra_args=("--threads", "1", *args.server_args))
+        server = ServerProcess(args.model, NAME,
+                               extra_args=("--threads", "1", *shlex.split(args.server_args)))
         server.start()
         try:
             pid = server.proc.pid
@@ -185,6 +239,7 @@ def run(args: argparse.Namespace) -> dict:
         parsed = json.loads(answer)
         labels = protocol.v1_labels(parsed) if route == V1 else protocol.v2_outputs(parsed)[0]
         wrong += sum([d["label"] for d in got] != want[p] for p, got in zip(picks, labels))
+    decode = decode_once(predictor) if args.decode_once else None
     bomb_statuses = sorted({r[3] for r in bombs})
     heavy_right = sum(r[3] == 200 and all(
         [d["label"] for d in got] == [k for k, _ in heavy_want]
@@ -213,6 +268,7 @@ def run(args: argparse.Namespace) -> dict:
         "rss_mb": {"idle": rss_idle, "peak_vmhwm_after_flood": rss_peak,
                    "peak_vmhwm_after_heavy": rss_heavy},
         "server_alive_after": alive,
+        "decode_once": decode,
         "ratios": {"ready_p99_flood_over_idle": summary(probe.latencies)["p99_ms"]
                    / max(summary(idle.latencies)["p99_ms"], 1e-9),
                    "ready_p99_heavy_over_idle": summary(heavy_probe.latencies)["p99_ms"]
@@ -234,8 +290,11 @@ def main() -> int:
     parser.add_argument("--heavy-side", type=int, default=7000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--idle-seconds", type=float, default=3.0)
-    parser.add_argument("--server-args", nargs="*", default=[],
-                        help="more `triview serve` options (e.g. --max-server-pixels 50000000)")
+    parser.add_argument("--decode-once", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time one decode per image against the former two (48 MP)")
+    parser.add_argument("--server-args", default="",
+                        help="more `triview serve` options, one string (e.g. "
+                        "--server-args='--max-server-pixels 50000000')")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args()
     result = run(args)

@@ -188,3 +188,23 @@ def test_one_decode_gives_the_views_the_training_path_cuts(model_dir):
         if stored.keep_suffix == ".jpg":
             reductions.add(crop.choose_reduction(*stored.source_size, predictor.geometry))
     assert reductions == {1, 2, 4, 8}
+
+
+def test_the_predictor_decodes_each_file_once(model_dir, monkeypatch):
+    """Validation's decode is the only one: the cropper's own decoder is never called."""
+    import io
+
+    from PIL import Image
+
+    from triview import crop
+    from triview.predict import Predictor
+
+    def second_decode(*args, **kwargs):
+        raise AssertionError("decoded a second time")
+
+    monkeypatch.setattr(crop, "decode_bgr_bytes", second_decode)
+    predictor = Predictor(str(model_dir))
+    for fmt in ("JPEG", "PNG"):
+        buffer = io.BytesIO()
+        Image.fromarray(_photo(1280, 960, 7)).save(buffer, format=fmt)
+        assert set(predictor.views_of_bytes(buffer.getvalue())) == set(predictor.card["views"])

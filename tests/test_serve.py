@@ -331,23 +331,27 @@ def test_serves_the_champion_from_an_s3_registry(exported, serve_python, s3_endp
 def test_a_bomb_flood_beside_good_requests(exported, serve_python, tmp_path):
     """bench/serve_flood.py, smaller: 8 requests of 43 PNGs of 10000 x 10000 (292 KB each,
     16 MB a request) among 40 good requests at concurrency 8, then 2 allowed heavy requests
-    (5 x 49 MP, decoded), readiness probed throughout. Every bomb is refused with 413 and a
-    message, every good answer is triview predict's, readiness never fails, and the server's
-    peak resident memory stays under 1.5 GB (1.12 GB measured in the full bench)."""
+    (5 x 49 MP, decoded), readiness probed throughout, with a server budget of one such
+    image at a time. Every bomb is refused with 413 by the streamed check, every good answer
+    is triview predict's, readiness never fails, and the server's peak resident memory
+    stays under 900 MB (about 200 MB idle + 10 bytes a pixel of the 50 MP budget; two
+    images decoding at once would take it past 1.1 GB)."""
     out = tmp_path / "flood.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "serve_flood.py"), "--model",
                            str(exported), "--bombs", "8", "--good", "40", "--heavy", "2",
-                           "--idle-seconds", "0.5", "--json", str(out)],
+                           "--idle-seconds", "0.5", "--no-decode-once", "--json", str(out),
+                           "--server-args=--max-server-pixels 50000000"],
                           capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TRIVIEW_SERVE_PYTHON": serve_python})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["bombs"]["n"] == 8 and result["bombs"]["statuses"] == [413]
-    assert "100000000 pixels, more than the 50000000" in result["bombs"]["message"]["error"]
+    # the streamed check's words ("image 0"; the parsed request's check says "instance 0")
+    assert result["bombs"]["message"]["error"].startswith("image 0: 100000000 pixels, more than")
     assert result["good"]["answered_200"] == 40 and result["good"]["wrong_labels"] == 0
     assert result["heavy"]["answered_right"] == 2
     assert result["ready"]["n_failures"] == 0 and result["server_alive_after"]
-    assert result["rss_mb"]["peak_vmhwm_after_heavy"] < 1536
+    assert result["rss_mb"]["peak_vmhwm_after_heavy"] < 900
 
 
 def test_health_answers_while_a_request_decodes(server):
