@@ -142,9 +142,9 @@ LAYERS = [
      "models", "weights", "distributed", "registry", "report", "gradcam", "timing", "summary",
      "runtime", "drift"},
     {"train", "voter", "voter_modules", "evaluate", "gate", "export", "predict", "serving",
-     "deploy"},
+     "deploy", "preflight"},
     {"stages"},
-    {"cli", "__main__"},
+    {"cli", "cli_parser", "cli_examples", "__main__"},
 ]
 
 

@@ -15,7 +15,7 @@ from sklearn.metrics import classification_report, confusion_matrix, multilabel_
 
 from triview import artifacts
 from triview.artifacts import REPORT_HTML, REPORT_MD
-from triview.scoring import predicted, roc_auc_per_class, scores, task_of
+from triview.scoring import accuracy_interval, predicted, roc_auc_per_class, scores, task_of
 from triview.storage import atomic_write_text
 from triview.voter import aligned, apply_voter
 
@@ -77,6 +77,8 @@ def score_all(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: lis
     result["classification_report"] = result["details"]["ensemble"]["classification_report"]
     best_view = max(result["views"], key=lambda v: result["views"][v]["macro_f1"])
     result["best_view"] = best_view
+    n, accuracy = result["n_test"], result["ensemble"]["accuracy"]
+    result["accuracy_interval"] = accuracy_interval(round(accuracy * n), n)
     result["ensemble_gain_macro_f1"] = (result["ensemble"]["macro_f1"]
                                         - result["views"][best_view]["macro_f1"])
     result["_arrays"] = {"ids": ids, "y": y, "ensemble": ensemble, "views": probs}

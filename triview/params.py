@@ -488,15 +488,16 @@ def validate(values: dict[str, Any], *, complete: bool = False) -> dict[str, Any
     for key, value in values.items():
         param = PARAMS.get(key)
         if param is None:
-            problems.append(f"unknown parameter {key!r}")
+            near = close_names(key)
+            problems.append(f"unknown parameter {key!r}"
+                            + (f": did you mean {' or '.join(near)}?" if near else "")
+                            + " (`triview params` lists them all)")
             continue
         try:
             out[key] = param.validate(value)
         except ParamError as exc:
             problems.append(str(exc))
     if problems:
-        if any(p.startswith("unknown parameter") for p in problems):
-            problems.append(f"known parameters: {', '.join(PARAMS)}")
         raise ParamError("; ".join(problems))
     full = {**defaults(), **out}
     problems = [msg for rule in RULES if (msg := rule(full))]
@@ -505,13 +506,21 @@ def validate(values: dict[str, Any], *, complete: bool = False) -> dict[str, Any
     return full if complete else out
 
 
+def close_names(name: str, n: int = 3) -> list[str]:
+    """The parameter names nearest to ``name`` (difflib), best first."""
+    import difflib
+
+    return difflib.get_close_matches(name.replace("-", "_"), list(PARAMS), n=n, cutoff=0.6)
+
+
 def parse_pairs(pairs: list[str]) -> dict[str, Any]:
     """``["epochs=3", "image-size=48"]`` -> typed, checked values."""
     raw = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ParamError(f"--param expects key=value, got {pair!r}")
+            raise ParamError(f"--param takes KEY=VALUE as one word, got {pair!r}: "
+                             f"write --param {pair.strip()}=VALUE")
         raw[key.strip().replace("-", "_")] = value.strip()
     return validate(raw)
 

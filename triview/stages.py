@@ -263,7 +263,8 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
                              timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader,
                              drift=drift)
         rec.update(seed=seed, ensemble=result["ensemble"], views=result["views"],
-                   n_test=result["n_test"], blessed=int(blessing["blessed"]),
+                   n_test=result["n_test"], accuracy_interval=result["accuracy_interval"],
+                   blessed=int(blessing["blessed"]),
                    champion_macro_f1=blessing["champion"],
                    gate={k: blessing.get(k) for k in ("blessed", "reasons", "comparison",
                                                       "champion_version", "clean")},

@@ -94,6 +94,20 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def check_model(spec: str) -> None:
+    """Refuse a local model that is not there, before anything asks for the serving
+    environment (an ``s3://`` model is fetched by the server itself)."""
+    from triview.registry import resolve_model_spec
+
+    if "://" in spec:
+        return
+    location = spec.rpartition("@")[0] if "@" in spec and not Path(spec).exists() else spec
+    if not Path(location).exists():
+        raise FileNotFoundError(f"no model at {location!r}: give a `triview run --out` folder, an "
+                                f"exported model folder or a registry model (REGISTRY/<name>@champion)")
+    resolve_model_spec(spec)   # RegistryError (a ValueError) says what the folder lacks
+
+
 def serve_command(argv: list[str], python: str | None = None) -> list[str]:
     """The command that starts the predictor with ``argv`` in the serving environment."""
     python = python or serve_python()
