@@ -41,12 +41,13 @@ _CHUNK = 64
 class IngestError(ValueError):
     """The input as a whole cannot be ingested (not a per-file problem).
 
-    ``fixes`` are ``(what to do, parameter, value)``: the message names each as
+    ``fixes`` are ``(what to do, parameter, value)`` (parameter None: nothing to set); the
+    message names each as
     ``--param name=value`` (what ``triview run`` and ``submit`` take, and the parameter's
     name in the KFP UI); ``triview ingest`` renders them as its own flags (:meth:`render`).
     """
 
-    def __init__(self, message: str, fixes: tuple[tuple[str, str, str], ...] = ()) -> None:
+    def __init__(self, message: str, fixes: tuple[tuple[str, str | None, str], ...] = ()) -> None:
         self.message, self.fixes = message, tuple(fixes)
         super().__init__(self.render())
 
@@ -55,8 +56,12 @@ class IngestError(ValueError):
         import shlex
 
         flag = flag or (lambda name, value: f"--param {shlex.quote(f'{name}={value}')}")
-        fixes = [f"{what} ({flag(name, value)})" for what, name, value in self.fixes]
-        return "; ".join([self.message, *fixes])
+        fixes = [what if name is None else f"{what} ({flag(name, value)})"
+                 for what, name, value in self.fixes]
+        if not fixes:
+            return self.message
+        ways = "; ".join(fixes[:-1]) + ("; or " if len(fixes) > 1 else "") + fixes[-1]
+        return f"{self.message.rstrip('.')}. To fix it: {ways}"
 
 
 @dataclass(frozen=True)
@@ -191,9 +196,10 @@ def one_class_message(label: str, data: str, n_images: int) -> str:
             f"{data.rstrip('/')}/<class>/<image> (e.g. {label}/ and other/)")
 
 
-def small_class_fixes(classes: list[str], need: int) -> tuple[tuple[str, str, str], ...]:
-    """The label operations that let ``classes`` (too small to split) through."""
-    return (("merge each into another class", "label_remap", ",".join(f"{c}->OTHER" for c in classes)),
+def small_class_fixes(classes: list[str], need: int) -> tuple[tuple[str, str | None, str], ...]:
+    """What lets ``classes`` (too small to split) through: more images, or a label operation."""
+    return (("add images to them", None, ""),
+            ("merge each into another class", "label_remap", ",".join(f"{c}->OTHER" for c in classes)),
             ("drop them", "label_drop", ",".join(classes)),
             (f"quarantine every class below {need} images", "min_per_class", str(need)))
 
@@ -246,7 +252,7 @@ def _split(groups: pd.DataFrame, fractions: tuple[float, float, float], salt: st
         where = "" if not present else " in the train part of the given split"
         raise IngestError(
             f"classes with fewer than {need} source images{where} cannot be split into "
-            f"train/{'/'.join(reversed(needed))}: {names}. Add images to them, or",
+            f"train/{'/'.join(reversed(needed))}: {names}",
             small_class_fixes(list(too_few.index), need))
     # the bands, as shares of the pool (given test/val images are not in it)
     share = train_frac + sum(frac[s] for s in needed)

@@ -12,7 +12,7 @@ Everything else is derived from :data:`PARAMS`:
   owns it (:func:`stage_config`), because KFP's UI can start runs too;
 * the library's configuration objects (``TrainConfig`` is :func:`config_class` of the
   ``train-branch`` stage);
-* the README's parameter table (:func:`markdown_table`).
+* the docs' parameter table, ``docs/reference/parameters.md`` (:func:`markdown_table`).
 
 Parameters stay flat (one pipeline input each) rather than grouped into one dict per
 stage: the KFP UI then shows every parameter with its type, default and description
@@ -596,7 +596,7 @@ def default_text(param: Param) -> str:
 
 
 def help_text(param: Param) -> str:
-    """The help sentence plus the allowed values (what the UI and the README show)."""
+    """The help sentence plus the allowed values (what the UI and the docs show)."""
     allowed = param.describe_range()
     return f"{param.help} ({allowed})" if allowed else param.help
 
@@ -620,7 +620,7 @@ def docstring(summary: str, leading: dict[str, str]) -> str:
 
 
 def markdown_table() -> str:
-    """The README's parameter table, stage by stage."""
+    """The docs' parameter table, stage by stage."""
     rows = ["| parameter | type | default | allowed | stage | what it does |",
             "|---|---|---|---|---|---|"]
     for stage in STAGES:

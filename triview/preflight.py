@@ -86,8 +86,8 @@ def check_layout(data: str, *, label_remap: str = "", label_drop: str = "",
         if too_few:
             raise IngestError(f"classes with fewer than {need} source images cannot be split into "
                               f"train/{'/'.join(reversed(needed))}: "
-                              f"{', '.join(f'{c!r} ({pool[c]})' for c in too_few)}. Add images "
-                              f"to them, or", small_class_fixes(too_few, need))
+                              f"{', '.join(f'{c!r} ({pool[c]})' for c in too_few)}",
+                              small_class_fixes(too_few, need))
     return dict(files)
 
 
