@@ -587,10 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         try:
-            return args.func(args)
+            status = args.func(args)
         except (ValueError, FileNotFoundError) as exc:
             print(f"triview {args.command}: error: {exc}", file=sys.stderr)
             return 2
+        sys.stdout.flush()   # a closed pipe shows here, not in the interpreter's last flush
+        return status
     except BrokenPipeError:   # `triview params | head`: the reader has what it wanted
         return quiet_broken_pipe()
 

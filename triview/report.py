@@ -22,7 +22,7 @@ th{background:#f3f3f3}
 .gallery{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:1.5em}
 .card{border:1px solid #ddd;padding:6px;font-size:12px;text-align:center;background:#fafafa}
 .card img{width:96px;height:96px;image-rendering:pixelated;margin:1px}
-.blessed{color:#0a0;font-weight:bold}.unblessed{color:#c00;font-weight:bold}
+.blessed{color:#0a0;font-weight:bold}.unblessed,.warning{color:#c00;font-weight:bold}
 figure{display:inline-block;margin:0 12px 12px 0}
 """
 
@@ -142,6 +142,23 @@ def _curves_figure(histories: dict[str, pd.DataFrame],
     return figure_data_uri(fig)
 
 
+def _curves_caption(histories: dict[str, pd.DataFrame],
+                    head_histories: dict[str, pd.DataFrame]) -> str:
+    """What the training curves show, in words."""
+    parts = []
+    if head_histories:
+        epochs = max(len(h) for h in head_histories.values())
+        parts.append(f"Head phase (epoch 0): {epochs} epochs per view of the new head on "
+                     f"features of the frozen backbone, computed once per crop.")
+    tuned = max((int((h["epoch"] > 0).sum()) for h in histories.values()), default=0)
+    if tuned:
+        parts.append(f"Fine-tuning: {tuned} epochs" + (", starting from the head phase's best "
+                                                       "(epoch 0)." if head_histories else "."))
+    elif head_histories:
+        parts.append("No fine-tuning epochs (epochs=0): the head phase's best is the model.")
+    return f"<p>{' '.join(parts)}</p>" if parts else ""
+
+
 def _table_html(df: pd.DataFrame, **kwargs) -> str:
     """One header row: a named index becomes the first column (pandas would give the
     name a header row of its own, empty but for that name)."""
@@ -183,7 +200,7 @@ def _interval_html(result: dict) -> str:
             f"images: {ci['confidence']:.0%} interval {ci['low']:.3f} to {ci['high']:.3f} "
             f"(Wilson score interval).</p>")
     if not ci["trusted"]:
-        text += (f"<p class='unblessed'>{ci['n']} test images are too few to trust these "
+        text += (f"<p class='warning'>{ci['n']} test images are too few to trust these "
                  f"figures: one image is {1 / max(ci['n'], 1):.1%} of accuracy. Add photos or "
                  f"raise test_fraction.</p>")
     return text
@@ -238,7 +255,7 @@ def render_html(inp: ReportInputs) -> str:
                   f"{t.get('ensemble_batched_ms_per_sample', float('nan')):.3f} "
                   f"ms per sample. {t.get('ensemble_parameters', 0):,} parameters in all.</p>", _table_html(timing_table(t))]
     if inp.histories or inp.head_histories:
-        parts += ["<h2>Training curves</h2>",
+        parts += ["<h2>Training curves</h2>", _curves_caption(inp.histories, inp.head_histories),
                   f"<img alt='training curves' src='{_curves_figure(inp.histories, inp.head_histories)}'>"]
     if inp.candidates is not None:
         parts += ["<h2>Voter candidates (validation)</h2>", _table_html(inp.candidates, index=False)]
