@@ -149,3 +149,25 @@ def test_a_folder_a_zip_and_a_wrapped_zip_give_identical_splits(photos, tmp_path
     assert splits["folder"].index[0] == "0/digit_0000"   # relative to the root, no wrapper
     pd.testing.assert_series_equal(splits["folder"], splits["zip"])
     pd.testing.assert_series_equal(splits["folder"], splits["wrapped"])
+
+
+def test_every_commands_help_has_a_description_an_example_and_placeholders():
+    """``triview <command> --help``: what the command does, an example, and a placeholder
+    name for every argument that takes a value; ``run --help`` points to ``triview params``."""
+    import argparse
+
+    from triview.cli import build_parser
+
+    commands = build_parser().commands()
+    assert len(commands) >= 13
+    for name, parser in commands.items():
+        text = parser.format_help()
+        assert parser.description, name
+        assert "examples:\n  triview " + name in text, name
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or action.nargs == 0:
+                continue
+            assert action.metavar, (name, action.option_strings or action.dest)
+            assert action.help, (name, action.option_strings or action.dest)
+    run = commands["run"].format_help()
+    assert "triview params" in run and "--param NAME=VALUE" in run

@@ -5,7 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from triview.cli_parser import CommandParser, add_stage_flags, stage_flag, stage_flag_values
+from triview.cli_parser import (CommandParser, add_cluster_flags, add_cluster_run_flags,
+                                add_kfp_connection_flags, add_stage_flags, stage_flag,
+                                stage_flag_values)
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -540,44 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how many runs (default 20)")
     runs_p.set_defaults(func=_cmd_runs)
     for p in (submit_p, schedule_p, runs_p):
-        p.add_argument("--host", metavar="URL", help="KFP API URL, e.g. http://localhost:8080 "
-                       "(default: $KF_PIPELINES_ENDPOINT, else in-cluster or kubeconfig, as "
-                       "kfp.Client)")
-        p.add_argument("--namespace", metavar="NAMESPACE",
-                       help="Kubeflow profile namespace (multi-user deployments)")
-        p.add_argument("--token", metavar="TOKEN", help="bearer token (default $KFP_TOKEN; prefer "
-                       "the variable: command lines show up in ps and shell history)")
+        add_kfp_connection_flags(p)
     for p in (submit_p, schedule_p):
-        p.add_argument("--data", required=True, metavar="PATH|s3://...",
-                       help="input folder or ZIP as the ingest pod sees it")
-        p.add_argument("--experiment", default="triview", metavar="NAME",
-                       help="experiment, created if missing (default triview)")
-        p.add_argument("--pipeline-root", metavar="minio://BUCKET/PATH",
-                       help="where the run's artifacts go (default: the cluster's)")
-        p.add_argument("--service-account", default="triview-pipeline-runner", metavar="NAME",
-                       help="Kubernetes service account of the run's pods")
-        p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                       help="pipeline parameter, repeatable (e.g. --param epochs=4; all of them: "
-                       "triview params)")
-        p.add_argument("--preset", default=None, metavar="NAME|FILE",
-                       help="parameter values from a preset or YAML file (--param overrides)")
-        p.add_argument("--no-cache", action="store_true",
-                       help="disable caching for every task (default: as compiled)")
+        add_cluster_run_flags(p)
     for p in (compile_p, submit_p, schedule_p):  # the same cluster settings everywhere
-        p.add_argument("--gpus", type=int, default=None, metavar="N",
-                       help="GPUs per train-branch task (default 1; 0: CPU)")
-        p.add_argument("--gpu-pool", metavar="LABEL=VALUE", help="node label of the GPU node pool")
-        p.add_argument("--gpu-toleration", metavar="KEY", help="taint key the GPU nodes carry")
-        p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")
-        p.add_argument("--minio-secret", metavar="NAME", help="Secret with accesskey/secretkey "
-                       "(default triview-minio)")
-        p.add_argument("--image", metavar="REF:TAG", help="image of the light stages "
-                       "(default $TRIVIEW_IMAGE or ghcr.io/triview/triview-cpu:0.1.0)")
-        p.add_argument("--gpu-image", metavar="REF:TAG", help="image of train-branch "
-                       "(default $TRIVIEW_GPU_IMAGE or ghcr.io/triview/triview-gpu:0.1.0)")
-        p.add_argument("--serve-image", metavar="REF:TAG", help="predictor image the deploy step "
-                       "puts in the InferenceService (default $TRIVIEW_SERVE_IMAGE or "
-                       "ghcr.io/triview/triview-serve:0.1.0)")
+        add_cluster_flags(p)
     return parser
 
 

@@ -13,7 +13,9 @@ hint in the terms of the command that was typed, before any task starts:
 - a path given without its flag (``triview run photos``): ``--data photos``.
 
 Each subcommand's ``--help`` has a description (its one-line help unless it has its own)
-and the examples of :data:`triview.cli_examples.EXAMPLES` as its epilog.
+and the examples of :data:`triview.cli_examples.EXAMPLES` as its epilog. The flag groups
+several commands share are here too: a stage's parameters as flags (``triview ingest``),
+the connection to Kubeflow Pipelines and the cluster settings.
 """
 from __future__ import annotations
 
@@ -153,6 +155,57 @@ class CommandParser(argparse.ArgumentParser):
                     hints.append(f"did you mean --param {names[0]}=...? (pipeline parameters: "
                                  f"triview params)")
         return hints
+
+
+# ----------------------------------------------------------------------------- shared flag groups
+
+
+def add_kfp_connection_flags(p: argparse.ArgumentParser) -> None:
+    """How ``submit``, ``schedule`` and ``runs`` reach the Kubeflow Pipelines API."""
+    p.add_argument("--host", metavar="URL", help="KFP API URL, e.g. http://localhost:8080 "
+                   "(default: $KF_PIPELINES_ENDPOINT, else in-cluster or kubeconfig, as "
+                   "kfp.Client)")
+    p.add_argument("--namespace", metavar="NAMESPACE",
+                   help="Kubeflow profile namespace (multi-user deployments)")
+    p.add_argument("--token", metavar="TOKEN", help="bearer token (default $KFP_TOKEN; prefer "
+                   "the variable: command lines show up in ps and shell history)")
+
+
+def add_cluster_run_flags(p: argparse.ArgumentParser) -> None:
+    """What ``submit`` and ``schedule`` start: the data, the experiment, the parameters."""
+    p.add_argument("--data", required=True, metavar="PATH|s3://...",
+                   help="input folder or ZIP as the ingest pod sees it")
+    p.add_argument("--experiment", default="triview", metavar="NAME",
+                   help="experiment, created if missing (default triview)")
+    p.add_argument("--pipeline-root", metavar="minio://BUCKET/PATH",
+                   help="where the run's artifacts go (default: the cluster's)")
+    p.add_argument("--service-account", default="triview-pipeline-runner", metavar="NAME",
+                   help="Kubernetes service account of the run's pods")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="pipeline parameter, repeatable (e.g. --param epochs=4; all of them: "
+                   "triview params)")
+    p.add_argument("--preset", default=None, metavar="NAME|FILE",
+                   help="parameter values from a preset or YAML file (--param overrides)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="disable caching for every task (default: as compiled)")
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """The cluster settings compiled into the IR (``compile``, ``submit``, ``schedule``)."""
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="GPUs per train-branch task (default 1; 0: CPU)")
+    p.add_argument("--gpu-pool", metavar="LABEL=VALUE", help="node label of the GPU node pool")
+    p.add_argument("--gpu-toleration", metavar="KEY", help="taint key the GPU nodes carry")
+    p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")
+    p.add_argument("--minio-secret", metavar="NAME", help="Secret with accesskey/secretkey "
+                   "(default triview-minio)")
+    p.add_argument("--image", metavar="REF:TAG", help="image of the light stages "
+                   "(default $TRIVIEW_IMAGE or ghcr.io/triview/triview-cpu:0.1.0)")
+    p.add_argument("--gpu-image", metavar="REF:TAG", help="image of train-branch "
+                   "(default $TRIVIEW_GPU_IMAGE or ghcr.io/triview/triview-gpu:0.1.0)")
+    p.add_argument("--serve-image", metavar="REF:TAG", help="predictor image the deploy step "
+                   "puts in the InferenceService (default $TRIVIEW_SERVE_IMAGE or "
+                   "ghcr.io/triview/triview-serve:0.1.0)")
 
 
 # ----------------------------------------------------------------------------- stage flags

@@ -59,27 +59,27 @@ def default_workers() -> int:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``triview serve`` (shared by the CLI and the server module)."""
     parser.add_argument("--model", required=True,
-                        metavar="DIR|s3://REGISTRY/MODEL[@champion|@VERSION]",
-                        help="exported model folder, registry model folder (models/<name>: its "
-                        "champion) or version, local or s3://; REGISTRY/<name>@champion or "
-                        "@<version> picks a version")
-    parser.add_argument("--name", default=None, help="model name in the routes (default: the "
-                        "registry model name, else the model card's name)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        metavar="RUN_OUT|MODEL_DIR|REGISTRY/NAME[@champion|@VERSION]",
+                        help="the --out folder of a triview run, an exported model folder, a "
+                        "registry model folder (models/<name>: its champion) or version, local "
+                        "or s3://; REGISTRY/<name>@champion or @<version> picks a version")
+    parser.add_argument("--name", default=None, metavar="NAME", help="model name in the routes "
+                        "(default: the registry model name, else the model card's name)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT",
                         help=f"HTTP port (default {DEFAULT_PORT})")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
                         help="listen address (default 127.0.0.1; 0.0.0.0 in a container)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="ONNX Runtime intra-op threads per inference (default 1; 0: one "
                         "per core)")
-    parser.add_argument("--inference-workers", type=int, default=default_workers(),
+    parser.add_argument("--inference-workers", type=int, default=default_workers(), metavar="N",
                         help="inferences run at once, each on its own thread (default: the "
                         "CPUs this process may use, at most 4)")
-    parser.add_argument("--max-images", type=int, default=MAX_IMAGES,
+    parser.add_argument("--max-images", type=int, default=MAX_IMAGES, metavar="N",
                         help=f"images per request (default {MAX_IMAGES})")
-    parser.add_argument("--max-pixels", type=int, default=None,
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="PIXELS",
                         help="decompression-bomb cap per image (default: ingest's, 100M)")
-    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, metavar="BYTES",
                         help=f"largest request body, else 413 (default {MAX_BODY_BYTES})")
 
 
