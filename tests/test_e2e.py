@@ -125,7 +125,8 @@ def _check_newcomer_words(stdout: str, summary: dict, out: Path) -> None:
     assert re.search(r"ensemble test accuracy [0-9.]+ on \d+ test images: 95% interval", stdout)
     report = Path(summary["artifacts"]["report"])
     assert report.suffix == ".html" and report == out / "report.html" and report.is_file()
-    assert stdout.rstrip().splitlines()[-2] == f"report: {report}"
+    assert f"\nreport: {report}\n" in stdout
+    assert f"triview predict --model {out} IMAGE..." in stdout
     assert summary["test_interval"]["n"] == summary["counts"]["test"]
     page = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "outputs.md").read_text()
     shown = json.loads(page.split("<!-- docs-test: run-summary -->\n```json\n")[1].split("```")[0])

@@ -128,6 +128,8 @@ def test_the_report_a_newcomer_reads(tmp_path):
     probs = {v: np.eye(c)[y] * 0.6 + rng.random((n, c)) * 0.3 for v in ("whole", "middle", "inner")}
     probs = {v: p / p.sum(1, keepdims=True) for v, p in probs.items()}
     blessing = run_gate({"macro_f1": 0.9}, tmp_path, registry="")
+    assert blessing["comparison"] == "no_registry" and not any(
+        "first model" in r for r in blessing["reasons"])
     head = {v: pd.DataFrame({"head_epoch": range(1, 6), "train_loss": np.linspace(1, 0.5, 5),
                              "val_loss": np.linspace(1.1, 0.6, 5),
                              "val_macro_f1": np.linspace(0.5, 0.9, 5)}) for v in probs}

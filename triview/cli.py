@@ -186,8 +186,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from triview.summary import format_summary
 
     print(format_summary(summary))
-    print(f"summary: {Path(args.out) / 'run_summary.json'} (its --out folder, {args.out}, is "
-          f"what predict, serve and deploy take as --model / --run)")
+    print(f"summary: {Path(args.out) / 'run_summary.json'}")
+    print(f"next:    triview predict --model {args.out} IMAGE...   (the --out folder is the model)")
     return 0
 
 

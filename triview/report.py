@@ -117,14 +117,13 @@ def _curves_figure(histories: dict[str, pd.DataFrame],
     than the head's row (fine-tuning; epoch 0 is the head phase's best)."""
     panels = []
     if head_histories:
-        panels.append(("head phase: the new head on cached features of the frozen backbone",
-                       "head epoch", {v: h.rename(columns={"head_epoch": "x"})
-                                      for v, h in head_histories.items()}))
+        panels.append(("head phase", "head epoch", {v: h.rename(columns={"head_epoch": "x"})
+                                                    for v, h in head_histories.items()}))
     trained = {v: h.assign(x=h["epoch"]) for v, h in histories.items()
                if not head_histories or len(h) > 1}
     if trained:
-        panels.append(("fine-tuning (epoch 0: the head phase's best)" if head_histories
-                       else "training", "epoch", trained))
+        panels.append(("fine-tuning (0: head phase)" if head_histories else "training",
+                       "epoch", trained))
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.4 * len(panels)), dpi=80, squeeze=False)
     for row, (title, xlabel, curves) in zip(axes, panels):
         for view, h in curves.items():
