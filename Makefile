@@ -57,7 +57,7 @@ compile: $(STAMP)
 # The docs site (docs/, mkdocs.yml) into site/: --strict fails on a broken link or anchor
 # and on a page left out of the nav; nothing is fetched (tests/test_docs.py runs the same).
 docs: $(STAMP)
-	$(BIN)/python -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 # Images, built offline (docs/reference/images.md): a hash-locked wheelhouse from PyPI, a base
 # image made locally (no registry is reachable here; the Dockerfiles' own default base is
