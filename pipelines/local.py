@@ -6,6 +6,7 @@ keeps every artifact under ``<out>/pipeline_root``. With ``runner="docker"`` eac
 runs in its image instead (pipelines/runners.py).
 """
 import contextlib
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +17,8 @@ from pipelines.console import RunConsole
 from pipelines.platform import PlatformOptions
 from pipelines.triview_pipeline import make_pipeline
 from triview import params as spec
+from triview.artifacts import REPORT_HTML
+from triview.storage import atomic_path
 from triview.summary import build_summary, write_summary
 from triview.weights import resolve as resolve_weights
 
@@ -66,8 +69,11 @@ def run_local(data: str, out_dir: str, params: dict | None = None, verbose: bool
             result = local_pipeline(data=data_path, **run_params)
     seconds = time.perf_counter() - start
     model_dir = Path(result.outputs["model"].path)
-    report = Path(result.outputs["report"].path)
     run_dir = model_dir.parent.parent  # <root>/<run>/<task>/<output>
+    # KFP's HTML artifact is a file without a suffix: a copy beside the summary opens in a browser
+    report = out / REPORT_HTML
+    with atomic_path(report) as tmp:
+        shutil.copyfile(result.outputs["report"].path, tmp)
     summary = build_summary(run_dir, model_dir, report)
     summary["dag_seconds"] = round(seconds, 1)
     summary["parameters"] = {"data": data_path, **params}

@@ -208,3 +208,23 @@ def test_the_predictor_decodes_each_file_once(model_dir, monkeypatch):
         buffer = io.BytesIO()
         Image.fromarray(_photo(1280, 960, 7)).save(buffer, format=fmt)
         assert set(predictor.views_of_bytes(buffer.getvalue())) == set(predictor.card["views"])
+
+
+def test_a_run_folder_is_a_model(model_dir, test_images, tmp_path, capsys):
+    """`triview predict --model RUN_OUT` (and serve's check) find the model through the
+    run's run_summary.json; a summary whose model is gone names it."""
+    from triview.serving import check_model
+    from triview.summary import SUMMARY_FILE
+
+    paths, _ = test_images
+    out = tmp_path / "runs" / "photos"
+    out.mkdir(parents=True)
+    (out / SUMMARY_FILE).write_text(json.dumps({"artifacts": {"model": str(model_dir)}}))
+    assert main(["predict", "--model", str(out), *paths[:3], "--format", "json"]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["predict", "--model", str(model_dir), *paths[:3], "--format", "json"]) == 0
+    assert from_run == capsys.readouterr().out and len(from_run.splitlines()) == 3
+    check_model(str(out))
+    (out / SUMMARY_FILE).write_text(json.dumps({"artifacts": {"model": str(tmp_path / "gone")}}))
+    assert main(["predict", "--model", str(out), *paths[:1]]) == 2
+    assert "names the model folder" in capsys.readouterr().err

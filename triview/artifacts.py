@@ -5,6 +5,7 @@ small files (the image and view manifests are :mod:`triview.manifest`'s).
 A branch folder (train-branch)::
 
     model.pt  model.json  predictions.npz  history.csv  history.png  checkpoints/
+    head_history.csv   (with a head phase: one row per head epoch)
 
 ``model.json`` names the view, classes, image size, task and training config;
 ``predictions.npz`` holds ``{val,test}_{prob,ids,labels}`` (and ``thresholds`` for
@@ -30,6 +31,7 @@ MODEL_META_FILE = "model.json"
 PREDICTIONS_FILE = "predictions.npz"
 HISTORY_FILE = "history.csv"
 HISTORY_PLOT = "history.png"
+HEAD_HISTORY_FILE = "head_history.csv"   # one row per head-phase epoch (when head_epochs > 0)
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_LAST = "last.pt"
 CHECKPOINT_BEST = "best.pt"

@@ -298,6 +298,8 @@ def run_gate(challenger: dict, views_dir: str | Path, registry: str = "", model_
     if not registry:
         blessing = decide(challenger, None, config, drift=drift)
         blessing["comparison"] = "no_registry"
+        blessing["reasons"] = [r for r in blessing["reasons"] if "first model" not in r] + [
+            "no registry: no champion to compare with, nothing is promoted"]
         return blessing
     reg = ModelRegistry(registry, model_name)
     pointer = reg.champion()

@@ -39,7 +39,29 @@ _CHUNK = 64
 
 
 class IngestError(ValueError):
-    """The input as a whole cannot be ingested (not a per-file problem)."""
+    """The input as a whole cannot be ingested (not a per-file problem).
+
+    ``fixes`` are ``(what to do, parameter, value)`` (parameter None: nothing to set); the
+    message names each as
+    ``--param name=value`` (what ``triview run`` and ``submit`` take, and the parameter's
+    name in the KFP UI); ``triview ingest`` renders them as its own flags (:meth:`render`).
+    """
+
+    def __init__(self, message: str, fixes: tuple[tuple[str, str | None, str], ...] = ()) -> None:
+        self.message, self.fixes = message, tuple(fixes)
+        super().__init__(self.render())
+
+    def render(self, flag=None) -> str:
+        """The message with each fix spelt by ``flag(parameter, value)``."""
+        import shlex
+
+        flag = flag or (lambda name, value: f"--param {shlex.quote(f'{name}={value}')}")
+        fixes = [what if name is None else f"{what} ({flag(name, value)})"
+                 for what, name, value in self.fixes]
+        if not fixes:
+            return self.message
+        ways = "; ".join(fixes[:-1]) + ("; or " if len(fixes) > 1 else "") + fixes[-1]
+        return f"{self.message.rstrip('.')}. To fix it: {ways}"
 
 
 @dataclass(frozen=True)
@@ -161,9 +183,25 @@ _ROBOFLOW_COPY = re.compile(r"\.rf\.[0-9a-f]{16,}$", re.IGNORECASE)
 
 
 def source_id_of(rel: str) -> str:
-    """The source photo a file comes from: its path without suffix, and without
+    """The source photo a file comes from: its path in the data root (a wrapping folder
+    taken off: :attr:`triview.sources.Item.data_path`) without suffix, and without
     Roboflow's ``.rf.<hash>`` so that augmented copies of one photo share a split."""
     return _ROBOFLOW_COPY.sub("", str(PurePosixPath(rel).with_suffix("")))
+
+
+def one_class_message(label: str, data: str, n_images: int) -> str:
+    """Why one class cannot be trained, and the folder layout that gives more."""
+    return (f"only one class, {label!r} ({n_images} usable images), in {data!r}: a classifier "
+            f"needs at least two. Put each class's images in a folder of its own: "
+            f"{data.rstrip('/')}/<class>/<image> (e.g. {label}/ and other/)")
+
+
+def small_class_fixes(classes: list[str], need: int) -> tuple[tuple[str, str | None, str], ...]:
+    """What lets ``classes`` (too small to split) through: more images, or a label operation."""
+    return (("add images to them", None, ""),
+            ("merge each into another class", "label_remap", ",".join(f"{c}->OTHER" for c in classes)),
+            ("drop them", "label_drop", ",".join(classes)),
+            (f"quarantine every class below {need} images", "min_per_class", str(need)))
 
 
 # ----------------------------------------------------------------------------- split
@@ -228,8 +266,8 @@ def _split(groups: pd.DataFrame, fractions: tuple[float, float, float], salt: st
         where = "" if not present else " in the train part of the given split"
         raise IngestError(
             f"classes with too few source images{where} to carve the splits they lack: "
-            f"{names}. Add images, merge the class (--remap 'OLD->NEW'), drop it "
-            f"(--drop NAME) or set --min-per-class to that number")
+            f"{names}",
+            small_class_fixes(sorted(too_few), max(1 + len(needed_by_class[k]) for k in too_few)))
     position = {sid: split_position(sid, salt) for sid in pool["source_id"]}
     carved: dict[str, str] = {}
     forced = []
@@ -368,12 +406,15 @@ def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestR
     if not used and not opts.allow_empty:
         raise IngestError(f"no usable images in {data!r} "
                           f"({n_input} files, all quarantined: see {out / mf.QUARANTINE_FILE})")
+    labels_used = {lab for u in used for lab in items[u[0]].labels}
+    if len(labels_used) == 1:  # the voter and every metric need two
+        raise IngestError(one_class_message(labels_used.pop(), data, len(used)))
 
     rows = []
     for i, sha, w, h, fmt, mode, dh, stored, nbytes in used:
         it = items[i]
         rows.append({"image_id": sha[:16], "path": stored, "label": it.labels[0],
-                     "labels": mf.join_labels(list(it.labels)), "source_id": source_id_of(it.rel),
+                     "labels": mf.join_labels(list(it.labels)), "source_id": source_id_of(it.data_path),
                      "sha256": sha, "width": w, "height": h, "original_path": it.rel,
                      "format": fmt.lower(), "mode": mode, "bytes": nbytes,
                      "dhash": f"{dh:016x}", "given_split": it.split})
@@ -383,6 +424,8 @@ def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestR
         try:
             assignment, forced, carved_for = _split(groups, opts.split_fractions,
                                                     opts.split_salt)
+        except IngestError:
+            raise
         except ValueError as exc:
             raise IngestError(str(exc)) from exc
         table["split"] = table["source_id"].map(assignment)

@@ -12,7 +12,7 @@ Everything else is derived from :data:`PARAMS`:
   owns it (:func:`stage_config`), because KFP's UI can start runs too;
 * the library's configuration objects (``TrainConfig`` is :func:`config_class` of the
   ``train-branch`` stage);
-* the README's parameter table (:func:`markdown_table`).
+* the docs' parameter table, ``docs/reference/parameters.md`` (:func:`markdown_table`).
 
 Parameters stay flat (one pipeline input each) rather than grouped into one dict per
 stage: the KFP UI then shows every parameter with its type, default and description
@@ -493,15 +493,16 @@ def validate(values: dict[str, Any], *, complete: bool = False) -> dict[str, Any
     for key, value in values.items():
         param = PARAMS.get(key)
         if param is None:
-            problems.append(f"unknown parameter {key!r}")
+            near = close_names(key)
+            problems.append(f"unknown parameter {key!r}"
+                            + (f": did you mean {' or '.join(near)}?" if near else "")
+                            + " (`triview params` lists them all)")
             continue
         try:
             out[key] = param.validate(value)
         except ParamError as exc:
             problems.append(str(exc))
     if problems:
-        if any(p.startswith("unknown parameter") for p in problems):
-            problems.append(f"known parameters: {', '.join(PARAMS)}")
         raise ParamError("; ".join(problems))
     full = {**defaults(), **out}
     problems = [msg for rule in RULES if (msg := rule(full))]
@@ -510,13 +511,21 @@ def validate(values: dict[str, Any], *, complete: bool = False) -> dict[str, Any
     return full if complete else out
 
 
+def close_names(name: str, n: int = 3) -> list[str]:
+    """The parameter names nearest to ``name`` (difflib), best first."""
+    import difflib
+
+    return difflib.get_close_matches(name.replace("-", "_"), list(PARAMS), n=n, cutoff=0.6)
+
+
 def parse_pairs(pairs: list[str]) -> dict[str, Any]:
     """``["epochs=3", "image-size=48"]`` -> typed, checked values."""
     raw = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ParamError(f"--param expects key=value, got {pair!r}")
+            raise ParamError(f"--param takes KEY=VALUE as one word, got {pair!r}: "
+                             f"write --param {pair.strip()}=VALUE")
         raw[key.strip().replace("-", "_")] = value.strip()
     return validate(raw)
 
@@ -592,7 +601,7 @@ def default_text(param: Param) -> str:
 
 
 def help_text(param: Param) -> str:
-    """The help sentence plus the allowed values (what the UI and the README show)."""
+    """The help sentence plus the allowed values (what the UI and the docs show)."""
     allowed = param.describe_range()
     return f"{param.help} ({allowed})" if allowed else param.help
 
@@ -616,7 +625,7 @@ def docstring(summary: str, leading: dict[str, str]) -> str:
 
 
 def markdown_table() -> str:
-    """The README's parameter table, stage by stage."""
+    """The docs' parameter table, stage by stage."""
     rows = ["| parameter | type | default | allowed | stage | what it does |",
             "|---|---|---|---|---|---|"]
     for stage in STAGES:

@@ -105,15 +105,20 @@ def resolve_model(location: str, dest: str | Path | None = None) -> Path:
 
     ``location`` is an exported model folder (has ``model_card.json``), a registry
     model folder (``.../models/<name>``: its champion) or a version in it
-    (``.../models/<name>/<version>``), locally or on ``s3://``.
+    (``.../models/<name>/<version>``), locally or on ``s3://``, or the ``--out`` folder
+    of a ``triview run`` (its ``run_summary.json`` names the model).
     """
+    from triview.summary import model_of_run
+
     location = check_location(location.rstrip("/"))
+    location = model_of_run(location) or location
     if storage.read_bytes_or_none(storage.join(location, CARD_FILE)) is not None:
         return storage.local_tree(location, dest)
     pointer = storage.read_bytes_or_none(storage.join(location, CHAMPION_FILE))
     if pointer is None:
-        raise RegistryError(f"{location!r} is neither an exported model (no {CARD_FILE}) "
-                            f"nor a registry model folder with a {CHAMPION_FILE}")
+        raise RegistryError(f"{location!r} is neither an exported model (no {CARD_FILE}), "
+                            f"a registry model folder with a {CHAMPION_FILE}, nor a "
+                            f"`triview run --out` folder (no run_summary.json)")
     version = json.loads(pointer)["version"]
     if storage.read_bytes_or_none(storage.join(location, str(version), CARD_FILE)) is None:
         raise RegistryError(f"champion version {version} of {location!r} has no {CARD_FILE}")

@@ -52,6 +52,13 @@ class Item(NamedTuple):
     reason: str | None = None      # quarantined without being read
     detail: str = ""
     label_reason: str | None = None  # quarantined after decoding (no_label, unknown_label)
+    key: str = ""                  # rel without the wrapping folder ("" : rel itself)
+
+    @property
+    def data_path(self) -> str:
+        """The file's path in the data root once a wrapping folder is taken off: the same
+        for a folder, its ZIP and a ZIP of the folder (what the source id is made from)."""
+        return self.key or self.rel
 
 
 @dataclass(frozen=True)
@@ -118,11 +125,12 @@ def _is_system(rel: str) -> bool:
 
 def _strip_wrapper(rels: list[str]) -> int:
     """How many leading folders every path shares as a single wrapping folder
-    (``dataset/<class>/x.jpg`` -> 1)."""
+    (``dataset/<class>/x.jpg`` -> 1). A folder is a wrapper only while some path keeps a
+    folder below it: ``cat/x.jpg`` alone is one class folder, not a wrapper of loose files."""
     depth = 0
     parts = [r.split("/") for r in rels]
     while parts and all(len(p) > depth + 1 for p in parts) and \
-            len({p[depth] for p in parts}) == 1:
+            any(len(p) > depth + 2 for p in parts) and len({p[depth] for p in parts}) == 1:
         depth += 1
     return depth
 
@@ -153,36 +161,38 @@ def _labelled(source: Source, entries: list[_Entry], read_meta) -> Source:
     items = []
     for r, e in stripped:
         if e.reason is not None:
-            items.append(Item(e.rel, (), reason=e.reason, detail=e.detail))
+            items.append(Item(e.rel, (), reason=e.reason, detail=e.detail, key=r))
             continue
         if _is_system(r):
-            items.append(Item(e.rel, (), reason="system_file", detail="hidden or OS metadata"))
+            items.append(Item(e.rel, (), reason="system_file", detail="hidden or OS metadata",
+                              key=r))
             continue
         parts = r.split("/")
         if len(parts) == 1 and r.lower() in CLASS_MAP_FILES:
             items.append(Item(e.rel, (), reason="metadata",
-                              detail=map_problem or "class map (data.yaml)"))
+                              detail=map_problem or "class map (data.yaml)", key=r))
             continue
         if len(parts) == 1 and PurePosixPath(r).suffix.lower() in _DOC_SUFFIXES:
-            items.append(Item(e.rel, (), reason="metadata", detail="document beside the classes, not read"))
+            items.append(Item(e.rel, (), reason="metadata",
+                              detail="document beside the classes, not read", key=r))
             continue
         split = None
         if split_layout and parts[0].lower() in SPLIT_FOLDERS:
             split, parts = SPLIT_FOLDERS[parts[0].lower()], parts[1:]
         if len(parts) < 2:
             items.append(Item(e.rel, e.locator, label_reason="no_label",
-                              detail="file is not inside a class folder"))
+                              detail="file is not inside a class folder", key=r))
             continue
         folder = parts[0]
         if names is not None:
             label = folder if folder in names else index.get(folder)
             if label is None:
                 items.append(Item(e.rel, e.locator, split=split, label_reason="unknown_label",
-                                  detail=f"folder {folder!r} is not in the data.yaml names"))
+                                  detail=f"folder {folder!r} is not in the data.yaml names", key=r))
                 continue
         else:
             label = folder
-        items.append(Item(e.rel, e.locator, (label,), split))
+        items.append(Item(e.rel, e.locator, (label,), split, key=r))
     source.items = items
     source.classes = names
     if split_layout:

@@ -239,6 +239,9 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
         candidates = pd.read_csv(Path(voter_dir) / artifacts.CANDIDATES_FILE)
         histories = {v: pd.read_csv(d / artifacts.HISTORY_FILE) for v, d in branch_dirs.items()
                      if (d / artifacts.HISTORY_FILE).is_file()}
+        head_histories = {v: pd.read_csv(d / artifacts.HEAD_HISTORY_FILE)
+                          for v, d in branch_dirs.items()
+                          if (d / artifacts.HEAD_HISTORY_FILE).is_file()}
         challenger = ev.score_all(preds, voter, classes)
         config = gt.GateConfig(min_value=p["min_value"], min_delta=p["min_delta"],
                                min_clean_images=p["min_clean_images"], fallback=p["fallback"],
@@ -260,10 +263,12 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
                                                    histories, views_dir,
                                                    0 if repeat else gradcam_per_kind)
         result = ev.evaluate(preds, voter, classes, out_dir, candidates, histories=histories,
+                             head_histories=head_histories,
                              timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader,
                              drift=drift)
         rec.update(seed=seed, ensemble=result["ensemble"], views=result["views"],
-                   n_test=result["n_test"], blessed=int(blessing["blessed"]),
+                   n_test=result["n_test"], accuracy_interval=result["accuracy_interval"],
+                   blessed=int(blessing["blessed"]),
                    champion_macro_f1=blessing["champion"],
                    gate={k: blessing.get(k) for k in ("blessed", "reasons", "comparison",
                                                       "champion_version", "clean", "interval",
@@ -409,6 +414,7 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
         rec.update(torchscript_max_abs_diff=card["torchscript_max_abs_diff"],
                    onnx_max_abs_diff=card["onnx_max_abs_diff"], blessed=int(blessed),
                    champion_macro_f1=(verdict or {}).get("champion"), promoted=0,
+                   registry=p["registry"],
                    quantization=card["quantization"], data_version=card["data_version"])
         if p["registry"] and blessed:
             reg = ModelRegistry(p["registry"], p["model_name"])

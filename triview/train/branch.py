@@ -15,7 +15,7 @@ from triview import weights as published_weights
 from triview import distributed as ddp
 from triview import manifest as mf
 from triview import metrics
-from triview.artifacts import HISTORY_FILE, HISTORY_PLOT, MODEL_FILE
+from triview.artifacts import HEAD_HISTORY_FILE, HISTORY_FILE, HISTORY_PLOT, MODEL_FILE
 from triview.augment import load_config as load_augment_config
 from triview.balance import read_balance
 from triview.models import BranchNet, create_backbone, resolve_normalization
@@ -84,6 +84,7 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
                "parameters": result.parameters, "epochs_run": len(result.history),
                "resumed_from_epoch": result.resumed_from_epoch,
                "stopped_early": result.stopped_early, "device": str(result.device),
+               "head_epochs": len(result.head_curve),
                "world_size": world, "parameter_digest": digest,
                "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history]))}
     if rank != 0:
@@ -106,6 +107,8 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
             "output": "per-label logits (sigmoid)" if task == "multilabel" else "class logits (softmax)"}
     artifacts.write_branch_meta(out, meta)
     atomic_write_text(out / HISTORY_FILE, pd.DataFrame(history).to_csv(index=False))
+    if result.head_curve:
+        atomic_write_text(out / HEAD_HISTORY_FILE, pd.DataFrame(result.head_curve).to_csv(index=False))
     plot_history(pd.DataFrame(history), out / HISTORY_PLOT, title=f"{view}: {config.backbone}")
     arrays = dict(val_prob=val_prob, val_ids=np.array(val.image_ids), val_labels=val.labels.numpy(),
                   test_prob=test_prob, test_ids=np.array(test.image_ids),

@@ -128,6 +128,8 @@ class FitResult:
     world_size: int
     #: positions in ``train`` this rank drew in its last fine-tuning epoch (its shard)
     drawn: list[int] = field(default_factory=list)
+    #: one row per epoch of the head phase (:func:`fit_head`'s ``curve``; [] without one)
+    head_curve: list[dict] = field(default_factory=list)
 
 
 def head_module(net: BranchNet) -> nn.Module:
@@ -161,7 +163,8 @@ def fit_head(net: BranchNet, train_x: torch.Tensor, train_y: torch.Tensor, val_x
              val_y: torch.Tensor, criterion: nn.Module, config: TrainConfig, task: str) -> dict:
     """Train only the head on cached features for ``config.head_epochs`` (AdamW, cosine
     from head_lr, the branch's loss) and keep its best epoch by validation macro-F1.
-    Returns that epoch's history row (``epoch`` 0, ``phase`` head)."""
+    Returns that epoch's history row (``epoch`` 0, ``phase`` head), with every head
+    epoch's row under ``curve`` (what the report draws)."""
     head = head_module(net)
     device = next(head.parameters()).device
     head.train()
@@ -172,7 +175,7 @@ def fit_head(net: BranchNet, train_x: torch.Tensor, train_y: torch.Tensor, val_x
     steps = config.head_epochs * -(-len(train_y) // config.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
     squash = torch.sigmoid if task == "multilabel" else (lambda z: torch.softmax(z, dim=1))
-    best, best_state, start = None, None, time.perf_counter()
+    best, best_state, start, curve = None, None, time.perf_counter(), []
     train_x, train_y, val_x = train_x.to(device), train_y.to(device), val_x.to(device)
     for epoch in range(1, config.head_epochs + 1):
         head.train()
@@ -192,12 +195,14 @@ def fit_head(net: BranchNet, train_x: torch.Tensor, train_y: torch.Tensor, val_x
         row = {"epoch": 0, "phase": "head", "head_epoch": epoch, "train_loss": total / len(train_y),
                **validation_row(val_prob, val_y, task, criterion),
                "lr": optimizer.param_groups[0]["lr"]}
+        curve.append(row)
         if best is None or row["val_macro_f1"] > best["val_macro_f1"]:
             best, best_state = row, {k: v.detach().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
     seconds = time.perf_counter() - start
     return {**best, "seconds": round(seconds, 3),
-            "images_per_s": round(config.head_epochs * len(train_y) / max(seconds, 1e-9), 1)}
+            "images_per_s": round(config.head_epochs * len(train_y) / max(seconds, 1e-9), 1),
+            "curve": curve}
 
 
 def parameter_groups(net: BranchNet, config: TrainConfig) -> list[dict]:
@@ -287,7 +292,7 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
             + (f"; {config.weights} weights from {found.source} {found.location} "
                f"(sha256 {found.sha256[:12]}, {pretrained['loaded']} tensors)" if found else ""))
 
-    history, best_f1, best_state, best_epoch = [], -1.0, None, 0
+    history, best_f1, best_state, best_epoch, head_curve = [], -1.0, None, 0, []
     key = resume_key(config, view, classes, len(train.labels), task, world)
     first_epoch = 1
     state = checkpoint.load_checkpoint(ckpt_dir, key)
@@ -299,6 +304,7 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, best_f1, best_epoch = state["history"], state["best_f1"], state["best_epoch"]
+        head_curve = state.get("head_curve", [])
         best_state = checkpoint.load_best(ckpt_dir)
         first_epoch = state["epoch"] + 1
         if rank == 0:
@@ -307,6 +313,7 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
         if rank == 0:
             progress.Reporter("phase", 1, desc=view).note(phase="head on cached features")
         row = _head_phase(net, train, val, criterion, config, task, memory_format)
+        head_curve = row.pop("curve")
         history, best_f1, best_epoch = [row], row["val_macro_f1"], 0
         best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         if rank == 0:
@@ -320,7 +327,8 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                   "generator": generator.get_state(),
                                   "torch_rng": torch.get_rng_state(), "history": history,
-                                  "best_f1": best_f1, "best_epoch": best_epoch}, ckpt_dir)
+                                  "best_f1": best_f1, "best_epoch": best_epoch,
+                                  "head_curve": head_curve}, ckpt_dir)
     stopped_early = False
     drawn: list[int] = []
     # live progress for the local console (a no-op unless TRIVIEW_PROGRESS is set)
@@ -379,7 +387,7 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "scaler": scaler.state_dict(), "generator": generator.get_state(),
                    "torch_rng": torch.get_rng_state(), "history": history, "best_f1": best_f1,
-                   "best_epoch": best_epoch},
+                   "best_epoch": best_epoch, "head_curve": head_curve},
                   ckpt_dir)
         ddp.barrier()
         if config.patience and epoch - best_epoch >= config.patience and epoch < config.epochs:
@@ -392,4 +400,4 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
     net = net.cpu()
     net.load_state_dict(best_state)
     return FitResult(net, history, best_epoch, best_f1, stopped_early, first_epoch - 1, params,
-                     pretrained, device, world, drawn)
+                     pretrained, device, world, drawn, head_curve)
