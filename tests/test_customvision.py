@@ -211,3 +211,12 @@ def test_downloads_only_from_the_service_hosts(uri, allowed):
     assert (refusal is None) == allowed, refusal
     if refusal:
         assert "sig=" not in refusal and "pw" not in refusal
+
+
+def test_the_docker_runner_refuses_a_custom_vision_source(tmp_path):
+    """Its tasks have no network; the subprocess runner passes the address to ingest."""
+    from pipelines.local import run_local
+
+    address = f"customvision://127.0.0.1:1/{uuid.uuid4()}?scheme=http"
+    with pytest.raises(ValueError, match="use --runner subprocess"):
+        run_local(address, str(tmp_path / "out"), runner="docker")

@@ -100,7 +100,8 @@ def _options(args: argparse.Namespace):
 
     return options_from_flags(gpus=args.gpus, gpu_pool=args.gpu_pool,
                               gpu_toleration=args.gpu_toleration, cpu_pool=args.cpu_pool,
-                              minio_secret=args.minio_secret, image=args.image,
+                              minio_secret=args.minio_secret,
+                              customvision_secret=args.customvision_secret, image=args.image,
                               gpu_image=args.gpu_image, serve_image=args.serve_image,
                               pipeline_root=getattr(args, "compile_pipeline_root", None))
 
@@ -186,7 +187,9 @@ def _checked_run_params(args: argparse.Namespace) -> dict:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     params = _checked_run_params(args)
-    if not Path(args.data).exists():
+    from triview.customvision import is_customvision
+
+    if not (is_customvision(args.data) or Path(args.data).exists()):
         raise FileNotFoundError(f"input {args.data!r} does not exist")
     from pipelines.console import TaskFailed
     from pipelines.local import run_local
@@ -375,10 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=None, help="keep at most N images per class")
     p.set_defaults(func=_cmd_demo_data)
 
-    p = sub.add_parser("ingest", help="ingest a folder, ZIP, CSV/Parquet table or s3:// prefix "
-                       "into a manifest + quarantine report + statistics")
+    p = sub.add_parser("ingest", help="ingest a folder, ZIP, CSV/Parquet table, s3:// prefix or "
+                       "Custom Vision project into a manifest + quarantine report + statistics")
     p.add_argument("--data", required=True, help="folder or ZIP of class folders (or a YOLO-classify/"
-                   "Roboflow ZIP with data.yaml), CSV/Parquet multi-label table, or s3://bucket/prefix")
+                   "Roboflow ZIP with data.yaml), CSV/Parquet multi-label table, s3://bucket/prefix, "
+                   "or customvision://ENDPOINT_HOST/PROJECT_ID (training key from "
+                   "$CUSTOMVISION_TRAINING_KEY)")
     p.add_argument("--out", required=True, help="output folder (or s3:// prefix)")
     add_stage_flags(p, "ingest")
     p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
@@ -424,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_params)
 
     p = sub.add_parser("run", help="run the whole DAG locally with kfp.local")
-    p.add_argument("--data", required=True, help="folder or ZIP of class folders")
+    p.add_argument("--data", required=True, help="folder or ZIP of class folders (anything "
+                   "`triview ingest --data` reads, customvision:// included)")
     p.add_argument("--out", required=True, help="output folder (pipeline root + run_summary.json)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline parameter, repeatable (e.g. --param epochs=4)")
@@ -545,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")
         p.add_argument("--minio-secret", metavar="NAME", help="Secret with accesskey/secretkey "
                        "(default triview-minio)")
+        p.add_argument("--customvision-secret", metavar="NAME", help="Secret whose key "
+                       "training_key becomes $CUSTOMVISION_TRAINING_KEY in the ingest task, for "
+                       "--data customvision://... (default triview-customvision; optional)")
         p.add_argument("--image", metavar="REF:TAG", help="image of the light stages "
                        "(default $TRIVIEW_IMAGE or ghcr.io/triview/triview-cpu:0.1.0)")
         p.add_argument("--gpu-image", metavar="REF:TAG", help="image of train-branch "
