@@ -309,7 +309,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("no image files given")
     predictor = Predictor(args.model)
-    results = predictor.predict(paths, threshold=args.threshold)
+    results = predictor.predict(paths, threshold=args.threshold, views=args.views)
     if args.format == "json":
         for r in results:
             print(json.dumps(r.to_json()))
@@ -459,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "those (default: the per-label thresholds tuned on validation)")
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="table with per-class counts, or one JSON object per image (default table)")
+    p.add_argument("--views", action="store_true",
+                   help="also each view's own top label and score (what each crop saw)")
     p.set_defaults(func=_cmd_predict)
 
     from triview.serving import SERVE_DESCRIPTION, add_serve_arguments  # issue 15
