@@ -127,6 +127,20 @@ def test_a_download_failing_with_5xx_is_tried_then_quarantined(photos, tmp_path,
     assert len(result.manifest) == 14
 
 
+def test_downloads_run_in_ingests_worker_processes(photos, tmp_path, monkeypatch):
+    """Large projects are read by the pool: each worker downloads with its own session."""
+    import triview.ingest
+
+    monkeypatch.setenv(cv.KEY_ENV, KEY)
+    monkeypatch.setattr(triview.ingest, "_POOL_MIN_FILES", 1)
+    images = _project(photos)[:15]
+    with CustomVisionStandIn(KEY, images) as standin:
+        result = ingest(standin.address, tmp_path / "out", workers=2, plot=False)
+        agents = {h.get("user-agent") for _, h in standin.downloads()}
+    assert len(result.manifest) == 15 and result.n_input == 15
+    assert agents and not any("customvision" in (a or "") for a in agents)  # not the API client
+
+
 def test_no_log_line_holds_the_key_even_at_debug_level(photos, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(cv.KEY_ENV, KEY)
     caplog.set_level(logging.DEBUG)

@@ -6,13 +6,13 @@ uploaded by the file input and by drag and drop get the labels of ``triview pred
 the default threshold and after the threshold is moved with the keyboard."""
 from __future__ import annotations
 
-import base64
+import http.client
 import io
 import json
-import shutil
+import os
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from triview.registry import ModelRegistry
 from triview.serving import protocol
 from triview.serving.infra import ServerProcess, post_json, request
 
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
+REPO = Path(__file__).resolve().parents[1]
+HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 MAX_BODY = 3_000_000
 TRIVIEW = [sys.executable, "-m", "triview"]
@@ -93,8 +94,47 @@ def test_the_page_and_its_files_come_from_the_package(server):
         assert _get(server, f"/try/static/{name}")[0] == 200
     for bad in ("try.html", "..%2Fpage.py", "%2E%2E%2F%2E%2E%2Fserver.py", "missing.js"):
         assert _get(server, f"/try/static/{bad}")[0] == 404, bad
-    conn_status, _ = request(server.port, "GET", "/try")
-    assert conn_status == 200
+    # screen readers hear the answers and the errors
+    assert 'id="progress" class="status" role="status" aria-live="polite"' in text
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/try")
+    policy = conn.getresponse().getheader("Content-Security-Policy")
+    conn.close()
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy
+    assert "frame-ancestors 'none'" in policy and "default-src 'none'" in policy
+
+
+def test_the_page_escapes_what_it_shows(serve_python):
+    code = ("from triview.serving.page import render_page; print(render_page("
+            "[{'id': '\\\"><img src=x>', 'label': '<script>alert(1)</script>', 'served': True}], "
+            "{'max_body_bytes': 1048576, 'max_pixels': 10, 'parallel': 1, 'x': '</main>'}))")
+    out = subprocess.run([serve_python, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert "<script>alert" not in out and "&lt;script&gt;alert(1)&lt;/script&gt;" in out
+    assert "<img src=x>" not in out and out.count("</main>") == 1
+
+
+def _luminance(hex_colour: str) -> float:
+    rgb = [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def _contrast(a: str, b: str) -> float:
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_the_page_colours_are_readable():
+    """WCAG contrast: text at least 7:1 (AAA), the views' lines at least 3:1 (graphics)."""
+    css = (REPO / "triview" / "serving" / "static" / "try.css").read_text()
+    colour = dict(re.findall(r"--([\w-]+): (#[0-9a-f]{6})", css))
+    for text in ("ink", "muted", "error", "accent"):
+        assert _contrast(colour[text], colour["paper"]) >= 7, text
+    assert _contrast("#ffffff", colour["accent"]) >= 7            # button text
+    assert _contrast("#595959", "#e8e8e8") >= 4.5                 # disabled button text
+    for view in ("view-0", "view-1", "view-2"):
+        assert _contrast(colour[view], colour["paper"]) >= 3, view
 
 
 def test_the_page_answers_what_the_v1_route_answers_with_each_view(server, digit_photos,
@@ -125,6 +165,8 @@ def test_bad_photos_and_models_get_clear_messages_and_the_server_keeps_serving(s
                                                                               digit_photos):
     photo = digit_photos[0].read_bytes()
     assert _predict(server, b"hello, this is text") == (400, {"error": "not an image"})
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64
+    assert _predict(server, heic) == (400, {"error": "unsupported format (heic)"})
     assert _predict(server, b"")[1]["error"] == "the photo is empty (0 bytes)"
     bomb = io.BytesIO()
     Image.new("1", (20000, 10000)).save(bomb, format="PNG")   # 200 M pixels in a few KB

@@ -159,8 +159,9 @@ class Predictor:
             if views:
                 probs, per_view = self.view_probabilities(batch)
                 if per_view is None:
-                    raise PredictError(f"the model in {self.folder} was exported without "
-                                       f"per-view outputs: export it again to see each view")
+                    raise PredictError(f"the model in {self.folder} has no per-view outputs: "
+                                       f"its voter reads one view only, or it was exported "
+                                       f"before them (export it again to see each view)")
             else:
                 probs, per_view = self.probabilities(batch), None
             for j, (i, prob) in enumerate(zip(index, probs)):

@@ -205,8 +205,9 @@
         });
         card.appendChild(views);
       } else {
-        card.appendChild(make("p", { class: "help" }, "This model was exported without " +
-          "per-view outputs; export it again to see what each view saw."));
+        card.appendChild(make("p", { class: "help" }, "This model has no per-view outputs: " +
+          "its voter reads one view only, or it was exported before them (export it again " +
+          "to see what each view saw)."));
       }
     }
     if (!card.parentNode) results.appendChild(card);
