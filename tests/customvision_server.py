@@ -39,13 +39,17 @@ class CustomVisionStandIn:
     ``cv.address`` (a ``customvision://`` address with ``scheme=http``)."""
 
     def __init__(self, key: str, images: list[StandInImage], *, page_cap: int = 4,
-                 throttle_skip: int | None = None, redirect: bool = False) -> None:
+                 throttle_skip: int | None = None, redirect: bool = False,
+                 extra_tags: tuple[str, ...] = (), retry_after: str = "1",
+                 count_extra: int = 0) -> None:
         self.key, self.images, self.page_cap = key, images, page_cap
         self.throttle_skip = throttle_skip      # the tagged page at this skip answers 429 once
         self.redirect = redirect                # every API call answers 302 to /steal
+        self.retry_after = retry_after          # the 429's Retry-After header
+        self.count_extra = count_extra          # the tagged count says this many more than listed
         self.project_id = str(uuid.uuid4())
         self.sig = "sig-" + uuid.uuid4().hex    # the SAS signature of every image URI
-        names = sorted({t for img in images for t in img.tags})
+        names = sorted({t for img in images for t in img.tags} | set(extra_tags))  # extra: no images
         self.tag_ids = {name: str(uuid.uuid4()) for name in names}
         self.requests: list[tuple[str, dict]] = []
         self._once: set[str] = set()
@@ -132,7 +136,7 @@ class CustomVisionStandIn:
                 tagged = [img for img in standin.images if img.tags]
                 untagged = [img for img in standin.images if not img.tags]
                 if route == "images/tagged/count":
-                    return self._send(200, len(tagged))
+                    return self._send(200, len(tagged) + standin.count_extra)
                 if route == "images/untagged/count":
                     return self._send(200, len(untagged))
                 if route in ("images/tagged", "images/untagged"):
@@ -141,7 +145,7 @@ class CustomVisionStandIn:
                             and standin._first(f"429:{skip}"):
                         return self._send(429, {"error": {"code": "429", "message":
                                           "Rate limit is exceeded. Try again in 1 seconds."}},
-                                          {"Retry-After": "1"})
+                                          {"Retry-After": standin.retry_after})
                     pool = tagged if route == "images/tagged" else untagged
                     if query.get("orderBy", "Newest") == "Newest":
                         pool = pool[::-1]

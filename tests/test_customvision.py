@@ -65,7 +65,8 @@ def _all_text(folder: Path) -> str:
 def test_ingest_accounts_for_every_served_image_and_never_shows_the_key(photos, tmp_path):
     images = _project(photos)
     out = tmp_path / "dataset"
-    with CustomVisionStandIn(KEY, images, page_cap=4, throttle_skip=4) as standin:
+    with CustomVisionStandIn(KEY, images, page_cap=4, throttle_skip=4,
+                             extra_tags=("unused",)) as standin:
         proc = _run(["ingest", "--data", standin.address, "--out", str(out), "--workers", "1"])
         assert proc.returncode == 0, proc.stderr
         served = len(images)
@@ -87,12 +88,13 @@ def test_ingest_accounts_for_every_served_image_and_never_shows_the_key(photos, 
             if img.id in labels:
                 assert labels[img.id] == ";".join(sorted(img.tags))
         assert sum(";" in v for v in labels.values()) == 3
-        assert mf.read_classes(out) == ["eight", "three"]
+        assert mf.read_classes(out) == ["eight", "three"]   # a tag without images is no class
         # paging: 21 tagged images at 4 a page, the second page throttled once and retried
         n_tagged = sum(bool(img.tags) for img in images)
         tagged_pages = standin.api_calls("/images/tagged?")
         assert n_tagged == 21 and len(tagged_pages) == 6 + 1
         assert sum("skip=4" in p for p in tagged_pages) == 2
+        assert all("orderBy=Oldest" in p for p in tagged_pages)   # new images come last
         # downloads: the flaky one twice, the expired one once (403 is final), off-host never
         downloads = standin.downloads()
         flaky = next(img for img in images if img.download == "flaky")
@@ -139,6 +141,30 @@ def test_downloads_run_in_ingests_worker_processes(photos, tmp_path, monkeypatch
         agents = {h.get("user-agent") for _, h in standin.downloads()}
     assert len(result.manifest) == 15 and result.n_input == 15
     assert agents and not any("customvision" in (a or "") for a in agents)  # not the API client
+
+
+def test_a_long_retry_after_is_cut_short(photos, tmp_path, monkeypatch):
+    """A Retry-After of an hour must not hang the import: it is cut to MAX_RETRY_AFTER_S."""
+    import time
+
+    monkeypatch.setenv(cv.KEY_ENV, KEY)
+    monkeypatch.setattr(cv, "MAX_RETRY_AFTER_S", 1)
+    with CustomVisionStandIn(KEY, _project(photos)[:6], throttle_skip=0,
+                             retry_after="3600") as standin:
+        t0 = time.monotonic()
+        result = ingest(standin.address, tmp_path / "out", workers=1, plot=False)
+        assert time.monotonic() - t0 < 30
+        assert sum("skip=0" in p for p in standin.api_calls("/images/tagged?")) == 2
+    assert len(result.manifest) == 6
+
+
+def test_a_listing_short_of_the_count_stops_the_import(photos, tmp_path, monkeypatch):
+    """Images deleted while the project is listed would be lost without a word."""
+    monkeypatch.setenv(cv.KEY_ENV, KEY)
+    with CustomVisionStandIn(KEY, _project(photos)[:6], count_extra=1) as standin:
+        with pytest.raises(IngestError, match="counted 7 tagged images .* but listed 6: the "
+                                              "project changed while it was read"):
+            ingest(standin.address, tmp_path / "out", workers=1, plot=False)
 
 
 def test_no_log_line_holds_the_key_even_at_debug_level(photos, tmp_path, monkeypatch, caplog):

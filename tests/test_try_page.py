@@ -240,6 +240,13 @@ def _settled(driver, n):
                                                  for a in answers.values()) else False
 
 
+def _counts(driver) -> dict[str, int]:
+    from selenium.webdriver.common.by import By
+
+    return {row.get_attribute("data-class"): int(row.get_attribute("data-count"))
+            for row in driver.find_elements(By.CSS_SELECTOR, "#counts tbody tr")}
+
+
 def _same(page, cli):
     """Labels and scores (6 decimals, as predict prints them) of every photo agree."""
     for row in cli:
@@ -287,10 +294,9 @@ def test_in_chromium_uploaded_photos_get_the_labels_of_triview_predict(server, r
             assert got["boxes"] == 3
         assert page["notes.jpg"]["error"] == "Not predicted: not an image"
         assert "larger than this server accepts (3 MB per photo)" in page["huge.jpg"]["error"]
-        counts = {row.get_attribute("data-class"): int(row.get_attribute("data-count"))
-                  for row in driver.find_elements(By.CSS_SELECTOR, "#counts tbody tr")}
         top = [row["labels"][0]["label"] for row in cli]
-        assert counts == {c: top.count(c) for c in counts} and sum(counts.values()) == len(photos)
+        assert _counts(driver) == {c: top.count(c) for c in _counts(driver)}
+        assert sum(_counts(driver).values()) == len(photos)
 
         # the threshold, moved with the keyboard: Home (0.00), then five steps right
         slider = driver.find_element(By.ID, "threshold")
@@ -301,6 +307,8 @@ def test_in_chromium_uploaded_photos_get_the_labels_of_triview_predict(server, r
         moved = _triview_predict(registry, photos, "--threshold", "0.05")
         _same(page, moved)
         assert any(len(row["labels"]) > 1 for row in moved)   # the threshold mattered
+        # a single-label model counts each photo once, by its best class, at any threshold
+        assert _counts(driver) == {c: top.count(c) for c in _counts(driver)}
 
         driver.find_element(By.ID, "download-json").click()
         target = downloads / "answers.json"

@@ -177,6 +177,11 @@ class ProjectListing:
     notes: list[str] = field(default_factory=list)
 
 
+_RETRY_FIELDS = ("total", "connect", "read", "status", "other", "redirect", "status_forcelist",
+                 "allowed_methods", "backoff_factor", "backoff_max", "retry_after_max",
+                 "respect_retry_after_header", "raise_on_status", "raise_on_redirect")
+
+
 class _Api:
     """The official training client, set up so that the key goes to the endpoint only,
     and its calls, whose refusals become :class:`CustomVisionError` that say what to fix."""
@@ -190,7 +195,10 @@ class _Api:
         self.client = CustomVisionTrainingClient(
             project.endpoint, ApiKeyCredentials(in_headers={"Training-key": key}))
         config = self.client.config
-        config.retry_policy.policy = retry_policy()
+        # the client's HTTP session already holds its Retry object: change that one in place
+        ours, theirs = retry_policy(), config.retry_policy.policy
+        for name in _RETRY_FIELDS:
+            setattr(theirs, name, getattr(ours, name))
         # a redirect would carry the Training-key header to whatever host it names
         config.redirect_policy.allow = False
         config.enable_http_logger = False   # it would log the request headers
@@ -349,7 +357,7 @@ class DownloadHosts:
                 or any(host.endswith(s) for s in STORAGE_SUFFIXES):
             return None
         return (f"{where}: not the endpoint's host nor Azure Blob Storage (allow it with "
-                f"allowed_roots https://{host})")
+                f"--allow-root https://{host})")
 
 
 class ImageFetcher:
