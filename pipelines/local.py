@@ -18,6 +18,7 @@ from pipelines.platform import PlatformOptions
 from pipelines.triview_pipeline import make_pipeline
 from triview import params as spec
 from triview.artifacts import REPORT_HTML
+from triview.customvision import is_customvision
 from triview.storage import atomic_path
 from triview.summary import build_summary, write_summary
 from triview.weights import resolve as resolve_weights
@@ -45,9 +46,15 @@ def run_local(data: str, out_dir: str, params: dict | None = None, verbose: bool
         resolve_weights(full["backbone"], full["weights"], full["weights_root"])
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data_path = str(Path(data).resolve())
-    if not Path(data_path).exists():
-        raise FileNotFoundError(f"input {data!r} does not exist")
+    if is_customvision(data):   # read by the ingest task, the key from this environment
+        if runner == "docker":
+            raise ValueError("a customvision:// source needs the network, which the docker "
+                             "runner's tasks do not have: use --runner subprocess")
+        data_path = data
+    else:
+        data_path = str(Path(data).resolve())
+        if not Path(data_path).exists():
+            raise FileNotFoundError(f"input {data!r} does not exist")
     # The same DAG; locally a failed task fails the run at once instead of retrying
     # with the cluster's minutes of backoff (the retry policy is for pod evictions).
     # One repeat at a time: each training task uses every core of this machine.

@@ -140,7 +140,7 @@ LAYERS = [
     {"backbones", "params", "storage", "demo", "progress"},
     {"manifest", "runinfo", "metrics"},
     {"scoring", "artifacts", "paired"},
-    {"calibration", "crop", "validate", "dataroot", "sources", "datastats", "ingest", "balance", "augment",
+    {"calibration", "crop", "validate", "dataroot", "sources", "customvision", "datastats", "ingest", "balance", "augment",
      "models", "weights", "distributed", "registry", "report", "gradcam", "timing", "summary",
      "runtime", "drift"},
     {"train", "voter", "voter_modules", "evaluate", "gate", "export", "predict", "serving",

@@ -24,6 +24,10 @@ def _preflight(data: str, out: str, params: dict) -> None:
     from triview import params as spec
     from triview.preflight import check_layout, check_out_not_in_data
 
+    from triview.customvision import is_customvision
+
+    if is_customvision(data):  # a remote project: ingest checks it (and its key)
+        return
     if not data.startswith("s3://") and not Path(data).exists():
         raise FileNotFoundError(f"input {data!r} does not exist")
     check_out_not_in_data(data, out)
@@ -80,7 +84,8 @@ def _options(args: argparse.Namespace):
 
     return options_from_flags(gpus=args.gpus, gpu_pool=args.gpu_pool,
                               gpu_toleration=args.gpu_toleration, cpu_pool=args.cpu_pool,
-                              minio_secret=args.minio_secret, image=args.image,
+                              minio_secret=args.minio_secret,
+                              customvision_secret=args.customvision_secret, image=args.image,
                               gpu_image=args.gpu_image, serve_image=args.serve_image,
                               pipeline_root=getattr(args, "compile_pipeline_root", None))
 
@@ -274,7 +279,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("no image files given")
     predictor = Predictor(args.model)
-    results = predictor.predict(paths, threshold=args.threshold)
+    results = predictor.predict(paths, threshold=args.threshold, views=args.views)
     if args.format == "json":
         for r in results:
             print(json.dumps(r.to_json()))
@@ -360,12 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep at most N images per class (default: all, 1,797 in all)")
     p.set_defaults(func=_cmd_demo_data)
 
-    p = sub.add_parser("ingest", help="ingest a folder, ZIP, CSV/Parquet table or s3:// prefix "
-                       "into a manifest + quarantine report + statistics (the pipeline's first "
-                       "stage, on its own)")
-    p.add_argument("--data", required=True, metavar="DIR|ZIP|TABLE|s3://...",
+    p = sub.add_parser("ingest", help="ingest a folder, ZIP, CSV/Parquet table, s3:// prefix "
+                       "or Custom Vision project into a manifest + quarantine report + statistics "
+                       "(the pipeline's first stage, on its own)")
+    p.add_argument("--data", required=True, metavar="DIR|ZIP|TABLE|s3://...|customvision://...",
                    help="folder or ZIP of class folders, DATA/<class>/<image> (or a YOLO-classify/"
-                   "Roboflow ZIP with data.yaml), CSV/Parquet multi-label table, or s3://bucket/prefix")
+                   "Roboflow ZIP with data.yaml), CSV/Parquet multi-label table, s3://bucket/prefix, "
+                   "or customvision://ENDPOINT_HOST/PROJECT_ID (training key from "
+                   "$CUSTOMVISION_TRAINING_KEY)")
     p.add_argument("--out", required=True, metavar="DIR|s3://...",
                    help="output folder (or s3:// prefix); not inside --data")
     add_stage_flags(p, "ingest")
@@ -431,9 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "calibrate-and-crop, balance, augment, one branch per view, the voter, "
                        "evaluate and export. Every pipeline parameter is a --param NAME=VALUE; "
                        "`triview params` lists them with their defaults and allowed values.")
-    p.add_argument("--data", required=True, metavar="DIR|ZIP|TABLE",
+    p.add_argument("--data", required=True, metavar="DIR|ZIP|TABLE|customvision://...",
                    help="your photos: a folder or ZIP of class folders, DATA/<class>/<image> "
-                   "(or a CSV/Parquet table)")
+                   "(or a CSV/Parquet table, or customvision://ENDPOINT_HOST/PROJECT_ID with "
+                   "$CUSTOMVISION_TRAINING_KEY)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder, not inside --data: run_summary.json, report.html, "
                    "logs/, pipeline_root/ (predict, serve and deploy take it as the model)")
@@ -468,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "those (default: the per-label thresholds tuned on validation)")
     p.add_argument("--format", choices=("table", "json"), default="table", metavar="table|json",
                    help="table with per-class counts, or one JSON object per image (default table)")
+    p.add_argument("--views", action="store_true",
+                   help="also each view's own top label and score (what each crop saw)")
     p.set_defaults(func=_cmd_predict)
 
     from triview.serving import SERVE_DESCRIPTION, add_serve_arguments  # issue 15

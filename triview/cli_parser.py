@@ -199,6 +199,9 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")
     p.add_argument("--minio-secret", metavar="NAME", help="Secret with accesskey/secretkey "
                    "(default triview-minio)")
+    p.add_argument("--customvision-secret", metavar="NAME", help="Secret whose key "
+                   "training_key becomes $CUSTOMVISION_TRAINING_KEY in the ingest task, for "
+                   "--data customvision://... (default triview-customvision; optional)")
     p.add_argument("--image", metavar="REF:TAG", help="image of the light stages "
                    "(default $TRIVIEW_IMAGE or ghcr.io/triview/triview-cpu:0.1.0)")
     p.add_argument("--gpu-image", metavar="REF:TAG", help="image of train-branch "

@@ -25,7 +25,8 @@ from triview.artifacts import (CARD_FILE, CARD_MD, ENSEMBLE_FILE, INT8_FILE, ONN
                                WEIGHTS_FILE)
 from triview.models import NORMALIZATION_CONSTANTS
 # the torch-free loaders live in triview.runtime (the serving environment has no torch)
-from triview.runtime import onnx_session, run_onnx
+from triview.runtime import (ENSEMBLE_OUTPUT, onnx_session, run_onnx, run_onnx_views,
+                             view_output_name)
 from triview.storage import atomic_path, atomic_write_text
 from triview.voter import get_method, upgrade
 
@@ -52,12 +53,28 @@ class Ensemble(nn.Module):
         self.voter = method.module(voter["params"], len(branches), n_classes, task)
 
     def forward(self, view0: torch.Tensor, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        inputs = [view0, view1, view2]
+        return self.voter(self.view_probabilities([view0, view1, view2]))
+
+    def view_probabilities(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each branch's own probabilities (N x C), in view order: what the voter combines."""
         if self.multilabel:
-            probs = [torch.sigmoid(branch(x)) for branch, x in zip(self.branches, inputs)]
-        else:
-            probs = [torch.softmax(branch(x), dim=1) for branch, x in zip(self.branches, inputs)]
-        return self.voter(probs)
+            return [torch.sigmoid(branch(x)) for branch, x in zip(self.branches, inputs)]
+        return [torch.softmax(branch(x), dim=1) for branch, x in zip(self.branches, inputs)]
+
+
+class EnsembleWithViews(nn.Module):
+    """The module the ONNX graph is exported from: the ensemble's probabilities first
+    (output ``probabilities``, what every caller reads, unchanged), then each view's own
+    (``view<k>_probabilities``), so that a caller can show what each view saw."""
+
+    def __init__(self, ensemble: Ensemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, view0: torch.Tensor, view1: torch.Tensor, view2: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        probs = self.ensemble.view_probabilities([view0, view1, view2])
+        return (self.ensemble.voter(probs), *probs)
 
 
 def git_commit() -> str | None:
@@ -160,16 +177,32 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
         with atomic_path(out / ENSEMBLE_FILE) as tmp:
             traced.save(str(tmp))
         names = [f"view{k}" for k in range(len(views))]
+        # Per-view outputs cost nothing where the ensemble computes every view anyway; a
+        # voter that reads fewer (single) keeps its pruned graph, and its speed, without them.
+        with_views = get_method(voter["method"]).reads_every_view
+        outputs = [ENSEMBLE_OUTPUT] + ([view_output_name(k) for k in range(len(views))]
+                                       if with_views else [])
         with atomic_path(out / ONNX_FILE) as tmp:
-            torch.onnx.export(model, trace_inputs, str(tmp), input_names=names,
-                              output_names=["probabilities"], opset_version=ONNX_OPSET,
-                              dynamic_axes={n: {0: "batch"} for n in names + ["probabilities"]},
+            # eval(): the exporter leaves the module in the mode it found it in
+            torch.onnx.export(EnsembleWithViews(model).eval() if with_views else model,
+                              trace_inputs, str(tmp), input_names=names,
+                              output_names=outputs, opset_version=ONNX_OPSET,
+                              dynamic_axes={n: {0: "batch"} for n in names + outputs},
                               dynamo=False)
     arrays = [x.numpy() for x in example]
-    onnx_out = run_onnx(onnx_session(out / ONNX_FILE), arrays)
+    onnx_out, onnx_views = run_onnx_views(onnx_session(out / ONNX_FILE), arrays)
     onnx_diff = float(np.abs(eager_out - onnx_out).max())
     if onnx_diff > ONNX_TOLERANCE:
         raise RuntimeError(f"ONNX Runtime output differs from eager by {onnx_diff:.2e}")
+    if onnx_views is not None:
+        with torch.no_grad():
+            eager_views = [torch.cat(parts).numpy() for parts in zip(*(
+                model.view_probabilities([x[i:i + 256] for x in example])
+                for i in range(0, len(example[0]), 256)))]
+        views_diff = max(float(np.abs(e - o).max()) for e, o in zip(eager_views, onnx_views))
+        if views_diff > ONNX_TOLERANCE:
+            raise RuntimeError(f"ONNX Runtime per-view outputs differ from eager by "
+                               f"{views_diff:.2e}")
 
     from safetensors.torch import save_file
 

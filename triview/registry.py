@@ -190,3 +190,20 @@ def resolve_model_spec(spec: str, dest: str | Path | None = None) -> tuple[Path,
     else:
         name = None
     return resolve_model(location, dest), name
+
+
+def registry_of_spec(spec: str) -> tuple[ModelRegistry, int] | None:
+    """The registry model a model spec comes from and the version it resolves to, or None
+    when it names an exported folder outside a registry (what ``triview serve`` offers
+    the other versions of)."""
+    location, version = split_version(spec)
+    if version is not None:
+        return registry_version(spec)
+    parts = location.rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == MODELS_DIR:          # .../models/<name>: its champion
+        registry = registry_for(location)
+        pointer = registry.champion()
+        return (registry, int(pointer["version"])) if pointer else None
+    if len(parts) >= 3 and parts[-3] == MODELS_DIR and parts[-1].isdigit():
+        return registry_for("/".join(parts[:-1])), int(parts[-1])   # .../models/<name>/<N>
+    return None

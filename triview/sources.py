@@ -8,7 +8,10 @@ One entry point, :func:`open_source`, picks the reader by what ``data`` is:
   become the class map;
 - a CSV or Parquet table for multi-label data: ``path,labels`` (``;``-separated) or
   ``path`` plus one 0/1 column per label, an optional ``split`` column;
-- an ``s3://bucket/prefix`` (a folder layout below it, or one ZIP/CSV/Parquet object).
+- an ``s3://bucket/prefix`` (a folder layout below it, or one ZIP/CSV/Parquet object);
+- a ``customvision://HOST/PROJECT_ID`` Azure Custom Vision project
+  (:mod:`triview.customvision`): one item per image, its tags as labels, downloaded by
+  ingest's workers.
 
 Every file of the input becomes exactly one item. Items that must never be read
 (a symlink out of the root, an unsafe or oversized ZIP entry, OS litter) carry
@@ -27,6 +30,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from triview import customvision
 from triview import manifest as mf
 from triview import storage
 from triview.dataroot import OUTSIDE_ROOT, DataRoots
@@ -46,7 +50,8 @@ class SourceError(ValueError):
 
 class Item(NamedTuple):
     rel: str                       # the file as the user knows it (relative to the input)
-    locator: tuple                 # ("file", path) | ("zip", archive, member) | ("s3", uri) | ()
+    locator: tuple                 # ("file", path) | ("zip", archive, member) | ("s3", uri)
+                                   # | ("url", uri) | ()
     labels: tuple[str, ...] = ()   # after class-map lookup; () when there is none
     split: str | None = None       # split given by the input layout or table
     reason: str | None = None      # quarantined without being read
@@ -72,7 +77,7 @@ class ZipLimits:
 
 @dataclass
 class Source:
-    kind: str                              # folder | zip | table | s3
+    kind: str                              # folder | zip | table | s3 | customvision
     items: list[Item]
     classes: list[str] | None = None       # declared class order (data.yaml, one-hot columns)
     notes: list[str] = field(default_factory=list)
@@ -85,13 +90,18 @@ class Source:
 
 def open_source(data: str | os.PathLike, zip_limits: ZipLimits = ZipLimits(),
                 allowed_roots: tuple[str, ...] = ()) -> Source:
-    """Enumerate every file of ``data`` (folder, ZIP, CSV/Parquet table or s3:// URI).
+    """Enumerate every file of ``data`` (folder, ZIP, CSV/Parquet table, s3:// URI or
+    customvision:// project).
 
     Paths inside the input (table rows, symbolic links) lead only into the data root
     or into one of ``allowed_roots`` (folders or ``s3://bucket/prefix``): see
-    :mod:`triview.dataroot`.
+    :mod:`triview.dataroot`. A Custom Vision project's images are downloaded only from
+    the service's hosts or an ``https://HOST`` of ``allowed_roots``: see
+    :mod:`triview.customvision`.
     """
     text = str(data)
+    if customvision.is_customvision(text):
+        return _customvision_source(text, allowed_roots)
     if storage.is_s3(text):
         return _s3_source(text, zip_limits, allowed_roots)
     src = Path(data)
@@ -106,7 +116,7 @@ def open_source(data: str | os.PathLike, zip_limits: ZipLimits = ZipLimits(),
     if zipfile.is_zipfile(src):
         return _zip_source(src, zip_limits)
     raise SourceError(f"input {text!r} is neither a folder, a ZIP archive, a CSV/Parquet "
-                      f"table nor an s3:// URI")
+                      f"table, an s3:// URI nor a customvision:// project")
 
 
 # ----------------------------------------------------------------------------- layout
@@ -410,3 +420,29 @@ def _s3_source(uri: str, limits: ZipLimits, allowed_roots: tuple[str, ...]) -> S
     prefix = loc.key if not loc.key or loc.key.endswith("/") else loc.key + "/"
     entries = [_Entry(key[len(prefix):], ("s3", f"s3://{loc.bucket}/{key}")) for key, _ in objects]
     return _labelled(Source("s3", []), entries, lambda locator: store.get_bytes(locator[1]))
+
+
+# ----------------------------------------------------------------------------- Custom Vision
+
+
+def _customvision_source(uri: str, allowed_roots: tuple[str, ...]) -> Source:
+    """One item per image of the project: tagged images with their tag names as labels
+    (several tags: a multi-label row), untagged ones quarantined as ``untagged``, URIs
+    outside the service's hosts as ``outside_root`` (never requested)."""
+    try:
+        project = customvision.ProjectUri.parse(uri)
+        listing = customvision.list_project(project, customvision.training_key(),
+                                            allowed_hosts=allowed_roots)
+    except customvision.CustomVisionError as exc:
+        raise SourceError(str(exc)) from None
+    items = []
+    for image in listing.images:
+        if not image.labels:
+            items.append(Item(image.image_id, (), reason="untagged",
+                              detail="no tag in the Custom Vision project"))
+        elif image.refused is not None:
+            items.append(Item(image.image_id, (), image.labels, reason=OUTSIDE_ROOT,
+                              detail=f"image URI {image.refused}"))
+        else:
+            items.append(Item(image.image_id, ("url", image.uri), image.labels))
+    return Source("customvision", items, notes=listing.notes)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from triview import storage
+from triview.customvision import DownloadFailed
 from triview.params import PARAMS
 
 #: Folder of the stored images inside the ingest output.
@@ -230,12 +231,13 @@ class _TooLarge(Exception):
 
 
 class _Reader:
-    """Per-process state: the settings, open ZIP archives, an S3 client."""
+    """Per-process state: the settings, open ZIP archives, an S3 client, an HTTP session."""
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.zips: dict[str, zipfile.ZipFile] = {}
         self.store: storage.S3Store | None = None
+        self.fetcher = None   # triview.customvision.ImageFetcher, made on the first URL
         self.tmp_names = itertools.count()
 
     def read(self, locator: tuple) -> bytes:
@@ -260,6 +262,15 @@ class _Reader:
                 if getattr(exc.__cause__, "code", None) in ("NoSuchKey", "NoSuchObject", "NotFound"):
                     raise FileNotFoundError(f"no object {locator[1]}") from exc
                 raise
+        if kind == "url":   # a URI the Custom Vision API returned, checked by the source
+            if self.fetcher is None:
+                from triview.customvision import ImageFetcher
+
+                self.fetcher = ImageFetcher()
+            data = self.fetcher.fetch(locator[1], self.config.max_file_bytes)
+            if len(data) > self.config.max_file_bytes:
+                raise _TooLarge(f"at least {len(data)}")
+            return data
         raise ValueError(f"unknown locator {locator!r}")
 
     def store_file(self, target: Path, write) -> None:
@@ -296,6 +307,8 @@ def inspect_file(locator: tuple, write: bool) -> tuple:
         data = _READER.read(locator)
     except FileNotFoundError as exc:
         return ("missing_file", str(exc)[:200], "", 0, 0, "", "", 0, "", 0)
+    except DownloadFailed as exc:
+        return ("download_failed", str(exc)[:200], "", 0, 0, "", "", 0, "", 0)
     except _TooLarge as exc:
         return ("too_large", f"{exc.args[0]} bytes > {cfg.max_file_bytes}", "", 0, 0, "", "", 0, "", 0)
     except RuntimeError as exc:  # zipfile: encrypted member

@@ -4,7 +4,8 @@ triview model, in the serving environment (``triview serve`` starts it).
 KServe provides the HTTP server (FastAPI on uvicorn), the v1 and v2 routes, health,
 readiness and metadata, and ``/metrics`` (Prometheus: request latency histograms per
 stage). Set here: the listen address (KServe 0.21 always binds 0.0.0.0), FastAPI's request
-body limit (413), uvloop as the event loop.
+body limit (413), uvloop as the event loop, and the try page's routes (``/try``,
+:mod:`triview.serving.page`).
 """
 from __future__ import annotations
 
@@ -117,6 +118,11 @@ def run(args: argparse.Namespace) -> None:
     model_server.app.max_body_size = args.max_body_bytes
     model_server.app.add_middleware(RefuseOversizedEarly, limits=model.limits)
     model_server.app.add_middleware(RefuseBinaryExtension)
+    # the try page (GET /try): the same process, the same predictor as the v1/v2 routes
+    from triview.serving.page import add_try_page
+
+    add_try_page(model_server.app, model, args.model, max_body_bytes=args.max_body_bytes,
+                 parallel=args.inference_workers)
     server = _ModelServer(http_port=args.port, enable_grpc=False, workers=1,
                           enable_latency_logging=False)
     # KServe's timing middleware logs two lines per request; /metrics has the same times
