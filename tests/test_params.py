@@ -144,6 +144,7 @@ LAYERS = [
     {"train", "voter", "voter_modules", "evaluate", "gate", "export", "predict", "serving",
      "deploy"},
     {"stages"},
+    {"tune"},
     {"cli", "__main__"},
 ]
 
