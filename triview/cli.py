@@ -396,8 +396,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     study = st.prepare(args.data, args.out, space=args.space, objective=args.objective,
                        seed=args.seed, base=base, resume=args.resume)
     try:
-        with st.threads(args.threads):
-            st.run(study, trials=args.trials, timeout=args.timeout, resume=args.resume)
+        st.run(study, trials=args.trials, timeout=args.timeout, resume=args.resume,
+               threads=args.threads)
     except KeyboardInterrupt:
         print(f"triview tune: stopped; continue with the same command and --resume "
               f"(the study is in {args.out})", file=sys.stderr)
@@ -411,7 +411,8 @@ def _cmd_tune_trial(args: argparse.Namespace) -> int:
     from triview.tune.objective import get_objective
 
     run_cluster_trial(args.data, args.space_json, get_objective(args.objective),
-                      validate(parse_pairs(args.param), complete=True), args.cache)
+                      validate(parse_pairs(args.param), complete=True), args.cache,
+                      threads=args.threads)
     return 0
 
 
@@ -573,8 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the parameters of trial 0 and the fixed ones of every trial, from a preset")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of trial 0 and every trial (over --preset), repeatable")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads of the trials "
-                   "(default 1: reproducible and fastest on a busy CPU; 0: one per core)")
+    p.add_argument("--threads", type=int, default=0, help="threads for computing the frozen "
+                   "features (default 0: one per core); the rest of a trial, fine-tuning epochs "
+                   "included, runs on one thread")
     p.add_argument("--emit", metavar="FILE", help="write the OptimizationJob YAML ('-': stdout) "
                    "instead of searching here")
     p.add_argument("--apply", action="store_true", help="server-side apply the OptimizationJob "
@@ -603,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=list(OBJECTIVES), default="val_macro_f1")
     p.add_argument("--space-json", required=True, help="the search space (JSON), as emitted")
     p.add_argument("--cache", required=True, help="folder for stage outputs and features")
+    p.add_argument("--threads", type=int, default=0, help="threads for computing the frozen "
+                   "features (default 0: one per core); the rest runs on one thread")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed parameters of every trial, repeatable")
     p.set_defaults(func=_cmd_tune_trial)

@@ -47,19 +47,24 @@ def crop_digests(images: torch.Tensor) -> list[str]:
 
 
 class FeatureStore:
-    """Content-addressed frozen features under ``root`` (see the module docstring)."""
+    """Content-addressed frozen features under ``root`` (see the module docstring).
+    ``threads``: intra-op threads for computing missing features (None: as set)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, threads: int | None = None) -> None:
         self.root = Path(root)
+        self.threads = threads
         self._tables: dict[str, dict[str, np.ndarray]] = {}
         self.hits = self.misses = 0
 
     @classmethod
-    def open(cls, root: str | Path) -> "FeatureStore":
-        """The store of ``root``, shared by every caller in this process."""
+    def open(cls, root: str | Path, threads: int | None = None) -> "FeatureStore":
+        """The store of ``root``, shared by every caller in this process (``threads``, when
+        given, becomes its setting)."""
         key = str(Path(root).resolve())
         if key not in _OPEN:
             _OPEN[key] = cls(key)
+        if threads is not None:
+            _OPEN[key].threads = threads
         return _OPEN[key]
 
     def _table(self, net_key: str) -> dict[str, np.ndarray]:
@@ -73,6 +78,10 @@ class FeatureStore:
                     table.update(zip(data["keys"].tolist(), data["features"]))
             self._tables[net_key] = table
         return table
+
+    def holds(self, net: nn.Module, memory_format=torch.contiguous_format) -> bool:
+        """Whether the store has features of ``net`` (of any crop)."""
+        return bool(self._table(network_digest(net, memory_format)))
 
     def features(self, net: nn.Module, images: torch.Tensor, compute,
                  memory_format=torch.contiguous_format) -> torch.Tensor:

@@ -258,18 +258,22 @@ def frozen_features(net: BranchNet, images: torch.Tensor, memory_format=torch.co
     """:func:`head_inputs` of ``images``, read from ``store`` where it holds them."""
     if store is None:
         return head_inputs(net, images, memory_format=memory_format)
-    return store.features(net, images, lambda n, x: head_inputs(n, x, memory_format=memory_format),
-                          memory_format)
+
+    def compute(n: BranchNet, x: torch.Tensor) -> torch.Tensor:
+        with intra_op_threads(store.threads or torch.get_num_threads()):
+            return head_inputs(n, x, memory_format=memory_format)
+    return store.features(net, images, compute, memory_format)
 
 
 @torch.no_grad()
 def predict_proba_with(model: BranchNet, images: torch.Tensor, task: str = "multiclass",
                        store: FeatureStore | None = None,
                        memory_format=torch.contiguous_format) -> np.ndarray:
-    """:func:`predict_proba`; with a ``store``, the head applied to the frozen features the
-    store holds (those the head phase computed, when the branch kept its head-phase
-    backbone) or computes and keeps."""
-    if store is None:
+    """:func:`predict_proba`; with a ``store`` that holds features of ``model``'s backbone
+    (the head phase computed them, and the branch kept that backbone), the head applied to
+    them: the crops the store lacks are computed and kept. A fine-tuned backbone is not
+    stored: no other training would meet it."""
+    if store is None or not store.holds(model, memory_format):
         return predict_proba(model, images, task=task)
     model.eval()
     x = frozen_features(model, images, memory_format, store).to(next(model.parameters()).device)

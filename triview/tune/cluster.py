@@ -139,14 +139,13 @@ def train_job_spec(data: str, space: SearchSpace, objective: Objective, base: di
         for k, env in (("accesskey", "AWS_ACCESS_KEY_ID"), ("secretkey", "AWS_SECRET_ACCESS_KEY"))}
     env = [*secret.values(), m.IoK8sApiCoreV1EnvVar(name="S3_ENDPOINT", value=opts.s3_endpoint),
            m.IoK8sApiCoreV1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib")]
-    limits = {"cpu": opts.cpu, "memory": opts.memory}
-    if opts.gpus:
-        limits["nvidia.com/gpu"] = str(opts.gpus)
+    quantity = m.IoK8sApimachineryPkgApiResourceQuantity
+    requests = {"cpu": quantity(opts.cpu), "memory": quantity(opts.memory)}
+    limits = {**requests, **({"nvidia.com/gpu": quantity(str(opts.gpus))} if opts.gpus else {})}
     trainer = m.TrainerV1alpha1Trainer(
         image=opts.image, command=["triview", "tune-trial"],
         args=_trial_args(data, space, objective, base), env=env, num_nodes=1,
-        resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(
-            requests={"cpu": opts.cpu, "memory": opts.memory}, limits=limits))
+        resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(requests=requests, limits=limits))
     cache = ({"persistentVolumeClaim": {"claimName": opts.cache_pvc}} if opts.cache_pvc
              else {"emptyDir": {}})
     pod = {"serviceAccountName": opts.service_account, "securityContext": restricted_pod_security(),
@@ -230,7 +229,10 @@ def assignments(space: SearchSpace, env: dict[str, str] | None = None) -> dict[s
             typed[name] = param.coerce(param.type(float(text)) if param.type is int else text)
         except (ValueError, spec.ParamError) as exc:
             raise ClusterError(f"{ENV_PREFIX}{name}={text!r}: {exc}") from None
-    space.check_point(typed, "the controller's value")
+    try:
+        space.check_point(typed, "the controller's value")
+    except SpaceError as exc:
+        raise ClusterError(str(exc)) from None
     return typed
 
 
@@ -283,19 +285,21 @@ def trial_space(space_json: str) -> SearchSpace:
 
 
 def run_cluster_trial(data: str, space_json: str, objective: Objective, base: dict,
-                      cache_dir: str, env: dict[str, str] | None = None) -> float:
+                      cache_dir: str, env: dict[str, str] | None = None, threads: int = 0) -> float:
     """One trial inside its TrainJob: the controller's values over ``base``, the DAG up to
     the voter (reusing what earlier trials left in ``cache_dir`` when it is a shared
     volume), and the objective posted to the TrainJob's status. Returns the objective."""
     from pathlib import Path
 
-    from triview.tune.runner import StageCache, TrialContext, data_identity, run_trial
+    from triview.tune.runner import (StageCache, TrialContext, data_identity, run_trial,
+                                     trial_threads)
 
     space = trial_space(space_json)
     values = spec.validate({**base, **assignments(space, env)}, complete=True)
     cache = Path(cache_dir)
-    outcome = run_trial(values, StageCache(cache),
-                        TrialContext(data, data_identity(data), cache / "features"))
+    with trial_threads(cache / "features", threads):
+        outcome = run_trial(values, StageCache(cache),
+                            TrialContext(data, data_identity(data), cache / "features"))
     value = objective.value(outcome.folder("train-voter"))
     report_status(objective, value, env)
     return value

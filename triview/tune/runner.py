@@ -11,6 +11,7 @@ trial scores the test split. A new stage slots in as one more :class:`Step`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -156,7 +157,9 @@ class TrialOutcome:
 
 class StageCache:
     """Step outputs under ``root/<step>/<key>``, each written to a temporary folder and
-    renamed into place when the step succeeds (a stopped trial leaves no half output)."""
+    renamed into place when the step succeeds, so a stopped trial leaves no half output
+    where a later trial would take it. A failed step's temporary folder stays, for the
+    paths its error names (ingest's quarantine report) until :meth:`sweep`."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -179,26 +182,59 @@ class StageCache:
         final = self.folder(step.name, key)
         if (final / STAGE_FILE).is_file():
             return StepResult(key, final, json.loads((final / STAGE_FILE).read_text()), True, 0.0)
-        # unique per process and pod: trials on a shared volume may run the same step at once
-        tmp = final.with_name(f".{key}.{socket.gethostname()}.{os.getpid()}.tmp")
+        tmp = final.with_name(f".{key}{self._mine}")
         shutil.rmtree(tmp, ignore_errors=True)
         start = time.perf_counter()
+        record = step.run({n: r.folder for n, r in inputs.items()}, tmp, params, ctx)
         try:
-            record = step.run({n: r.folder for n, r in inputs.items()}, tmp, params, ctx)
-            try:
+            os.replace(tmp, final)
+        except OSError:
+            if (final / STAGE_FILE).is_file():  # another trial finished it first: as good
+                record = json.loads((final / STAGE_FILE).read_text())
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # a folder without its stage.json: left by an interruption
+                shutil.rmtree(final)
                 os.replace(tmp, final)
-            except OSError:
-                if (final / STAGE_FILE).is_file():  # another trial finished it first: as good
-                    record = json.loads((final / STAGE_FILE).read_text())
-                else:  # a folder without its stage.json: left by an interruption
-                    shutil.rmtree(final)
-                    os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return StepResult(key, final, record, False, time.perf_counter() - start)
+
+    @property
+    def _mine(self) -> str:
+        # unique per process and pod: trials on a shared volume may run one step at once
+        return f".{socket.gethostname()}.{os.getpid()}.tmp"
+
+    def sweep(self, everyone: bool = False) -> None:
+        """Remove the temporary folders of this process's unfinished steps (``everyone``:
+        of every process; only when no other process uses the cache)."""
+        pattern = "*.tmp" if everyone else f"*{self._mine}"
+        for tmp in self.root.glob(f"*/.{pattern}"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def discard(self, step_name: str, key: str) -> None:
         shutil.rmtree(self.folder(step_name, key), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def trial_threads(features: Path, n: int = 0):
+    """Run the trials on one intra-op thread, except the frozen-feature extraction, which
+    gets ``n`` (0: one per core); restored afterwards. After its features exist a trial is
+    many small operations (the head's steps, copies of weights), which extra threads only
+    slow down on a busy CPU; the convolutions of the extraction are worth the threads."""
+    import torch
+
+    from triview.train.features import FeatureStore
+
+    FeatureStore.open(features, threads=n or os.cpu_count() or 1)
+    before_env, before = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"  # the branches keep an explicit setting
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if before_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before_env
 
 
 def run_trial(values: dict[str, Any], cache: StageCache, ctx: TrialContext,

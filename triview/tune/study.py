@@ -31,19 +31,19 @@ from triview.storage import atomic_write_text
 from triview.tune import results
 from triview.tune.objective import Objective, get_objective
 from triview.tune.runner import (BRANCHES, StageCache, TrialContext, TrialOutcome, data_identity,
-                                 run_trial, searched_stages, trial_steps)
+                                 run_trial, searched_stages, trial_steps, trial_threads)
 from triview.tune.space import SearchSpace, load_space
 
 STUDY_NAME = "triview-tune"
 STUDY_DB, SETTINGS, BEST_PRESET, BEST_TEST = "study.db", "study.json", "best.yaml", "best_test.json"
 CACHE, LOGS, BEST_DIR = "cache", "logs", "best"
-#: Steps of the pruner's intermediate values: branch k reports at k * BRANCH_STEP + epoch
-#: (head epochs), k * BRANCH_STEP + FINETUNE_STEP + epoch (fine-tuning), so that trials
-#: are compared at the same branch and epoch.
-BRANCH_STEP, FINETUNE_STEP = 100_000, 10_000
-#: The pruner looks every this many head epochs (each look reads the study) and after
-#: every fine-tuning epoch; every epoch is reported.
-HEAD_PRUNE_EVERY = 10
+#: Steps of the pruner's intermediate values (each branch's best validation figure so far):
+#: branch k reports head epoch e at k * BRANCH_STEP + e, the end of its head phase at
+#: k * BRANCH_STEP + HEAD_DONE and fine-tuning epoch e at k * BRANCH_STEP + FINETUNE_STEP + e.
+#: The pruner looks at the end of each head phase (trials with other head_epochs compared on
+#: what their head reached, not on an early epoch of a slower schedule) and after every
+#: fine-tuning epoch.
+BRANCH_STEP, HEAD_DONE, FINETUNE_STEP = 100_000, 9_999, 10_000
 
 
 class TuneError(ValueError):
@@ -68,8 +68,12 @@ class Study:
     def cache(self) -> StageCache:
         return StageCache(self.out / CACHE)
 
+    @property
+    def features(self) -> Path:
+        return self.out / CACHE / "features"
+
     def context(self, on_epoch=None) -> TrialContext:
-        return TrialContext(self.data, self._data_key, self.out / CACHE / "features", on_epoch)
+        return TrialContext(self.data, self._data_key, self.features, on_epoch)
 
     def settings(self) -> dict:
         defaults = spec.defaults()
@@ -121,30 +125,6 @@ def prepare(data: str, out: str | Path, *, space: str | Path = "photos",
     return study
 
 
-@contextlib.contextmanager
-def threads(n: int):
-    """Run the trials with ``n`` intra-op threads (0: one per core, as ``triview run``);
-    restored afterwards. One is the default of ``triview tune``: after the first trial a
-    trial is many small operations, which more threads slow down on a busy CPU, and a study's
-    values then do not depend on the machine's core count."""
-    import os
-
-    import torch
-
-    n = n or os.cpu_count() or 1
-    before_env, before = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = str(n)  # the branches keep an explicit setting
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-        if before_env is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = before_env
-
-
 # ----------------------------------------------------------------------------- storage
 
 
@@ -168,7 +148,7 @@ def open_study(study: Study):
     event.listen(storage.engine, "connect", _sqlite_pragmas)
     storage.engine.dispose()  # the connection made while creating the tables lacks the pragmas
     sampler = optuna.samplers.TPESampler(seed=study.seed)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=HEAD_PRUNE_EVERY)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5)
     return optuna.create_study(storage=storage, study_name=STUDY_NAME, sampler=sampler,
                                pruner=pruner, direction=study.objective.direction,
                                load_if_exists=True)
@@ -199,12 +179,13 @@ def _carried(attrs: dict) -> dict:
 
 
 def finished_count(optuna_study) -> int:
-    """Trials that count towards ``--trials``: complete, pruned or refused (not interrupted)."""
+    """Trials that count towards ``--trials``: complete, pruned or refused (not those a stop
+    cut short)."""
     from optuna.trial import TrialState
 
     return sum(1 for t in optuna_study.get_trials(deepcopy=False)
                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")))
+               or (t.state == TrialState.FAIL and t.user_attrs.get("refused")))
 
 
 # ----------------------------------------------------------------------------- trials
@@ -233,12 +214,14 @@ def _pruning_report(trial, objective: Objective, head_epochs: int):
             best[branch] = figure
         head = row.get("phase") == "head"
         epoch = int(row["head_epoch"] if head else row["epoch"])
-        trial.report(best[branch], branch * BRANCH_STEP + (0 if head else FINETUNE_STEP) + epoch)
-        look = not head or epoch % HEAD_PRUNE_EVERY == 0 or epoch == head_epochs
-        if look and trial.should_prune():
-            phase = "head epoch" if head else "epoch"
-            trial.set_user_attr("pruned_at", f"branch {branch + 1}, {phase} {epoch}")
-            raise optuna.TrialPruned(f"branch {branch + 1}, {phase} {epoch}: {best[branch]:.4f}")
+        step = branch * BRANCH_STEP + (0 if head else FINETUNE_STEP) + epoch
+        trial.report(best[branch], step)
+        if head and epoch == head_epochs:
+            trial.report(best[branch], branch * BRANCH_STEP + HEAD_DONE)
+        if (not head or epoch == head_epochs) and trial.should_prune():
+            where = f"branch {branch + 1}, " + ("its head phase" if head else f"epoch {epoch}")
+            trial.set_user_attr("pruned_at", where)
+            raise optuna.TrialPruned(f"{where}: {best[branch]:.4f}")
     return on_epoch
 
 
@@ -326,10 +309,11 @@ def trial_line(study: Study, optuna_study, trial) -> str:
 # ----------------------------------------------------------------------------- the search
 
 
-def run(study: Study, *, trials: int = 30, timeout: float | None = None,
-        resume: bool = False, say: Callable[[str], None] | None = None) -> dict:
+def run(study: Study, *, trials: int = 30, timeout: float | None = None, resume: bool = False,
+        threads: int = 0, say: Callable[[str], None] | None = None) -> dict:
     """Run the search until the study holds ``trials`` finished trials (or ``timeout``
-    seconds pass), then write the results and score the best trial on test, once."""
+    seconds pass), then write the results and score the best trial on test, once.
+    ``threads``: for computing frozen features (:func:`trial_threads`)."""
     import optuna
 
     say = say or (lambda line, _out=sys.stdout: print(line, file=_out, flush=True))
@@ -337,13 +321,17 @@ def run(study: Study, *, trials: int = 30, timeout: float | None = None,
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the console has one line per trial
     try:
-        return _search(study, trials, timeout, resume, say)
+        with trial_threads(study.features, threads):
+            return _search(study, trials, timeout, resume, say)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
 def _search(study: Study, trials: int, timeout: float | None, resume: bool,
             say: Callable[[str], None]) -> dict:
+    from optuna.trial import TrialState
+
+    study.cache.sweep(everyone=True)  # what an earlier, stopped run of this study left
     optuna_study = open_study(study)
     if not optuna_study.trials:  # trial 0: the parameters as given
         optuna_study.enqueue_trial({n: study.base[n] for n in study.space.names},
@@ -358,6 +346,8 @@ def _search(study: Study, trials: int, timeout: float | None, resume: bool,
         f"median pruner; {finished_count(optuna_study)} trials done, {todo} to run -> {study.out}")
 
     def progress(s, trial) -> None:
+        if trial.state == TrialState.PRUNED:
+            study.cache.sweep()  # the step the pruner stopped
         _keep_best_only(study, s, trial)
         say(trial_line(study, s, trial))
 
