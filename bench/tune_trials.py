@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -21,10 +23,18 @@ from pathlib import Path
 TRIVIEW = str(Path(sys.executable).parent / "triview")
 
 
+#: CPU seconds (user + system) of each command, beside its wall time: on a shared machine
+#: the wall time depends on the other work, the CPU time much less.
+CPU: dict[str, float] = {}
+
+
 def _timed(cmd: list[str], log: Path) -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(log, "w") as fh:
         subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU[log.stem] = round(after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime, 1)
     return time.perf_counter() - start
 
 
@@ -47,6 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    load_start = list(os.getloadavg())
 
     tune_s = _timed([TRIVIEW, "tune", "--data", args.data, "--out", str(out / "tune"),
                      "--trials", str(args.trials)], out / "tune.log")
@@ -72,7 +83,8 @@ def main() -> None:
         "trial0_val_macro_f1": float(trials.loc[trials["trial"] == 0, "val_macro_f1"].iloc[0]),
         "best_test_once": json.loads((out / "tune" / "best_test.json").read_text())["ensemble"],
         "dag_defaults_test": dag["ensemble"],
-        "load_average_end": list(__import__("os").getloadavg()),
+        "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
+        "cpu_count": os.cpu_count(),
     }
     if args.seeds > 1:
         preset = str(out / "tune" / "best.yaml")
@@ -82,6 +94,7 @@ def main() -> None:
                  "--repeats", str(args.seeds), *extra], out / f"seeds-{name}.log"), 1)
             summary = json.loads((out / f"seeds-{name}" / "run_summary.json").read_text())
             result[f"{name}_over_seeds"] = _seeds(summary)
+    result["cpu_s"] = CPU
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.json:

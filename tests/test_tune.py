@@ -108,6 +108,8 @@ def _load(out: Path):
     ({"hidden": {"choices": [0, 0]}}, "repeated choices"),
     ({"head_lr": {"low": 0.001, "high": 0.01, "scale": "log"}}, "unknown keys ['scale']"),
     ({"head_lr": {"low": 0.001, "high": 0.01, "step": 0.004}}, "not a multiple of step"),
+    ({"head_lr": {"low": 0.001, "high": 0.01, "step": 0.001, "log": True}}, "step and log cannot"),
+    ({"repeats": {"low": 1, "high": 3}}, "read only by pipeline, which trials do not run"),
     ({"head_lr": {"low": 0.001, "choices": [0.1, 0.2]}}, "either choices or low/high"),
     ({"val_fraction": {"low": 0.1, "high": 0.3}}, "changes which images are validated on"),
     ({"gate_min_delta": {"low": -0.1, "high": 0.1}}, "read only by evaluate, which trials do not run"),
@@ -214,6 +216,7 @@ def test_the_feature_store_is_addressed_by_network_and_crop(tmp_path):
 # ----------------------------------------------------------------------------- the study
 
 
+@pytest.mark.slow
 def test_the_study_console_trials_and_reuse(study_a):
     out, lines = study_a["out"], study_a["stdout"].splitlines()
     trial_lines = [l for l in lines if l.startswith("trial ")]
@@ -245,11 +248,13 @@ def test_the_study_console_trials_and_reuse(study_a):
     best_steps = study.best_trial.user_attrs["steps"]
     for step in ("train-branch-view-1", "train-voter"):
         assert [p.name for p in (out / "cache" / step).iterdir()] == [best_steps[step]]
+    assert all((out / "logs" / f"trial-{t.number}.log").stat().st_size > 0 for t in trials)
     table = __import__("pandas").read_csv(out / "trials.csv")
     assert list(table["trial"]) == list(range(TRIALS))
     assert list(table["val_macro_f1"].round(10)) == [round(t.value, 10) for t in trials]
 
 
+@pytest.mark.slow
 def test_the_report_is_self_contained_with_history_and_importances(study_a):
     text = (study_a["out"] / "report.html").read_text()
     sources = re.findall(r"""src=['"]([^'"]+)""", text)
@@ -257,8 +262,20 @@ def test_the_report_is_self_contained_with_history_and_importances(study_a):
     assert "optimisation history" in text and "parameter importances" in text
     assert not re.search(r"(src|href)=['\"]?https?:", text)
     assert "Test split, scored once for trial" in text
+    assert re.search(r"Pruning: a median pruner .*: \d trial\(s\) pruned", text)
+    # trials that gave the pruner nothing (the cluster's, say): the report says so
+    from triview.tune import results
+    from triview.tune import study as st
+
+    study = st.prepare(str(study_a["data"]), study_a["out"], space=study_a["space"],
+                       base=dict(p.split("=") for p in BASE), resume=True)
+    table = results.trials_table(study, _load(study_a["out"]))
+    assert (table["epochs_reported"] == 3 * 14).all()
+    quiet = results.render_html(study, table.assign(epochs_reported=0), (None, "-"), None)
+    assert "Pruning did not apply: no trial reported per-epoch figures." in quiet
 
 
+@pytest.mark.slow
 def test_the_best_preset_is_what_triview_run_takes(study_a, monkeypatch, tmp_path):
     import pipelines.local
 
@@ -266,6 +283,8 @@ def test_the_best_preset_is_what_triview_run_takes(study_a, monkeypatch, tmp_pat
     preset = study_a["out"] / "best.yaml"
     expected = {**_base_values(), **study.best_trial.params}
     assert spec.validate(spec.load_preset(str(preset)), complete=True) == expected
+    written = yaml.safe_load(preset.read_text())
+    assert all(v != spec.PARAMS[k].default for k, v in written.items())  # only what differs
     seen = {}
 
     def fake_run_local(data, out, params, **kwargs):
@@ -279,6 +298,7 @@ def test_the_best_preset_is_what_triview_run_takes(study_a, monkeypatch, tmp_pat
     assert best_test["trial"] == study.best_trial.number and best_test["n_test"] == 30
 
 
+@pytest.mark.slow
 def test_the_study_never_reads_test_labels(study_a, tmp_path):
     """The same search on a copy whose test labels are all wrong: every trial's parameters,
     per-epoch figures and value are identical; only the final test figures differ."""
@@ -298,15 +318,22 @@ def test_the_study_never_reads_test_labels(study_a, tmp_path):
     assert test_a["ensemble"]["accuracy"] != test_b["ensemble"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_resume_reruns_the_interrupted_trial_and_refuses_other_settings(study_a, tmp_path, capsys):
     out = tmp_path / "study"
     shutil.copytree(study_a["out"], out)
+    base_args = ["tune", "--data", str(study_a["data"]), "--out", str(out), "--space",
+                 str(study_a["space"])] + [a for p in BASE for a in ("--param", p)]
+    # nothing left to run: no trial, and the best trial's test split is not scored again
+    scored = (out / "best" / "evaluation" / "stage.json").stat().st_mtime_ns
+    assert main(base_args + ["--trials", str(TRIALS), "--resume"]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert (out / "best" / "evaluation" / "stage.json").stat().st_mtime_ns == scored
+    assert len(_load(out).trials) == TRIALS
     study = _load(out)
     cut = study.ask()  # a trial the kill left RUNNING
     proposed = {n: cut.suggest_categorical(n, SPACE[n]["choices"]) if "choices" in SPACE[n]
                 else cut.suggest_float(n, SPACE[n]["low"], SPACE[n]["high"], log=True) for n in SPACE}
-    base_args = ["tune", "--data", str(study_a["data"]), "--out", str(out), "--space",
-                 str(study_a["space"])] + [a for p in BASE for a in ("--param", p)]
     assert main(base_args + ["--trials", "9"]) == 2
     assert "already holds a study: add --resume" in capsys.readouterr().err
     assert main(base_args + ["--trials", "9", "--resume", "--param", "head_epochs=13"]) == 2
@@ -322,6 +349,133 @@ def test_resume_reruns_the_interrupted_trial_and_refuses_other_settings(study_a,
     assert trials[-1].state.name in ("COMPLETE", "PRUNED")
     # its stages came from the cache: the crops and features of the first run
     assert {"ingest", "calibrate-and-crop", "augment"} <= set(trials[-1].user_attrs["reused"])
+
+
+@pytest.mark.slow
+def test_a_study_resumes_only_on_the_data_it_began_with(study_a, tmp_path):
+    from triview.tune import study as st
+
+    out = tmp_path / "study"
+    out.mkdir()
+    settings = json.loads((study_a["out"] / "study.json").read_text())
+    (out / "study.json").write_text(json.dumps({**settings, "data_identity": "files changed"}))
+    with pytest.raises(st.TuneError, match="started with other data_identity"):
+        st.prepare(str(study_a["data"]), out, space=study_a["space"],
+                   base=dict(p.split("=") for p in BASE), resume=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_trial_for_a_rerun(study_a, tmp_path, monkeypatch, capsys):
+    from triview.tune import study as st
+
+    out = tmp_path / "study"
+    shutil.copytree(study_a["out"], out)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(st, "run_trial", stopped)
+    assert main(["tune", "--data", str(study_a["data"]), "--out", str(out), "--space",
+                 str(study_a["space"]), "--trials", "5", "--resume",
+                 *[a for p in BASE for a in ("--param", p)]]) == 130
+    assert "stopped; continue with the same command and --resume" in capsys.readouterr().err
+    optuna_study = _load(out)
+    cut = optuna_study.trials[-1]
+    assert cut.state.name == "FAIL" and cut.user_attrs["interrupted"]
+    assert st.finished_count(optuna_study) == TRIALS
+    assert st._requeue_interrupted(optuna_study) == [cut.number]
+    assert st._requeue_interrupted(optuna_study) == []  # queued once
+    assert (out / "trials.csv").read_text().count("\n") == TRIALS + 2  # header, every trial
+
+
+def test_trials_compute_features_on_every_core_and_the_rest_on_one(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from triview.train import loop
+    from triview.train.features import FeatureStore
+    from triview.tune.runner import trial_threads
+
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    real, seen = loop.head_inputs, []
+
+    def recorded(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(loop, "head_inputs", recorded)
+    net, images = _tiny_net(), torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    with trial_threads(tmp_path, 3):
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        store = FeatureStore.open(tmp_path)
+        assert store.threads == 3
+        loop.frozen_features(net, images, store=store)
+        assert torch.get_num_threads() == 1
+    assert seen == [3] and torch.get_num_threads() == before
+    assert os.environ.get("OMP_NUM_THREADS") == env
+
+
+def test_the_data_identity_follows_every_file(tmp_path):
+    from triview.tune.runner import data_identity
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"1")
+    first = data_identity(str(tmp_path))
+    (tmp_path / "a" / "y.jpg").write_bytes(b"2")
+    second = data_identity(str(tmp_path))
+    (tmp_path / "a" / "x.jpg").write_bytes(b"11")
+    assert len({first, second, data_identity(str(tmp_path))}) == 3
+    assert data_identity("s3://b/p") == data_identity("s3://b/p") != data_identity("s3://b/q")
+
+
+@pytest.mark.slow
+def test_objectives_read_the_chosen_voter_and_set_the_direction(study_a, tmp_path):
+    import pandas as pd
+
+    from triview.tune import study as st
+    from triview.tune.objective import OBJECTIVES
+
+    best = _load(study_a["out"]).best_trial
+    voter = study_a["out"] / "cache" / "train-voter" / best.user_attrs["steps"]["train-voter"]
+    row = pd.read_csv(voter / "candidates.csv").query("chosen")
+    for name, objective in OBJECTIVES.items():
+        assert objective.value(voter) == float(row[name].iloc[0])
+    assert OBJECTIVES["val_macro_f1"].value(voter) == best.value
+    assert OBJECTIVES["val_log_loss"].better(0.1, 0.2) and OBJECTIVES["val_accuracy"].better(0.9, 0.8)
+    study = st.prepare(str(study_a["data"]), tmp_path / "s", space=study_a["space"],
+                       objective="val_log_loss", base=dict(p.split("=") for p in BASE))
+    study.out.mkdir()
+    assert st.open_study(study).direction.name == "MINIMIZE"
+
+
+@pytest.mark.slow
+def test_a_combination_the_rules_refuse_fails_its_trial_only(study_a, tmp_path):
+    """epochs and head_epochs both 0 is refused by the spec's rules; the trial says why,
+    counts as done, and nothing runs."""
+    import optuna
+
+    from triview.tune import study as st
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"epochs": {"choices": [1, 0]}}))
+    study = st.prepare(str(study_a["data"]), tmp_path / "s", space=space,
+                       base={"head_epochs": 0, "image_size": 24})
+    optuna_study = optuna.create_study(direction="maximize")
+    optuna_study.enqueue_trial({"epochs": 0})
+    optuna_study.optimize(st._objective_fn(study), n_trials=1, catch=(st.TrialRefused,))
+    (trial,) = optuna_study.trials
+    assert trial.state.name == "FAIL" and "nothing would train" in trial.user_attrs["refused"]
+    assert st.finished_count(optuna_study) == 1
+    assert "refused: epochs and head_epochs are both 0" in st.trial_line(study, optuna_study, trial)
+    assert not (tmp_path / "s" / "cache").exists()
+
+
+def test_without_a_status_server_the_objective_is_printed(capsys):
+    from triview.tune.cluster import report_status
+    from triview.tune.objective import get_objective
+
+    assert report_status(get_objective("val_accuracy"), 0.9375, env={}) is False
+    captured = capsys.readouterr()
+    assert captured.out == "val_accuracy=0.937500\n" and "TrainJobStatus feature gate" in captured.err
 
 
 def test_pruning_reports_each_epoch_and_stops_a_trailing_trial():
@@ -570,6 +724,7 @@ def _tls_status_server(tmp_path: Path):
     return server, received
 
 
+@pytest.mark.slow
 def test_a_cluster_trial_reports_the_same_value_as_the_local_trial(study_a, tmp_path):
     """``triview tune-trial`` as its TrainJob runs it: trial 0's values from the controller's
     env, the study's cache as the shared volume, the objective posted over TLS with the

@@ -21,7 +21,7 @@ from torch import nn
 
 from triview.storage import atomic_path
 
-#: Stores opened in this process, by folder: a search opens one per trial and branch.
+#: Stores opened in this process, by folder: every branch of every trial of a search shares one.
 _OPEN: dict[str, "FeatureStore"] = {}
 
 
@@ -54,7 +54,6 @@ class FeatureStore:
         self.root = Path(root)
         self.threads = threads
         self._tables: dict[str, dict[str, np.ndarray]] = {}
-        self.hits = self.misses = 0
 
     @classmethod
     def open(cls, root: str | Path, threads: int | None = None) -> "FeatureStore":
@@ -91,8 +90,6 @@ class FeatureStore:
         keys = crop_digests(images)
         table = self._table(net_key)
         missing = sorted({k: i for i, k in enumerate(keys) if k not in table}.values())
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
         if missing:
             fresh = compute(net, images[torch.tensor(missing)]).float().cpu().numpy()
             new_keys = np.array([keys[i] for i in missing])

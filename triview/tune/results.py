@@ -20,18 +20,21 @@ TRIALS_CSV, REPORT = "trials.csv", "report.html"
 
 
 def trials_table(study: "Study", optuna_study) -> pd.DataFrame:
-    """One row per trial: number, state, value, seconds, what it reused, where it was
-    pruned (or why refused), and its value of every searched parameter."""
+    """One row per trial: number, state, value, seconds, how many per-epoch figures it gave
+    the pruner, where it was pruned (or why refused), what it reused, and its value of every
+    searched parameter."""
     rows = []
     for t in optuna_study.trials:
         attrs = t.user_attrs
         rows.append({"trial": t.number, "state": t.state.name.lower(), study.objective.name: t.value,
                      "seconds": attrs.get("seconds"), "defaults": bool(attrs.get("defaults")),
+                     "epochs_reported": len(t.intermediate_values),
                      "pruned_at": attrs.get("pruned_at", ""), "refused": attrs.get("refused", ""),
                      "reused": " ".join(attrs.get("reused", [])),
                      **{n: t.params.get(n) for n in study.space.names}})
     return pd.DataFrame(rows, columns=["trial", "state", study.objective.name, "seconds",
-                                       "defaults", "pruned_at", "refused", "reused",
+                                       "defaults", "epochs_reported", "pruned_at", "refused",
+                                       "reused",
                                        *study.space.names])
 
 
@@ -109,9 +112,13 @@ def render_html(study: "Study", table: pd.DataFrame, imp: tuple[dict | None, str
              f"split, never on test; TPE seed {study.seed}; {len(table)} trials "
              f"({len(done)} complete, {int((table['state'] == 'pruned').sum())} pruned, "
              f"{int((table['state'] == 'fail').sum())} failed).</p>"]
-    pruned = table["pruned_at"].astype(bool).sum()
-    parts.append("<p>Pruning: a median pruner on the branches' per-epoch validation figure "
-                 f"({e(obj.epoch_column)}): {pruned} trial(s) pruned.</p>" if len(table) else "")
+    pruned = int((table["state"] == "pruned").sum())
+    if len(table) and table["epochs_reported"].sum() == 0:
+        parts.append("<p>Pruning did not apply: no trial reported per-epoch figures.</p>")
+    elif len(table):
+        parts.append("<p>Pruning: a median pruner on each branch's best per-epoch validation "
+                     f"figure ({e(obj.epoch_column)}), at the end of its head phase and after "
+                     f"each fine-tuning epoch: {pruned} trial(s) pruned.</p>")
     if len(done):
         best = done.loc[done[obj.name].idxmax() if obj.direction == "maximize"
                         else done[obj.name].idxmin()]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from triview import __version__
+import triview
 from triview import params as spec
 from triview.runinfo import STAGE_FILE
 
@@ -166,7 +166,7 @@ class StageCache:
 
     def key(self, step: Step, input_keys: dict[str, str], params: dict[str, Any],
             data_key: str | None) -> str:
-        text = json.dumps({"step": step.name, "stage": step.stage, "triview": __version__,
+        text = json.dumps({"step": step.name, "stage": step.stage, "triview": triview.__version__,
                            "inputs": input_keys, "params": params, "data": data_key},
                           sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
