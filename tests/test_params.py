@@ -146,6 +146,7 @@ LAYERS = [
     {"train", "voter", "voter_modules", "evaluate", "gate", "export", "predict", "serving",
      "deploy", "preflight"},
     {"stages"},
+    {"tune"},
     {"cli", "cli_parser", "cli_examples", "__main__"},
 ]
 

@@ -348,6 +348,57 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- issue 27: hyperparameter search ------------------------------------------------------
+def _cmd_tune(args: argparse.Namespace) -> int:
+    base = _checked_run_params(args)
+    if args.emit or args.apply:
+        from triview import deploy as dp
+        from triview.tune import cluster
+
+        opts = cluster.ClusterOptions(
+            name=args.name, namespace=args.namespace, trials=args.trials,
+            parallel_trials=args.parallel_trials, image=args.image or cluster.GPU_IMAGE,
+            gpus=args.gpus, minio_secret=args.minio_secret, s3_endpoint=args.s3_endpoint,
+            service_account=args.service_account, cache_pvc=args.cache_pvc)
+        job = cluster.build_job(args.data, args.space, args.objective, args.seed, base, opts)
+        if args.emit == "-":
+            print(cluster.to_yaml(job), end="")
+        elif args.emit:
+            from triview.storage import atomic_write_text
+
+            atomic_write_text(args.emit, cluster.to_yaml(job))
+            print(f"wrote OptimizationJob/{args.name} to {args.emit}", file=sys.stderr)
+        if args.apply:
+            dp.apply([job], dp.kube_api_client(args.kubeconfig))
+            print(f"applied OptimizationJob/{args.name} in {args.namespace}", file=sys.stderr)
+        return 0
+    if not args.out:
+        raise ValueError("give --out DIR (or --emit/--apply for the cluster's OptimizationJob)")
+    from triview.tune import study as st
+
+    study = st.prepare(args.data, args.out, space=args.space, objective=args.objective,
+                       seed=args.seed, base=base, resume=args.resume)
+    try:
+        st.run(study, trials=args.trials, timeout=args.timeout, resume=args.resume,
+               threads=args.threads)
+    except KeyboardInterrupt:
+        print(f"triview tune: stopped; continue with the same command and --resume "
+              f"(the study is in {args.out})", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_tune_trial(args: argparse.Namespace) -> int:
+    from triview.params import parse_pairs, validate
+    from triview.tune.cluster import run_cluster_trial
+    from triview.tune.objective import get_objective
+
+    run_cluster_trial(args.data, args.space_json, get_objective(args.objective),
+                      validate(parse_pairs(args.param), complete=True), args.cache,
+                      threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from triview import params as spec
 
@@ -534,6 +585,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isvc-only", action="store_true", help="only the InferenceService (the "
                    "`serving` kustomize component installed the ServiceAccount and runtime)")
     p.set_defaults(func=_cmd_deploy)
+
+    from triview.tune.objective import OBJECTIVES
+
+    p = sub.add_parser("tune", help="search the pipeline's parameters (Optuna TPE, seeded, with "
+                       "pruning) on a validation objective; the best trial is scored on test once "
+                       "and written as a preset; or emit/apply the same search as a Kubeflow "
+                       "Trainer OptimizationJob")
+    p.add_argument("--data", required=True, help="folder or ZIP of labelled photos (with --emit/"
+                   "--apply: s3://bucket/prefix as the trial pods read it)")
+    p.add_argument("--out", help="the study's folder: storage, trials.csv, report.html, best.yaml")
+    p.add_argument("--trials", type=int, default=30, help="trials in the study, counting those "
+                   "of earlier runs when resuming (default 30)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="start no new trial after S seconds")
+    p.add_argument("--space", default="photos", metavar="NAME|FILE",
+                   help="search space YAML, or a shipped one: photos (default), photos-finetune")
+    p.add_argument("--objective", choices=list(OBJECTIVES), default="val_macro_f1",
+                   help="; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()))
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (the pipeline's own "
+                   "seed is --param seed=N; default 0)")
+    p.add_argument("--resume", action="store_true", help="continue the study in --out (same "
+                   "settings); an interrupted trial runs again")
+    p.add_argument("--preset", default=None, metavar="NAME|FILE",
+                   help="the parameters of trial 0 and the fixed ones of every trial, from a preset")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of trial 0 and every trial (over --preset), repeatable")
+    p.add_argument("--threads", type=int, default=0, help="threads for computing the frozen "
+                   "features (default 0: one per core); the rest of a trial, fine-tuning epochs "
+                   "included, runs on one thread")
+    p.add_argument("--emit", metavar="FILE", help="write the OptimizationJob YAML ('-': stdout) "
+                   "instead of searching here")
+    p.add_argument("--apply", action="store_true", help="server-side apply the OptimizationJob "
+                   "(in-cluster service account, else the kubeconfig)")
+    p.add_argument("--kubeconfig", help="kubeconfig file for --apply (default ~/.kube/config)")
+    p.add_argument("--name", default="triview-tune", help="OptimizationJob name")
+    p.add_argument("--namespace", default="triview", help="namespace (default triview)")
+    p.add_argument("--parallel-trials", type=int, default=1, help="trials at once (default 1)")
+    p.add_argument("--image", default=None, metavar="REF:TAG", help="image of the trials "
+                   "(default $TRIVIEW_GPU_IMAGE or ghcr.io/triview/triview-gpu:0.1.0)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per trial (default 1; 0: CPU)")
+    p.add_argument("--minio-secret", default="triview-minio", metavar="NAME",
+                   help="Secret with accesskey/secretkey, referenced by name (default triview-minio)")
+    p.add_argument("--s3-endpoint", default="http://minio-service.kubeflow:9000",
+                   help="MinIO as the trial pods see it")
+    p.add_argument("--service-account", default="triview-pipeline-runner",
+                   help="service account of the trial pods")
+    p.add_argument("--cache-pvc", metavar="CLAIM", help="a ReadWriteMany PersistentVolumeClaim the "
+                   "trials share, so later trials reuse the crops and features of earlier ones")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("tune-trial", help="one trial of a tune OptimizationJob, inside its "
+                       "TrainJob: parameters from KUBEFLOW_TRAINER_OPT_*, the objective posted "
+                       "to the TrainJob's status")
+    p.add_argument("--data", required=True, help="s3://bucket/prefix (or a mounted folder)")
+    p.add_argument("--objective", choices=list(OBJECTIVES), default="val_macro_f1")
+    p.add_argument("--space-json", required=True, help="the search space (JSON), as emitted")
+    p.add_argument("--cache", required=True, help="folder for stage outputs and features")
+    p.add_argument("--threads", type=int, default=0, help="threads for computing the frozen "
+                   "features (default 0: one per core); the rest runs on one thread")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed parameters of every trial, repeatable")
+    p.set_defaults(func=_cmd_tune_trial)
 
     submit_p = sub.add_parser("submit",
                               help="start a run of the DAG on a Kubeflow Pipelines cluster")

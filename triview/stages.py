@@ -132,7 +132,8 @@ def checkpoint_location(checkpoint_root: str, run_id: str, seed: int, repeat: bo
 
 def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_dir: Folder,
                        view: str | int, out_dir: Folder, *, repeat: bool = False,
-                       run_id: str = "", **params) -> dict:
+                       run_id: str = "", feature_cache: Folder | None = None, on_epoch=None,
+                       **params) -> dict:
     """Train ``view``'s branch (a view name, or its index in the crop geometry's views);
     ``params`` are the spec's train-branch parameters.
 
@@ -141,6 +142,10 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
     a repeat of the main run with another seed (``repeats > 1``): its records and
     metrics are named ``train-branch-<view>-seed-<seed>``. ``run_id`` (KFP's job id on a
     cluster) names the checkpoint folder below ``checkpoint_root``, so a retry finds it.
+    ``feature_cache`` (a folder) keeps the frozen backbone's features for the next
+    training that meets the same network and crops (:mod:`triview.train.features`);
+    ``on_epoch`` is called with each epoch's history row (in this process only: not
+    under torchrun).
     """
     import os
 
@@ -157,15 +162,17 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
         ddp.run_under_torchrun(__name__, {
             "views_dir": str(views_dir), "balance_dir": str(balance_dir), "view": view,
             "out_dir": str(out_dir), "augmented_dir": None if augmented_dir is None
-            else str(augmented_dir), "repeat": repeat, "run_id": run_id, **params}, nproc)
+            else str(augmented_dir), "repeat": repeat, "run_id": run_id,
+            "feature_cache": None if feature_cache is None else str(feature_cache), **params}, nproc)
         return json.loads((Path(out_dir) / STAGE_FILE).read_text())
     ckpt = checkpoint_location(config.checkpoint_root, run_id, config.seed, repeat, view)
     if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: rank 0 keeps the record
         return train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
-                            stage=name, checkpoint_dir=ckpt)
+                            stage=name, checkpoint_dir=ckpt, feature_cache=feature_cache)
     with stage_record(name, out_dir) as rec:
         rec.update(train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
-                                stage=name, checkpoint_dir=ckpt))
+                                stage=name, checkpoint_dir=ckpt, feature_cache=feature_cache,
+                                on_epoch=on_epoch))
     return rec
 
 

@@ -24,17 +24,22 @@ from triview.storage import atomic_path, atomic_write_text
 from triview.train.config import TrainConfig
 from triview.train.data import apply_multiplicity, load_view
 from triview.train.folds import out_of_fold
-from triview.train.loop import fit, predict_proba
+from triview.train.features import FeatureStore
+from triview.train.loop import EpochCallback, fit, predict_proba_with
 from triview.train.loss import make_criterion
 
 
 def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balance_dir: str | Path,
                  view: str, out_dir: str | Path, config: TrainConfig, log=print,
-                 stage: str | None = None, checkpoint_dir: str = "") -> dict:
+                 stage: str | None = None, checkpoint_dir: str = "",
+                 feature_cache: str | Path | None = None,
+                 on_epoch: EpochCallback | None = None) -> dict:
     """Train the branch for ``view``; write model, history and val/test probabilities
     (and, with ``voter_folds > 1``, out-of-fold probabilities of the training images).
     ``stage`` names the per-epoch metrics group (default ``train-branch-<view>``);
     checkpoints go to ``checkpoint_dir`` (default: ``<out_dir>/checkpoints``).
+    ``feature_cache``: a folder of frozen features (:mod:`triview.train.features`) that the
+    head phase and the predictions read and fill. ``on_epoch``: see :func:`fit`.
 
     Returns a summary with the best epoch and its validation metrics. Under torchrun,
     every rank trains and rank 0 alone writes.
@@ -68,11 +73,14 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     criterion = make_criterion(task, balance, classes, config)
     ckpt_dir = checkpoint_dir or str(Path(out_dir) / artifacts.CHECKPOINTS_DIR)
+    store = FeatureStore.open(feature_cache) if feature_cache else None
     result = fit(config, train, val, classes, task, criterion, view, ckpt_dir,
-                 metrics.run_id_for(out_dir), online, log, stage=stage)
+                 metrics.run_id_for(out_dir), online, log, stage=stage, features=store,
+                 on_epoch=on_epoch)
     oof = None
     if config.voter_folds > 1:
-        oof = out_of_fold(config, train, val, classes, task, criterion, view, ckpt_dir, online, log)
+        oof = out_of_fold(config, train, val, classes, task, criterion, view, ckpt_dir, online, log,
+                          features=store)
     digest = ddp.parameter_digest(result.net)
     ddp.write_rank_report(out_dir, {"rank": rank, "world_size": world, "parameter_digest": digest,
                                     "images_per_epoch": len(result.drawn),
@@ -90,8 +98,9 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     if rank != 0:
         return summary
     model, history = result.net, result.history
-    val_prob = predict_proba(model, val.images, task=task)
-    test_prob = predict_proba(model, test.images, task=task)
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    val_prob = predict_proba_with(model, val.images, task=task, store=store, memory_format=layout)
+    test_prob = predict_proba_with(model, test.images, task=task, store=store, memory_format=layout)
     thresholds = tune_thresholds(val.labels.numpy(), val_prob) if task == "multilabel" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

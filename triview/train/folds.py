@@ -10,7 +10,8 @@ from triview import distributed as ddp
 from triview import storage
 from triview.train.config import TrainConfig
 from triview.train.data import ViewData
-from triview.train.loop import fit, predict_proba
+from triview.train.features import FeatureStore
+from triview.train.loop import fit, predict_proba_with
 
 
 def _held_out_rows(data: ViewData, task: str, folds: int, seed: int) -> list[np.ndarray]:
@@ -32,8 +33,8 @@ def _held_out_rows(data: ViewData, task: str, folds: int, seed: int) -> list[np.
 
 
 def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
-                task: str, criterion: nn.Module, view: str, ckpt_dir: str, online, log=print
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                task: str, criterion: nn.Module, view: str, ckpt_dir: str, online, log=print,
+                features: FeatureStore | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Out-of-fold probabilities for the voter: ``config.voter_folds`` extra branches,
     each trained without one fold of the training images (and their augmented copies)
     and predicting that fold. Returns (probabilities, image ids, labels) of the real
@@ -48,8 +49,11 @@ def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: li
             log(f"[{view}] voter fold {k + 1}/{config.voter_folds}: {len(inside)} training "
                 f"crops, {len(heldout.image_ids)} held out")
         result = fit(config, train.subset(inside), val, classes, task, criterion, view,
-                     storage.join(ckpt_dir, f"fold-{k}"), online=online, log=lambda *a: None, push=False)
-        probs.append(predict_proba(result.net, heldout.images, task=task))
+                     storage.join(ckpt_dir, f"fold-{k}"), online=online, log=lambda *a: None, push=False,
+                     features=features)
+        layout = torch.channels_last if config.channels_last else torch.contiguous_format
+        probs.append(predict_proba_with(result.net, heldout.images, task=task, store=features,
+                                        memory_format=layout))
         ids.extend(heldout.image_ids)
         labels.append(heldout.labels.numpy())
     return np.concatenate(probs), np.array(ids), np.concatenate(labels)

@@ -3,8 +3,10 @@ epoch (checkpointing and resuming, early stopping, DDP when a process group exis
 keeps the best epoch by validation macro-F1."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,7 +23,23 @@ from triview.scoring import macro_f1, predicted
 from triview.train import checkpoint
 from triview.train.config import TrainConfig, resume_key
 from triview.train.data import ViewData, as_float, batches
+from triview.train.features import FeatureStore
 from triview.train.optim import amp_dtype, kernel, lr_factor, make_optimizer, training_device
+
+
+#: Called with an epoch's history row as the epoch ends.
+EpochCallback = Callable[[dict], None]
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the previous number."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -160,11 +178,13 @@ def head_inputs(net: BranchNet, images: torch.Tensor, batch_size: int = 64,
 
 
 def fit_head(net: BranchNet, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
-             val_y: torch.Tensor, criterion: nn.Module, config: TrainConfig, task: str) -> dict:
+             val_y: torch.Tensor, criterion: nn.Module, config: TrainConfig, task: str,
+             on_epoch: EpochCallback | None = None) -> dict:
     """Train only the head on cached features for ``config.head_epochs`` (AdamW, cosine
     from head_lr, the branch's loss) and keep its best epoch by validation macro-F1.
     Returns that epoch's history row (``epoch`` 0, ``phase`` head), with every head
-    epoch's row under ``curve`` (what the report draws)."""
+    epoch's row under ``curve`` (what the report draws); ``on_epoch`` sees every epoch's
+    row as it ends."""
     head = head_module(net)
     device = next(head.parameters()).device
     head.train()
@@ -177,27 +197,32 @@ def fit_head(net: BranchNet, train_x: torch.Tensor, train_y: torch.Tensor, val_x
     squash = torch.sigmoid if task == "multilabel" else (lambda z: torch.softmax(z, dim=1))
     best, best_state, start, curve = None, None, time.perf_counter(), []
     train_x, train_y, val_x = train_x.to(device), train_y.to(device), val_x.to(device)
-    for epoch in range(1, config.head_epochs + 1):
-        head.train()
-        total = 0.0
-        order = torch.randperm(len(train_y), generator=generator)
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i:i + config.batch_size].to(device)
-            loss = criterion(head(train_x[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(idx)
-        head.eval()
-        with torch.no_grad():
-            val_prob = squash(head(val_x).float()).cpu().numpy()
-        row = {"epoch": 0, "phase": "head", "head_epoch": epoch, "train_loss": total / len(train_y),
-               **validation_row(val_prob, val_y, task, criterion),
-               "lr": optimizer.param_groups[0]["lr"]}
-        curve.append(row)
-        if best is None or row["val_macro_f1"] > best["val_macro_f1"]:
-            best, best_state = row, {k: v.detach().clone() for k, v in head.state_dict().items()}
+    # the head's ops are tiny: on a busy CPU, waiting for a second OpenMP thread at every op
+    # costs far more than the op itself
+    with intra_op_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        for epoch in range(1, config.head_epochs + 1):
+            head.train()
+            total = 0.0
+            order = torch.randperm(len(train_y), generator=generator)
+            for i in range(0, len(order), config.batch_size):
+                idx = order[i:i + config.batch_size].to(device)
+                loss = criterion(head(train_x[idx]), train_y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach()) * len(idx)
+            head.eval()
+            with torch.no_grad():
+                val_prob = squash(head(val_x).float()).cpu().numpy()
+            row = {"epoch": 0, "phase": "head", "head_epoch": epoch, "train_loss": total / len(train_y),
+                   **validation_row(val_prob, val_y, task, criterion),
+                   "lr": optimizer.param_groups[0]["lr"]}
+            curve.append(row)
+            if best is None or row["val_macro_f1"] > best["val_macro_f1"]:
+                best, best_state = row, {k: v.detach().clone() for k, v in head.state_dict().items()}
+            if on_epoch is not None:
+                on_epoch(row)
     head.load_state_dict(best_state)
     seconds = time.perf_counter() - start
     return {**best, "seconds": round(seconds, 3),
@@ -233,24 +258,60 @@ def _shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return padded[rank::world]
 
 
+def frozen_features(net: BranchNet, images: torch.Tensor, memory_format=torch.contiguous_format,
+                    store: FeatureStore | None = None) -> torch.Tensor:
+    """:func:`head_inputs` of ``images``, read from ``store`` where it holds them."""
+    if store is None:
+        return head_inputs(net, images, memory_format=memory_format)
+
+    def compute(n: BranchNet, x: torch.Tensor) -> torch.Tensor:
+        with intra_op_threads(store.threads or torch.get_num_threads()):
+            return head_inputs(n, x, memory_format=memory_format)
+    return store.features(net, images, compute, memory_format)
+
+
+@torch.no_grad()
+def predict_proba_with(model: BranchNet, images: torch.Tensor, task: str = "multiclass",
+                       store: FeatureStore | None = None,
+                       memory_format=torch.contiguous_format) -> np.ndarray:
+    """:func:`predict_proba`; with a ``store`` that holds features of ``model``'s backbone
+    (the head phase computed them, and the branch kept that backbone), the head applied to
+    them: the crops the store lacks are computed and kept. A fine-tuned backbone is not
+    stored: no other training would meet it."""
+    if store is None or not store.holds(model, memory_format):
+        return predict_proba(model, images, task=task)
+    model.eval()
+    x = frozen_features(model, images, memory_format, store).to(next(model.parameters()).device)
+    logits = head_module(model)(x).float()
+    prob = torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
+    return prob.cpu().numpy()
+
+
 def _head_phase(net: BranchNet, train: ViewData, val: ViewData, criterion: nn.Module,
-                config: TrainConfig, task: str, memory_format) -> dict:
-    """Features of every training and validation crop through the frozen backbone, once;
-    then :func:`fit_head` on them. The backbone is untouched."""
+                config: TrainConfig, task: str, memory_format,
+                store: FeatureStore | None = None, on_epoch: EpochCallback | None = None) -> dict:
+    """Features of every training and validation crop through the frozen backbone, once
+    (or from ``store``); then :func:`fit_head` on them. The backbone is untouched."""
     start = time.perf_counter()
-    train_x = head_inputs(net, train.images, memory_format=memory_format)
-    val_x = head_inputs(net, val.images, memory_format=memory_format)
+    train_x = frozen_features(net, train.images, memory_format, store)
+    val_x = frozen_features(net, val.images, memory_format, store)
     feature_seconds = time.perf_counter() - start
     row = fit_head(net, train_x, train.labels, val_x, val.labels,
-                   criterion.to(next(net.parameters()).device), config, task)
+                   criterion.to(next(net.parameters()).device), config, task, on_epoch)
     return {**row, "feature_seconds": round(feature_seconds, 3),
             "seconds": round(feature_seconds + row["seconds"], 3)}
 
 
 def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str], task: str,
         criterion: nn.Module, view: str, ckpt_dir: str, run_id: str | None = None,
-        online=None, log=print, push: bool = True, stage: str | None = None) -> FitResult:
+        online=None, log=print, push: bool = True, stage: str | None = None,
+        features: FeatureStore | None = None, on_epoch: EpochCallback | None = None) -> FitResult:
     """Train a fresh branch on ``train``, choosing the epoch by validation macro-F1.
+
+    ``features``: a store of frozen features the head phase reads and fills.
+    ``on_epoch``: called on rank 0 with each epoch's history row as it ends (head epochs:
+    ``phase`` head, ``head_epoch`` k; fine-tuning epochs: ``phase`` finetune, ``epoch`` k);
+    an exception it raises stops the training (a search prunes a trial so).
 
     Checkpoints go to ``ckpt_dir`` every epoch and a matching checkpoint found there is
     resumed. Under ``torchrun`` (a process group is initialised) the model is wrapped
@@ -312,7 +373,8 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
     elif config.head_epochs:
         if rank == 0:
             progress.Reporter("phase", 1, desc=view).note(phase="head on cached features")
-        row = _head_phase(net, train, val, criterion, config, task, memory_format)
+        row = _head_phase(net, train, val, criterion, config, task, memory_format, features,
+                          on_epoch if rank == 0 else None)
         head_curve = row.pop("curve")
         history, best_f1, best_epoch = [row], row["val_macro_f1"], 0
         best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
@@ -366,6 +428,8 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                    "images_per_s": round(len(mine) * world / seconds, 1)}
         row = ddp.broadcast(row)  # every rank takes the same early-stopping decision
         history.append(row)
+        if rank == 0 and on_epoch is not None:
+            on_epoch(row)
         if rank == 0:
             log(f"[{view}] epoch {epoch}/{config.epochs} loss {row['train_loss']:.4f} "
                 f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
