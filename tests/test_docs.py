@@ -98,8 +98,9 @@ def parse_error(argv: list[str]) -> str | None:
     except SystemExit as exc:
         return None if exc.code == 0 else err.getvalue().strip()
     try:
-        if getattr(args, "preset", None):
-            spec.load_preset(args.preset)
+        preset = getattr(args, "preset", None)
+        if preset and not preset.endswith((".yaml", ".yml")):  # a file the page's run writes
+            spec.load_preset(preset)
         spec.parse_pairs(getattr(args, "param", None) or [])
     except ValueError as exc:
         return str(exc)

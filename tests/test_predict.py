@@ -166,7 +166,8 @@ def test_one_decode_gives_the_views_the_training_path_cuts(model_dir):
     exif = rotated.getexif()
     exif[0x0112] = 6
     files = {f"jpeg {w}x{h}": encoded(_photo(w, h, w), "JPEG", quality=90)
-             for w, h in ((97, 61), (640, 480), (1280, 960), (2600, 1900), (4100, 3000))}
+             for w, h in ((97, 61), (320, 240), (640, 480), (1280, 960), (2600, 1900),
+                                                          (4100, 3000))}
     files["grey jpeg"] = encoded(_photo(1600, 1200, 1)[:, :, 0], "JPEG")
     files["png"] = encoded(_photo(1500, 1000, 2), "PNG")
     files["rgba png"] = encoded(np.dstack([_photo(500, 400, 4), _photo(500, 400, 5)[:, :, 0]]), "PNG")

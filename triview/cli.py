@@ -592,18 +592,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "pruning) on a validation objective; the best trial is scored on test once "
                        "and written as a preset; or emit/apply the same search as a Kubeflow "
                        "Trainer OptimizationJob")
-    p.add_argument("--data", required=True, help="folder or ZIP of labelled photos (with --emit/"
+    p.add_argument("--data", required=True, metavar="DIR|ZIP|s3://...",
+                   help="folder or ZIP of labelled photos (with --emit/"
                    "--apply: s3://bucket/prefix as the trial pods read it)")
-    p.add_argument("--out", help="the study's folder: storage, trials.csv, report.html, best.yaml")
-    p.add_argument("--trials", type=int, default=30, help="trials in the study, counting those "
+    p.add_argument("--out", metavar="DIR", help="the study's folder: storage, trials.csv, report.html, best.yaml")
+    p.add_argument("--trials", type=int, default=30, metavar="N", help="trials in the study, counting those "
                    "of earlier runs when resuming (default 30)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="start no new trial after S seconds")
     p.add_argument("--space", default="photos", metavar="NAME|FILE",
                    help="search space YAML, or a shipped one: photos (default), photos-finetune")
     p.add_argument("--objective", choices=list(OBJECTIVES), default="val_macro_f1",
-                   help="; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()))
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (the pipeline's own "
+                   metavar="|".join(OBJECTIVES), help="; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()))
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the sampler (the pipeline's own "
                    "seed is --param seed=N; default 0)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out (same "
                    "settings); an interrupted trial runs again")
@@ -611,25 +612,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the parameters of trial 0 and the fixed ones of every trial, from a preset")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of trial 0 and every trial (over --preset), repeatable")
-    p.add_argument("--threads", type=int, default=0, help="threads for computing the frozen "
-                   "features (default 0: one per core); the rest of a trial, fine-tuning epochs "
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="threads for computing "
+                   "the frozen features (default 0: one per core); the rest of a trial, fine-tuning epochs "
                    "included, runs on one thread")
-    p.add_argument("--emit", metavar="FILE", help="write the OptimizationJob YAML ('-': stdout) "
+    p.add_argument("--emit", metavar="FILE|-", help="write the OptimizationJob YAML ('-': stdout) "
                    "instead of searching here")
     p.add_argument("--apply", action="store_true", help="server-side apply the OptimizationJob "
                    "(in-cluster service account, else the kubeconfig)")
-    p.add_argument("--kubeconfig", help="kubeconfig file for --apply (default ~/.kube/config)")
-    p.add_argument("--name", default="triview-tune", help="OptimizationJob name")
-    p.add_argument("--namespace", default="triview", help="namespace (default triview)")
-    p.add_argument("--parallel-trials", type=int, default=1, help="trials at once (default 1)")
+    p.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file for --apply (default ~/.kube/config)")
+    p.add_argument("--name", default="triview-tune", metavar="NAME", help="OptimizationJob name")
+    p.add_argument("--namespace", default="triview", metavar="NAMESPACE", help="namespace (default triview)")
+    p.add_argument("--parallel-trials", type=int, default=1, metavar="N", help="trials at once (default 1)")
     p.add_argument("--image", default=None, metavar="REF:TAG", help="image of the trials "
                    "(default $TRIVIEW_GPU_IMAGE or ghcr.io/triview/triview-gpu:0.1.0)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per trial (default 1; 0: CPU)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs per trial (default 1; 0: CPU)")
     p.add_argument("--minio-secret", default="triview-minio", metavar="NAME",
                    help="Secret with accesskey/secretkey, referenced by name (default triview-minio)")
-    p.add_argument("--s3-endpoint", default="http://minio-service.kubeflow:9000",
+    p.add_argument("--s3-endpoint", default="http://minio-service.kubeflow:9000", metavar="URL",
                    help="MinIO as the trial pods see it")
-    p.add_argument("--service-account", default="triview-pipeline-runner",
+    p.add_argument("--service-account", default="triview-pipeline-runner", metavar="NAME",
                    help="service account of the trial pods")
     p.add_argument("--cache-pvc", metavar="CLAIM", help="a ReadWriteMany PersistentVolumeClaim the "
                    "trials share, so later trials reuse the crops and features of earlier ones")
@@ -638,12 +639,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune-trial", help="one trial of a tune OptimizationJob, inside its "
                        "TrainJob: parameters from KUBEFLOW_TRAINER_OPT_*, the objective posted "
                        "to the TrainJob's status")
-    p.add_argument("--data", required=True, help="s3://bucket/prefix (or a mounted folder)")
-    p.add_argument("--objective", choices=list(OBJECTIVES), default="val_macro_f1")
-    p.add_argument("--space-json", required=True, help="the search space (JSON), as emitted")
-    p.add_argument("--cache", required=True, help="folder for stage outputs and features")
-    p.add_argument("--threads", type=int, default=0, help="threads for computing the frozen "
-                   "features (default 0: one per core); the rest runs on one thread")
+    p.add_argument("--data", required=True, metavar="s3://...|DIR",
+                   help="s3://bucket/prefix (or a mounted folder)")
+    p.add_argument("--objective", choices=list(OBJECTIVES), default="val_macro_f1",
+                   metavar="|".join(OBJECTIVES), help="what the trial reports")
+    p.add_argument("--space-json", required=True, metavar="JSON", help="the search space (JSON), as emitted")
+    p.add_argument("--cache", required=True, metavar="DIR", help="folder for stage outputs and features")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="threads for computing "
+                   "the frozen features (default 0: one per core); the rest runs on one thread")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed parameters of every trial, repeatable")
     p.set_defaults(func=_cmd_tune_trial)

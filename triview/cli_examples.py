@@ -39,6 +39,13 @@ triview serve --model s3://triview-artifacts/registry/triview@champion""",
 triview deploy --emit isvc.yaml --registry s3://triview-artifacts/registry --version champion
 triview deploy --emit - --run runs/photos     # the version that run promoted
 triview deploy --apply --registry s3://triview-artifacts/registry --canary-traffic-percent 10""",
+    "tune": """\
+triview tune --data photos --out tune/photos --trials 30     # Optuna on this machine
+triview tune --data photos --out tune/photos --trials 40 --resume   # ten more trials
+triview tune --data s3://triview-data/photos --trials 60 --emit optimizationjob.yaml""",
+    "tune-trial": """\
+triview tune-trial --data s3://triview-data/photos --space-json '{}' --cache /cache
+# what the trial pods of a `triview tune --emit` OptimizationJob run, not a command to type""",
     "submit": """\
 triview submit --data /data/photos --host http://localhost:8080 --param epochs=2
 triview submit --data s3://triview-data/photos --gpus 1 --param registry=s3://triview-artifacts/registry""",

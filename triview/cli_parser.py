@@ -27,6 +27,10 @@ import sys
 from pathlib import Path
 
 
+
+#: Commands the cluster's pods run (a tune OptimizationJob's trial), never suggested for a slip.
+INTERNAL_COMMANDS = ("tune-trial",)
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and examples keep their line breaks; option help is wrapped."""
 
@@ -111,7 +115,9 @@ class CommandParser(argparse.ArgumentParser):
         found = re.search(r"invalid choice: '(?P<given>[^']*)' \(choose from (?P<choices>.*)\)", message)
         if not found:
             return []
-        choices = re.findall(r"'([^']*)'", found["choices"])
+        # commands that only run inside the cluster's pods are never what a person meant
+        choices = [c for c in re.findall(r"'([^']*)'", found["choices"])
+                   if c not in INTERNAL_COMMANDS]
         near = difflib.get_close_matches(found["given"], choices, n=3, cutoff=0.5)
         return [f"did you mean {' or '.join(near)}?"] if near else []
 
