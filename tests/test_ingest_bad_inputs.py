@@ -147,11 +147,14 @@ def test_unreadable_input_is_a_clear_error_not_a_trace(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     only_bad = tmp_path / "bad"
     (only_bad / "a").mkdir(parents=True)
-    (only_bad / "a" / "x.jpg").write_bytes(b"")
+    (only_bad / "b").mkdir()
+    for i in range(3):   # two classes of three files each: the layout passes the pre-flight check
+        (only_bad / "a" / f"x{i}.jpg").write_bytes(b"")
+        (only_bad / "b" / f"y{i}.jpg").write_bytes(b"not a jpeg")
     # readable, but nothing usable: the CLI still accounts for every file and exits 0
     assert main(["ingest", "--data", str(only_bad), "--out", str(tmp_path / "o2")]) == 0
     assert "no usable images" in capsys.readouterr().err
-    assert pd.read_csv(tmp_path / "o2" / mf.QUARANTINE_FILE)["reason"].tolist() == ["empty_file"]
+    assert pd.read_csv(tmp_path / "o2" / mf.QUARANTINE_FILE)["reason"].tolist() == ["empty_file"] * 3 + ["not_an_image"] * 3
     assert len(mf.read_manifest(tmp_path / "o2")) == 0
     with pytest.raises(IngestError, match="all quarantined"):   # the pipeline stage refuses
         ingest(only_bad, tmp_path / "o3")

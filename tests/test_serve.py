@@ -270,10 +270,12 @@ def test_the_serving_environment_has_no_torch_and_kserve_0_21(serve_python):
     assert out.stdout.split() == ["True", "0.21.0"]
 
 
-def test_triview_serve_without_a_serving_environment_is_a_clear_error(tmp_path):
+def test_triview_serve_without_a_serving_environment_is_a_clear_error(tmp_path, exported):
+    """A real model, no serving environment: the hint names make serve-env (a missing
+    model is named first: test_newcomer)."""
     env = {"TRIVIEW_SERVE_PYTHON": str(tmp_path / "missing" / "python"), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([str(Path(sys.executable).parent / "triview"), "serve", "--model",
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+                           str(exported)], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2
     assert "make serve-env" in proc.stderr
 

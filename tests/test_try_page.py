@@ -170,8 +170,12 @@ def test_bad_photos_and_models_get_clear_messages_and_the_server_keeps_serving(s
     assert _predict(server, b"")[1]["error"] == "the photo is empty (0 bytes)"
     bomb = io.BytesIO()
     Image.new("1", (20000, 10000)).save(bomb, format="PNG")   # 200 M pixels in a few KB
-    status, body = _predict(server, bomb.getvalue())
-    assert status == 400 and body["error"].startswith("decompression bomb")
+    status, body = _predict(server, bomb.getvalue())   # refused from its header: 413, as v1/v2
+    assert status == 413 and body["error"].startswith("decompression bomb")
+    big = io.BytesIO()
+    Image.new("1", (9000, 6000)).save(big, format="PNG")   # 54 MP: past serving's 50 MP cap
+    status, body = _predict(server, big.getvalue())
+    assert status == 413 and "decompression-bomb guard" in body["error"], body
     status, _ = request(server.port, "POST", "/try/api/predict", b"\xff" * (MAX_BODY + 1),
                         {"Content-Type": "application/octet-stream"})
     assert status == 413

@@ -21,7 +21,7 @@ def test_branches_write_out_of_fold_probabilities_and_the_voter_uses_them(croppe
     # record what each fold model trained on and how many rows it then predicted (the
     # out-of-fold rows are those predictions, fold after fold)
     trained_on, predicted = [], []
-    real_fit, real_predict = folds.fit, folds.predict_proba
+    real_fit, real_predict = folds.fit, folds.predict_proba_with
 
     def recording_fit(config, train, *args, **kwargs):
         trained_on.append(set(train.image_ids))
@@ -32,7 +32,7 @@ def test_branches_write_out_of_fold_probabilities_and_the_voter_uses_them(croppe
         return real_predict(model, images, **kwargs)
 
     monkeypatch.setattr(folds, "fit", recording_fit)
-    monkeypatch.setattr(folds, "predict_proba", recording_predict)
+    monkeypatch.setattr(folds, "predict_proba_with", recording_predict)
     views = pd.read_csv(cropped / "views.csv", dtype={"image_id": str})
     dirs = []
     for view in ("left", "center", "right"):

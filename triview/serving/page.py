@@ -37,6 +37,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from triview import crop
 from triview.predict import PredictError, Predictor, labels_json
+from triview.serving.limits import declared_pixels
+from triview.serving.protocol import BadRequest
 
 PREFIX = "/try"
 STATIC = Path(__file__).parent / "static"
@@ -173,7 +175,7 @@ def add_try_page(app: FastAPI, model, spec: str, *, max_body_bytes: int,
     from ``spec``); requests above ``max_body_bytes`` never reach them (the app's limit).
     The page sends up to ``parallel`` photos at once (the model's inference threads)."""
     models = ModelChoices(model, spec)
-    limits = {"max_body_bytes": max_body_bytes, "max_pixels": model.max_pixels,
+    limits = {"max_body_bytes": max_body_bytes, "max_pixels": model.limits.max_image_pixels,
               "parallel": max(1, parallel)}
     router = APIRouter()
 
@@ -210,10 +212,22 @@ def add_try_page(app: FastAPI, model, spec: str, *, max_body_bytes: int,
             predictor = await models.predictor(model)
         except ModelUnavailable as exc:
             return _error(503, str(exc))
+        served = models.model
+        try:   # the v1/v2 routes' limits: the header's pixels judged before any decoding
+            pixels = declared_pixels(data)
+            problem = served.limits.refusal("the photo", pixels, pixels)
+        except BadRequest as exc:
+            problem = exc
+        if problem is not None:
+            return _error(problem.status, str(problem))
+
+        def decode_and_answer() -> dict:
+            with served.budget.hold(pixels):  # the server's pixels decoded at once, shared
+                return answer(predictor, data, served.limits.max_image_pixels)
+
         loop = asyncio.get_running_loop()
         try:   # decode, crop and run on the inference threads: the loop keeps answering
-            result = await loop.run_in_executor(models.model.pool, answer, predictor, data,
-                                                models.model.max_pixels)
+            result = await loop.run_in_executor(served.pool, decode_and_answer)
         except PredictError as exc:
             return _error(400, str(exc))
         return JSONResponse({"model": model, **result}, headers=SECURITY_HEADERS)
