@@ -102,7 +102,7 @@ def test_inference_service_validates_against_the_kserve_crd(s3_registry):
     assert predictor["serviceAccountName"] == sa["metadata"]["name"]
     assert isvc["metadata"] == {"name": "digits", "namespace": "ml", "labels": {
         "app.kubernetes.io/part-of": "triview", "triview.io/model-version": "1"}}
-    assert predictor["model"]["resources"]["limits"] == {"cpu": "2", "memory": "1Gi"}
+    assert predictor["model"]["resources"]["limits"] == {"cpu": "2", "memory": "2Gi"}
     # the MinIO annotations KServe's storage initializer reads, and the Secret's name only
     assert sa["metadata"]["annotations"]["serving.kserve.io/s3-endpoint"] == dp.S3_ENDPOINT
     assert sa["metadata"]["annotations"]["serving.kserve.io/s3-usehttps"] == "0"
@@ -450,3 +450,25 @@ def test_deploy_stage_applies_the_version_export_promoted_or_says_why_not(kube, 
                        api_client=_api_client(kube.host))
     assert rec["deployed"] == 0 and "infra validation failed" in rec["skipped"]
     assert len(kube.of("PATCH")) == before  # nothing applied
+
+
+def test_the_memory_limits_hold_the_servers_decoding_budget():
+    """The predictor's memory limit (deploy's default, the flag's and the ServingRuntime's)
+    leaves room for --max-server-pixels decoded at once (about 10 bytes a pixel) beside an
+    idle server's 500 MB: a pod at its budget is not OOM-killed."""
+    import yaml
+
+    from triview.cli import build_parser
+    from triview.deploy import ServingOptions
+    from triview.serving import MAX_SERVER_PIXELS
+
+    def bytes_of(quantity: str) -> int:
+        units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+        return int(quantity[:-2]) * units[quantity[-2:]]
+
+    need = MAX_SERVER_PIXELS * 10 + 500 * 2**20
+    runtime = yaml.safe_load((REPO / "manifests/components/serving/servingruntime.yaml").read_text())
+    limits = [ServingOptions().memory_limit,
+              build_parser().commands()["deploy"].get_default("memory_limit"),
+              runtime["spec"]["containers"][0]["resources"]["limits"]["memory"]]
+    assert all(bytes_of(q) >= need for q in limits), (limits, need)

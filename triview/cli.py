@@ -567,8 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-limit", default="2", metavar="CPU", help="CPU limit (default 2)")
     p.add_argument("--memory", default="512Mi", metavar="BYTES",
                    help="memory request (default 512Mi)")
-    p.add_argument("--memory-limit", default="1Gi", metavar="BYTES",
-                   help="memory limit (default 1Gi)")
+    p.add_argument("--memory-limit", default="2Gi", metavar="BYTES",
+                   help="memory limit (default 2Gi: the server decodes up to 100 MP at once, "
+                   "about 1 GB, beside the model)")
     p.add_argument("--min-replicas", type=int, default=1, metavar="N",
                    help="default 1 (0: scale to zero)")
     p.add_argument("--max-replicas", type=int, default=3, metavar="N", help="default 3")

@@ -45,7 +45,7 @@ class ServingOptions:
     cpu_request: str = "500m"
     cpu_limit: str = "2"
     memory_request: str = "512Mi"
-    memory_limit: str = "1Gi"
+    memory_limit: str = "2Gi"   # the server's 100 MP decoding budget (~1 GB) + the model
     min_replicas: int = 1
     max_replicas: int = 3
     threads: int = 1                          # ONNX Runtime threads per inference
