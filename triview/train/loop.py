@@ -37,6 +37,15 @@ def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """The model's raw outputs (logits) for uint8 NCHW ``images``."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(as_float(images[i:i + batch_size].to(device))).float().cpu()
+                      for i in range(0, len(images), batch_size)]).numpy()
+
+
+@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
                           memory_format=torch.contiguous_format, max_images: int = 1024) -> None:
     """Recompute BatchNorm running statistics as exact averages over training images
@@ -157,49 +166,6 @@ def head_inputs(net: BranchNet, images: torch.Tensor, batch_size: int = 64,
     return torch.cat(captured)
 
 
-def fit_head(net: BranchNet, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
-             val_y: torch.Tensor, criterion: nn.Module, config: TrainConfig, task: str) -> dict:
-    """Train only the head on cached features for ``config.head_epochs`` (AdamW, cosine
-    from head_lr, the branch's loss) and keep its best epoch by validation macro-F1.
-    Returns that epoch's history row (``epoch`` 0, ``phase`` head)."""
-    head = head_module(net)
-    device = next(head.parameters()).device
-    head.train()
-    generator = torch.Generator().manual_seed(config.seed)
-    params = list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.head_lr, weight_decay=config.weight_decay,
-                                  **kernel(params))
-    steps = config.head_epochs * -(-len(train_y) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
-    squash = torch.sigmoid if task == "multilabel" else (lambda z: torch.softmax(z, dim=1))
-    best, best_state, start = None, None, time.perf_counter()
-    train_x, train_y, val_x = train_x.to(device), train_y.to(device), val_x.to(device)
-    for epoch in range(1, config.head_epochs + 1):
-        head.train()
-        total = 0.0
-        order = torch.randperm(len(train_y), generator=generator)
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i:i + config.batch_size].to(device)
-            loss = criterion(head(train_x[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(idx)
-        head.eval()
-        with torch.no_grad():
-            val_prob = squash(head(val_x).float()).cpu().numpy()
-        row = {"epoch": 0, "phase": "head", "head_epoch": epoch, "train_loss": total / len(train_y),
-               **validation_row(val_prob, val_y, task, criterion),
-               "lr": optimizer.param_groups[0]["lr"]}
-        if best is None or row["val_macro_f1"] > best["val_macro_f1"]:
-            best, best_state = row, {k: v.detach().clone() for k, v in head.state_dict().items()}
-    head.load_state_dict(best_state)
-    seconds = time.perf_counter() - start
-    return {**best, "seconds": round(seconds, 3),
-            "images_per_s": round(config.head_epochs * len(train_y) / max(seconds, 1e-9), 1)}
-
-
 def parameter_groups(net: BranchNet, config: TrainConfig) -> list[dict]:
     """The head at ``lr``, the pretrained backbone at ``lr * backbone_lr_scale``."""
     head = {id(p) for p in head_module(net).parameters()}
@@ -230,16 +196,43 @@ def _shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 def _head_phase(net: BranchNet, train: ViewData, val: ViewData, criterion: nn.Module,
                 config: TrainConfig, task: str, memory_format) -> dict:
-    """Features of every training and validation crop through the frozen backbone, once;
-    then :func:`fit_head` on them. The backbone is untouched."""
+    """Features of the real training crops and of the validation crops through the frozen
+    backbone, once; the head cross-fitted on the training features
+    (:func:`triview.train.head.cross_fit`) and loaded into ``net``; its validation scores
+    are the row fine-tuning has to beat. The backbone is untouched."""
+    from triview.train.head import PassFeatures, cross_fit
+
     start = time.perf_counter()
-    train_x = head_inputs(net, train.images, memory_format=memory_format)
+    real = train if train.real is None else train.subset(torch.nonzero(train.real).flatten())
+    train_x = head_inputs(net, real.images, memory_format=memory_format).numpy()
     val_x = head_inputs(net, val.images, memory_format=memory_format)
     feature_seconds = time.perf_counter() - start
-    row = fit_head(net, train_x, train.labels, val_x, val.labels,
-                   criterion.to(next(net.parameters()).device), config, task)
-    return {**row, "feature_seconds": round(feature_seconds, 3),
-            "seconds": round(feature_seconds + row["seconds"], 3)}
+    head = head_module(net)
+    pool = PassFeatures(np.asarray(real.image_ids), real.labels.numpy(), {"identity": train_x})
+    fitted = cross_fit(pool.unique(), criterion.cpu(), task, head.out_features,
+                       train_passes=("identity",), folds=config.head_folds, seed=config.seed)
+    fitted.head.load_into(head)
+    with torch.no_grad():
+        logits = head(val_x.to(next(head.parameters()).device)).float().cpu()
+    val_prob = (torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, 1)).numpy()
+    chosen = next(r for r in fitted.table if r["l2"] == fitted.l2)
+    return {"epoch": 0, "phase": "head", "train_loss": chosen["oof_log_loss"],
+            **validation_row(val_prob, val.labels, task, criterion), "lr": float("nan"),
+            "l2": fitted.l2, "feature_seconds": round(feature_seconds, 3),
+            "seconds": round(feature_seconds + fitted.seconds, 3)}
+
+
+def build_branch(config: TrainConfig, n_classes: int, image_size: int):
+    """A fresh branch (the backbone with a new head, its input normalisation) with its
+    pretrained weights loaded; returns (net, the weights' record or None, the resolved file)."""
+    backbone = create_backbone(config.backbone, n_classes, image_size, config.hidden)
+    found = published_weights.resolve(config.backbone, config.weights, config.weights_root)
+    pretrained = None
+    if found is not None:
+        pretrained = {**load_pretrained(backbone, published_weights.load_state(found, backbone)),
+                      **found.record()}
+    net = BranchNet(backbone, resolve_normalization(config.normalization, config.backbone))
+    return net, pretrained, found
 
 
 def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str], task: str,
@@ -258,15 +251,10 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
     image_size = int(train.images.shape[-1])
     device = training_device()
     dtype = amp_dtype(config, device)
-    backbone = create_backbone(config.backbone, len(classes), image_size, config.hidden)
-    found = published_weights.resolve(config.backbone, config.weights, config.weights_root)
-    pretrained = None
-    if found is not None:
-        pretrained = {**load_pretrained(backbone, published_weights.load_state(found, backbone)),
-                      **found.record()}
+    net, pretrained, found = build_branch(config, len(classes), image_size)
+    backbone = net.backbone
     frozen = config.finetune == "linear_probe"
     set_backbone_frozen(backbone, frozen)
-    net = BranchNet(backbone, resolve_normalization(config.normalization, config.backbone))
     params = count_parameters(net)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     net = net.to(device=device, memory_format=memory_format)
@@ -303,17 +291,17 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
         first_epoch = state["epoch"] + 1
         if rank == 0:
             log(f"[{view}] resuming from the checkpoint of epoch {state['epoch']} in {ckpt_dir}")
-    elif config.head_epochs:
+    elif config.head_folds:
         if rank == 0:
             progress.Reporter("phase", 1, desc=view).note(phase="head on cached features")
         row = _head_phase(net, train, val, criterion, config, task, memory_format)
         history, best_f1, best_epoch = [row], row["val_macro_f1"], 0
         best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         if rank == 0:
-            log(f"[{view}] head on cached features: {config.head_epochs} epochs in "
-                f"{row['seconds']:.1f} s (features {row['feature_seconds']:.1f} s), best epoch "
-                f"{row['head_epoch']}: val_acc {row['val_accuracy']:.4f} val_macro_f1 "
-                f"{row['val_macro_f1']:.4f}")
+            log(f"[{view}] head on cached features: cross-fitted over {config.head_folds} folds "
+                f"(L2 {row['l2']:g}) in {row['seconds']:.1f} s (features "
+                f"{row['feature_seconds']:.1f} s): val_acc {row['val_accuracy']:.4f} "
+                f"val_macro_f1 {row['val_macro_f1']:.4f}")
             checkpoint.save_best(best_state, ckpt_dir)
             checkpoint.save_last({"key": key, "epoch": 0, "model": net.state_dict(),
                                   "optimizer": optimizer.state_dict(),
