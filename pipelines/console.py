@@ -368,6 +368,8 @@ def describe_stage(rec: dict) -> str:
                      f"{rec['gate_excluded_images']} excluded)")
         if rec.get("drift_embedding_auc") is not None:
             text += f"; drift AUC {rec['drift_embedding_auc']:.2f} on {rec['drift_new_images']} new images"
+        if rec.get("versus_best_view"):
+            text += f"; {rec['versus_best_view']['statement']}"
         return text
     if stage == "export":
         return (f"{'blessed' if rec.get('blessed') else 'not blessed'}, "

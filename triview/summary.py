@@ -21,6 +21,7 @@ def build_summary(run_dir: str | Path, model_dir: str | Path, report_path: str |
     summary = {
         "views": evaluation["views"],
         "ensemble": evaluation["ensemble"],
+        "versus_best_view": evaluation.get("versus_best_view"),
         "counts": counts,
         "stages": {name: {"seconds": rec["seconds"]} for name, rec in stages.items()},
         "gate": evaluation.get("gate"),

@@ -258,3 +258,11 @@ def branch_normalization(meta: dict) -> str:
     cfg = meta["config"]
     return meta.get("normalization") or resolve_normalization(cfg.get("normalization", "imagenet"),
                                                               cfg["backbone"])
+
+
+def load_served_branch(folder: str | Path) -> tuple[ServedBranch, dict]:
+    """A trained branch as the ensemble runs it: its test-time passes and temperature
+    (branches written before either existed: the crop alone, temperature 1)."""
+    net, meta = load_branch(folder)
+    return ServedBranch(net, tuple(meta.get("tta") or ("identity",)),
+                        float(meta.get("temperature") or 1.0)).eval(), meta

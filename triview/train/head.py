@@ -34,8 +34,9 @@ from torch import nn
 from triview.scoring import mean_log_loss
 from triview.temperature import fit_temperature, scale_logits
 
-#: L2 penalties (on the mean loss) the cross-fit chooses from.
-L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+#: L2 penalties (on the mean loss) the cross-fit chooses from, in half-decades (measured
+#: on photos and digits: the chosen one ranged from 1e-3 to 1e-2, data-dependent).
+L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 IDENTITY = "identity"
 
 
@@ -109,13 +110,16 @@ def _one_thread():
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, criterion: nn.Module, l2: float, n_out: int,
-               max_iter: int = 200) -> LinearHead:
+               max_iter: int = 200, start: LinearHead | None = None) -> LinearHead:
     """Minimise ``criterion(x W^T + b, y) + l2/2 |W|^2`` over ``n_out`` outputs with
-    L-BFGS from zero."""
+    L-BFGS, from zero or from ``start`` (a neighbouring penalty's solution: the problem is
+    convex, so the start changes the time, not the answer)."""
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(y).float() if y.ndim == 2 else torch.from_numpy(y).long()
-    weight = torch.zeros(n_out, xt.shape[1], requires_grad=True)
-    bias = torch.zeros(n_out, requires_grad=True)
+    weight = torch.zeros(n_out, xt.shape[1]) if start is None else torch.tensor(start.weight)
+    bias = torch.zeros(n_out) if start is None else torch.tensor(start.bias)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-6, tolerance_change=1e-9,
                                   line_search_fn="strong_wolfe")
@@ -166,20 +170,25 @@ def cross_fit(pool: PassFeatures, criterion: nn.Module, task: str, n_out: int, *
         raise ValueError(f"passes {missing} are not among the features ({sorted(pool.passes)})")
     start = time.perf_counter()
     held_out = fold_rows(pool.y, min(folds, len(pool.ids)), seed)
-    table, oof_by_l2 = [], {}
-    for l2 in l2_grid:
+    rows = np.arange(len(pool.ids))
+    fold_data = [(pool.take(np.setdiff1d(rows, held)), pool.take(held)) for held in held_out]
+    fold_data = [(_training_rows(fit, train_passes), test) for fit, test in fold_data]
+    oof_by_l2, previous = {}, [None] * len(held_out)
+    for l2 in sorted(l2_grid, reverse=True):  # strong to weak penalty, each fold warm-started
         oof = np.zeros((len(pool.ids), n_out))
-        for held in held_out:
-            fit = pool.take(np.setdiff1d(np.arange(len(pool.ids)), held))
-            head = fit_linear(*_training_rows(fit, train_passes), criterion, l2, n_out)
-            oof[held] = head.logits(pool.take(held), tta)
+        for k, (held, ((x, y), test)) in enumerate(zip(held_out, fold_data)):
+            previous[k] = fit_linear(x, y, criterion, l2, n_out, start=previous[k])
+            oof[held] = previous[k].logits(test, tta)
+        oof_by_l2[l2] = oof
+    table = []
+    for l2 in l2_grid:
+        oof = oof_by_l2[l2]
         t = fit_temperature(oof, pool.y, task)
         prob = scale_logits(oof, t, task)
         pred = (prob >= 0.5) if task == "multilabel" else prob.argmax(1)
         table.append({"l2": l2, "oof_log_loss": mean_log_loss(pool.y, prob), "temperature": t,
                       "oof_accuracy": float((pred == pool.y).all(axis=-1).mean()
                                             if task == "multilabel" else (pred == pool.y).mean())})
-        oof_by_l2[l2] = oof
     best = min(table, key=lambda row: (row["oof_log_loss"], -row["l2"]))
     l2 = best["l2"]
     head = fit_linear(*_training_rows(pool, train_passes), criterion, l2, n_out)
