@@ -11,7 +11,7 @@ DEMO   ?= demo-data
 OUT    ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install serve-env run test test-fast compile lock wheelhouse base-image images clean
+.PHONY: install serve-env run test test-fast docs compile lock wheelhouse base-image images clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,7 +54,12 @@ test-fast: $(STAMP) $(SERVE_STAMP)
 compile: $(STAMP)
 	$(BIN)/triview compile -o pipelines/triview.yaml
 
-# Images, built offline (README "Images"): a hash-locked wheelhouse from PyPI, a base
+# The docs site (docs/, mkdocs.yml) into site/: --strict fails on a broken link or anchor
+# and on a page left out of the nav; nothing is fetched (tests/test_docs.py runs the same).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
+# Images, built offline (docs/reference/images.md): a hash-locked wheelhouse from PyPI, a base
 # image made locally (no registry is reachable here; the Dockerfiles' own default base is
 # the pinned public python:3.11.7-slim-bookworm: `make images BASE_IMAGE=python:3.11.7-slim-bookworm`),
 # then both images, their checks and an SBOM next to each in $(IMAGE_OUT).
@@ -97,4 +102,4 @@ images: wheelhouse.stamp $(STAMP) $(if $(filter $(LOCAL_BASE),$(BASE_IMAGE)),bas
 		$(REGISTRY)/triview-serve:$(IMAGE_TAG)
 
 clean:
-	rm -rf runs $(DEMO) $(DEMO).stamp .pytest_cache wheelhouse wheelhouse.stamp build
+	rm -rf runs $(DEMO) $(DEMO).stamp .pytest_cache wheelhouse wheelhouse.stamp build site

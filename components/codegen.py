@@ -1,5 +1,7 @@
 """Generate the parameter part of every component's signature and docstring from the
-parameter spec (:mod:`triview.params`), and the README's parameter table.
+parameter spec (:mod:`triview.params`), and the docs' reference pages that come from the
+code: the parameter table (``docs/reference/parameters.md``) and every command's ``--help``
+(``docs/reference/cli.md``).
 
 KFP embeds a Lightweight Python Component's source in the compiled IR and runs it in the
 container, so a component's parameters must be written out in its ``component.py``. Each
@@ -33,8 +35,14 @@ COMPONENT_STAGES = {
     "export": "export",
     "deploy": "deploy",
 }
-README_BEGIN = "<!-- params:begin (generated from triview/params.py: python -m components.codegen) -->"
-README_END = "<!-- params:end -->"
+PARAMS_PAGE = REPO / "docs" / "reference" / "parameters.md"
+PARAMS_BEGIN = "<!-- params:begin (generated from triview/params.py: python -m components.codegen) -->"
+PARAMS_END = "<!-- params:end -->"
+CLI_PAGE = REPO / "docs" / "reference" / "cli.md"
+CLI_BEGIN = "<!-- cli:begin (generated from triview/cli.py: python -m components.codegen) -->"
+CLI_END = "<!-- cli:end -->"
+#: The terminal width the generated --help text is wrapped to.
+HELP_COLUMNS = 100
 _SIGNATURE = re.compile(r"(?P<head>^    # params: (?P<stage>[a-z-]+)\b.*\n)(?P<body>(?:.*\n)*?)"
                         r"(?P<tail>^    # end params\n)", re.MULTILINE)
 _ARG_INDENT, _WIDTH = 8, 96
@@ -98,9 +106,38 @@ def render_component(text: str, stage: str) -> str:
     return text[:doc_start] + "\n".join(_rewrite_args(doc, stage)) + text[doc_end:]
 
 
-def render_readme(text: str) -> str:
-    begin, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
-    return text[:begin] + "\n" + spec.markdown_table() + "\n" + text[end:]
+def _between(text: str, begin_mark: str, end_mark: str, body: str) -> str:
+    begin, end = text.index(begin_mark) + len(begin_mark), text.index(end_mark)
+    return text[:begin] + "\n" + body + "\n" + text[end:]
+
+
+def render_params_page(text: str) -> str:
+    return _between(text, PARAMS_BEGIN, PARAMS_END, spec.markdown_table())
+
+
+def cli_help_markdown() -> str:
+    """``triview --help`` and every command's ``--help``, as the terminal shows them."""
+    import os
+
+    from triview.cli import build_parser
+
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_COLUMNS)
+    try:
+        parser = build_parser()
+        parts = ["## triview", "", "```text", parser.format_help().rstrip(), "```"]
+        for name, command in parser.commands().items():
+            parts += ["", f"## triview {name}", "", "```text", command.format_help().rstrip(), "```"]
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+    return "\n".join(parts)
+
+
+def render_cli_page(text: str) -> str:
+    return _between(text, CLI_BEGIN, CLI_END, cli_help_markdown())
 
 
 def targets() -> dict[Path, str]:
@@ -109,8 +146,8 @@ def targets() -> dict[Path, str]:
     for folder, stage in COMPONENT_STAGES.items():
         path = REPO / "components" / folder / "component.py"
         out[path] = render_component(path.read_text(), stage)
-    readme = REPO / "README.md"
-    out[readme] = render_readme(readme.read_text())
+    out[PARAMS_PAGE] = render_params_page(PARAMS_PAGE.read_text())
+    out[CLI_PAGE] = render_cli_page(CLI_PAGE.read_text())
     return out
 
 

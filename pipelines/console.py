@@ -234,8 +234,11 @@ class RunConsole(io.TextIOBase):
         seconds = time.monotonic() - task.started
         self._close_bar()
         if status == "SUCCESS":
+            record = stage_record(task.task_dir)
             self._echo(f"  done     {task.name:<{_NAME_WIDTH}} {_duration(seconds):>10}  "
-                       f"{stage_summary(task.task_dir)}".rstrip())
+                       f"{_describe(record)}".rstrip())
+            for warning in stage_warnings(record or {}):
+                self._echo(f"  warning  {task.name}: {warning}")
         else:
             self.failed = task
             first = error_message(task.tail).splitlines()[0]
@@ -320,16 +323,53 @@ def error_message(lines) -> str:
     return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", text)
 
 
-def stage_summary(task_dir: Path | None) -> str:
-    """The key counts of the ``stage.json`` a task wrote ("" when there is none)."""
+def stage_record(task_dir: Path | None) -> dict | None:
+    """The ``stage.json`` a task wrote (None when there is none)."""
     if task_dir is None:
-        return ""
+        return None
     for path in sorted(Path(task_dir).glob("*/stage.json")):
         try:
-            return describe_stage(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            return ""
-    return ""
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def stage_summary(task_dir: Path | None) -> str:
+    """The key counts of the ``stage.json`` a task wrote ("" when there is none)."""
+    return _describe(stage_record(task_dir))
+
+
+def _describe(record: dict | None) -> str:
+    try:
+        return describe_stage(record) if record else ""
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
+#: Fewer images than this in the validation or test split: the console warns.
+SMALL_SPLIT = 30
+
+
+def stage_warnings(rec: dict) -> list[str]:
+    """What a newcomer should know about a finished stage: a validation or test split too
+    small to trust, a test figure whose 95 % interval is too wide."""
+    stage = str(rec.get("stage", ""))
+    out = []
+    if stage == "ingest":
+        counts = rec.get("counts") or {}
+        for split, chooses in (("val", "the best epoch and the voter are chosen on"),
+                               ("test", "every test figure rests on")):
+            n = counts.get(split)
+            if n is not None and n < SMALL_SPLIT:
+                out.append(f"only {n} {split} images ({chooses} them): too few to trust; add "
+                           f"photos or raise --param {'val' if split == 'val' else 'test'}_fraction")
+    if stage.startswith("evaluate"):
+        ci = rec.get("accuracy_interval") or {}
+        if ci and not ci.get("trusted", True):
+            out.append(f"{ci['n']} test images: test accuracy lies anywhere in {ci['low']:.2f} to "
+                       f"{ci['high']:.2f} (95 % interval); too few to trust")
+    return out
 
 
 def describe_stage(rec: dict) -> str:
@@ -353,15 +393,22 @@ def describe_stage(rec: dict) -> str:
     seed = re.search(r"-seed-(\d+)$", stage)
     repeat = f"seed {seed[1]}: " if seed else ""
     if stage.startswith("train-branch"):
-        text = (f"{repeat}{rec['view']}: best epoch {rec['best_epoch']} of {rec['epochs_run']}, "
-                f"val macro-F1 {rec['val_macro_f1']:.4f}")
-        return text + (", stopped early" if rec.get("stopped_early") else "")
+        return f"{repeat}{rec['view']}: " + _best_epoch_words(rec) + (
+            ", stopped early" if rec.get("stopped_early") else "")
     if stage.startswith("train-voter"):
         return f"{repeat}voter {rec['method']}, val macro-F1 {rec['val_macro_f1']:.4f}"
     if stage.startswith("evaluate"):
         ensemble = rec["ensemble"]
-        text = (f"{repeat}ensemble test accuracy {ensemble['accuracy']:.4f}, macro-F1 "
-                f"{ensemble['macro_f1']:.4f}; {'blessed' if rec.get('blessed') else 'not blessed'}")
+        ci = rec.get("accuracy_interval")
+        interval = (f" (95 % interval {ci['low']:.2f} to {ci['high']:.2f} on {ci['n']} images)"
+                    if ci else "")
+        comparison = (rec.get("gate") or {}).get("comparison")
+        verdict = ("no registry: no champion to compare with" if comparison == "no_registry"
+                   else "blessed" if rec.get("blessed") else "not blessed")
+        if comparison == "first_run":
+            verdict += " (no champion yet: the first model)"
+        text = (f"{repeat}ensemble test accuracy {ensemble['accuracy']:.4f}{interval}, macro-F1 "
+                f"{ensemble['macro_f1']:.4f}; {verdict}")
         if "gate_clean_images" in rec:
             text += (f" (vs champion v{(rec.get('gate') or {}).get('champion_version')} on "
                      f"{rec['gate_clean_images']} clean test images, "
@@ -372,14 +419,33 @@ def describe_stage(rec: dict) -> str:
             text += f"; {rec['versus_best_view']['statement']}"
         return text
     if stage == "export":
-        return (f"{'blessed' if rec.get('blessed') else 'not blessed'}, "
-                f"{'promoted' if rec.get('promoted') else 'not promoted'} in the registry; "
-                f"ONNX parity {rec['onnx_max_abs_diff']:.1e}")
+        if "registry" in rec and not rec["registry"]:
+            where = "no registry: nothing promoted"
+        else:
+            where = (f"{'blessed' if rec.get('blessed') else 'not blessed'}, "
+                     f"{'promoted' if rec.get('promoted') else 'not promoted'} in the registry")
+        return f"{where}; ONNX parity {rec['onnx_max_abs_diff']:.1e}"
     if stage == "repeats":
         return f"mean ± SD over seeds {rec['repeats'].get('seeds')}"
     if "items_out" in rec:
         return f"{rec.get('items_in', '?')} in, {rec['items_out']} out"
     return ""
+
+
+def _best_epoch_words(rec: dict) -> str:
+    """The best epoch, with the head phase said in words: epoch 0 is the head trained on
+    cached features of the frozen backbone (``head_epochs`` > 0), fine-tuning counts from 1."""
+    head, best, f1 = int(rec.get("head_epochs") or 0), int(rec["best_epoch"]), rec["val_macro_f1"]
+    if not head:
+        return f"best epoch {best} of {rec['epochs_run']}, val macro-F1 {f1:.4f}"
+    tuned = int(rec["epochs_run"]) - 1
+    if best == 0:
+        kept = (f"; {tuned} fine-tuning epoch{'s' if tuned != 1 else ''} did not beat it"
+                if tuned else "")
+        return (f"kept the head phase (epoch 0: {head} epochs of the new head on cached features "
+                f"of the frozen backbone{kept}), val macro-F1 {f1:.4f}")
+    return (f"best fine-tuning epoch {best} of {tuned} (epoch 0 = the head phase on cached "
+            f"features), val macro-F1 {f1:.4f}")
 
 
 def _duration(seconds: float) -> str:

@@ -6,6 +6,7 @@ keeps every artifact under ``<out>/pipeline_root``. With ``runner="docker"`` eac
 runs in its image instead (pipelines/runners.py).
 """
 import contextlib
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +17,9 @@ from pipelines.console import RunConsole
 from pipelines.platform import PlatformOptions
 from pipelines.triview_pipeline import make_pipeline
 from triview import params as spec
+from triview.artifacts import REPORT_HTML
+from triview.customvision import is_customvision
+from triview.storage import atomic_path
 from triview.summary import build_summary, write_summary
 from triview.weights import resolve as resolve_weights
 
@@ -42,9 +46,15 @@ def run_local(data: str, out_dir: str, params: dict | None = None, verbose: bool
         resolve_weights(full["backbone"], full["weights"], full["weights_root"])
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data_path = str(Path(data).resolve())
-    if not Path(data_path).exists():
-        raise FileNotFoundError(f"input {data!r} does not exist")
+    if is_customvision(data):   # read by the ingest task, the key from this environment
+        if runner == "docker":
+            raise ValueError("a customvision:// source needs the network, which the docker "
+                             "runner's tasks do not have: use --runner subprocess")
+        data_path = data
+    else:
+        data_path = str(Path(data).resolve())
+        if not Path(data_path).exists():
+            raise FileNotFoundError(f"input {data!r} does not exist")
     # The same DAG; locally a failed task fails the run at once instead of retrying
     # with the cluster's minutes of backoff (the retry policy is for pod evictions).
     # One repeat at a time: each training task uses every core of this machine.
@@ -66,8 +76,11 @@ def run_local(data: str, out_dir: str, params: dict | None = None, verbose: bool
             result = local_pipeline(data=data_path, **run_params)
     seconds = time.perf_counter() - start
     model_dir = Path(result.outputs["model"].path)
-    report = Path(result.outputs["report"].path)
     run_dir = model_dir.parent.parent  # <root>/<run>/<task>/<output>
+    # KFP's HTML artifact is a file without a suffix: a copy beside the summary opens in a browser
+    report = out / REPORT_HTML
+    with atomic_path(report) as tmp:
+        shutil.copyfile(result.outputs["report"].path, tmp)
     summary = build_summary(run_dir, model_dir, report)
     summary["dag_seconds"] = round(seconds, 1)
     summary["parameters"] = {"data": data_path, **params}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from kfp import kubernetes
 
 from components.images import CPU_IMAGE, GPU_IMAGE, SERVE_IMAGE
+from triview.customvision import KEY_ENV as CUSTOMVISION_KEY_ENV
 
 #: Stages whose outputs depend only on their inputs: cached, keyed by the data version.
 CACHED = {"ingest", "calibrate-and-crop", "balance", "augment"}
@@ -31,6 +32,7 @@ class PlatformOptions:
     gpu_toleration: str | None = None                # taint key on the GPU nodes (Exists, NoSchedule)
     cpu_pool: tuple[str, str] | None = None          # node label of the CPU pool for light stages
     minio_secret: str = "triview-minio"              # Secret with accesskey / secretkey
+    customvision_secret: str = "triview-customvision"  # Secret with training_key (ingest only)
     config_map: str = "triview-config"               # ConfigMap with pushgateway_url
     image: str = CPU_IMAGE                           # light stages
     gpu_image: str = GPU_IMAGE                       # train-branch
@@ -48,6 +50,11 @@ class PlatformOptions:
     def secret_env(self) -> dict[str, str]:
         """Secret key -> environment variable, as the minio/S3 clients expect them."""
         return {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+
+    @property
+    def customvision_secret_env(self) -> dict[str, str]:
+        """Secret key -> environment variable of the Custom Vision training key."""
+        return {"training_key": CUSTOMVISION_KEY_ENV}
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -72,13 +79,15 @@ def check_pipeline_root(pipeline_root: str | None) -> str | None:
 
 def options_from_flags(*, gpus: int | None = None, gpu_pool: str | None = None,
                        gpu_toleration: str | None = None, cpu_pool: str | None = None,
-                       minio_secret: str | None = None, image: str | None = None,
+                       minio_secret: str | None = None, customvision_secret: str | None = None,
+                       image: str | None = None,
                        gpu_image: str | None = None, serve_image: str | None = None,
                        pipeline_root: str | None = None) -> PlatformOptions | None:
     """``PlatformOptions`` from the CLI's cluster flags; None when every flag is unset
     (the committed IR's defaults)."""
     given = {"gpus": gpus, "gpu_pool": gpu_pool, "gpu_toleration": gpu_toleration,
-             "cpu_pool": cpu_pool, "minio_secret": minio_secret, "image": image,
+             "cpu_pool": cpu_pool, "minio_secret": minio_secret,
+             "customvision_secret": customvision_secret, "image": image,
              "gpu_image": gpu_image, "serve_image": serve_image, "pipeline_root": pipeline_root}
     if all(v is None for v in given.values()):
         return None
@@ -126,4 +135,8 @@ def configure_task(task, stage: str, options: PlatformOptions, gpu: bool = False
                                      optional=True)
     kubernetes.use_secret_as_env(task, secret_name=options.minio_secret,
                                  secret_key_to_env=options.secret_env, optional=True)
+    if stage == "ingest":   # the one task that reads a customvision:// data source
+        kubernetes.use_secret_as_env(task, secret_name=options.customvision_secret,
+                                     secret_key_to_env=options.customvision_secret_env,
+                                     optional=True)
     return task

@@ -103,7 +103,7 @@ def docker_client():
         client.ping()
     except docker.errors.DockerException as exc:
         raise DockerRunnerError(f"no Docker engine reachable ({exc}); start dockerd or set "
-                                "DOCKER_HOST (README: Images)") from None
+                                "DOCKER_HOST (docs/reference/images.md)") from None
     return client
 
 

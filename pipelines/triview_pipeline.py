@@ -34,7 +34,8 @@ DESCRIPTION = ("Multi-view image classification: three cropped views, one backbo
                "learned voter, evaluation and export.")
 #: The pipeline's inputs besides the spec's parameters.
 LEADING = {"data": "Folder, ZIP, CSV/Parquet table or s3://bucket/prefix of labelled photos, as "
-                   "the ingest pod sees it."}
+                   "the ingest pod sees it, or a Custom Vision project customvision://<endpoint "
+                   "host>/<project id> (the training key comes from a Secret, never from here)."}
 
 
 def _signature():

@@ -126,3 +126,62 @@ def test_error_message_and_stage_lines():
                            "drift_new_images": 200}) == \
         ("ensemble test accuracy 0.9000, macro-F1 0.8900; blessed (vs champion v2 on 87 clean "
          "test images, 0 excluded); drift AUC 0.51 on 200 new images")
+
+
+def test_stage_lines_in_words_a_newcomer_reads():
+    """Epoch 0 is said to be the head phase; no registry is "no champion to compare with",
+    not "blessed"; the test figure carries its 95 % interval; small splits are warned of."""
+    from pipelines.console import stage_warnings
+
+    head = {"stage": "train-branch-whole", "view": "whole", "best_epoch": 0, "epochs_run": 3,
+            "val_macro_f1": 0.96, "head_epochs": 60}
+    assert describe_stage(head) == (
+        "whole: kept the head phase (epoch 0: 60 epochs of the new head on cached features of "
+        "the frozen backbone; 2 fine-tuning epochs did not beat it), val macro-F1 0.9600")
+    assert describe_stage({**head, "best_epoch": 2}) == (
+        "whole: best fine-tuning epoch 2 of 2 (epoch 0 = the head phase on cached features), "
+        "val macro-F1 0.9600")
+    assert "1 fine-tuning epoch did" in describe_stage({**head, "epochs_run": 2})
+    assert "fine-tuning" not in describe_stage({**head, "epochs_run": 1})
+    interval = {"low": 0.21, "high": 0.94, "n": 3, "confidence": 0.95, "trusted": False}
+    evaluation = {"stage": "evaluate", "ensemble": {"accuracy": 0.6667, "macro_f1": 0.5},
+                  "blessed": 1, "gate": {"comparison": "no_registry"},
+                  "accuracy_interval": interval}
+    line = describe_stage(evaluation)
+    assert line == ("ensemble test accuracy 0.6667 (95 % interval 0.21 to 0.94 on 3 images), "
+                    "macro-F1 0.5000; no registry: no champion to compare with")
+    assert "blessed" not in line
+    assert "first model" in describe_stage({**evaluation, "gate": {"comparison": "first_run"}})
+    assert describe_stage({"stage": "export", "registry": "", "blessed": 1, "promoted": 0,
+                           "onnx_max_abs_diff": 4e-7}) == \
+        "no registry: nothing promoted; ONNX parity 4.0e-07"
+    assert stage_warnings(evaluation) == [
+        "3 test images: test accuracy lies anywhere in 0.21 to 0.94 (95 % interval); too few "
+        "to trust"]
+    assert stage_warnings({**evaluation, "accuracy_interval": {**interval, "trusted": True}}) == []
+    small = stage_warnings({"stage": "ingest", "counts": {"train": 40, "val": 12, "test": 3}})
+    assert len(small) == 2 and "only 3 test images" in small[1]
+    assert "--param test_fraction" in small[1] and "--param val_fraction" in small[0]
+    assert stage_warnings({"stage": "ingest", "counts": {"train": 400, "val": 60, "test": 60}}) == []
+
+
+def test_the_summary_says_the_interval_and_the_gate_in_words():
+    from triview.scoring import accuracy_interval
+    from triview.summary import format_summary
+
+    summary = {"views": {"whole": {"accuracy": 0.9, "macro_f1": 0.9}},
+               "ensemble": {"accuracy": 0.925, "macro_f1": 0.92, "method": "vote"},
+               "test_interval": accuracy_interval(37, 40),
+               "counts": {"train": 205, "val": 153, "test": 40, "quarantined": 0},
+               "gate": {"comparison": "no_registry", "blessed": True}, "export": {"promoted": 0},
+               "stages": {"ingest": {"seconds": 1.0}}, "dag_seconds": 2.0,
+               "artifacts": {"model": "/m", "report": "/o/report.html"}}
+    text = format_summary(summary)
+    assert "ensemble test accuracy 0.925 on 40 test images: 95% interval 0.801 to 0.974 (Wilson)" in text
+    assert "gate:   no registry, so no champion to compare with; nothing promoted" in text
+    assert "warning" not in text and text.splitlines()[-1] == "report: /o/report.html"
+    few = format_summary({**summary, "test_interval": accuracy_interval(2, 3)})
+    assert "warning: 3 test images are too few to trust these figures" in few
+    promoted = format_summary({**summary, "gate": {"comparison": "compared", "blessed": True},
+                               "export": {"promoted": 1, "registry_version": 4}})
+    assert "gate:   blessed; promoted as version 4" in promoted

@@ -191,6 +191,34 @@ def test_cli_errors_are_clear(s3_registry, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_deploy_takes_a_run_folder_through_its_summary(s3_registry, tmp_path, capsys):
+    """`triview deploy --run OUT` deploys the registry version that run promoted, and says
+    why when the run promoted nothing."""
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def summary(**export):
+        (run / "run_summary.json").write_text(json.dumps({
+            "parameters": {"data": "/d", "registry": s3_registry, "model_name": "digits"},
+            "export": export}))
+
+    summary(promoted=1, registry_version=2)
+    assert main(["deploy", "--emit", "-", "--run", str(run), "--isvc-only"]) == 0
+    (isvc,) = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == f"{s3_registry}/models/digits/2"
+    summary(promoted=0, refused="not promoted: the model is not blessed (below the bar)")
+    assert main(["deploy", "--emit", "-", "--run", str(run)]) == 2
+    assert "promoted no model" in capsys.readouterr().err
+    (run / "run_summary.json").write_text(json.dumps({"parameters": {"data": "/d"},
+                                                      "export": {"promoted": 0}}))
+    assert main(["deploy", "--emit", "-", "--run", str(run)]) == 2
+    assert "--param registry=s3://" in capsys.readouterr().err
+    assert main(["deploy", "--emit", "-", "--run", str(run), "--registry", s3_registry]) == 2
+    assert "or --run OUT" in capsys.readouterr().err
+
+
 def test_a_local_registry_cannot_be_served_from(tmp_path, capsys):
     registry = ModelRegistry(str(tmp_path / "reg"), "digits")
     registry.promote(registry.publish(_model_folder(tmp_path)))

@@ -4,6 +4,7 @@ import hashlib
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from triview import drift
@@ -72,6 +73,16 @@ def test_class_distribution_drift():
     assert skewed["new_share"]["0"] == 0.75 and skewed["reference_share"]["0"] == 0.1
     # a class the champion never saw counts as drift, not as an error
     assert drift.class_drift(old, {**old, "cat": 30})["psi"] > 0.1
+
+
+def test_psi_is_the_population_stability_index_by_its_formula():
+    """PSI = sum (q - p) ln(q / p) over the class shares: 50/50 -> 80/20 is
+    0.3 ln 1.6 + 0.3 ln 2.5 = 0.4159 (a sum of absolute share differences would be 0.6),
+    and a class missing on one side counts with its share floored at 1e-4."""
+    assert drift.population_stability({"a": 50, "b": 50}, {"a": 80, "b": 20}) == pytest.approx(
+        0.3 * np.log(1.6) + 0.3 * np.log(2.5), rel=1e-9)
+    assert drift.population_stability({"a": 1}, {"b": 1}) == pytest.approx(
+        2 * (1 - 1e-4) * np.log(1e4), rel=1e-9)
 
 
 def test_the_stable_sample_keeps_its_members_as_data_grows():

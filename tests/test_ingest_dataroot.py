@@ -159,3 +159,46 @@ def test_s3_table_reads_only_its_own_bucket_and_prefix(fault_proxy, tmp_path):
     assert got[f"s3://{BUCKET}/private/ghost.jpg"] == "missing_file"
     assert got["s3://other-bucket/secret.jpg"] == "outside_root"
     assert any(f"/{BUCKET}/private/secret.jpg" in s for s in fault_proxy.seen)
+
+
+def test_table_rows_the_file_system_refuses_are_quarantined_not_fatal(tmp_path):
+    """A NUL byte or a name longer than the file system allows makes os.lstat raise; the
+    row is quarantined as read_error with the reason, and the other rows are ingested."""
+    from triview.demo import write_digits
+
+    root = tmp_path / "root"
+    write_digits(root / "imgs", per_class=4)
+    rows = [{"path": str(p.relative_to(root)), "label": p.parent.name}
+            for p in sorted(root.rglob("*.jpg"))]
+    bad = {"imgs/nul\0byte.jpg": "NUL byte", "imgs/" + "x" * 300 + ".jpg": "File name too long"}
+    rows += [{"path": path, "label": "1"} for path in bad]
+    for name in ("t.parquet", "t.csv"):
+        table = pd.DataFrame(rows)
+        table.to_parquet(root / name) if name.endswith("parquet") else table.to_csv(root / name, index=False)
+        out = tmp_path / f"out-{name}"
+        result = ingest(root / name, out)
+        quarantine = pd.read_csv(out / mf.QUARANTINE_FILE, keep_default_na=False)
+        got = dict(zip(quarantine["path"], zip(quarantine["reason"], quarantine["detail"])))
+        assert len(result.manifest) == 40 and len(quarantine) == len(bad)
+        for path, why in bad.items():
+            assert got[path][0] == "read_error" and why in got[path][1], (path, got[path])
+
+
+def test_a_sibling_folder_sharing_the_root_prefix_is_outside(tmp_path):
+    """``../root-evil/x.jpg`` from ``root``: its real path starts with root's text, but it
+    is not below root (a bare startswith(root) check would read it)."""
+    from triview.dataroot import DataRoots
+    from triview.demo import write_digits
+
+    root, evil = tmp_path / "root", tmp_path / "root-evil"
+    write_digits(root / "imgs", per_class=4)
+    write_digits(evil, per_class=1)
+    secret = sorted(evil.rglob("*.jpg"))[0]
+    for text in (f"../root-evil/{secret.relative_to(evil)}", str(secret)):
+        assert DataRoots.for_folder(root).place(text).reason == "outside_root", text
+    rows = [{"path": str(p.relative_to(root)), "label": p.parent.name}
+            for p in sorted(root.rglob("*.jpg"))]
+    rows.append({"path": f"../root-evil/{secret.relative_to(evil)}", "label": "0"})
+    pd.DataFrame(rows).to_csv(root / "t.csv", index=False)
+    ingest(root / "t.csv", tmp_path / "out")
+    assert outcomes(tmp_path / "out")[rows[-1]["path"]] == "outside_root"

@@ -192,3 +192,37 @@ def test_special_files_and_a_broken_class_map_are_reported_not_fatal(tmp_path):
     assert q.loc["data.yaml", "reason"] == "metadata" and "ignored" in q.loc["data.yaml", "detail"]
     assert result.classes == ["a", "b"] and len(result.manifest) == 8
     assert set(result.quarantine["reason"]) <= set(mf.QUARANTINE_REASONS)
+
+
+def test_one_class_folder_is_a_class_not_a_wrapper_and_ingest_refuses_it(tmp_path):
+    """``data/cat/*.jpg`` is one class, ``cat`` (it used to be taken for a wrapping folder,
+    and every file quarantined as "not inside a class folder"); ingest refuses one class
+    after decoding, with the layout that works, and keeps the quarantine report."""
+    from triview.sources import open_source
+
+    root = tmp_path / "one"
+    (root / "cat").mkdir(parents=True)
+    for k in range(4):
+        (root / "cat" / f"{k}.jpg").write_bytes(_jpeg(k))
+    source = open_source(root)
+    assert {it.labels for it in source.items} == {("cat",)}
+    with pytest.raises(IngestError, match=r"only one class, 'cat' \(4 usable images\).*<class>/<image>"):
+        ingest(root, tmp_path / "out")
+    assert (tmp_path / "out" / mf.QUARANTINE_FILE).is_file()
+    # two classes, one of whose files are all unusable, leave one class after decoding
+    (root / "dog").mkdir()
+    (root / "dog" / "broken.jpg").write_bytes(b"")
+    with pytest.raises(IngestError, match="only one class, 'cat'"):
+        ingest(root, tmp_path / "out2")
+
+
+def test_the_wrapping_folder_is_not_part_of_the_source_id(tmp_path):
+    from triview.sources import open_source
+
+    with zipfile.ZipFile(tmp_path / "w.zip", "w") as zf:
+        for label in ("a", "b"):
+            zf.writestr(f"export/{label}/x.jpg", _jpeg(ord(label)))
+    items = open_source(tmp_path / "w.zip").items
+    assert [(it.rel, it.data_path, it.labels) for it in items] == [
+        ("export/a/x.jpg", "a/x.jpg", ("a",)), ("export/b/x.jpg", "b/x.jpg", ("b",))]
+    assert source_id_of(items[0].data_path) == "a/x"

@@ -204,5 +204,13 @@ def test_every_voter_exports_with_parity(method, trained, cropped, evaluated, tm
     eager, card = load_eager(model_dir)
     assert card["voter"]["method"] == method
     inputs = load_split(cropped, card["views"], "test").inputs
-    got = run_onnx(onnx_session(model_dir / card["files"]["onnx"]), [x.numpy() for x in inputs])
+    session = onnx_session(model_dir / card["files"]["onnx"])
+    got = run_onnx(session, [x.numpy() for x in inputs])
     assert np.abs(got - run_torch(eager, inputs)).max() <= 1e-4
+    # each view's own probabilities as further outputs, except where the voter reads one
+    # view only: its graph keeps just that branch (no per-view outputs to pay for)
+    outputs = [o.name for o in session.get_outputs()]
+    if method == "single":
+        assert outputs == ["probabilities"] and len(session.get_inputs()) == 1
+    else:
+        assert outputs == ["probabilities"] + [f"view{k}_probabilities" for k in range(3)]

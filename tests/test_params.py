@@ -1,5 +1,5 @@
 """The parameter spec: one definition per parameter, from which the component and
-pipeline signatures, the CLI's checking and the README table are derived; bad values are
+pipeline signatures, the CLI's checking and the docs' parameter table are derived; bad values are
 refused before anything starts, and again at the top of the task."""
 import ast
 import inspect
@@ -19,7 +19,9 @@ from triview.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_generated_component_signatures_and_readme_table_are_fresh():
+def test_generated_component_signatures_and_docs_reference_pages_are_fresh():
+    """The components' parameter blocks, docs/reference/parameters.md and
+    docs/reference/cli.md are what python -m components.codegen writes now."""
     from components import codegen
 
     assert codegen.stale() == [], "run: python -m components.codegen"
@@ -137,14 +139,15 @@ def test_cli_params_lists_the_spec(capsys):
 LAYERS = [
     {"backbones", "params", "storage", "demo", "progress"},
     {"manifest", "runinfo", "metrics"},
-    {"scoring", "artifacts"},
-    {"calibration", "crop", "validate", "dataroot", "sources", "datastats", "ingest", "balance", "augment",
+    {"scoring", "artifacts", "paired"},
+    {"calibration", "crop", "validate", "dataroot", "sources", "customvision", "datastats", "ingest", "balance", "augment",
      "models", "weights", "distributed", "registry", "report", "gradcam", "timing", "summary",
      "runtime", "drift"},
     {"train", "voter", "voter_modules", "evaluate", "gate", "export", "predict", "serving",
-     "deploy"},
+     "deploy", "preflight"},
     {"stages"},
-    {"cli", "__main__"},
+    {"tune"},
+    {"cli", "cli_parser", "cli_examples", "__main__"},
 ]
 
 

@@ -75,6 +75,9 @@ def test_retries_caching_and_secret_injection(tmp_path):
         env = k8s[label]["secretAsEnv"][0]
         assert env["secretName"] == "triview-minio"
         assert {e["envVar"] for e in env["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        # the Custom Vision training key reaches the ingest task only
+        names = [e["secretName"] for e in k8s[label]["secretAsEnv"]]
+        assert ("triview-customvision" in names) == (task["taskInfo"]["name"] == "ingest"), name
         config = k8s[label]["configMapAsEnv"][0]
         assert config["configMapName"] == "triview-config" and config["optional"] is True
         assert config["keyToEnv"] == [{"configMapKey": "pushgateway_url", "envVar": "PUSHGATEWAY_URL"}]
@@ -95,8 +98,27 @@ def test_compiled_ir_holds_no_secret_values(tmp_path, monkeypatch):
     assert "s3cr3t-v4lue" not in text and "AKIAEXAMPLEKEYID0001" not in text
     assert not re.search(r"AKIA[0-9A-Z]{16}", text)
     # the IR names Secret keys, never holds their values
-    assert set(re.findall(r"secretKey: (\S+)", text)) == {"accesskey", "secretkey"}
+    assert set(re.findall(r"secretKey: (\S+)", text)) == {"accesskey", "secretkey", "training_key"}
     assert not re.search(r"(?i)password\s*[:=]", text)
+
+
+def test_the_custom_vision_key_comes_from_a_secret_never_into_the_ir(tmp_path, monkeypatch):
+    from triview.customvision import KEY_ENV
+
+    key = "cv-training-key-never-in-yaml-0123456789abcdef"
+    monkeypatch.setenv(KEY_ENV, key)
+    text, spec, k8s = _compile(tmp_path, "--customvision-secret", "team-a-customvision")
+    assert key not in text
+    for name, task, label in _container_tasks(spec):
+        mounts = [m for m in k8s[label]["secretAsEnv"] if m["secretName"] == "team-a-customvision"]
+        if task["taskInfo"]["name"] != "ingest":
+            assert not mounts, name
+            continue
+        assert mounts[0]["keyToEnv"] == [{"secretKey": "training_key", "envVar": KEY_ENV}]
+        assert mounts[0]["optional"] is True
+    # no pipeline parameter carries a key: data is an address, the key is in the environment
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert not [n for n in inputs if "key" in n.lower() or "secret" in n.lower()]
 
 
 def test_bad_compile_flags_are_clear_errors(tmp_path, capsys):

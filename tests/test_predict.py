@@ -132,3 +132,100 @@ def test_predict_from_an_s3_model_and_exif_rotated_photos(model_dir, test_images
                                           threshold=0.0))}
     assert scores["exif"] == pytest.approx(scores["upright"], abs=1e-6)
     assert scores["sideways"] != pytest.approx(scores["upright"], abs=1e-3)  # orientation matters
+
+
+def _photo(width: int, height: int, seed: int) -> np.ndarray:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = (rng.random((height // 16 + 1, width // 16 + 1, 3)) * 255).astype(np.uint8)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def test_one_decode_gives_the_views_the_training_path_cuts(model_dir):
+    """Predictor decodes each file once (PIL, a kept JPEG at the DCT scale cropping will
+    use) and cuts the views from those pixels; calibrate-and-crop decodes what ingest
+    stored (the original bytes or a normalised PNG) with OpenCV. The views are the same
+    bytes, for JPEGs at DCT scales 1 to 8, grey JPEGs, PNGs, and files ingest normalises
+    (EXIF-rotated JPEG, RGBA PNG)."""
+    import io
+
+    from PIL import Image
+
+    from triview import crop, validate
+    from triview.predict import Predictor
+
+    predictor = Predictor(str(model_dir))
+
+    def encoded(array, fmt, **kw) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt, **kw)
+        return buffer.getvalue()
+
+    rotated = Image.fromarray(_photo(640, 480, 3))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    files = {f"jpeg {w}x{h}": encoded(_photo(w, h, w), "JPEG", quality=90)
+             for w, h in ((97, 61), (320, 240), (640, 480), (1280, 960), (2600, 1900),
+                                                          (4100, 3000))}
+    files["grey jpeg"] = encoded(_photo(1600, 1200, 1)[:, :, 0], "JPEG")
+    files["png"] = encoded(_photo(1500, 1000, 2), "PNG")
+    files["rgba png"] = encoded(np.dstack([_photo(500, 400, 4), _photo(500, 400, 5)[:, :, 0]]), "PNG")
+    buffer = io.BytesIO()
+    rotated.save(buffer, format="JPEG", exif=exif)
+    files["exif-rotated jpeg"] = buffer.getvalue()
+    reductions = set()
+    for name, data in files.items():
+        stored = validate.decode(data, min_size=1)
+        if not stored.keep_suffix:
+            buffer = io.BytesIO()
+            stored.image.save(buffer, format="PNG")
+        kept = data if stored.keep_suffix else buffer.getvalue()
+        want = predictor.cropper.views_of_bytes(kept, jpeg=stored.keep_suffix == ".jpg")
+        got = predictor.views_of_bytes(data)
+        assert got.keys() == want.keys()
+        for view in want:
+            assert np.array_equal(got[view], want[view]), (name, view)
+        if stored.keep_suffix == ".jpg":
+            reductions.add(crop.choose_reduction(*stored.source_size, predictor.geometry))
+    assert reductions == {1, 2, 4, 8}
+
+
+def test_the_predictor_decodes_each_file_once(model_dir, monkeypatch):
+    """Validation's decode is the only one: the cropper's own decoder is never called."""
+    import io
+
+    from PIL import Image
+
+    from triview import crop
+    from triview.predict import Predictor
+
+    def second_decode(*args, **kwargs):
+        raise AssertionError("decoded a second time")
+
+    monkeypatch.setattr(crop, "decode_bgr_bytes", second_decode)
+    predictor = Predictor(str(model_dir))
+    for fmt in ("JPEG", "PNG"):
+        buffer = io.BytesIO()
+        Image.fromarray(_photo(1280, 960, 7)).save(buffer, format=fmt)
+        assert set(predictor.views_of_bytes(buffer.getvalue())) == set(predictor.card["views"])
+
+
+def test_a_run_folder_is_a_model(model_dir, test_images, tmp_path, capsys):
+    """`triview predict --model RUN_OUT` (and serve's check) find the model through the
+    run's run_summary.json; a summary whose model is gone names it."""
+    from triview.serving import check_model
+    from triview.summary import SUMMARY_FILE
+
+    paths, _ = test_images
+    out = tmp_path / "runs" / "photos"
+    out.mkdir(parents=True)
+    (out / SUMMARY_FILE).write_text(json.dumps({"artifacts": {"model": str(model_dir)}}))
+    assert main(["predict", "--model", str(out), *paths[:3], "--format", "json"]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["predict", "--model", str(model_dir), *paths[:3], "--format", "json"]) == 0
+    assert from_run == capsys.readouterr().out and len(from_run.splitlines()) == 3
+    check_model(str(out))
+    (out / SUMMARY_FILE).write_text(json.dumps({"artifacts": {"model": str(tmp_path / "gone")}}))
+    assert main(["predict", "--model", str(out), *paths[:1]]) == 2
+    assert "names the model folder" in capsys.readouterr().err

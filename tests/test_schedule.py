@@ -11,7 +11,7 @@ import pytest
 
 from triview import manifest as mf
 from triview import stages
-from triview.artifacts import read_seen_images
+from triview.artifacts import read_card, read_seen_images
 from triview.registry import ModelRegistry
 
 from conftest import digits_train
@@ -63,7 +63,8 @@ def test_three_scheduled_runs_on_growing_data_share_one_registry(tmp_path):
         champion_before = reg.champion()
         seen_by_champion = set()
         if champion_before is not None:
-            seen_by_champion = read_seen_images(reg.fetch(champion_before["version"]))
+            folder = reg.fetch(champion_before["version"])
+            seen_by_champion = read_seen_images(folder, read_card(folder)["data"]["seen_images"]).ids
         if data.exists():
             shutil.rmtree(data)
         write_batch(data, per_class, total=60, invert_after=WEEKS[1] if week == 2 else None)

@@ -7,32 +7,25 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import random
-import struct
 import subprocess
 import sys
-import zlib
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.s3_server import moto_server, s3_endpoint  # noqa: F401  (fixtures)
+from tests.test_serving_limits import png_header
 from triview import manifest as mf
 from triview.serving import protocol
-from triview.serving.infra import ServerProcess, post_json, request
+from triview.serving.infra import ServerProcess, blank_png, post_json, request
 
 NAME = "digits"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width x height pixels but carries (almost) no data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-            + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +140,9 @@ def _v2(data, datatype="BYTES", shape=None):
                         "shape": shape if shape is not None else [len(data)], "data": data}]}
 
 
-def bad_requests(good: bytes) -> dict[str, tuple[str, bytes]]:
-    """name -> (route, body): every one must get a 4xx."""
+def bad_requests(good: bytes) -> dict[str, tuple]:
+    """name -> (route, body[, headers]): every one must get a 4xx (JSON content type
+    unless the headers say otherwise)."""
     b64 = base64.b64encode(good).decode()
     v1 = f"/v1/models/{NAME}:predict"
     v2 = f"/v2/models/{NAME}/infer"
@@ -172,13 +166,22 @@ def bad_requests(good: bytes) -> dict[str, tuple[str, bytes]]:
         "v1-empty-instances": (v1, dumps({"instances": []})),
         "v1-too-many-images": (v1, dumps(protocol.v1_request([good] * 65))),
         "v1-wrong-instance": (v1, dumps({"instances": [{"image": b64}]})),
+        "v1-nested-json-as-text": (v1, b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "text/plain"}),
+        "v1-nested-json": (v1, b"[" * 100_000 + b"]" * 100_000),
+        "v2-nested-json": (v2, b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        "v2-binary-extension": (v2, b"{}", {"Content-Type": "application/octet-stream",
+                                            "inference-header-content-length": "2"}),
+        "v1-over-the-serving-cap": (v1, dumps(protocol.v1_request([png_header(8000, 8000)]))),
+        "v1-over-the-request-budget": (v1, dumps(protocol.v1_request([png_header(7000, 7000)] * 6))),
+        "v2-over-the-request-budget": (v2, dumps(_v2([base64.b64encode(png_header(7000, 7000)).decode()] * 6))),
     }
 
 
 @pytest.mark.parametrize("case", sorted(bad_requests(b"x" * 100)))
 def test_bad_requests_get_a_4xx_with_a_message(server, test_photos, case):
-    route, body = bad_requests(test_photos[0].read_bytes())[case]
-    status, answer = request(server.port, "POST", route, body, {"Content-Type": "application/json"})
+    route, body, *headers = bad_requests(test_photos[0].read_bytes())[case]
+    status, answer = request(server.port, "POST", route, body,
+                             headers[0] if headers else {"Content-Type": "application/json"})
     assert 400 <= status < 500, (status, answer)
     message = json.loads(answer)
     assert message.get("error") or message.get("detail"), message
@@ -206,7 +209,8 @@ def test_1000_mixed_requests_at_concurrency_8(server, test_photos, predicted):
     jobs = []
     for i in range(1000):
         if rng.random() < 0.3:
-            jobs.append(("bad", *rng.choice(bad), None))
+            route, body, *_ = rng.choice(bad)
+            jobs.append(("bad", route, body, None))
         else:
             picks = rng.sample(good_images, rng.randint(1, 3))
             route = "v1" if rng.random() < 0.5 else "v2"
@@ -215,7 +219,6 @@ def test_1000_mixed_requests_at_concurrency_8(server, test_photos, predicted):
             path = f"/v1/models/{NAME}:predict" if route == "v1" else f"/v2/models/{NAME}/infer"
             jobs.append((route, path, json.dumps(body).encode(), [p for p, _ in picks]))
 
-    import threading
     local = threading.local()
 
     def send(job):
@@ -286,7 +289,6 @@ def test_triview_serve_from_the_main_venv_runs_the_serving_python(exported, serv
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={"TRIVIEW_SERVE_PYTHON": serve_python, "PATH": "/usr/bin:/bin"})
     try:
-        import time
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -320,3 +322,57 @@ def test_serves_the_champion_from_an_s3_registry(exported, serve_python, s3_endp
                                    protocol.v1_request([test_photos[3].read_bytes()]))
     assert status == 200
     assert same_labels(answer["predictions"][0]["labels"], predicted[str(test_photos[3])])
+
+
+# --------------------------------------------------------------------------- resource budget
+
+
+@pytest.mark.slow
+def test_a_bomb_flood_beside_good_requests(exported, serve_python, tmp_path):
+    """bench/serve_flood.py, smaller: 8 requests of 43 PNGs of 10000 x 10000 (292 KB each,
+    16 MB a request) among 40 good requests at concurrency 8, then 2 allowed heavy requests
+    (5 x 49 MP, decoded), readiness probed throughout, with a server budget of one such
+    image at a time. Every bomb is refused with 413 by the streamed check, every good answer
+    is triview predict's, readiness never fails, and the server's peak resident memory
+    stays under 900 MB (about 200 MB idle + 10 bytes a pixel of the 50 MP budget; two
+    images decoding at once would take it past 1.1 GB)."""
+    out = tmp_path / "flood.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "serve_flood.py"), "--model",
+                           str(exported), "--bombs", "8", "--good", "40", "--heavy", "2",
+                           "--idle-seconds", "0.5", "--no-decode-once", "--json", str(out),
+                           "--server-args=--max-server-pixels 50000000"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TRIVIEW_SERVE_PYTHON": serve_python})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["bombs"]["n"] == 8 and result["bombs"]["statuses"] == [413]
+    # the streamed check's words ("image 0"; the parsed request's check says "instance 0")
+    assert result["bombs"]["message"]["error"].startswith("image 0: 100000000 pixels, more than")
+    assert result["good"]["answered_200"] == 40 and result["good"]["wrong_labels"] == 0
+    assert result["heavy"]["answered_right"] == 2
+    assert result["ready"]["n_failures"] == 0 and result["server_alive_after"]
+    assert result["rss_mb"]["peak_vmhwm_after_heavy"] < 900
+
+
+def test_health_answers_while_a_request_decodes(server):
+    """Decoding runs on the inference threads, never on the event loop: readiness answers
+    while a request of 5 x 49 MP images (seconds of decoding) is in flight, before it
+    is answered."""
+    body = json.dumps(protocol.v1_request([blank_png(7000)] * 5)).encode()
+    answered = {}
+
+    def heavy():
+        answered["status"] = request(server.port, "POST", f"/v1/models/{NAME}:predict", body,
+                                     {"Content-Type": "application/json"}, timeout=600)[0]
+        answered["at"] = time.monotonic()
+
+    thread = threading.Thread(target=heavy)
+    thread.start()
+    ready_at = []
+    while thread.is_alive():
+        if request(server.port, "GET", "/v2/health/ready", timeout=600)[0] == 200:
+            ready_at.append(time.monotonic())
+        time.sleep(0.05)
+    thread.join()
+    assert answered["status"] == 200
+    assert len([t for t in ready_at if t < answered["at"]]) >= 3, (ready_at, answered)

@@ -95,3 +95,24 @@ def test_a_backbone_over_100m_parameters_is_refused():
     """vit_b_16 (86M) with a 20,000-class head crosses the 100M bar."""
     with pytest.raises(ValueError, match=r"vit_b_16 has 101\.\dM parameters \(> 100M\)"):
         create_backbone("vit_b_16", 20_000, 224)
+
+
+def test_the_head_phase_keeps_every_epoch_for_the_report(cropped, augmented, balanced, tmp_path):
+    """With head_epochs > 0 the branch writes one row per head epoch (head_history.csv,
+    what the report draws), history.csv keeps the head phase's best as epoch 0, and the
+    record says how many head epochs ran."""
+    from pipelines.console import describe_stage
+    from triview.artifacts import HEAD_HISTORY_FILE, HISTORY_FILE
+    from triview.stages import train_branch_stage
+
+    rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "b",
+                             **digits_train(head_epochs=4, epochs=1, seed=0))
+    head = pd.read_csv(tmp_path / "b" / HEAD_HISTORY_FILE)
+    history = pd.read_csv(tmp_path / "b" / HISTORY_FILE)
+    assert head["head_epoch"].tolist() == [1, 2, 3, 4]
+    assert {"train_loss", "val_loss", "val_macro_f1", "lr"} <= set(head.columns)
+    best = history.iloc[0]
+    assert best["epoch"] == 0 and best["phase"] == "head"
+    assert best["val_macro_f1"] == pytest.approx(head["val_macro_f1"].max())
+    assert history["epoch"].tolist() == [0, 1] and rec["head_epochs"] == 4
+    assert "epoch 0" in describe_stage(rec) and "head phase" in describe_stage(rec)

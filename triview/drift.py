@@ -83,17 +83,15 @@ class Extractor:
         from triview import weights as published
         from triview.models import build_network, load_pretrained
 
+        model = build_network(EXTRACTOR, EXTRACTOR_SIZE)
         try:
             found = published.resolve(EXTRACTOR, "imagenet", weights_root)
+            load_pretrained(model, published.load_state(found, model))
         except published.WeightsError:
             return None
-        if found is None:
-            return None
-        model = build_network(EXTRACTOR, EXTRACTOR_SIZE)
-        load_pretrained(model, published.load_state(found, model))
         model.eval()
         return cls(model, {"backbone": EXTRACTOR, "input_size": EXTRACTOR_SIZE,
-                           "sha256": found.record().get("sha256")})
+                           "sha256": found.sha256, "verification": found.verification})
 
     def embed(self, paths: list[Path], batch: int = 64) -> np.ndarray:
         import cv2

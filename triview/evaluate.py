@@ -15,7 +15,7 @@ from sklearn.metrics import classification_report, confusion_matrix, multilabel_
 
 from triview import artifacts
 from triview.artifacts import REPORT_HTML, REPORT_MD
-from triview.scoring import predicted, roc_auc_per_class, scores, task_of
+from triview.scoring import accuracy_interval, predicted, roc_auc_per_class, scores, task_of
 from triview.storage import atomic_write_text
 from triview.temperature import ECE_BINS, expected_calibration_error, reliability
 from triview.voter import aligned, apply_voter, correct_of
@@ -105,6 +105,8 @@ def score_all(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: lis
     result["classification_report"] = result["details"]["ensemble"]["classification_report"]
     best_view = max(result["views"], key=lambda v: result["views"][v]["macro_f1"])
     result["best_view"] = best_view
+    n, accuracy = result["n_test"], result["ensemble"]["accuracy"]
+    result["accuracy_interval"] = accuracy_interval(round(accuracy * n), n)
     result["ensemble_gain_macro_f1"] = (result["ensemble"]["macro_f1"]
                                         - result["views"][best_view]["macro_f1"])
     right = {v: correct_of(y, p, cut[v]) for v, p in probs.items()}
@@ -167,14 +169,16 @@ def device_name() -> str:
 
 def evaluate(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list[str],
              out_dir: str | Path, candidates: pd.DataFrame | None = None, *,
-             histories: dict[str, pd.DataFrame] | None = None, timing: dict | None = None,
+             histories: dict[str, pd.DataFrame] | None = None,
+             head_histories: dict[str, pd.DataFrame] | None = None, timing: dict | None = None,
              gradcam: dict[str, list[dict]] | None = None, blessing: dict | None = None,
              crop_reader: Callable[[str, str], np.ndarray] | None = None,
              drift: dict | None = None) -> dict:
     """Score every view and the ensemble on the test split; write eval.json, report.md
     and the self-contained report.html.
 
-    The keyword arguments add report sections: training curves per branch, timing
+    The keyword arguments add report sections: training curves per branch (and of each
+    branch's head phase, ``head_histories``), timing
     figures, a Grad-CAM gallery per view, the gate's blessing, the drift against the
     champion's data (:mod:`triview.drift`), and (given
     ``crop_reader(image_id, view) -> RGB``) the misclassified test images.
@@ -198,7 +202,8 @@ def evaluate(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list
         for item in wrong:
             item["crops"] = {v: crop_reader(item["image_id"], v) for v in views}
     sections = report.ReportInputs(result=result, voter=voter, candidates=candidates,
-                                   histories=histories or {}, timing=timing,
+                                   histories=histories or {},
+                                   head_histories=head_histories or {}, timing=timing,
                                    misclassified=wrong, gradcam=gradcam or {}, blessing=blessing,
                                    drift=drift)
     atomic_write_text(out / REPORT_MD, report.render_markdown(sections))

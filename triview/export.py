@@ -25,7 +25,8 @@ from triview.artifacts import (CARD_FILE, CARD_MD, ENSEMBLE_FILE, INT8_FILE, ONN
                                WEIGHTS_FILE)
 from triview.models import NORMALIZATION_CONSTANTS
 # the torch-free loaders live in triview.runtime (the serving environment has no torch)
-from triview.runtime import onnx_session, run_onnx
+from triview.runtime import (ENSEMBLE_OUTPUT, onnx_session, run_onnx, run_onnx_views,
+                             view_output_name)
 from triview.storage import atomic_path, atomic_write_text
 from triview.voter import get_method, upgrade
 
@@ -63,12 +64,32 @@ class Ensemble(nn.Module):
                           else Temperature(temperature, self.multilabel, EPS))
 
     def forward(self, view0: torch.Tensor, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        inputs = [view0, view1, view2]
-        if self.multilabel:
-            probs = [torch.sigmoid(branch(x)) for branch, x in zip(self.branches, inputs)]
-        else:
-            probs = [torch.softmax(branch(x), dim=1) for branch, x in zip(self.branches, inputs)]
+        return self.combine(self.view_probabilities([view0, view1, view2]))
+
+    def combine(self, probs: list[torch.Tensor]) -> torch.Tensor:
+        """The voter over the views' probabilities, then the ensemble's temperature."""
         return self.calibrate(self.voter(probs))
+
+    def view_probabilities(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each branch's own probabilities (N x C), in view order: what the voter combines."""
+        if self.multilabel:
+            return [torch.sigmoid(branch(x)) for branch, x in zip(self.branches, inputs)]
+        return [torch.softmax(branch(x), dim=1) for branch, x in zip(self.branches, inputs)]
+
+
+class EnsembleWithViews(nn.Module):
+    """The module the ONNX graph is exported from: the ensemble's probabilities first
+    (output ``probabilities``, what every caller reads, unchanged), then each view's own
+    (``view<k>_probabilities``), so that a caller can show what each view saw."""
+
+    def __init__(self, ensemble: Ensemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, view0: torch.Tensor, view1: torch.Tensor, view2: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        probs = self.ensemble.view_probabilities([view0, view1, view2])
+        return (self.ensemble.combine(probs), *probs)
 
 
 def git_commit() -> str | None:
@@ -175,13 +196,20 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
         with atomic_path(out / ENSEMBLE_FILE) as tmp:
             traced.save(str(tmp))
         names = [f"view{k}" for k in range(len(views))]
+        # Per-view outputs cost nothing where the ensemble computes every view anyway; a
+        # voter that reads fewer (single) keeps its pruned graph, and its speed, without them.
+        with_views = get_method(voter["method"]).reads_every_view
+        outputs = [ENSEMBLE_OUTPUT] + ([view_output_name(k) for k in range(len(views))]
+                                       if with_views else [])
         with atomic_path(out / ONNX_FILE) as tmp:
-            torch.onnx.export(model, trace_inputs, str(tmp), input_names=names,
-                              output_names=["probabilities"], opset_version=ONNX_OPSET,
-                              dynamic_axes={n: {0: "batch"} for n in names + ["probabilities"]},
+            # eval(): the exporter leaves the module in the mode it found it in
+            torch.onnx.export(EnsembleWithViews(model).eval() if with_views else model,
+                              trace_inputs, str(tmp), input_names=names,
+                              output_names=outputs, opset_version=ONNX_OPSET,
+                              dynamic_axes={n: {0: "batch"} for n in names + outputs},
                               dynamo=False)
     arrays = [x.numpy() for x in example]
-    onnx_out = run_onnx(onnx_session(out / ONNX_FILE), arrays)
+    onnx_out, onnx_views = run_onnx_views(onnx_session(out / ONNX_FILE), arrays)
     onnx_diff = float(np.abs(eager_out - onnx_out).max())
     if onnx_diff > ONNX_TOLERANCE:
         raise RuntimeError(f"ONNX Runtime output differs from eager by {onnx_diff:.2e}")
@@ -195,6 +223,15 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
                 f"the exported model answers differently from what evaluate scored on the same "
                 f"test crops (max abs difference {evaluated_diff:.2e} > {EVALUATED_TOLERANCE:g}): "
                 "its test-time augmentation or temperatures are not the branches'")
+    if onnx_views is not None:
+        with torch.no_grad():
+            eager_views = [torch.cat(parts).numpy() for parts in zip(*(
+                model.view_probabilities([x[i:i + 256] for x in example])
+                for i in range(0, len(example[0]), 256)))]
+        views_diff = max(float(np.abs(e - o).max()) for e, o in zip(eager_views, onnx_views))
+        if views_diff > ONNX_TOLERANCE:
+            raise RuntimeError(f"ONNX Runtime per-view outputs differ from eager by "
+                               f"{views_diff:.2e}")
 
     from safetensors.torch import save_file
 
@@ -286,6 +323,15 @@ def _normalization_of(training: dict | None, view: str) -> dict:
     return {"mode": mode, "mean": list(mean) if mean else None, "std": list(std) if std else None}
 
 
+def _weights_verification(w: dict) -> str:
+    """What the SHA-256 check proved about a branch's starting weights (weights.Resolved)."""
+    verification = w.get("verification") or ("published" if w.get("published", True) else "own")
+    return {"published": " (the published file: full SHA-256 verified)",
+            "unverified": " (UNVERIFIED: no full published SHA-256 is pinned for it; only the "
+                          "8-digit prefix in its name matched)",
+            }.get(verification, " (NOT the published file: your own)")
+
+
 def card_markdown(card: dict) -> str:
     """The model card for people: what the model is, how to feed it, how good it is."""
     m = card.get("test_metrics") or {}
@@ -326,7 +372,7 @@ def card_markdown(card: dict) -> str:
         cfg, w = t.get("config", {}), t.get("weights") or {}
         start = (f"{cfg.get('weights')} from {w.get('source')}: `{w.get('file')}` "
                  f"sha256 `{(w.get('sha256') or '')[:16]}`"
-                 + ("" if w.get("published", True) else " (NOT the published file: staged as your own)")
+                 + _weights_verification(w)
                  if w else "none (random initialisation)")
         lines.append(f"| {view} | {cfg.get('backbone')} | {cfg.get('epochs')} | {t.get('best_epoch')} "
                      f"| {(t.get('parameters') or {}).get('total')} | {start} |")

@@ -39,7 +39,29 @@ _CHUNK = 64
 
 
 class IngestError(ValueError):
-    """The input as a whole cannot be ingested (not a per-file problem)."""
+    """The input as a whole cannot be ingested (not a per-file problem).
+
+    ``fixes`` are ``(what to do, parameter, value)`` (parameter None: nothing to set); the
+    message names each as
+    ``--param name=value`` (what ``triview run`` and ``submit`` take, and the parameter's
+    name in the KFP UI); ``triview ingest`` renders them as its own flags (:meth:`render`).
+    """
+
+    def __init__(self, message: str, fixes: tuple[tuple[str, str | None, str], ...] = ()) -> None:
+        self.message, self.fixes = message, tuple(fixes)
+        super().__init__(self.render())
+
+    def render(self, flag=None) -> str:
+        """The message with each fix spelt by ``flag(parameter, value)``."""
+        import shlex
+
+        flag = flag or (lambda name, value: f"--param {shlex.quote(f'{name}={value}')}")
+        fixes = [what if name is None else f"{what} ({flag(name, value)})"
+                 for what, name, value in self.fixes]
+        if not fixes:
+            return self.message
+        ways = "; ".join(fixes[:-1]) + ("; or " if len(fixes) > 1 else "") + fixes[-1]
+        return f"{self.message.rstrip('.')}. To fix it: {ways}"
 
 
 @dataclass(frozen=True)
@@ -161,9 +183,25 @@ _ROBOFLOW_COPY = re.compile(r"\.rf\.[0-9a-f]{16,}$", re.IGNORECASE)
 
 
 def source_id_of(rel: str) -> str:
-    """The source photo a file comes from: its path without suffix, and without
+    """The source photo a file comes from: its path in the data root (a wrapping folder
+    taken off: :attr:`triview.sources.Item.data_path`) without suffix, and without
     Roboflow's ``.rf.<hash>`` so that augmented copies of one photo share a split."""
     return _ROBOFLOW_COPY.sub("", str(PurePosixPath(rel).with_suffix("")))
+
+
+def one_class_message(label: str, data: str, n_images: int) -> str:
+    """Why one class cannot be trained, and the folder layout that gives more."""
+    return (f"only one class, {label!r} ({n_images} usable images), in {data!r}: a classifier "
+            f"needs at least two. Put each class's images in a folder of its own: "
+            f"{data.rstrip('/')}/<class>/<image> (e.g. {label}/ and other/)")
+
+
+def small_class_fixes(classes: list[str], need: int) -> tuple[tuple[str, str | None, str], ...]:
+    """What lets ``classes`` (too small to split) through: more images, or a label operation."""
+    return (("add images to them", None, ""),
+            ("merge each into another class", "label_remap", ",".join(f"{c}->OTHER" for c in classes)),
+            ("drop them", "label_drop", ",".join(classes)),
+            (f"quarantine every class below {need} images", "min_per_class", str(need)))
 
 
 # ----------------------------------------------------------------------------- split
@@ -182,70 +220,87 @@ def split_position(source_id: str, salt: str = "") -> float:
 
 
 def _split(groups: pd.DataFrame, fractions: tuple[float, float, float], salt: str = ""
-           ) -> tuple[dict[str, str], list[dict]]:
+           ) -> tuple[dict[str, str], list[dict], dict[str, list[str]]]:
     """Assign each source group to a split by its salted hash (:func:`split_position`).
 
-    Groups whose split the input gives (``given`` column) keep it; the splits the input
-    lacks are carved from the rest by ``fractions``: a group whose position is below the
-    test share goes to test, below test + val share to val, else to train. Stratification
-    is by expectation (every class is cut by the same bands). A class that the bands
-    leave without an image in a carved split (a small class) gets its group nearest to
-    that band moved there; these moves are returned (``forced``) and reported, and they
-    are the one case in which a photo's split can depend on the other photos of its class.
+    Groups whose split the input gives (``given`` column) keep it; the splits a class
+    lacks are carved from the rest of that class by ``fractions``: a group whose
+    position is below the test share goes to test, below test + val share to val, else
+    to train. Coverage is decided per class: when the input gives a val (or test) split
+    for some classes only, the others get theirs carved (returned as ``carved_for``,
+    class -> splits, for the classes whose given splits differ from the data set's).
+    Stratification is by expectation (every class is cut by the same bands). A class
+    that the bands leave without an image in a carved split (a small class) gets its
+    group nearest to that band moved there; these moves are returned (``forced``) and
+    reported, and they are the one case in which a photo's split can depend on the
+    other photos of its class. A class with no group left to train on is refused.
     """
     train_frac, val_frac, test_frac = fractions
     if abs(train_frac + val_frac + test_frac - 1.0) > 1e-6 or min(fractions) < 0:
         raise IngestError(f"split fractions {fractions} do not sum to 1")
     given = groups["given"] if "given" in groups else pd.Series([None] * len(groups))
-    given = given.where(given.notna(), None)
+    given = list(given.where(given.notna(), None))
     assignment = {sid: s for sid, s in zip(groups["source_id"], given) if s is not None}
     present = set(assignment.values())
-    needed = [s for s in ("test", "val") if s not in present]
+    given_by_class: dict[str, set[str]] = {}
+    for label, s in zip(groups["label"], given):
+        given_by_class.setdefault(label, set()).update([s] if s is not None else [])
     pool = groups[[s in (None, "train") for s in given]]
-    if not needed:
-        assignment.update({sid: assignment.get(sid, "train") for sid in pool["source_id"]})
-        return assignment, []
+    untrainable = sorted(set(groups["label"]) - set(pool["label"]))
+    if untrainable:
+        raise IngestError(
+            f"classes with no image outside the given val/test split cannot be trained: "
+            f"{', '.join(map(repr, untrainable))}. Move some of their images to train, or "
+            f"drop the class (--drop NAME)")
+    needed_by_class = {label: [s for s in ("test", "val") if s not in given_by_class[label]]
+                       for label in sorted(set(pool["label"]))}
+    globally = [s for s in ("test", "val") if s not in present]
+    carved_for = {label: needed for label, needed in needed_by_class.items() if needed != globally}
     frac = {"val": val_frac, "test": test_frac}
     counts = pool["label"].value_counts()
-    need = 1 + len(needed)
-    too_few = counts[counts < need]
-    if len(too_few):
-        names = ", ".join(f"{k!r} ({v})" for k, v in too_few.items())
+    too_few = {label: int(counts[label]) for label, needed in needed_by_class.items()
+               if needed and counts[label] < 1 + len(needed)}
+    if too_few:
+        names = ", ".join(f"{k!r} ({v}) has fewer than {1 + len(needed_by_class[k])} source "
+                          "images" for k, v in too_few.items())
         where = "" if not present else " in the train part of the given split"
         raise IngestError(
-            f"classes with fewer than {need} source images{where} cannot be split into "
-            f"train/{'/'.join(reversed(needed))}: {names}. Add images, merge the class "
-            f"(--remap 'OLD->NEW'), drop it (--drop NAME) or set --min-per-class {need}")
-    # the bands, as shares of the pool (given test/val images are not in it)
-    share = train_frac + sum(frac[s] for s in needed)
-    bands, low = {}, 0.0
-    for s in needed:  # test first, then val
-        bands[s] = (low, low + frac[s] / share)
-        low = bands[s][1]
+            f"classes with too few source images{where} to carve the splits they lack: "
+            f"{names}",
+            small_class_fixes(sorted(too_few), max(1 + len(needed_by_class[k]) for k in too_few)))
     position = {sid: split_position(sid, salt) for sid in pool["source_id"]}
-
-    def band_of(u: float) -> str:
-        return next((s for s, (lo, hi) in bands.items() if lo <= u < hi), "train")
-
-    carved = {sid: band_of(position[sid]) for sid in pool["source_id"]}
+    carved: dict[str, str] = {}
     forced = []
-    bands["train"] = (low, 1.0)
     for label, part in pool.groupby("label", sort=True):
+        needed = needed_by_class[label]
         ids = list(part["source_id"])
+        if not needed:
+            carved.update({i: "train" for i in ids})
+            continue
+        # the bands, as shares of the pool (given test/val images are not in it)
+        share = train_frac + sum(frac[s] for s in needed)
+        bands, low = {}, 0.0
+        for s in needed:  # test first, then val
+            bands[s] = (low, low + frac[s] / share)
+            low = bands[s][1]
+        mine = {i: next((s for s, (lo, hi) in bands.items() if lo <= position[i] < hi), "train")
+                for i in ids}
+        bands["train"] = (low, 1.0)
         for s in needed + ["train"]:
-            if any(carved[i] == s for i in ids):
+            if any(v == s for v in mine.values()):
                 continue
             # take from the split of this class that has the most groups
-            sizes = {t: sum(carved[i] == t for i in ids) for t in ["train"] + needed}
+            sizes = {t: sum(v == t for v in mine.values()) for t in ["train"] + needed}
             donor = max(sizes, key=lambda t: (sizes[t], t == "train"))
             lo, hi = bands[s]
             centre = (lo + hi) / 2
-            pick = min((i for i in ids if carved[i] == donor),
+            pick = min((i for i in ids if mine[i] == donor),
                        key=lambda i: (abs(position[i] - centre), i))
-            carved[pick] = s
+            mine[pick] = s
             forced.append({"source_id": pick, "label": label, "split": s, "from": donor})
+        carved.update(mine)
     assignment.update(carved)
-    return assignment, forced
+    return assignment, forced, carved_for
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -351,12 +406,15 @@ def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestR
     if not used and not opts.allow_empty:
         raise IngestError(f"no usable images in {data!r} "
                           f"({n_input} files, all quarantined: see {out / mf.QUARANTINE_FILE})")
+    labels_used = {lab for u in used for lab in items[u[0]].labels}
+    if len(labels_used) == 1:  # the voter and every metric need two
+        raise IngestError(one_class_message(labels_used.pop(), data, len(used)))
 
     rows = []
     for i, sha, w, h, fmt, mode, dh, stored, nbytes in used:
         it = items[i]
         rows.append({"image_id": sha[:16], "path": stored, "label": it.labels[0],
-                     "labels": mf.join_labels(list(it.labels)), "source_id": source_id_of(it.rel),
+                     "labels": mf.join_labels(list(it.labels)), "source_id": source_id_of(it.data_path),
                      "sha256": sha, "width": w, "height": h, "original_path": it.rel,
                      "format": fmt.lower(), "mode": mode, "bytes": nbytes,
                      "dhash": f"{dh:016x}", "given_split": it.split})
@@ -364,18 +422,21 @@ def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestR
     if len(table):
         groups = _source_groups(table)
         try:
-            assignment, forced = _split(groups, opts.split_fractions, opts.split_salt)
+            assignment, forced, carved_for = _split(groups, opts.split_fractions,
+                                                    opts.split_salt)
+        except IngestError:
+            raise
         except ValueError as exc:
             raise IngestError(str(exc)) from exc
         table["split"] = table["source_id"].map(assignment)
     else:
         table["split"] = pd.Series(dtype=str)
-        forced = []
+        forced, carved_for = [], {}
     split_info = {"method": "hash", "key": "source_id",
                   "salt": opts.split_salt or DEFAULT_SPLIT_SALT,
                   "fractions": list(opts.split_fractions),
                   "given": sorted({s for s in table.get("given_split", []) if isinstance(s, str)}),
-                  "forced": forced}
+                  "forced": forced, "carved_for_class": carved_for}
     table = table.drop(columns=["given_split"])
 
     all_labels = {lab for s in table["labels"] for lab in mf.split_labels(s)}

@@ -60,7 +60,11 @@ QUARANTINE_REASONS = {
     "class_below_minimum": "class has fewer images than min_per_class",
     "missing_file": "listed in a CSV/Parquet manifest but not found",
     "outside_root": "a table path that leads outside the data root (absolute, '..', '~', URL, "
-                    "another bucket, a symlink out): never opened",
+                    "another bucket, a symlink out), or a Custom Vision image URI on a host or "
+                    "scheme triview does not download from: never opened",
+    "untagged": "a Custom Vision image without a tag",
+    "download_failed": "the image could not be downloaded (HTTP error or network failure, "
+                       "after retries)",
     "symlink_escape": "symbolic link pointing outside the input root",
     "broken_symlink": "symbolic link to nothing",
     "symlink_dir": "symbolic link to a folder (not followed)",
@@ -150,6 +154,12 @@ def seen_image_ids(views: pd.DataFrame) -> list[str]:
     ``views`` has seen (train and val), sorted: what its model card records."""
     real = views[(views["augmented"] == 0) & views["split"].isin(SEEN_SPLITS)]
     return sorted(set(real["image_id"].astype(str)))
+
+
+def seen_source_ids(views: pd.DataFrame) -> list[str]:
+    """The source groups (``source_id``) of those images, sorted."""
+    real = views[(views["augmented"] == 0) & views["split"].isin(SEEN_SPLITS)]
+    return sorted(set(real["source_id"].astype(str)))
 
 
 def write_classes(classes: list[str], folder: str | os.PathLike) -> Path:

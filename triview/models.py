@@ -109,9 +109,9 @@ def load_pretrained(backbone: nn.Module, source) -> dict[str, int]:
     architecture). Never downloads from a model hub.
     """
     if not isinstance(source, dict):
-        from triview.weights import Resolved, load_state
+        from triview.weights import load_state, resolve
 
-        source = load_state(Resolved("", str(source), "file", ""), backbone)
+        source = load_state(resolve("", str(source)), backbone)
     own = backbone.state_dict()
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in source.items()}
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

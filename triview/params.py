@@ -12,7 +12,7 @@ Everything else is derived from :data:`PARAMS`:
   owns it (:func:`stage_config`), because KFP's UI can start runs too;
 * the library's configuration objects (``TrainConfig`` is :func:`config_class` of the
   ``train-branch`` stage);
-* the README's parameter table (:func:`markdown_table`).
+* the docs' parameter table, ``docs/reference/parameters.md`` (:func:`markdown_table`).
 
 Parameters stay flat (one pipeline input each) rather than grouped into one dict per
 stage: the KFP UI then shows every parameter with its type, default and description
@@ -294,8 +294,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     # train-branch
     Param("backbone", str, "efficientnet_lite0", "Backbone from the registry.",
           ("train-branch",), choices=backbone_names),
-    Param("epochs", int, 0, "Fine-tuning epochs (after the head phase, when head_epochs > 0; "
-          "0 then keeps the head trained on frozen features).", ("train-branch",), low=0,
+    Param("epochs", int, 0, "Fine-tuning epochs (after the head phase, when head_folds or "
+          "head_epochs > 0; 0 then keeps the head fitted on frozen features).", ("train-branch",), low=0,
           high=10_000),
     Param("batch_size", int, 32, "Images per optimisation step.", ("train-branch",), low=1),
     Param("lr", float, 0.0003, "Initial learning rate (of the head, when fine-tuning a "
@@ -352,8 +352,14 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           "out-of-fold log-loss), cross-fitted over this many folds so that every image it is "
           "fitted on also gets a prediction from a head that never saw it; with epochs=0 those "
           "out-of-fold predictions of train and validation are what the temperature and the "
-          "voter are fitted and chosen on. 0: no head phase (a backbone trained from scratch).",
+          "voter are fitted and chosen on. 0: the head is trained for head_epochs instead.",
           ("train-branch",), low=0, high=20),
+    Param("head_epochs", int, 60, "With head_folds=0: train the new head first for this many "
+          "epochs on features of the frozen backbone, computed once per crop (0: off); "
+          "fine-tuning then starts from that head and keeps it unless an epoch beats it on "
+          "validation. Unused while head_folds > 0.", ("train-branch",), low=0, high=10_000),
+    Param("head_lr", float, 0.001, "Learning rate of the head phase (head_epochs).",
+          ("train-branch",), low=0.0, low_open=True, high=10.0),
     Param("feature_passes", int, 1, "Passes of every crop the head is fitted on through the "
           "frozen backbone: 1 the crop itself, each further pass an augmented draw (the "
           "augment parameters, seeded by image id and pass).", ("train-branch",), low=1,
@@ -393,8 +399,13 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("gate_min_macro_f1", float, 0.0, "Absolute bar: the ensemble's test macro-F1 must "
           "reach it to be blessed.", ("evaluate",), **_UNIT, field="min_value"),
     Param("gate_min_delta", float, -0.01, "Least change of macro-F1 against the champion on "
-          "the same test images: negative tolerates that much regression, positive demands "
-          "that much gain.", ("evaluate",), low=-1.0, high=1.0, field="min_delta"),
+          "the same clean test images, shown at gate_confidence by a paired bootstrap: "
+          "negative tolerates that much regression (non-inferiority), positive demands that "
+          "much gain (superiority).", ("evaluate",), low=-1.0, high=1.0, field="min_delta"),
+    Param("gate_confidence", float, 0.95, "Confidence of the gate's paired test: the "
+          "challenger is blessed when this two-sided interval of its macro-F1 change against "
+          "the champion lies above gate_min_delta (one-sided p <= (1 - confidence) / 2).",
+          ("evaluate",), low=0.5, high=1.0, high_open=True, field="confidence"),
     Param("gate_min_clean_images", int, 20, "Fewest clean test images (neither the champion "
           "nor the challenger trained or validated on them) the champion comparison is made on; "
           "with fewer, gate_fallback decides.", ("evaluate",), low=1, field="min_clean_images"),
@@ -455,14 +466,14 @@ def _rule_folds(v: dict) -> str | None:
 
 def _rule_linear_head(v: dict) -> str | None:
     if v["hidden"] and v["head_folds"]:
-        return (f"hidden={v['hidden']} with head_folds={v['head_folds']}: the head phase fits a "
-                "linear head; set head_folds=0 (and epochs > 0) for a hidden layer")
+        return (f"hidden={v['hidden']} with head_folds={v['head_folds']}: the cross-fitted head "
+                "is linear; set head_folds=0 for a hidden layer (trained for head_epochs)")
     return None
 
 
 def _rule_something_trains(v: dict) -> str | None:
-    if v["epochs"] + v["head_folds"] == 0:
-        return "epochs and head_folds are both 0: nothing would train"
+    if v["epochs"] + v["head_folds"] + v["head_epochs"] == 0:
+        return "epochs, head_folds and head_epochs are all 0: nothing would train"
     return None
 
 
@@ -507,15 +518,16 @@ def validate(values: dict[str, Any], *, complete: bool = False) -> dict[str, Any
     for key, value in values.items():
         param = PARAMS.get(key)
         if param is None:
-            problems.append(f"unknown parameter {key!r}")
+            near = close_names(key)
+            problems.append(f"unknown parameter {key!r}"
+                            + (f": did you mean {' or '.join(near)}?" if near else "")
+                            + " (`triview params` lists them all)")
             continue
         try:
             out[key] = param.validate(value)
         except ParamError as exc:
             problems.append(str(exc))
     if problems:
-        if any(p.startswith("unknown parameter") for p in problems):
-            problems.append(f"known parameters: {', '.join(PARAMS)}")
         raise ParamError("; ".join(problems))
     full = {**defaults(), **out}
     problems = [msg for rule in RULES if (msg := rule(full))]
@@ -524,13 +536,21 @@ def validate(values: dict[str, Any], *, complete: bool = False) -> dict[str, Any
     return full if complete else out
 
 
+def close_names(name: str, n: int = 3) -> list[str]:
+    """The parameter names nearest to ``name`` (difflib), best first."""
+    import difflib
+
+    return difflib.get_close_matches(name.replace("-", "_"), list(PARAMS), n=n, cutoff=0.6)
+
+
 def parse_pairs(pairs: list[str]) -> dict[str, Any]:
     """``["epochs=3", "image-size=48"]`` -> typed, checked values."""
     raw = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ParamError(f"--param expects key=value, got {pair!r}")
+            raise ParamError(f"--param takes KEY=VALUE as one word, got {pair!r}: "
+                             f"write --param {pair.strip()}=VALUE")
         raw[key.strip().replace("-", "_")] = value.strip()
     return validate(raw)
 
@@ -606,7 +626,7 @@ def default_text(param: Param) -> str:
 
 
 def help_text(param: Param) -> str:
-    """The help sentence plus the allowed values (what the UI and the README show)."""
+    """The help sentence plus the allowed values (what the UI and the docs show)."""
     allowed = param.describe_range()
     return f"{param.help} ({allowed})" if allowed else param.help
 
@@ -630,7 +650,7 @@ def docstring(summary: str, leading: dict[str, str]) -> str:
 
 
 def markdown_table() -> str:
-    """The README's parameter table, stage by stage."""
+    """The docs' parameter table, stage by stage."""
     rows = ["| parameter | type | default | allowed | stage | what it does |",
             "|---|---|---|---|---|---|"]
     for stage in STAGES:

@@ -4,7 +4,6 @@ geometry and lens) and then through the exported model (ONNX Runtime, else Torch
 """
 from __future__ import annotations
 
-import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,12 @@ class Prediction:
     path: str
     labels: list[tuple[str, float]] = field(default_factory=list)   # best first
     error: str | None = None
+    views: dict[str, tuple[str, float]] | None = None   # each view's own top label
 
     def to_json(self) -> dict:
         out = {"path": self.path, "labels": labels_json(self.labels)}
+        if self.views is not None:
+            out["views"] = {v: labels_json([top])[0] for v, top in self.views.items()}
         if self.error:
             out["error"] = self.error
         return out
@@ -78,30 +80,56 @@ class Predictor:
         return self.views_of_bytes(path.read_bytes())
 
     def views_of_bytes(self, data: bytes, max_pixels: int = validate.MAX_PIXELS) -> dict[str, np.ndarray]:
-        """The RGB views of one image file's bytes, produced as in training: ingest's
-        validation keeps the original bytes when OpenCV decodes them as PIL does, else
-        stores a normalised 8-bit RGB PNG; calibrate-and-crop then cuts the views from
-        those bytes. Raises :class:`PredictError` for what ingest would quarantine."""
-        decoded = validate.decode(data, min_size=1, max_pixels=max_pixels)
+        """The RGB views of one image file's bytes, produced as in training, decoding the
+        file once: ingest's validation (which keeps the original bytes when OpenCV decodes
+        them as PIL does, else stores the normalised 8-bit RGB image) gives the pixels
+        calibrate-and-crop would decode from what ingest stored (a JPEG at the same DCT
+        scale), and the views are cut from them. Raises :class:`PredictError` for what
+        ingest would quarantine (a file declaring more than ``max_pixels`` is refused
+        from its header, before any decoding)."""
+        return self.views_and_size(data, max_pixels)[0]
+
+    def views_and_size(self, data: bytes, max_pixels: int = validate.MAX_PIXELS
+                       ) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+        """:meth:`views_of_bytes` and the photo's (width, height) at full resolution, EXIF
+        orientation applied: the frame the views were cut from."""
+        decoded = validate.decode(
+            data, min_size=1, max_pixels=max_pixels,
+            jpeg_reduction=lambda w, h: crop.choose_reduction(w, h, self.geometry))
         if decoded.reason is not None:
             raise PredictError(decoded.reason.replace("_", " ")
                                + (f" ({decoded.detail})" if decoded.detail else ""))
-        if decoded.keep_suffix:
-            stored = data
-        else:
-            buffer = io.BytesIO()
-            decoded.image.save(buffer, format="PNG")
-            stored = buffer.getvalue()
+        rgb = np.asarray(decoded.image)
+        decoded.image = None  # the array is the one copy of the pixels from here on
         try:
-            return self.cropper.views_of_bytes(stored, jpeg=decoded.keep_suffix == ".jpg")
+            views = self.cropper.views_of_image(rgb, decoded.source_size)
         except ValueError as exc:
             raise PredictError(str(exc)) from exc
+        # a JPEG decoded at a DCT scale is never rotated: its declared size is the frame
+        size = decoded.source_size if decoded.reduction > 1 else (rgb.shape[1], rgb.shape[0])
+        return views, size
+
+    def _inputs(self, views: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        return [np.stack([b[v] for b in views]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+                for v in self.card["views"]]
 
     def probabilities(self, views: list[dict[str, np.ndarray]]) -> np.ndarray:
         """The model's output (N x C) for the views of N images."""
-        inputs = [np.stack([b[v] for b in views]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-                  for v in self.card["views"]]
-        return self.run(inputs)
+        return self.run(self._inputs(views))
+
+    def view_probabilities(self, views: list[dict[str, np.ndarray]]
+                           ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """The model's output (N x C) and each view's own probabilities ``{view: N x C}``
+        (None when the export has no per-view outputs)."""
+        probs, per_view = self.run.with_views(self._inputs(views))
+        if per_view is None:
+            return probs, None
+        return probs, dict(zip(self.card["views"], per_view))
+
+    def top(self, prob: np.ndarray) -> tuple[str, float]:
+        """The best class and its score (the first in :meth:`labels` order)."""
+        best = int(np.argsort(-prob, kind="stable")[0])
+        return self.classes[best], float(prob[best])
 
     def default_threshold(self):
         """0.5, or for multi-label models the per-label thresholds tuned on validation."""
@@ -109,12 +137,13 @@ class Predictor:
         return np.asarray(tuned, dtype=np.float64) if tuned else 0.5
 
     def predict(self, paths: list[str], threshold: float | None = None,
-                batch_size: int = 64) -> list[Prediction]:
+                batch_size: int = 64, views: bool = False) -> list[Prediction]:
         """Labels with scores for every path (best first); failures carry an error instead.
 
         Multi-class: the best class always, and any other class scoring >= threshold
         (default 0.5). Multi-label: every label scoring >= its threshold; by default the
-        per-label thresholds tuned on validation (the model card's), else 0.5.
+        per-label thresholds tuned on validation (the model card's), else 0.5. With
+        ``views``, each prediction also names every view's own top label and score.
         """
         if threshold is None:
             threshold = self.default_threshold()
@@ -129,8 +158,18 @@ class Predictor:
                     results[i].error = str(exc)
             if not batch:
                 continue
-            for i, prob in zip(index, self.probabilities(batch)):
+            if views:
+                probs, per_view = self.view_probabilities(batch)
+                if per_view is None:
+                    raise PredictError(f"the model in {self.folder} has no per-view outputs: "
+                                       f"its voter reads one view only, or it was exported "
+                                       f"before them (export it again to see each view)")
+            else:
+                probs, per_view = self.probabilities(batch), None
+            for j, (i, prob) in enumerate(zip(index, probs)):
                 results[i].labels = self.labels(prob, threshold)
+                if per_view is not None:
+                    results[i].views = {v: self.top(p[j]) for v, p in per_view.items()}
         return results
 
     def labels(self, prob: np.ndarray, threshold=None) -> list[tuple[str, float]]:
@@ -156,15 +195,19 @@ class Predictor:
 def format_table(predictor: Predictor, results: list[Prediction]) -> str:
     from tabulate import tabulate
 
+    shown_views = any(r.views for r in results)
     rows = [[r.path, "ERROR: " + r.error if r.error else
-             ", ".join(f"{k} ({s:.3f})" for k, s in r.labels) or "(none)"] for r in results]
+             ", ".join(f"{k} ({s:.3f})" for k, s in r.labels) or "(none)"]
+            + ([", ".join(f"{v}: {k} ({s:.3f})" for v, (k, s) in (r.views or {}).items())]
+               if shown_views else []) for r in results]
     counts = predictor.counts(results)
     ok = sum(r.error is None for r in results)
     per_class = [[c, counts.get(c, 0), f"{counts.get(c, 0) / ok:.1%}" if ok else "-"]
                  for c in predictor.classes]
     failed = len(results) - ok
     return "\n".join([
-        tabulate(rows, headers=["image", "labels (score)"]), "",
+        tabulate(rows, headers=["image", "labels (score)"]
+                 + (["each view's top label"] if shown_views else [])), "",
         tabulate(per_class, headers=["class", "images", "share"]), "",
         f"{ok} images predicted" + (f", {failed} failed" if failed else ""),
     ])

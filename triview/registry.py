@@ -105,15 +105,20 @@ def resolve_model(location: str, dest: str | Path | None = None) -> Path:
 
     ``location`` is an exported model folder (has ``model_card.json``), a registry
     model folder (``.../models/<name>``: its champion) or a version in it
-    (``.../models/<name>/<version>``), locally or on ``s3://``.
+    (``.../models/<name>/<version>``), locally or on ``s3://``, or the ``--out`` folder
+    of a ``triview run`` (its ``run_summary.json`` names the model).
     """
+    from triview.summary import model_of_run
+
     location = check_location(location.rstrip("/"))
+    location = model_of_run(location) or location
     if storage.read_bytes_or_none(storage.join(location, CARD_FILE)) is not None:
         return storage.local_tree(location, dest)
     pointer = storage.read_bytes_or_none(storage.join(location, CHAMPION_FILE))
     if pointer is None:
-        raise RegistryError(f"{location!r} is neither an exported model (no {CARD_FILE}) "
-                            f"nor a registry model folder with a {CHAMPION_FILE}")
+        raise RegistryError(f"{location!r} is neither an exported model (no {CARD_FILE}), "
+                            f"a registry model folder with a {CHAMPION_FILE}, nor a "
+                            f"`triview run --out` folder (no run_summary.json)")
     version = json.loads(pointer)["version"]
     if storage.read_bytes_or_none(storage.join(location, str(version), CARD_FILE)) is None:
         raise RegistryError(f"champion version {version} of {location!r} has no {CARD_FILE}")
@@ -185,3 +190,20 @@ def resolve_model_spec(spec: str, dest: str | Path | None = None) -> tuple[Path,
     else:
         name = None
     return resolve_model(location, dest), name
+
+
+def registry_of_spec(spec: str) -> tuple[ModelRegistry, int] | None:
+    """The registry model a model spec comes from and the version it resolves to, or None
+    when it names an exported folder outside a registry (what ``triview serve`` offers
+    the other versions of)."""
+    location, version = split_version(spec)
+    if version is not None:
+        return registry_version(spec)
+    parts = location.rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == MODELS_DIR:          # .../models/<name>: its champion
+        registry = registry_for(location)
+        pointer = registry.champion()
+        return (registry, int(pointer["version"])) if pointer else None
+    if len(parts) >= 3 and parts[-3] == MODELS_DIR and parts[-1].isdigit():
+        return registry_for("/".join(parts[:-1])), int(parts[-1])   # .../models/<name>/<N>
+    return None

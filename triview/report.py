@@ -22,7 +22,7 @@ th{background:#f3f3f3}
 .gallery{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:1.5em}
 .card{border:1px solid #ddd;padding:6px;font-size:12px;text-align:center;background:#fafafa}
 .card img{width:96px;height:96px;image-rendering:pixelated;margin:1px}
-.blessed{color:#0a0;font-weight:bold}.unblessed{color:#c00;font-weight:bold}
+.blessed{color:#0a0;font-weight:bold}.unblessed,.warning{color:#c00;font-weight:bold}
 figure{display:inline-block;margin:0 12px 12px 0}
 """
 
@@ -33,6 +33,7 @@ class ReportInputs:
     voter: dict
     candidates: pd.DataFrame | None = None
     histories: dict[str, pd.DataFrame] = field(default_factory=dict)
+    head_histories: dict[str, pd.DataFrame] = field(default_factory=dict)  # view -> head epochs
     timing: dict | None = None
     misclassified: list[dict] = field(default_factory=list)   # may carry "crops": {view: RGB}
     gradcam: dict[str, list[dict]] = field(default_factory=dict)  # view -> [{"overlay", ...}]
@@ -109,19 +110,33 @@ def _roc_figure(curve: dict, auc: float | None) -> str:
     return figure_data_uri(fig)
 
 
-def _curves_figure(histories: dict[str, pd.DataFrame]) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=80)
-    for view, h in histories.items():
-        line, = axes[0].plot(h["epoch"], h["train_loss"], label=f"{view} train")
-        if "val_loss" in h:
-            axes[0].plot(h["epoch"], h["val_loss"], "--", color=line.get_color(), label=f"{view} val")
-        if "val_macro_f1" in h:
-            axes[1].plot(h["epoch"], h["val_macro_f1"], marker="o", ms=3, label=view)
-    axes[0].set_title("loss", fontsize=10)
-    axes[1].set_title("validation macro-F1", fontsize=10)
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
+def _curves_figure(histories: dict[str, pd.DataFrame],
+                   head_histories: dict[str, pd.DataFrame] | None = None) -> str:
+    """Loss and validation macro-F1 per epoch: one row of plots for the head phase (x: head
+    epoch) when there was one, one for the epochs of ``history.csv`` when there are more
+    than the head's row (fine-tuning; epoch 0 is the head phase's best)."""
+    panels = []
+    if head_histories:
+        panels.append(("head phase", "head epoch", {v: h.rename(columns={"head_epoch": "x"})
+                                                    for v, h in head_histories.items()}))
+    trained = {v: h.assign(x=h["epoch"]) for v, h in histories.items()
+               if not head_histories or len(h) > 1}
+    if trained:
+        panels.append(("fine-tuning (0: head phase)" if head_histories else "training",
+                       "epoch", trained))
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.4 * len(panels)), dpi=80, squeeze=False)
+    for row, (title, xlabel, curves) in zip(axes, panels):
+        for view, h in curves.items():
+            line, = row[0].plot(h["x"], h["train_loss"], label=f"{view} train")
+            if "val_loss" in h:
+                row[0].plot(h["x"], h["val_loss"], "--", color=line.get_color(), label=f"{view} val")
+            if "val_macro_f1" in h:
+                row[1].plot(h["x"], h["val_macro_f1"], marker="o", ms=3, label=view)
+        row[0].set_title(f"{title}: loss", fontsize=9)
+        row[1].set_title(f"{title}: validation macro-F1", fontsize=9)
+        for ax in row:
+            ax.set_xlabel(xlabel)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return figure_data_uri(fig)
 
@@ -156,23 +171,73 @@ def _reliability_figure(calibration: dict) -> str:
     return figure_data_uri(fig)
 
 
+def _curves_caption(histories: dict[str, pd.DataFrame],
+                    head_histories: dict[str, pd.DataFrame]) -> str:
+    """What the training curves show, in words."""
+    parts = []
+    if head_histories:
+        epochs = max(len(h) for h in head_histories.values())
+        parts.append(f"Head phase (epoch 0): {epochs} epochs per view of the new head on "
+                     f"features of the frozen backbone, computed once per crop.")
+    tuned = max((int((h["epoch"] > 0).sum()) for h in histories.values()), default=0)
+    if tuned:
+        parts.append(f"Fine-tuning: {tuned} epochs" + (", starting from the head phase's best "
+                                                       "(epoch 0)." if head_histories else "."))
+    elif head_histories:
+        parts.append("No fine-tuning epochs (epochs=0): the head phase's best is the model.")
+    return f"<p>{' '.join(parts)}</p>" if parts else ""
+
+
 def _table_html(df: pd.DataFrame, **kwargs) -> str:
+    """One header row: a named index becomes the first column (pandas would give the
+    name a header row of its own, empty but for that name)."""
+    if df.index.name is not None and kwargs.get("index", True):
+        df, kwargs = df.reset_index(), {**kwargs, "index": False}
     return df.round(4).to_html(na_rep="–", border=0, **kwargs)
 
 
 def _blessing_html(b: dict) -> str:
-    verdict = "<span class='blessed'>BLESSED</span>" if b["blessed"] else \
-        "<span class='unblessed'>NOT BLESSED</span>"
+    """The gate's verdict. Without a registry there is nothing to compare with or promote,
+    and the section says so instead of a verdict."""
+    if b.get("comparison") == "no_registry":
+        return ("<p>No registry (the <code>registry</code> parameter is empty): no champion to "
+                f"compare with, and nothing is promoted. The absolute bar: {html.escape(b['metric'])} "
+                f"{b['challenger']:.4f} against gate_min_macro_f1 "
+                f"{(b.get('thresholds') or {}).get('min_value', 0.0):.4f}.</p>")
+    verdict = "<span class='blessed'>blessed</span>" if b["blessed"] else \
+        "<span class='unblessed'>not blessed</span>"
     items = "".join(f"<li>{html.escape(r)}</li>" for r in b.get("reasons", []))
     rows = {k: b.get(k) for k in ("metric", "challenger", "challenger_compared", "champion", "delta",
-                                  "champion_version", "comparison")}
+                                  "champion_version", "comparison", "rule")}
+    if b.get("interval") is not None:
+        confidence = (b.get("thresholds") or {}).get("confidence")
+        rows[f"delta {confidence:.0%} interval" if confidence else "delta interval"] = \
+            f"[{b['interval'][0]:+.4f}, {b['interval'][1]:+.4f}]"
+        rows["p-value"] = f"{b['p_value']:.4g}"
     clean = b.get("clean") or {}
     if clean:
         rows.update({"test images": clean["test_images"], "clean test images": clean["clean_images"],
                      **{f"excluded: {k.replace('_', ' ')}": v for k, v in clean["excluded"].items()}})
     rows.update({f"threshold {k}": v for k, v in (b.get("thresholds") or {}).items()})
+    rows = {k: v for k, v in rows.items() if v is not None}   # no rows of "–"
     table = pd.DataFrame({"value": rows}).rename_axis("gate")
-    return f"<p>{verdict}</p><ul>{items}</ul>" + table.to_html(na_rep="–", border=0)
+    return f"<p>The challenger is {verdict}.</p><ul>{items}</ul>" + _table_html(table)
+
+
+def _interval_html(result: dict) -> str:
+    """The 95 % interval of the ensemble's test accuracy, and a warning when it is too
+    wide to trust."""
+    ci = result.get("accuracy_interval")
+    if not ci:
+        return ""
+    text = (f"<p>Ensemble test accuracy {result['ensemble']['accuracy']:.3f} on {ci['n']} test "
+            f"images: {ci['confidence']:.0%} interval {ci['low']:.3f} to {ci['high']:.3f} "
+            f"(Wilson score interval).</p>")
+    if not ci["trusted"]:
+        text += (f"<p class='warning'>{ci['n']} test images are too few to trust these "
+                 f"figures: one image is {1 / max(ci['n'], 1):.1%} of accuracy. Add photos or "
+                 f"raise test_fraction.</p>")
+    return text
 
 
 def _drift_html(d: dict) -> str:
@@ -187,7 +252,7 @@ def _drift_html(d: dict) -> str:
     shares = pd.DataFrame({"champion's data": d["classes"]["reference_share"],
                            "new images": d["classes"]["new_share"]}).rename_axis("class share")
     return (f"<ul>{items}</ul>" + pd.DataFrame({"value": rows}).rename_axis("drift")
-            .to_html(na_rep="–", border=0) + _table_html(shares))
+            .pipe(_table_html) + _table_html(shares))
 
 
 def _card(image_uris: list[str], caption: str) -> str:
@@ -210,12 +275,12 @@ def render_html(inp: ReportInputs) -> str:
     if versus:
         css = "blessed" if versus["beats"] else "unblessed"
         parts.append(f"<p class='{css}'>{html.escape(versus['statement'][0].upper() + versus['statement'][1:])}.</p>")
+    parts += ["<h2>Test metrics</h2>", _table_html(metrics_table(r)), _interval_html(r)]
     if inp.blessing is not None:
         parts += ["<h2>Gate (champion / challenger)</h2>", _blessing_html(inp.blessing)]
     if inp.drift is not None:
         parts += ["<h2>Drift against the champion's data</h2>", _drift_html(inp.drift)]
-    parts += ["<h2>Test metrics</h2>", _table_html(metrics_table(r)),
-              "<h2>Per class F1 (views and ensemble side by side)</h2>", _table_html(per_class_table(r)),
+    parts += ["<h2>Per class F1 (views and ensemble side by side)</h2>", _table_html(per_class_table(r)),
               "<h2>Per class ROC-AUC (one-vs-rest)</h2>", _table_html(roc_auc_table(r)),
               "<h2>Classification report (ensemble)</h2>",
               _table_html(pd.DataFrame(r["classification_report"]).T)]
@@ -237,9 +302,9 @@ def render_html(inp: ReportInputs) -> str:
                   f"ms per sample; batched ({t.get('batch', 64)} per batch, all threads): "
                   f"{t.get('ensemble_batched_ms_per_sample', float('nan')):.3f} "
                   f"ms per sample. {t.get('ensemble_parameters', 0):,} parameters in all.</p>", _table_html(timing_table(t))]
-    if inp.histories:
-        parts += ["<h2>Training curves</h2>",
-                  f"<img alt='training curves' src='{_curves_figure(inp.histories)}'>"]
+    if inp.histories or inp.head_histories:
+        parts += ["<h2>Training curves</h2>", _curves_caption(inp.histories, inp.head_histories),
+                  f"<img alt='training curves' src='{_curves_figure(inp.histories, inp.head_histories)}'>"]
     if inp.candidates is not None:
         parts += ["<h2>Voter candidates (validation)</h2>", _table_html(inp.candidates, index=False)]
     parts.append("<h2>Confusion matrices</h2>")
@@ -286,16 +351,24 @@ def render_markdown(inp: ReportInputs) -> str:
     if r.get("versus_best_view"):
         statement = r["versus_best_view"]["statement"]
         md += [statement[0].upper() + statement[1:] + ".", ""]
+    md += ["## Test metrics", "", metrics_table(r).round(4).to_markdown(), ""]
+    ci = r.get("accuracy_interval")
+    if ci:
+        md += [f"Ensemble test accuracy on {ci['n']} images: {ci['confidence']:.0%} interval "
+               f"{ci['low']:.3f} to {ci['high']:.3f} (Wilson)"
+               + ("" if ci["trusted"] else "; too few test images to trust these figures"), ""]
     if inp.blessing is not None:
         b = inp.blessing
-        md += ["## Gate", "", f"**{'blessed' if b['blessed'] else 'not blessed'}**: "
-               + "; ".join(b.get("reasons", [])), ""]
+        verdict = ("no registry: no champion to compare with, nothing promoted"
+                   if b.get("comparison") == "no_registry"
+                   else f"**{'blessed' if b['blessed'] else 'not blessed'}**: "
+                   + "; ".join(b.get("reasons", [])))
+        md += ["## Gate", "", verdict, ""]
     if inp.drift is not None:
         from triview.drift import summary_lines
 
         md += ["## Drift against the champion's data", ""] + [f"- {x}" for x in summary_lines(inp.drift)] + [""]
-    md += ["## Test metrics", "", metrics_table(r).round(4).to_markdown(), "",
-           "## Per class F1", "", per_class_table(r).round(4).to_markdown(), "",
+    md += ["## Per class F1", "", per_class_table(r).round(4).to_markdown(), "",
            "## Per class (ensemble)", "", pd.DataFrame(r["classification_report"]).T.round(4).to_markdown()]
     if r.get("calibration"):
         md += ["", "## Calibration (expected calibration error on test)", "",

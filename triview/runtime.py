@@ -29,23 +29,68 @@ def onnx_feed(session, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {i.name: inputs[int(i.name.removeprefix("view"))] for i in session.get_inputs()}
 
 
+#: The ONNX graph's first output: the ensemble's probabilities (N x C).
+ENSEMBLE_OUTPUT = "probabilities"
+
+
+def view_output_name(k: int) -> str:
+    """The output with view ``k``'s own probabilities (exports since per-view outputs)."""
+    return f"view{k}_probabilities"
+
+
 def run_onnx(session, inputs: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """The ensemble's probabilities (the graph's first output) for per-view inputs."""
     n = len(inputs[0])
-    out = [session.run(None, onnx_feed(session, [x[i:i + batch_size] for x in inputs]))[0]
+    first = [session.get_outputs()[0].name]
+    out = [session.run(first, onnx_feed(session, [x[i:i + batch_size] for x in inputs]))[0]
            for i in range(0, n, batch_size)]
     return np.concatenate(out)
 
 
-def load_runtime(folder: str | Path, threads: int = 0
-                 ) -> tuple[Callable[[list[np.ndarray]], np.ndarray], dict]:
-    """A function from per-view float32 NCHW arrays to probabilities, and the card.
+def run_onnx_views(session, inputs: list[np.ndarray], batch_size: int = 256
+                   ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """The ensemble's probabilities and each view's own, in view order; the views are
+    None for a graph exported without per-view outputs."""
+    names = {o.name for o in session.get_outputs()}
+    wanted = [view_output_name(k) for k in range(len(inputs))]
+    if not set(wanted) <= names:
+        return run_onnx(session, inputs, batch_size), None
+    fetch = [session.get_outputs()[0].name] + wanted
+    parts = [session.run(fetch, onnx_feed(session, [x[i:i + batch_size] for x in inputs]))
+             for i in range(0, len(inputs[0]), batch_size)]
+    joined = [np.concatenate(column) for column in zip(*parts)]
+    return joined[0], joined[1:]
+
+
+class Runtime:
+    """An exported ensemble ready to run: called with per-view float32 NCHW arrays it
+    returns the probabilities (N x C); :meth:`with_views` also each view's own."""
+
+    def __init__(self, run: Callable[[list[np.ndarray]], np.ndarray],
+                 run_views: Callable[[list[np.ndarray]], tuple] | None = None) -> None:
+        self._run, self._run_views = run, run_views
+
+    def __call__(self, inputs: list[np.ndarray]) -> np.ndarray:
+        return self._run(inputs)
+
+    def with_views(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """``(probabilities, [view probabilities] or None)``: None for a TorchScript-only
+        export or an ONNX graph without per-view outputs."""
+        if self._run_views is None:
+            return self._run(inputs), None
+        return self._run_views(inputs)
+
+
+def load_runtime(folder: str | Path, threads: int = 0) -> tuple[Runtime, dict]:
+    """A :class:`Runtime` from per-view float32 NCHW arrays to probabilities, and the card.
     ONNX Runtime when the export has an ONNX file, else TorchScript."""
     folder = Path(folder)
     card = read_card(folder)
     onnx_file = card.get("files", {}).get("onnx")
     if onnx_file and (folder / onnx_file).is_file():
         session = onnx_session(folder / onnx_file, threads)
-        return (lambda inputs: run_onnx(session, inputs)), card
+        return Runtime(lambda inputs: run_onnx(session, inputs),
+                       lambda inputs: run_onnx_views(session, inputs)), card
     import warnings
 
     import torch
@@ -59,4 +104,4 @@ def load_runtime(folder: str | Path, threads: int = 0
         tensors = [torch.as_tensor(x) for x in inputs]
         return torch.cat([module(*[t[i:i + batch_size] for t in tensors])
                           for i in range(0, len(tensors[0]), batch_size)]).numpy()
-    return run, card
+    return Runtime(run), card

@@ -95,3 +95,23 @@ def selection_scores(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     pred = predicted(prob, task, tune_thresholds(y, prob) if task == "multilabel" else None)
     return {"val_accuracy": float(accuracy_score(y, pred)), "val_macro_f1": macro_f1(y, pred),
             "val_log_loss": mean_log_loss(y, prob)}
+
+
+#: A test figure whose 95 % interval is wider than this (more than about ±10 points) rests
+#: on too few images to be trusted: the console and the report say so.
+TRUSTED_INTERVAL_WIDTH = 0.2
+
+
+def accuracy_interval(correct: int, n: int, confidence: float = 0.95) -> dict:
+    """The Wilson score interval of an accuracy of ``correct`` out of ``n`` test images
+    (scipy's ``binomtest``): ``{"low", "high", "n", "confidence", "method", "trusted"}``;
+    ``trusted`` is False when it is wider than :data:`TRUSTED_INTERVAL_WIDTH`."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return {"low": 0.0, "high": 1.0, "n": 0, "confidence": confidence, "method": "wilson",
+                "trusted": False}
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    low, high = float(ci.low), float(ci.high)
+    return {"low": round(low, 4), "high": round(high, 4), "n": int(n), "confidence": confidence,
+            "method": "wilson", "trusted": high - low <= TRUSTED_INTERVAL_WIDTH}

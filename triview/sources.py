@@ -8,7 +8,10 @@ One entry point, :func:`open_source`, picks the reader by what ``data`` is:
   become the class map;
 - a CSV or Parquet table for multi-label data: ``path,labels`` (``;``-separated) or
   ``path`` plus one 0/1 column per label, an optional ``split`` column;
-- an ``s3://bucket/prefix`` (a folder layout below it, or one ZIP/CSV/Parquet object).
+- an ``s3://bucket/prefix`` (a folder layout below it, or one ZIP/CSV/Parquet object);
+- a ``customvision://HOST/PROJECT_ID`` Azure Custom Vision project
+  (:mod:`triview.customvision`): one item per image, its tags as labels, downloaded by
+  ingest's workers.
 
 Every file of the input becomes exactly one item. Items that must never be read
 (a symlink out of the root, an unsafe or oversized ZIP entry, OS litter) carry
@@ -27,6 +30,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from triview import customvision
 from triview import manifest as mf
 from triview import storage
 from triview.dataroot import OUTSIDE_ROOT, DataRoots
@@ -46,12 +50,20 @@ class SourceError(ValueError):
 
 class Item(NamedTuple):
     rel: str                       # the file as the user knows it (relative to the input)
-    locator: tuple                 # ("file", path) | ("zip", archive, member) | ("s3", uri) | ()
+    locator: tuple                 # ("file", path) | ("zip", archive, member) | ("s3", uri)
+                                   # | ("url", uri) | ()
     labels: tuple[str, ...] = ()   # after class-map lookup; () when there is none
     split: str | None = None       # split given by the input layout or table
     reason: str | None = None      # quarantined without being read
     detail: str = ""
     label_reason: str | None = None  # quarantined after decoding (no_label, unknown_label)
+    key: str = ""                  # rel without the wrapping folder ("" : rel itself)
+
+    @property
+    def data_path(self) -> str:
+        """The file's path in the data root once a wrapping folder is taken off: the same
+        for a folder, its ZIP and a ZIP of the folder (what the source id is made from)."""
+        return self.key or self.rel
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,7 @@ class ZipLimits:
 
 @dataclass
 class Source:
-    kind: str                              # folder | zip | table | s3
+    kind: str                              # folder | zip | table | s3 | customvision
     items: list[Item]
     classes: list[str] | None = None       # declared class order (data.yaml, one-hot columns)
     notes: list[str] = field(default_factory=list)
@@ -78,13 +90,18 @@ class Source:
 
 def open_source(data: str | os.PathLike, zip_limits: ZipLimits = ZipLimits(),
                 allowed_roots: tuple[str, ...] = ()) -> Source:
-    """Enumerate every file of ``data`` (folder, ZIP, CSV/Parquet table or s3:// URI).
+    """Enumerate every file of ``data`` (folder, ZIP, CSV/Parquet table, s3:// URI or
+    customvision:// project).
 
     Paths inside the input (table rows, symbolic links) lead only into the data root
     or into one of ``allowed_roots`` (folders or ``s3://bucket/prefix``): see
-    :mod:`triview.dataroot`.
+    :mod:`triview.dataroot`. A Custom Vision project's images are downloaded only from
+    the service's hosts or an ``https://HOST`` of ``allowed_roots``: see
+    :mod:`triview.customvision`.
     """
     text = str(data)
+    if customvision.is_customvision(text):
+        return _customvision_source(text, allowed_roots)
     if storage.is_s3(text):
         return _s3_source(text, zip_limits, allowed_roots)
     src = Path(data)
@@ -99,7 +116,7 @@ def open_source(data: str | os.PathLike, zip_limits: ZipLimits = ZipLimits(),
     if zipfile.is_zipfile(src):
         return _zip_source(src, zip_limits)
     raise SourceError(f"input {text!r} is neither a folder, a ZIP archive, a CSV/Parquet "
-                      f"table nor an s3:// URI")
+                      f"table, an s3:// URI nor a customvision:// project")
 
 
 # ----------------------------------------------------------------------------- layout
@@ -118,11 +135,12 @@ def _is_system(rel: str) -> bool:
 
 def _strip_wrapper(rels: list[str]) -> int:
     """How many leading folders every path shares as a single wrapping folder
-    (``dataset/<class>/x.jpg`` -> 1)."""
+    (``dataset/<class>/x.jpg`` -> 1). A folder is a wrapper only while some path keeps a
+    folder below it: ``cat/x.jpg`` alone is one class folder, not a wrapper of loose files."""
     depth = 0
     parts = [r.split("/") for r in rels]
     while parts and all(len(p) > depth + 1 for p in parts) and \
-            len({p[depth] for p in parts}) == 1:
+            any(len(p) > depth + 2 for p in parts) and len({p[depth] for p in parts}) == 1:
         depth += 1
     return depth
 
@@ -153,36 +171,38 @@ def _labelled(source: Source, entries: list[_Entry], read_meta) -> Source:
     items = []
     for r, e in stripped:
         if e.reason is not None:
-            items.append(Item(e.rel, (), reason=e.reason, detail=e.detail))
+            items.append(Item(e.rel, (), reason=e.reason, detail=e.detail, key=r))
             continue
         if _is_system(r):
-            items.append(Item(e.rel, (), reason="system_file", detail="hidden or OS metadata"))
+            items.append(Item(e.rel, (), reason="system_file", detail="hidden or OS metadata",
+                              key=r))
             continue
         parts = r.split("/")
         if len(parts) == 1 and r.lower() in CLASS_MAP_FILES:
             items.append(Item(e.rel, (), reason="metadata",
-                              detail=map_problem or "class map (data.yaml)"))
+                              detail=map_problem or "class map (data.yaml)", key=r))
             continue
         if len(parts) == 1 and PurePosixPath(r).suffix.lower() in _DOC_SUFFIXES:
-            items.append(Item(e.rel, (), reason="metadata", detail="document beside the classes, not read"))
+            items.append(Item(e.rel, (), reason="metadata",
+                              detail="document beside the classes, not read", key=r))
             continue
         split = None
         if split_layout and parts[0].lower() in SPLIT_FOLDERS:
             split, parts = SPLIT_FOLDERS[parts[0].lower()], parts[1:]
         if len(parts) < 2:
             items.append(Item(e.rel, e.locator, label_reason="no_label",
-                              detail="file is not inside a class folder"))
+                              detail="file is not inside a class folder", key=r))
             continue
         folder = parts[0]
         if names is not None:
             label = folder if folder in names else index.get(folder)
             if label is None:
                 items.append(Item(e.rel, e.locator, split=split, label_reason="unknown_label",
-                                  detail=f"folder {folder!r} is not in the data.yaml names"))
+                                  detail=f"folder {folder!r} is not in the data.yaml names", key=r))
                 continue
         else:
             label = folder
-        items.append(Item(e.rel, e.locator, (label,), split))
+        items.append(Item(e.rel, e.locator, (label,), split, key=r))
     source.items = items
     source.classes = names
     if split_layout:
@@ -400,3 +420,29 @@ def _s3_source(uri: str, limits: ZipLimits, allowed_roots: tuple[str, ...]) -> S
     prefix = loc.key if not loc.key or loc.key.endswith("/") else loc.key + "/"
     entries = [_Entry(key[len(prefix):], ("s3", f"s3://{loc.bucket}/{key}")) for key, _ in objects]
     return _labelled(Source("s3", []), entries, lambda locator: store.get_bytes(locator[1]))
+
+
+# ----------------------------------------------------------------------------- Custom Vision
+
+
+def _customvision_source(uri: str, allowed_roots: tuple[str, ...]) -> Source:
+    """One item per image of the project: tagged images with their tag names as labels
+    (several tags: a multi-label row), untagged ones quarantined as ``untagged``, URIs
+    outside the service's hosts as ``outside_root`` (never requested)."""
+    try:
+        project = customvision.ProjectUri.parse(uri)
+        listing = customvision.list_project(project, customvision.training_key(),
+                                            allowed_hosts=allowed_roots)
+    except customvision.CustomVisionError as exc:
+        raise SourceError(str(exc)) from None
+    items = []
+    for image in listing.images:
+        if not image.labels:
+            items.append(Item(image.image_id, (), reason="untagged",
+                              detail="no tag in the Custom Vision project"))
+        elif image.refused is not None:
+            items.append(Item(image.image_id, (), image.labels, reason=OUTSIDE_ROOT,
+                              detail=f"image URI {image.refused}"))
+        else:
+            items.append(Item(image.image_id, ("url", image.uri), image.labels))
+    return Source("customvision", items, notes=listing.notes)

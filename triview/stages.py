@@ -132,7 +132,8 @@ def checkpoint_location(checkpoint_root: str, run_id: str, seed: int, repeat: bo
 
 def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_dir: Folder,
                        view: str | int, out_dir: Folder, *, repeat: bool = False,
-                       run_id: str = "", **params) -> dict:
+                       run_id: str = "", feature_cache: Folder | None = None, on_epoch=None,
+                       **params) -> dict:
     """Train ``view``'s branch (a view name, or its index in the crop geometry's views);
     ``params`` are the spec's train-branch parameters.
 
@@ -141,6 +142,10 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
     a repeat of the main run with another seed (``repeats > 1``): its records and
     metrics are named ``train-branch-<view>-seed-<seed>``. ``run_id`` (KFP's job id on a
     cluster) names the checkpoint folder below ``checkpoint_root``, so a retry finds it.
+    ``feature_cache`` (a folder) keeps the frozen backbone's features for the next
+    training that meets the same network and crops (:mod:`triview.train.features`);
+    ``on_epoch`` is called with each epoch's history row (in this process only: not
+    under torchrun).
     """
     import os
 
@@ -157,15 +162,17 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
         ddp.run_under_torchrun(__name__, {
             "views_dir": str(views_dir), "balance_dir": str(balance_dir), "view": view,
             "out_dir": str(out_dir), "augmented_dir": None if augmented_dir is None
-            else str(augmented_dir), "repeat": repeat, "run_id": run_id, **params}, nproc)
+            else str(augmented_dir), "repeat": repeat, "run_id": run_id,
+            "feature_cache": None if feature_cache is None else str(feature_cache), **params}, nproc)
         return json.loads((Path(out_dir) / STAGE_FILE).read_text())
     ckpt = checkpoint_location(config.checkpoint_root, run_id, config.seed, repeat, view)
     if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: rank 0 keeps the record
         return train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
-                            stage=name, checkpoint_dir=ckpt)
+                            stage=name, checkpoint_dir=ckpt, feature_cache=feature_cache)
     with stage_record(name, out_dir) as rec:
         rec.update(train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
-                                stage=name, checkpoint_dir=ckpt))
+                                stage=name, checkpoint_dir=ckpt, feature_cache=feature_cache,
+                                on_epoch=on_epoch))
     return rec
 
 
@@ -238,10 +245,13 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
         candidates = pd.read_csv(Path(voter_dir) / artifacts.CANDIDATES_FILE)
         histories = {v: pd.read_csv(d / artifacts.HISTORY_FILE) for v, d in branch_dirs.items()
                      if (d / artifacts.HISTORY_FILE).is_file()}
+        head_histories = {v: pd.read_csv(d / artifacts.HEAD_HISTORY_FILE)
+                          for v, d in branch_dirs.items()
+                          if (d / artifacts.HEAD_HISTORY_FILE).is_file()}
         challenger = ev.score_all(preds, voter, classes)
         config = gt.GateConfig(min_value=p["min_value"], min_delta=p["min_delta"],
                                min_clean_images=p["min_clean_images"], fallback=p["fallback"],
-                               max_drift=p["max_drift"])
+                               max_drift=p["max_drift"], confidence=p["confidence"])
         arrays = challenger["_arrays"]
         test = {"ids": arrays["ids"], "y": arrays["y"], "ensemble": arrays["ensemble"],
                 "thresholds": (challenger["thresholds"] or {}).get("ensemble")}
@@ -259,19 +269,19 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
                                                    histories, views_dir,
                                                    0 if repeat else gradcam_per_kind)
         result = ev.evaluate(preds, voter, classes, out_dir, candidates, histories=histories,
+                             head_histories=head_histories,
                              timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader,
                              drift=drift)
         rec.update(seed=seed, ensemble=result["ensemble"], views=result["views"],
                    versus_best_view=result["versus_best_view"],
-                   n_test=result["n_test"], blessed=int(blessing["blessed"]),
+                   n_test=result["n_test"], accuracy_interval=result["accuracy_interval"],
+                   blessed=int(blessing["blessed"]),
                    champion_macro_f1=blessing["champion"],
                    gate={k: blessing.get(k) for k in ("blessed", "reasons", "comparison",
-                                                      "champion_version", "clean")},
+                                                      "champion_version", "clean", "interval",
+                                                      "p_value")},
                    ensemble_ms_per_sample=timing["ensemble_ms_per_sample"], device=timing["device"])
-        if blessing.get("clean"):
-            rec.update(gate_clean_images=blessing["clean"]["clean_images"],
-                       gate_excluded_images=(blessing["clean"]["test_images"]
-                                             - blessing["clean"]["clean_images"]))
+        rec.update(gt.metric_values(blessing))
     return rec
 
 
@@ -390,6 +400,7 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
         calibration = (load_split(views_dir, geometry["views"], "val", task).inputs
                        if p["quantize"] == "static" else None)
         run_id = mx.run_id_for(out_dir)
+        views = mf.read_views(views_dir)
         voter = vt.load_voter(voter_dir)
         # what evaluate scored for these crops: the served model must answer the same
         probs, _, ids = vt.aligned(_branch_predictions(branch_dirs), "test")
@@ -402,7 +413,7 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
             calibration=calibration, quantize=p["quantize"], task=task,
             lineage={"run_id": run_id}, data_version=_data_version(views_dir),
             data={"seen_images": artifacts.write_seen_images(
-                      out_dir, mf.seen_image_ids(mf.read_views(views_dir))),
+                      out_dir, mf.seen_image_ids(views), mf.seen_source_ids(views)),
                   "test_images": int(len(test.labels))},
             evaluated=evaluated)
         from triview import drift as dr
@@ -422,6 +433,7 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
         rec.update(torchscript_max_abs_diff=card["torchscript_max_abs_diff"],
                    onnx_max_abs_diff=card["onnx_max_abs_diff"], blessed=int(blessed),
                    champion_macro_f1=(verdict or {}).get("champion"), promoted=0,
+                   registry=p["registry"],
                    quantization=card["quantization"], data_version=card["data_version"])
         if p["registry"] and blessed:
             reg = ModelRegistry(p["registry"], p["model_name"])
@@ -456,8 +468,8 @@ def _weights_record(pretrained: dict | None) -> dict | None:
     and licence (None: random initialisation)."""
     if not pretrained:
         return None
-    keys = ("source", "location", "file", "sha256", "source_url", "licence", "published", "loaded",
-            "skipped")
+    keys = ("source", "location", "file", "sha256", "source_url", "licence", "published",
+            "verification", "loaded", "skipped")
     return {k: pretrained.get(k) for k in keys}
 
 

@@ -15,11 +15,13 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from triview import storage
+from triview.customvision import DownloadFailed
 from triview.params import PARAMS
 
 #: Folder of the stored images inside the ingest output.
@@ -61,6 +63,8 @@ class Decoded:
     mode: str = ""
     keep_suffix: str | None = None     # store the original bytes under this suffix
     dhash: int = 0
+    source_size: tuple[int, int] = (0, 0)  # width, height the file declares
+    reduction: int = 1                 # ``image`` is a JPEG decoded at 1/reduction scale
 
 
 def sniff_unsupported(data: bytes) -> str | None:
@@ -77,15 +81,23 @@ def sniff_unsupported(data: bytes) -> str | None:
     return None
 
 
-def decode(data: bytes, *, min_size: int = 8, max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Validate and normalise one file's bytes."""
+def decode(data: bytes, *, min_size: int = 8, max_pixels: int = MAX_PIXELS,
+           jpeg_reduction: Callable[[int, int], int] | None = None) -> Decoded:
+    """Validate and normalise one file's bytes (its declared size is checked against
+    ``max_pixels`` before any pixel is decoded).
+
+    ``jpeg_reduction(width, height)`` gives the DCT scale (1, 2, 4 or 8) at which a JPEG
+    that is kept byte for byte is decoded (libjpeg's scaled decoding, the pixels OpenCV's
+    ``IMREAD_REDUCED_COLOR_<n>`` gives): the caller crops from ``image`` without decoding
+    the file again."""
     with warnings.catch_warnings():
         # our cap reports large images with a reason; PIL's warning would only be noise
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return _decode(data, min_size, max_pixels)
+        return _decode(data, min_size, max_pixels, jpeg_reduction)
 
 
-def _decode(data: bytes, min_size: int, max_pixels: int) -> Decoded:
+def _decode(data: bytes, min_size: int, max_pixels: int,
+            jpeg_reduction: Callable[[int, int], int] | None = None) -> Decoded:
     sha = hashlib.sha256(data).hexdigest()
     if not data:
         return Decoded(sha, "empty_file")
@@ -97,6 +109,13 @@ def _decode(data: bytes, min_size: int, max_pixels: int) -> Decoded:
             if img.width * img.height > max_pixels:
                 return Decoded(sha, "decompression_bomb",
                                f"{img.width}x{img.height} > {max_pixels} pixels", format=fmt)
+            size, reduction = img.size, 1
+            # a JPEG's EXIF is read with its header: one kept as is may be decoded scaled
+            if (jpeg_reduction is not None and fmt == "JPEG" and mode in _KEEP_MODES
+                    and img.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1)):
+                reduction = jpeg_reduction(*size)
+                if reduction > 1:
+                    img.draft(mode, (size[0] // reduction, size[1] // reduction))
             img.load()  # forces a full decode: truncated files fail here
             rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
             keep = KEEP_FORMATS.get(fmt) if mode in _KEEP_MODES and not rotated else None
@@ -117,10 +136,10 @@ def _decode(data: bytes, min_size: int, max_pixels: int) -> Decoded:
         reason = "truncated" if isinstance(exc, EOFError) or "truncat" in text.lower() \
             or "premature end" in text.lower() else "undecodable"
         return Decoded(sha, reason, f"{type(exc).__name__}: {text[:200]}")
-    if min(rgb.size) < min_size:
-        return Decoded(sha, "too_small", f"{rgb.width}x{rgb.height} < {min_size}", format=fmt)
+    if min(size) < min_size:
+        return Decoded(sha, "too_small", f"{size[0]}x{size[1]} < {min_size}", format=fmt)
     return Decoded(sha, None, image=rgb, format=fmt, mode=mode, keep_suffix=keep,
-                   dhash=dhash(rgb))
+                   dhash=dhash(rgb), source_size=size, reduction=reduction)
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
@@ -212,12 +231,13 @@ class _TooLarge(Exception):
 
 
 class _Reader:
-    """Per-process state: the settings, open ZIP archives, an S3 client."""
+    """Per-process state: the settings, open ZIP archives, an S3 client, an HTTP session."""
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.zips: dict[str, zipfile.ZipFile] = {}
         self.store: storage.S3Store | None = None
+        self.fetcher = None   # triview.customvision.ImageFetcher, made on the first URL
         self.tmp_names = itertools.count()
 
     def read(self, locator: tuple) -> bytes:
@@ -242,6 +262,15 @@ class _Reader:
                 if getattr(exc.__cause__, "code", None) in ("NoSuchKey", "NoSuchObject", "NotFound"):
                     raise FileNotFoundError(f"no object {locator[1]}") from exc
                 raise
+        if kind == "url":   # a URI the Custom Vision API returned, checked by the source
+            if self.fetcher is None:
+                from triview.customvision import ImageFetcher
+
+                self.fetcher = ImageFetcher()
+            data = self.fetcher.fetch(locator[1], self.config.max_file_bytes)
+            if len(data) > self.config.max_file_bytes:
+                raise _TooLarge(f"at least {len(data)}")
+            return data
         raise ValueError(f"unknown locator {locator!r}")
 
     def store_file(self, target: Path, write) -> None:
@@ -278,6 +307,8 @@ def inspect_file(locator: tuple, write: bool) -> tuple:
         data = _READER.read(locator)
     except FileNotFoundError as exc:
         return ("missing_file", str(exc)[:200], "", 0, 0, "", "", 0, "", 0)
+    except DownloadFailed as exc:
+        return ("download_failed", str(exc)[:200], "", 0, 0, "", "", 0, "", 0)
     except _TooLarge as exc:
         return ("too_large", f"{exc.args[0]} bytes > {cfg.max_file_bytes}", "", 0, 0, "", "", 0, "", 0)
     except RuntimeError as exc:  # zipfile: encrypted member

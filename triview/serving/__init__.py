@@ -44,6 +44,11 @@ DEFAULT_PORT = 8080
 MAX_IMAGES = 64
 #: Largest request body accepted (bytes); a larger one gets 413 and is never buffered.
 MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Pixels one image may declare, all images of one request together, and all inference
+#: threads decode at once (:mod:`triview.serving.limits`).
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_REQUEST_PIXELS = 256_000_000
+MAX_SERVER_PIXELS = 100_000_000
 SERVE_DESCRIPTION = ("Serve an exported triview ensemble with KServe's ModelServer: v1 "
                      "/v1/models/<name>:predict and v2 /v2/models/<name>/infer (base64 image "
                      "files in, labels and scores out, as `triview predict --format json`), "
@@ -59,27 +64,35 @@ def default_workers() -> int:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``triview serve`` (shared by the CLI and the server module)."""
     parser.add_argument("--model", required=True,
-                        metavar="DIR|s3://REGISTRY/MODEL[@champion|@VERSION]",
-                        help="exported model folder, registry model folder (models/<name>: its "
-                        "champion) or version, local or s3://; REGISTRY/<name>@champion or "
-                        "@<version> picks a version")
-    parser.add_argument("--name", default=None, help="model name in the routes (default: the "
-                        "registry model name, else the model card's name)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        metavar="RUN_OUT|MODEL_DIR|REGISTRY/NAME[@champion|@VERSION]",
+                        help="the --out folder of a triview run, an exported model folder, a "
+                        "registry model folder (models/<name>: its champion) or version, local "
+                        "or s3://; REGISTRY/<name>@champion or @<version> picks a version")
+    parser.add_argument("--name", default=None, metavar="NAME", help="model name in the routes "
+                        "(default: the registry model name, else the model card's name)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT",
                         help=f"HTTP port (default {DEFAULT_PORT})")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
                         help="listen address (default 127.0.0.1; 0.0.0.0 in a container)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="ONNX Runtime intra-op threads per inference (default 1; 0: one "
                         "per core)")
-    parser.add_argument("--inference-workers", type=int, default=default_workers(),
+    parser.add_argument("--inference-workers", type=int, default=default_workers(), metavar="N",
                         help="inferences run at once, each on its own thread (default: the "
                         "CPUs this process may use, at most 4)")
-    parser.add_argument("--max-images", type=int, default=MAX_IMAGES,
+    parser.add_argument("--max-images", type=int, default=MAX_IMAGES, metavar="N",
                         help=f"images per request (default {MAX_IMAGES})")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="decompression-bomb cap per image (default: ingest's, 100M)")
-    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+    parser.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="PIXELS",
+                        help="pixels one image may declare, else 413 before decoding (default "
+                        f"{MAX_IMAGE_PIXELS:,}; serving's own cap, below ingest's)")
+    parser.add_argument("--max-request-pixels", type=int, default=MAX_REQUEST_PIXELS, metavar="PIXELS",
+                        help="pixels the images of one request may declare together, else 413 "
+                        f"before decoding (default {MAX_REQUEST_PIXELS:,})")
+    parser.add_argument("--max-server-pixels", type=int, default=MAX_SERVER_PIXELS, metavar="PIXELS",
+                        help="pixels all inference threads decode at once; an image waits "
+                        f"until it fits (default {MAX_SERVER_PIXELS:,}: decoding takes about "
+                        "10 bytes of memory a pixel, so about 1 GB)")
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, metavar="BYTES",
                         help=f"largest request body, else 413 (default {MAX_BODY_BYTES})")
 
 
@@ -87,11 +100,25 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     """The server's command-line arguments for parsed ``triview serve`` options."""
     argv = []
     for key in ("model", "name", "port", "host", "threads", "inference_workers", "max_images",
-                "max_pixels", "max_body_bytes"):
+                "max_pixels", "max_request_pixels", "max_server_pixels", "max_body_bytes"):
         value = getattr(args, key, None)
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
+
+
+def check_model(spec: str) -> None:
+    """Refuse a local model that is not there, before anything asks for the serving
+    environment (an ``s3://`` model is fetched by the server itself)."""
+    from triview.registry import resolve_model_spec
+
+    if "://" in spec:
+        return
+    location = spec.rpartition("@")[0] if "@" in spec and not Path(spec).exists() else spec
+    if not Path(location).exists():
+        raise FileNotFoundError(f"no model at {location!r}: give a `triview run --out` folder, an "
+                                f"exported model folder or a registry model (REGISTRY/<name>@champion)")
+    resolve_model_spec(spec)   # RegistryError (a ValueError) says what the folder lacks
 
 
 def serve_command(argv: list[str], python: str | None = None) -> list[str]:

@@ -12,9 +12,11 @@ import http.client
 import json
 import os
 import socket
+import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,19 @@ from triview.serving import protocol, serve_command, serve_python
 #: Largest |server - ONNX Runtime| allowed for any probability or score.
 TOLERANCE = 1e-5
 STARTUP_TIMEOUT_S = 120.0
+
+
+def blank_png(side: int) -> bytes:
+    """A valid RGB PNG of side x side black pixels, compressed at zlib's level 9 to about a
+    thousandth of its decoded size (10000 x 10000: 292 KB for 300 MB): what a decompression
+    bomb looks like, for the tests and bench/serve_flood.py."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    deflate = zlib.compressobj(9)
+    row = b"\x00" * (1 + 3 * side)  # filter byte 0, then the row's pixels
+    idat = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def free_port() -> int:

@@ -1,14 +1,16 @@
 """The KServe model: an exported ensemble behind KServe's v1 and v2 REST routes.
 
 Each image goes through ``triview predict``'s path (:class:`triview.predict.Predictor`):
-ingest's decoding (EXIF orientation, 8-bit RGB, the decompression-bomb cap), the card's
-lens and crop geometry, the ONNX ensemble (normalisation inside). KServe's ``preprocess``
-reads the request (JSON, base64), ``predict`` decodes, crops and runs ONNX Runtime,
-``postprocess`` writes the answer; KServe's ``request_{preprocess,predict,postprocess}_seconds``
-histograms time the three. A request alone runs on the event loop (no thread hand-off);
-when others are in flight each runs on the model's pool of ``inference_workers`` threads,
-where OpenCV and ONNX Runtime release the GIL, so they overlap on the cores and the loop
-keeps answering health checks.
+ingest's decoding (EXIF orientation, 8-bit RGB), the card's lens and crop geometry, the
+ONNX ensemble (normalisation inside). KServe's ``preprocess`` reads the request (JSON,
+base64) and checks what its images' headers declare against the per-image cap and the
+request's pixel budget (:mod:`triview.serving.limits`: 413 before any decoding),
+``predict`` decodes each image once, crops and runs ONNX Runtime, ``postprocess`` writes
+the answer; KServe's ``request_{preprocess,predict,postprocess}_seconds`` histograms time
+the three. ``predict``'s work always runs on the model's pool of ``inference_workers``
+threads (OpenCV, PIL's decoders and ONNX Runtime release the GIL), each image holding its
+pixels of the server's budget while it is decoded, so the event loop is never blocked:
+health, readiness and the next request's refusal answer while images decode.
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from dataclasses import dataclass, field
 
 import kserve
 import numpy as np
+from fastapi import HTTPException
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from triview import validate
 from triview.predict import PredictError, Predictor
-from triview.serving import protocol
+from triview.serving import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, MAX_SERVER_PIXELS, protocol
+from triview.serving.limits import PixelBudget, RequestLimits
 
 
 @dataclass
@@ -33,6 +36,7 @@ class _Batch:
     """One request on its way through preprocess -> predict -> postprocess."""
     v2: bool
     images: list[bytes]
+    pixels: list[int]            # each image's declared pixels
     keys: list = field(default_factory=list)
     request_id: str | None = None
     probabilities: np.ndarray | None = None
@@ -42,14 +46,19 @@ class TriviewModel(kserve.Model):
     """``location``: an exported model folder or a registry model/version, local or s3://."""
 
     def __init__(self, name: str, location: str, *, threads: int = 0, inference_workers: int = 2,
-                 max_images: int = protocol.MAX_IMAGES, max_pixels: int = validate.MAX_PIXELS):
+                 max_images: int = protocol.MAX_IMAGES, max_pixels: int = MAX_IMAGE_PIXELS,
+                 max_request_pixels: int = MAX_REQUEST_PIXELS,
+                 max_server_pixels: int = MAX_SERVER_PIXELS):
         super().__init__(name)
-        self.location, self.threads = location, threads
-        self.max_images, self.max_pixels = max_images, max_pixels
+        self.location, self.threads, self.max_images = location, threads, max_images
+        self.limits = RequestLimits(max_pixels, max_request_pixels)
+        if max_pixels > max_server_pixels:
+            raise ValueError(f"--max-pixels {max_pixels} exceeds --max-server-pixels "
+                             f"{max_server_pixels}: such an image could never be decoded")
+        self.budget = PixelBudget(max_server_pixels)
         self.predictor: Predictor | None = None
         # as many inferences at once as the cores can run; more threads only contend
         self.pool = ThreadPoolExecutor(max(1, inference_workers), thread_name_prefix="inference")
-        self._in_predict = 0  # requests in predict(); only touched on the event loop
 
     def load(self) -> bool:
         import cv2
@@ -75,35 +84,33 @@ class TriviewModel(kserve.Model):
     async def preprocess(self, payload, headers: dict | None = None) -> _Batch:
         try:
             if isinstance(payload, InferRequest):
-                images = protocol.v2_images([(i.name, i.datatype, i.shape, i.data)
-                                             for i in payload.inputs], self.max_images)
-                return _Batch(True, images, request_id=payload.id)
+                images, pixels = self.limits.admit(protocol.v2_payloads(
+                    [(i.name, i.datatype, i.shape, i.data) for i in payload.inputs],
+                    self.max_images))
+                return _Batch(True, images, pixels, request_id=payload.id)
             if isinstance(payload, (bytes, bytearray)):  # KServe passes non-JSON content types on
                 payload = protocol.parse_json(payload)
-            images, keys = protocol.v1_images(payload, self.max_images)
-            return _Batch(False, images, keys=keys)
+            encoded, keys = protocol.v1_payloads(payload, self.max_images)
+            images, pixels = self.limits.admit(encoded)
+            return _Batch(False, images, pixels, keys=keys)
         except protocol.BadRequest as exc:
-            raise InvalidInput(str(exc)) from None
+            if exc.status == 400:
+                raise InvalidInput(str(exc)) from None
+            raise HTTPException(exc.status, str(exc)) from None
 
     async def predict(self, batch: _Batch, headers: dict | None = None) -> _Batch:
-        self._in_predict += 1
-        try:
-            # one turn of the event loop lets requests that arrived together get here too
-            await asyncio.sleep(0)
-            if self._in_predict == 1:  # alone: run here, no thread hand-off (latency)
-                batch.probabilities = self._probabilities(batch.images)
-            else:                      # others waiting: overlap on the pool (throughput)
-                batch.probabilities = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self._probabilities, batch.images)
-        finally:
-            self._in_predict -= 1
+        # off the event loop, always: health checks and refusals never wait on decoding
+        batch.probabilities = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._probabilities, batch)
         return batch
 
-    def _probabilities(self, images: list[bytes]) -> np.ndarray:
+    def _probabilities(self, batch: _Batch) -> np.ndarray:
         views = []
-        for i, data in enumerate(images):
+        for i, (data, pixels) in enumerate(zip(batch.images, batch.pixels)):
             try:
-                views.append(self.predictor.views_of_bytes(data, max_pixels=self.max_pixels))
+                with self.budget.hold(pixels):
+                    views.append(self.predictor.views_of_bytes(
+                        data, max_pixels=self.limits.max_image_pixels))
             except PredictError as exc:
                 raise InvalidInput(f"image {i}: {exc}") from None
         return self.predictor.probabilities(views)

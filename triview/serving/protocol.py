@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,7 +34,12 @@ V2_PROBABILITIES = "probabilities"
 
 
 class BadRequest(ValueError):
-    """A request the predictor refuses (answered with 400 and this message)."""
+    """A request the predictor refuses, answered with ``status`` (400, or 413 for more
+    than the predictor decodes) and this message."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def decode_b64(text, where: str) -> bytes:
@@ -49,14 +55,27 @@ def decode_b64(text, where: str) -> bytes:
 
 
 def parse_json(body: bytes):
+    """A request body sent with a non-JSON content type, read as JSON."""
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the request body is not JSON ({exc})") from None
+    except RecursionError:
+        raise BadRequest("the request body is JSON nested too deeply") from None
 
 
-def v1_images(body, max_images: int = MAX_IMAGES) -> tuple[list[bytes], list]:
-    """The images of a v1 request body and each instance's ``key`` (None when absent)."""
+class Payload(NamedTuple):
+    """One image of a request, still base64-encoded (or raw bytes, from gRPC)."""
+    encoded: object
+    where: str          # how the error messages name it ("instance 3", "image[0]")
+
+    def decode(self) -> bytes:
+        return decode_b64(self.encoded, self.where)
+
+
+def v1_payloads(body, max_images: int = MAX_IMAGES) -> tuple[list[Payload], list]:
+    """The images of a v1 request body, not yet decoded, and each instance's ``key``
+    (None when absent)."""
     if not isinstance(body, dict) or "instances" not in body:
         raise BadRequest('expected a JSON object {"instances": [...]} (v1 protocol)')
     instances = body["instances"]
@@ -77,13 +96,15 @@ def v1_images(body, max_images: int = MAX_IMAGES) -> tuple[list[bytes], list]:
             payload = payload["b64"]
         else:
             payload = instance
-        images.append(decode_b64(payload, where))
+        images.append(Payload(payload, where))
         keys.append(key)
     return images, keys
 
 
-def v2_images(inputs: list[tuple[str, str, list, list]], max_images: int = MAX_IMAGES) -> list[bytes]:
-    """The images of a v2 request, given its inputs as ``(name, datatype, shape, data)``."""
+def v2_payloads(inputs: list[tuple[str, str, list, list]],
+                max_images: int = MAX_IMAGES) -> list[Payload]:
+    """The images of a v2 request, not yet decoded, given its inputs as ``(name, datatype,
+    shape, data)``."""
     if len(inputs) != 1:
         raise BadRequest(f"expected one input {V2_INPUT!r}, got {len(inputs)}")
     name, datatype, shape, data = inputs[0]
@@ -100,7 +121,7 @@ def v2_images(inputs: list[tuple[str, str, list, list]], max_images: int = MAX_I
         raise BadRequest(f"input {name!r} holds no images")
     if len(data) > max_images:
         raise BadRequest(f"{len(data)} images in one request; at most {max_images}")
-    return [decode_b64(item, f"{name}[{i}]") for i, item in enumerate(data)]
+    return [Payload(item, f"{name}[{i}]") for i, item in enumerate(data)]
 
 
 def prediction(labels: list[tuple[str, float]], key=None) -> dict:

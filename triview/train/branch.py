@@ -15,7 +15,7 @@ from triview import weights as published_weights
 from triview import distributed as ddp
 from triview import manifest as mf
 from triview import metrics
-from triview.artifacts import HISTORY_FILE, HISTORY_PLOT, MODEL_FILE
+from triview.artifacts import HEAD_HISTORY_FILE, HISTORY_FILE, HISTORY_PLOT, MODEL_FILE
 from triview.augment import AugmentConfig
 from triview.augment import load_config as load_augment_config
 from triview.balance import read_balance
@@ -27,8 +27,10 @@ from triview.train.config import TrainConfig
 from triview.temperature import fit_temperature, scale_logits
 from triview.train.data import ViewData, apply_multiplicity, load_view
 from triview.train.folds import out_of_fold
+from triview.train.features import FeatureStore
 from triview.train.head import cross_fit
-from triview.train.loop import FitResult, build_branch, fit, head_module, predict_logits
+from triview.train.loop import (EpochCallback, FitResult, build_branch, fit, head_module,
+                                predict_logits)
 from triview.train.loss import make_criterion
 from triview.train.optim import training_device
 from triview.train.passes import extract, pass_names
@@ -36,11 +38,15 @@ from triview.train.passes import extract, pass_names
 
 def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balance_dir: str | Path,
                  view: str, out_dir: str | Path, config: TrainConfig, log=print,
-                 stage: str | None = None, checkpoint_dir: str = "") -> dict:
+                 stage: str | None = None, checkpoint_dir: str = "",
+                 feature_cache: str | Path | None = None,
+                 on_epoch: EpochCallback | None = None) -> dict:
     """Train the branch for ``view``; write model, history and held-out and test
     probabilities. ``stage`` names the per-epoch metrics group (default
     ``train-branch-<view>``); checkpoints go to ``checkpoint_dir`` (default:
-    ``<out_dir>/checkpoints``).
+    ``<out_dir>/checkpoints``). ``feature_cache``: a folder of frozen features
+    (:mod:`triview.train.features`) that the head phase reads and fills. ``on_epoch``: see
+    :func:`fit`.
 
     With ``epochs=0`` (the photo default) the branch is the pretrained backbone and a head
     fitted on its cached features over train and validation together, cross-fitted
@@ -83,21 +89,25 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     criterion = make_criterion(task, balance, classes, config)
     ckpt_dir = checkpoint_dir or str(Path(out_dir) / artifacts.CHECKPOINTS_DIR)
     passes = TTA_MODES[config.tta]
-    if config.epochs == 0:
+    store = FeatureStore.open(feature_cache) if feature_cache else None
+    if config.epochs == 0 and config.head_folds:
         if rank != 0:  # nothing to share: rank 0 fits the head alone
             return {"view": view, "task": task, "rank": rank}
         result, logits, held_out = fit_head_only(config, train, val, test, classes, task, criterion,
                                                  augment or AugmentConfig(seed=config.seed), view, log)
+        if on_epoch is not None:
+            on_epoch({**result.history[0], "head_epoch": 1})
         scored_on = "out-of-fold (train + validation)"
     else:
         result = fit(config, train, val, classes, task, criterion, view, ckpt_dir,
-                     metrics.run_id_for(out_dir), online, log, stage=stage)
+                     metrics.run_id_for(out_dir), online, log, stage=stage, features=store,
+                     on_epoch=on_epoch)
         served = ServedBranch(result.net, passes)
         logits = {"val": predict_logits(served, val.images), "test": predict_logits(served, test.images)}
         held_out = None
         if config.voter_folds > 1:
             held_out = out_of_fold(config, train, val, classes, task, criterion, view, ckpt_dir,
-                                   online, log)
+                                   online, log, features=store)
         scored_on = "validation"
     digest = ddp.parameter_digest(result.net)
     ddp.write_rank_report(out_dir, {"rank": rank, "world_size": world, "parameter_digest": digest,
@@ -111,6 +121,7 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
                "parameters": result.parameters, "epochs_run": len(result.history),
                "resumed_from_epoch": result.resumed_from_epoch,
                "stopped_early": result.stopped_early, "device": str(result.device),
+               "head_epochs": len(result.head_curve),
                "world_size": world, "parameter_digest": digest,
                "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history]))}
     if rank != 0:
@@ -139,6 +150,8 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
                       + "; the ensemble averages them over the tta passes and divides by the temperature"}
     artifacts.write_branch_meta(out, meta)
     atomic_write_text(out / HISTORY_FILE, pd.DataFrame(history).to_csv(index=False))
+    if result.head_curve:
+        atomic_write_text(out / HEAD_HISTORY_FILE, pd.DataFrame(result.head_curve).to_csv(index=False))
     plot_history(pd.DataFrame(history), out / HISTORY_PLOT, title=f"{view}: {config.backbone}")
     arrays = dict(val_prob=prob["val"], val_logits=logits["val"], val_ids=np.array(val.image_ids),
                   val_labels=val.labels.numpy(), test_prob=prob["test"], test_logits=logits["test"],

@@ -11,6 +11,7 @@ from triview import storage
 from triview.train.config import TrainConfig
 from triview.train.data import ViewData
 from triview.models import TTA_MODES, ServedBranch
+from triview.train.features import FeatureStore
 from triview.train.loop import fit, predict_logits
 
 
@@ -33,13 +34,14 @@ def _held_out_rows(data: ViewData, task: str, folds: int, seed: int) -> list[np.
 
 
 def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
-                task: str, criterion: nn.Module, view: str, ckpt_dir: str, online, log=print
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                task: str, criterion: nn.Module, view: str, ckpt_dir: str, online, log=print,
+                features: FeatureStore | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Out-of-fold logits for the voter: ``config.voter_folds`` extra branches, each
     trained without one fold of the training images (and their augmented copies) and
     predicting that fold (averaged over the ``tta`` passes, as the branch itself).
     Returns (logits, labels, image ids) of the real training crops. Each fold
-    checkpoints (and resumes) under ``ckpt_dir/fold-k``."""
+    checkpoints (and resumes) under ``ckpt_dir/fold-k``; ``features``: the
+    frozen-feature store their head phases read."""
     rank, _ = ddp.rank_and_world()
     probs, ids, labels = [], [], []
     for k, rows in enumerate(_held_out_rows(train, task, config.voter_folds, config.seed)):
@@ -50,7 +52,8 @@ def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: li
             log(f"[{view}] voter fold {k + 1}/{config.voter_folds}: {len(inside)} training "
                 f"crops, {len(heldout.image_ids)} held out")
         result = fit(config, train.subset(inside), val, classes, task, criterion, view,
-                     storage.join(ckpt_dir, f"fold-{k}"), online=online, log=lambda *a: None, push=False)
+                     storage.join(ckpt_dir, f"fold-{k}"), online=online, log=lambda *a: None, push=False,
+                     features=features)
         probs.append(predict_logits(ServedBranch(result.net, TTA_MODES[config.tta]), heldout.images))
         ids.extend(heldout.image_ids)
         labels.append(heldout.labels.numpy())

@@ -3,8 +3,10 @@ epoch (checkpointing and resuming, early stopping, DDP when a process group exis
 keeps the best epoch by validation macro-F1."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,7 +23,23 @@ from triview.scoring import macro_f1, predicted
 from triview.train import checkpoint
 from triview.train.config import TrainConfig, resume_key
 from triview.train.data import ViewData, as_float, batches
+from triview.train.features import FeatureStore
 from triview.train.optim import amp_dtype, kernel, lr_factor, make_optimizer, training_device
+
+
+#: Called with an epoch's history row as the epoch ends.
+EpochCallback = Callable[[dict], None]
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the previous number."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -137,6 +155,8 @@ class FitResult:
     world_size: int
     #: positions in ``train`` this rank drew in its last fine-tuning epoch (its shard)
     drawn: list[int] = field(default_factory=list)
+    #: one row per epoch of the head phase (:func:`fit_head`'s ``curve``; [] without one)
+    head_curve: list[dict] = field(default_factory=list)
 
 
 def head_module(net: BranchNet) -> nn.Module:
@@ -164,6 +184,59 @@ def head_inputs(net: BranchNet, images: torch.Tensor, batch_size: int = 64,
         hook.remove()
         net.train(was_training)
     return torch.cat(captured)
+
+
+def fit_head(net: BranchNet, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+             val_y: torch.Tensor, criterion: nn.Module, config: TrainConfig, task: str,
+             on_epoch: EpochCallback | None = None) -> dict:
+    """Train only the head on cached features for ``config.head_epochs`` (AdamW, cosine
+    from head_lr, the branch's loss) and keep its best epoch by validation macro-F1.
+    Returns that epoch's history row (``epoch`` 0, ``phase`` head), with every head
+    epoch's row under ``curve`` (what the report draws); ``on_epoch`` sees every epoch's
+    row as it ends."""
+    head = head_module(net)
+    device = next(head.parameters()).device
+    head.train()
+    generator = torch.Generator().manual_seed(config.seed)
+    params = list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.head_lr, weight_decay=config.weight_decay,
+                                  **kernel(params))
+    steps = config.head_epochs * -(-len(train_y) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+    squash = torch.sigmoid if task == "multilabel" else (lambda z: torch.softmax(z, dim=1))
+    best, best_state, start, curve = None, None, time.perf_counter(), []
+    train_x, train_y, val_x = train_x.to(device), train_y.to(device), val_x.to(device)
+    # the head's ops are tiny: on a busy CPU, waiting for a second OpenMP thread at every op
+    # costs far more than the op itself
+    with intra_op_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        for epoch in range(1, config.head_epochs + 1):
+            head.train()
+            total = 0.0
+            order = torch.randperm(len(train_y), generator=generator)
+            for i in range(0, len(order), config.batch_size):
+                idx = order[i:i + config.batch_size].to(device)
+                loss = criterion(head(train_x[idx]), train_y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach()) * len(idx)
+            head.eval()
+            with torch.no_grad():
+                val_prob = squash(head(val_x).float()).cpu().numpy()
+            row = {"epoch": 0, "phase": "head", "head_epoch": epoch, "train_loss": total / len(train_y),
+                   **validation_row(val_prob, val_y, task, criterion),
+                   "lr": optimizer.param_groups[0]["lr"]}
+            curve.append(row)
+            if best is None or row["val_macro_f1"] > best["val_macro_f1"]:
+                best, best_state = row, {k: v.detach().clone() for k, v in head.state_dict().items()}
+            if on_epoch is not None:
+                on_epoch(row)
+    head.load_state_dict(best_state)
+    seconds = time.perf_counter() - start
+    return {**best, "seconds": round(seconds, 3),
+            "images_per_s": round(config.head_epochs * len(train_y) / max(seconds, 1e-9), 1),
+            "curve": curve}
 
 
 def parameter_groups(net: BranchNet, config: TrainConfig) -> list[dict]:
@@ -194,18 +267,40 @@ def _shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return padded[rank::world]
 
 
+def frozen_features(net: BranchNet, images: torch.Tensor, memory_format=torch.contiguous_format,
+                    store: FeatureStore | None = None) -> torch.Tensor:
+    """:func:`head_inputs` of ``images``, read from ``store`` where it holds them."""
+    if store is None:
+        return head_inputs(net, images, memory_format=memory_format)
+
+    def compute(n: BranchNet, x: torch.Tensor) -> torch.Tensor:
+        with intra_op_threads(store.threads or torch.get_num_threads()):
+            return head_inputs(n, x, memory_format=memory_format)
+    return store.features(net, images, compute, memory_format)
+
+
 def _head_phase(net: BranchNet, train: ViewData, val: ViewData, criterion: nn.Module,
-                config: TrainConfig, task: str, memory_format) -> dict:
-    """Features of the real training crops and of the validation crops through the frozen
-    backbone, once; the head cross-fitted on the training features
-    (:func:`triview.train.head.cross_fit`) and loaded into ``net``; its validation scores
-    are the row fine-tuning has to beat. The backbone is untouched."""
+                config: TrainConfig, task: str, memory_format,
+                store: FeatureStore | None = None, on_epoch: EpochCallback | None = None) -> dict:
+    """Features of the training crops and of the validation crops through the frozen
+    backbone, once (or from ``store``); then the head: with ``head_folds`` cross-fitted on
+    the real training crops' features (:func:`triview.train.head.cross_fit`, one row, no
+    curve), else :func:`fit_head` for ``head_epochs``. Its validation scores are the row
+    fine-tuning has to beat. The backbone is untouched."""
+    start = time.perf_counter()
+    if not config.head_folds:
+        train_x = frozen_features(net, train.images, memory_format, store)
+        val_x = frozen_features(net, val.images, memory_format, store)
+        feature_seconds = time.perf_counter() - start
+        row = fit_head(net, train_x, train.labels, val_x, val.labels,
+                       criterion.to(next(net.parameters()).device), config, task, on_epoch)
+        return {**row, "feature_seconds": round(feature_seconds, 3),
+                "seconds": round(feature_seconds + row["seconds"], 3)}
     from triview.train.head import PassFeatures, cross_fit
 
-    start = time.perf_counter()
     real = train if train.real is None else train.subset(torch.nonzero(train.real).flatten())
-    train_x = head_inputs(net, real.images, memory_format=memory_format).numpy()
-    val_x = head_inputs(net, val.images, memory_format=memory_format)
+    train_x = frozen_features(net, real.images, memory_format, store).numpy()
+    val_x = frozen_features(net, val.images, memory_format, store)
     feature_seconds = time.perf_counter() - start
     head = head_module(net)
     pool = PassFeatures(np.asarray(real.image_ids), real.labels.numpy(), {"identity": train_x})
@@ -216,10 +311,13 @@ def _head_phase(net: BranchNet, train: ViewData, val: ViewData, criterion: nn.Mo
         logits = head(val_x.to(next(head.parameters()).device)).float().cpu()
     val_prob = (torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, 1)).numpy()
     chosen = next(r for r in fitted.table if r["l2"] == fitted.l2)
-    return {"epoch": 0, "phase": "head", "train_loss": chosen["oof_log_loss"],
-            **validation_row(val_prob, val.labels, task, criterion), "lr": float("nan"),
-            "l2": fitted.l2, "feature_seconds": round(feature_seconds, 3),
-            "seconds": round(feature_seconds + fitted.seconds, 3)}
+    row = {"epoch": 0, "phase": "head", "head_epoch": 1, "train_loss": chosen["oof_log_loss"],
+           **validation_row(val_prob, val.labels, task, criterion), "lr": float("nan"),
+           "l2": fitted.l2, "feature_seconds": round(feature_seconds, 3),
+           "seconds": round(feature_seconds + fitted.seconds, 3)}
+    if on_epoch is not None:
+        on_epoch(row)
+    return {**row, "curve": []}
 
 
 def build_branch(config: TrainConfig, n_classes: int, image_size: int):
@@ -237,8 +335,14 @@ def build_branch(config: TrainConfig, n_classes: int, image_size: int):
 
 def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str], task: str,
         criterion: nn.Module, view: str, ckpt_dir: str, run_id: str | None = None,
-        online=None, log=print, push: bool = True, stage: str | None = None) -> FitResult:
+        online=None, log=print, push: bool = True, stage: str | None = None,
+        features: FeatureStore | None = None, on_epoch: EpochCallback | None = None) -> FitResult:
     """Train a fresh branch on ``train``, choosing the epoch by validation macro-F1.
+
+    ``features``: a store of frozen features the head phase reads and fills.
+    ``on_epoch``: called on rank 0 with each epoch's history row as it ends (head epochs:
+    ``phase`` head, ``head_epoch`` k; fine-tuning epochs: ``phase`` finetune, ``epoch`` k);
+    an exception it raises stops the training (a search prunes a trial so).
 
     Checkpoints go to ``ckpt_dir`` every epoch and a matching checkpoint found there is
     resumed. Under ``torchrun`` (a process group is initialised) the model is wrapped
@@ -275,7 +379,7 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
             + (f"; {config.weights} weights from {found.source} {found.location} "
                f"(sha256 {found.sha256[:12]}, {pretrained['loaded']} tensors)" if found else ""))
 
-    history, best_f1, best_state, best_epoch = [], -1.0, None, 0
+    history, best_f1, best_state, best_epoch, head_curve = [], -1.0, None, 0, []
     key = resume_key(config, view, classes, len(train.labels), task, world)
     first_epoch = 1
     state = checkpoint.load_checkpoint(ckpt_dir, key)
@@ -287,19 +391,23 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, best_f1, best_epoch = state["history"], state["best_f1"], state["best_epoch"]
+        head_curve = state.get("head_curve", [])
         best_state = checkpoint.load_best(ckpt_dir)
         first_epoch = state["epoch"] + 1
         if rank == 0:
             log(f"[{view}] resuming from the checkpoint of epoch {state['epoch']} in {ckpt_dir}")
-    elif config.head_folds:
+    elif config.head_folds or config.head_epochs:
         if rank == 0:
             progress.Reporter("phase", 1, desc=view).note(phase="head on cached features")
-        row = _head_phase(net, train, val, criterion, config, task, memory_format)
+        row = _head_phase(net, train, val, criterion, config, task, memory_format, features,
+                          on_epoch if rank == 0 else None)
+        head_curve = row.pop("curve")
         history, best_f1, best_epoch = [row], row["val_macro_f1"], 0
         best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         if rank == 0:
-            log(f"[{view}] head on cached features: cross-fitted over {config.head_folds} folds "
-                f"(L2 {row['l2']:g}) in {row['seconds']:.1f} s (features "
+            how = (f"cross-fitted over {config.head_folds} folds (L2 {row['l2']:g})"
+                   if config.head_folds else f"{config.head_epochs} epochs, best {row['head_epoch']}")
+            log(f"[{view}] head on cached features: {how} in {row['seconds']:.1f} s (features "
                 f"{row['feature_seconds']:.1f} s): val_acc {row['val_accuracy']:.4f} "
                 f"val_macro_f1 {row['val_macro_f1']:.4f}")
             checkpoint.save_best(best_state, ckpt_dir)
@@ -308,7 +416,8 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                   "generator": generator.get_state(),
                                   "torch_rng": torch.get_rng_state(), "history": history,
-                                  "best_f1": best_f1, "best_epoch": best_epoch}, ckpt_dir)
+                                  "best_f1": best_f1, "best_epoch": best_epoch,
+                                  "head_curve": head_curve}, ckpt_dir)
     stopped_early = False
     drawn: list[int] = []
     # live progress for the local console (a no-op unless TRIVIEW_PROGRESS is set)
@@ -346,6 +455,8 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                    "images_per_s": round(len(mine) * world / seconds, 1)}
         row = ddp.broadcast(row)  # every rank takes the same early-stopping decision
         history.append(row)
+        if rank == 0 and on_epoch is not None:
+            on_epoch(row)
         if rank == 0:
             log(f"[{view}] epoch {epoch}/{config.epochs} loss {row['train_loss']:.4f} "
                 f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
@@ -367,7 +478,7 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "scaler": scaler.state_dict(), "generator": generator.get_state(),
                    "torch_rng": torch.get_rng_state(), "history": history, "best_f1": best_f1,
-                   "best_epoch": best_epoch},
+                   "best_epoch": best_epoch, "head_curve": head_curve},
                   ckpt_dir)
         ddp.barrier()
         if config.patience and epoch - best_epoch >= config.patience and epoch < config.epochs:
@@ -380,4 +491,4 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
     net = net.cpu()
     net.load_state_dict(best_state)
     return FitResult(net, history, best_epoch, best_f1, stopped_early, first_epoch - 1, params,
-                     pretrained, device, world, drawn)
+                     pretrained, device, world, drawn, head_curve)

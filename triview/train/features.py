@@ -1,0 +1,103 @@
+"""Frozen features kept across trainings: what a branch's head sees for one crop through one
+frozen network, addressed by the content of both, so any training that meets the same
+network and the same crop again (another trial of a search, a fold model, the branch's own
+validation and test predictions) reads it instead of running the backbone again.
+
+The key of a network is a digest of every tensor of its state except the head's, its input
+normalisation, memory format and device type; the key of a crop is a digest of its pixels.
+Weights, crops, image size and normalisation therefore all take part, and nothing that
+changes the features can hit a stale entry. Entries live under ``root/<network>/`` as
+``.npz`` shards (crop digests and float32 features), each written atomically, so several
+processes may fill one store.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from triview.storage import atomic_path
+
+#: Stores opened in this process, by folder: every branch of every trial of a search shares one.
+_OPEN: dict[str, "FeatureStore"] = {}
+
+
+def network_digest(net: nn.Module, memory_format=torch.contiguous_format) -> str:
+    """A digest of ``net`` (a BranchNet) minus its head: equal digests give equal features."""
+    head = f"backbone.{net.backbone.triview_head}."
+    digest = hashlib.blake2b(digest_size=16)
+    device = next(net.parameters()).device.type
+    digest.update(f"{type(net.backbone).__name__}|{net.normalize.mode}|{memory_format}|{device}".encode())
+    for name, tensor in sorted(net.state_dict().items()):
+        if name.startswith(head):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def crop_digests(images: torch.Tensor) -> list[str]:
+    """One digest per crop of a uint8 (N, 3, H, W) tensor (its shape included)."""
+    shape = "x".join(map(str, images.shape[1:])).encode()
+    flat = images.contiguous().numpy().reshape(len(images), -1)
+    return [hashlib.blake2b(shape + row.tobytes(), digest_size=16).hexdigest() for row in flat]
+
+
+class FeatureStore:
+    """Content-addressed frozen features under ``root`` (see the module docstring).
+    ``threads``: intra-op threads for computing missing features (None: as set)."""
+
+    def __init__(self, root: str | Path, threads: int | None = None) -> None:
+        self.root = Path(root)
+        self.threads = threads
+        self._tables: dict[str, dict[str, np.ndarray]] = {}
+
+    @classmethod
+    def open(cls, root: str | Path, threads: int | None = None) -> "FeatureStore":
+        """The store of ``root``, shared by every caller in this process (``threads``, when
+        given, becomes its setting)."""
+        key = str(Path(root).resolve())
+        if key not in _OPEN:
+            _OPEN[key] = cls(key)
+        if threads is not None:
+            _OPEN[key].threads = threads
+        return _OPEN[key]
+
+    def _table(self, net_key: str) -> dict[str, np.ndarray]:
+        table = self._tables.get(net_key)
+        if table is None:
+            table = {}
+            for shard in sorted((self.root / net_key).glob("*.npz")):
+                if shard.name.startswith("."):  # a shard still being written
+                    continue
+                with np.load(shard) as data:
+                    table.update(zip(data["keys"].tolist(), data["features"]))
+            self._tables[net_key] = table
+        return table
+
+    def holds(self, net: nn.Module, memory_format=torch.contiguous_format) -> bool:
+        """Whether the store has features of ``net`` (of any crop)."""
+        return bool(self._table(network_digest(net, memory_format)))
+
+    def features(self, net: nn.Module, images: torch.Tensor, compute,
+                 memory_format=torch.contiguous_format) -> torch.Tensor:
+        """The head inputs of ``images`` through ``net``: stored ones are read, the rest
+        are computed by ``compute(net, images)`` (only for the crops missing) and stored."""
+        net_key = network_digest(net, memory_format)
+        keys = crop_digests(images)
+        table = self._table(net_key)
+        missing = sorted({k: i for i, k in enumerate(keys) if k not in table}.values())
+        if missing:
+            fresh = compute(net, images[torch.tensor(missing)]).float().cpu().numpy()
+            new_keys = np.array([keys[i] for i in missing])
+            folder = self.root / net_key
+            folder.mkdir(parents=True, exist_ok=True)
+            name = hashlib.blake2b("".join(new_keys).encode(), digest_size=12).hexdigest()
+            with atomic_path(folder / f"{name}.npz") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, keys=new_keys, features=fresh)
+            table.update(zip(new_keys.tolist(), fresh))
+        return torch.from_numpy(np.stack([table[k] for k in keys]))
