@@ -118,10 +118,15 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
                "val_accuracy": next(h["val_accuracy"] for h in result.history
                                     if h["epoch"] == result.best_epoch),
                "scored_on": scored_on,
-               "parameters": result.parameters, "epochs_run": len(result.history),
+               "parameters": result.parameters,
+               # the head phase is epoch 0, however many rows (penalties, epochs) it wrote
+               "epochs_run": int(any(h.get("phase") == "head" for h in result.history))
+               + sum(h.get("phase") != "head" for h in result.history),
                "resumed_from_epoch": result.resumed_from_epoch,
                "stopped_early": result.stopped_early, "device": str(result.device),
                "head_epochs": len(result.head_curve),
+               "head_folds": config.head_folds if result.history and result.history[0].get("phase") == "head"
+               and not result.head_curve else 0,
                "world_size": world, "parameter_digest": digest,
                "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history]))}
     if rank != 0:
