@@ -158,3 +158,23 @@ def test_calibration_and_the_best_view_gap_reach_eval_report_card(head_only):
     card = json.loads((head_only["model"] / "model_card.json").read_text())
     assert card["calibration"]["ece"] == pytest.approx(ens["ece"])
     assert "## Calibration" in (head_only["model"] / "model_card.md").read_text()
+
+
+def test_run_summary_and_console_carry_the_calibration_and_the_best_view_gap(head_only, ingested,
+                                                                             tmp_path):
+    """run_summary.json's ``ensemble.ece`` and ``ensemble.ece_before`` are evaluate's, and
+    the console's last lines say them and how the ensemble stands against its best view."""
+    from triview.summary import build_summary, format_summary
+
+    run = tmp_path / "run"
+    for name, folder in (("ingest", ingested), ("eval", head_only["eval"]),
+                         ("model", head_only["model"])):
+        shutil.copytree(folder, run / name)
+    summary = build_summary(run, run / "model", run / "eval" / "report.html")
+    result = json.loads((head_only["eval"] / "eval.json").read_text())
+    assert summary["ensemble"]["ece"] == pytest.approx(result["ensemble"]["ece"])
+    assert summary["ensemble"]["ece_before"] == pytest.approx(result["ensemble"]["ece_before"])
+    last = format_summary(summary).splitlines()[-2:]
+    assert last[0] == (f"calibration: ensemble ECE {result['ensemble']['ece']:.3f} after temperature "
+                       f"scaling ({result['ensemble']['ece_before']:.3f} before)")
+    assert last[1] == result["versus_best_view"]["statement"]

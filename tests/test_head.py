@@ -132,6 +132,10 @@ def test_expected_calibration_error_and_its_reliability_bins():
     assert [(b["count"], round(b["confidence"], 6), b["accuracy"]) for b in bins] == \
         [(2, 0.7, 0.5), (2, 0.9, 1.0)]
     assert tp.expected_calibration_error(y, prob) == pytest.approx(0.5 * 0.2 + 0.5 * 0.1)
+    # bins weigh by their size: three right at 0.9, one wrong at 0.7
+    uneven = np.array([[0.9, 0.1]] * 3 + [[0.7, 0.3]])
+    assert tp.expected_calibration_error(np.array([0, 0, 0, 1]), uneven) == \
+        pytest.approx(0.75 * 0.1 + 0.25 * 0.7)
     # multi-label: every label's probability of its predicted state
     assert tp.expected_calibration_error(np.array([[1, 0]]), np.array([[0.8, 0.4]])) == \
         pytest.approx(0.5 * 0.2 + 0.5 * 0.4)
