@@ -396,7 +396,9 @@ def describe_stage(rec: dict) -> str:
         return f"{repeat}{rec['view']}: " + _best_epoch_words(rec) + (
             ", stopped early" if rec.get("stopped_early") else "")
     if stage.startswith("train-voter"):
-        return f"{repeat}voter {rec['method']}, val macro-F1 {rec['val_macro_f1']:.4f}"
+        on = (f"macro-F1 {rec['val_macro_f1']:.4f} on {rec['n_scored']} held-out images "
+              f"({rec['voter_inputs']})" if rec.get("n_scored") else f"val macro-F1 {rec['val_macro_f1']:.4f}")
+        return f"{repeat}voter {rec['method']}, {on}"
     if stage.startswith("evaluate"):
         ensemble = rec["ensemble"]
         ci = rec.get("accuracy_interval")

@@ -178,3 +178,8 @@ def test_run_summary_and_console_carry_the_calibration_and_the_best_view_gap(hea
     assert last[0] == (f"calibration: ensemble ECE {result['ensemble']['ece']:.3f} after temperature "
                        f"scaling ({result['ensemble']['ece_before']:.3f} before)")
     assert last[1] == result["versus_best_view"]["statement"]
+    # the voter's line says what it was chosen on
+    from pipelines.console import describe_stage
+
+    voter = json.loads((head_only["voter"] / "stage.json").read_text())
+    assert f"on {voter['n_scored']} held-out images (out-of-fold" in describe_stage(voter)
