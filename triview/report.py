@@ -22,7 +22,7 @@ th{background:#f3f3f3}
 .gallery{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:1.5em}
 .card{border:1px solid #ddd;padding:6px;font-size:12px;text-align:center;background:#fafafa}
 .card img{width:96px;height:96px;image-rendering:pixelated;margin:1px}
-.blessed{color:#0a0;font-weight:bold}.unblessed,.warning{color:#c00;font-weight:bold}
+.blessed,.ahead{color:#0a0;font-weight:bold}.unblessed,.behind,.warning{color:#c00;font-weight:bold}
 figure{display:inline-block;margin:0 12px 12px 0}
 """
 
@@ -273,7 +273,7 @@ def render_html(inp: ReportInputs) -> str:
     ]
     versus = r.get("versus_best_view")
     if versus:
-        css = "blessed" if versus["beats"] else "unblessed"
+        css = "ahead" if versus["beats"] else "behind"
         parts.append(f"<p class='{css}'>{html.escape(versus['statement'][0].upper() + versus['statement'][1:])}.</p>")
     parts += ["<h2>Test metrics</h2>", _table_html(metrics_table(r)), _interval_html(r)]
     if inp.blessing is not None:
