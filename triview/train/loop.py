@@ -279,6 +279,23 @@ def frozen_features(net: BranchNet, images: torch.Tensor, memory_format=torch.co
     return store.features(net, images, compute, memory_format)
 
 
+@torch.no_grad()
+def predict_proba_with(model: BranchNet, images: torch.Tensor, task: str = "multiclass",
+                       store: FeatureStore | None = None,
+                       memory_format=torch.contiguous_format) -> np.ndarray:
+    """:func:`predict_proba`; with a ``store`` that holds features of ``model``'s backbone
+    (the head phase computed them, and the branch kept that backbone), the head applied to
+    them: the crops the store lacks are computed and kept. A fine-tuned backbone is not
+    stored: no other training would meet it."""
+    if store is None or not store.holds(model, memory_format):
+        return predict_proba(model, images, task=task)
+    model.eval()
+    x = frozen_features(model, images, memory_format, store).to(next(model.parameters()).device)
+    logits = head_module(model)(x).float()
+    prob = torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
+    return prob.cpu().numpy()
+
+
 def _head_phase(net: BranchNet, train: ViewData, val: ViewData, criterion: nn.Module,
                 config: TrainConfig, task: str, memory_format,
                 store: FeatureStore | None = None, on_epoch: EpochCallback | None = None) -> dict:
