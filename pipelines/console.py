@@ -396,7 +396,9 @@ def describe_stage(rec: dict) -> str:
         return f"{repeat}{rec['view']}: " + _best_epoch_words(rec) + (
             ", stopped early" if rec.get("stopped_early") else "")
     if stage.startswith("train-voter"):
-        return f"{repeat}voter {rec['method']}, val macro-F1 {rec['val_macro_f1']:.4f}"
+        on = (f"macro-F1 {rec['val_macro_f1']:.4f} on {rec['n_scored']} held-out images "
+              f"({rec['voter_inputs']})" if rec.get("n_scored") else f"val macro-F1 {rec['val_macro_f1']:.4f}")
+        return f"{repeat}voter {rec['method']}, {on}"
     if stage.startswith("evaluate"):
         ensemble = rec["ensemble"]
         ci = rec.get("accuracy_interval")
@@ -415,6 +417,8 @@ def describe_stage(rec: dict) -> str:
                      f"{rec['gate_excluded_images']} excluded)")
         if rec.get("drift_embedding_auc") is not None:
             text += f"; drift AUC {rec['drift_embedding_auc']:.2f} on {rec['drift_new_images']} new images"
+        if rec.get("versus_best_view"):
+            text += f"; {rec['versus_best_view']['statement']}"
         return text
     if stage == "export":
         if "registry" in rec and not rec["registry"]:
@@ -431,17 +435,22 @@ def describe_stage(rec: dict) -> str:
 
 
 def _best_epoch_words(rec: dict) -> str:
-    """The best epoch, with the head phase said in words: epoch 0 is the head trained on
-    cached features of the frozen backbone (``head_epochs`` > 0), fine-tuning counts from 1."""
-    head, best, f1 = int(rec.get("head_epochs") or 0), int(rec["best_epoch"]), rec["val_macro_f1"]
-    if not head:
+    """The best epoch, with the head phase said in words: epoch 0 is the head fitted on
+    cached features of the frozen backbone (cross-fitted over ``head_folds`` folds, or
+    trained for ``head_epochs``), fine-tuning counts from 1."""
+    head, folds = int(rec.get("head_epochs") or 0), int(rec.get("head_folds") or 0)
+    best, f1 = int(rec["best_epoch"]), rec["val_macro_f1"]
+    scored = "out-of-fold" if str(rec.get("scored_on", "")).startswith("out-of-fold") else "val"
+    if not head and not folds:
         return f"best epoch {best} of {rec['epochs_run']}, val macro-F1 {f1:.4f}"
+    phase = (f"the new head cross-fitted over {folds} folds" if folds
+             else f"{head} epochs of the new head")
     tuned = int(rec["epochs_run"]) - 1
     if best == 0:
         kept = (f"; {tuned} fine-tuning epoch{'s' if tuned != 1 else ''} did not beat it"
                 if tuned else "")
-        return (f"kept the head phase (epoch 0: {head} epochs of the new head on cached features "
-                f"of the frozen backbone{kept}), val macro-F1 {f1:.4f}")
+        return (f"kept the head phase (epoch 0: {phase} on cached features of the frozen "
+                f"backbone{kept}), {scored} macro-F1 {f1:.4f}")
     return (f"best fine-tuning epoch {best} of {tuned} (epoch 0 = the head phase on cached "
             f"features), val macro-F1 {f1:.4f}")
 

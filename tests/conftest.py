@@ -117,6 +117,32 @@ def exported(trained, voted, evaluated, cropped, tmp_path_factory) -> Path:
     return out
 
 
+#: The photo recipe (epochs=0: the ImageNet EfficientNet-Lite0 frozen, its head cross-fitted
+#: over train + val on cached features, an augmented pass, flip TTA, temperatures) on the
+#: 32 px digits fixture: the mechanics in seconds.
+HEAD_ONLY_TRAIN = {"backbone": "efficientnet_lite0", "weights": "imagenet",
+                   "epochs": 0, "head_folds": 3, "feature_passes": 2, "tta": "flip", "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def head_only(cropped, augmented, balanced, tmp_path_factory) -> dict[str, Path]:
+    """Three head-only branches, their voter, evaluation and export (folders by name)."""
+    from triview.stages import evaluate_stage, export_stage, train_branch_stage, train_voter_stage
+
+    out = {}
+    for view in ("left", "center", "right"):
+        out[view] = tmp_path_factory.mktemp(f"head_only_{view}")
+        train_branch_stage(cropped, augmented, balanced, view, out[view], **HEAD_ONLY_TRAIN)
+    branches = [out[v] for v in ("left", "center", "right")]
+    out["voter"] = tmp_path_factory.mktemp("head_only_voter")
+    train_voter_stage(branches, out["voter"], seed=0)
+    out["eval"] = tmp_path_factory.mktemp("head_only_eval")
+    evaluate_stage(branches, out["voter"], out["eval"], views_dir=cropped, gradcam_per_kind=0)
+    out["model"] = tmp_path_factory.mktemp("head_only_model")
+    export_stage(branches, out["voter"], cropped, out["eval"], out["model"], infra_validate="off")
+    return out
+
+
 @contextlib.contextmanager
 def pushgateway_server():
     """A real Prometheus Pushgateway (Debian's prometheus-pushgateway) on 127.0.0.1;

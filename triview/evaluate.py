@@ -17,7 +17,8 @@ from triview import artifacts
 from triview.artifacts import REPORT_HTML, REPORT_MD
 from triview.scoring import accuracy_interval, predicted, roc_auc_per_class, scores, task_of
 from triview.storage import atomic_write_text
-from triview.voter import aligned, apply_voter
+from triview.temperature import ECE_BINS, expected_calibration_error, reliability
+from triview.voter import aligned, apply_voter, correct_of
 
 ROC_POINTS = 101
 
@@ -52,25 +53,52 @@ def detail(y: np.ndarray, prob: np.ndarray, classes: list[str], thresholds=None)
             "roc_auc_per_class": roc_auc_per_class(y, prob, classes)}
 
 
+def uncalibrated(preds: dict[str, dict[str, np.ndarray]], split: str, task: str) -> dict[str, np.ndarray]:
+    """Every view's probabilities of ``split`` before its temperature (the softmax or
+    sigmoid of its logits; a branch without logits: its probabilities), aligned as
+    :func:`triview.voter.aligned` aligns them."""
+    from triview.temperature import scale_logits
+
+    raw = {}
+    for view, p in preds.items():
+        order = np.argsort(p[f"{split}_ids"])
+        logits = p.get(f"{split}_logits")
+        raw[view] = (p[f"{split}_prob"] if logits is None else scale_logits(logits, 1.0, task))[order]
+    return raw
+
+
 def score_all(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: list[str]) -> dict:
-    """Scores of every view and the ensemble on the test split (no files written)."""
+    """Scores of every view and the ensemble on the test split (no files written): the
+    headline metrics, the expected calibration error after and before the temperatures
+    (``ece``, ``ece_before``: every temperature at 1, the same voter), and how the
+    ensemble stands against its best view in test images."""
     probs, y, ids = aligned(preds, "test")
     ensemble = apply_voter(voter, probs)
     task = task_of(y)
+    raw = uncalibrated(preds, "test", task)
+    raw_ensemble = apply_voter(voter, raw, calibrated=False)
     # multi-label: each view at its own tuned thresholds, the ensemble at the voter's
     cut = {v: preds[v].get("thresholds") for v in probs}
     cut["ensemble"] = voter.get("thresholds")
+
+    def with_ece(calibrated: np.ndarray, before: np.ndarray, thresholds) -> dict:
+        return {**scores(y, calibrated, thresholds), "ece": expected_calibration_error(y, calibrated),
+                "ece_before": expected_calibration_error(y, before)}
+
     result = {
         "n_test": int(len(y)),
         "task": task,
         "classes": classes,
         "thresholds": ({k: (None if t is None else np.asarray(t).tolist()) for k, t in cut.items()}
                        if task == "multilabel" else None),
-        "views": {v: scores(y, p, cut[v]) for v, p in probs.items()},
-        "ensemble": {**scores(y, ensemble, cut["ensemble"]), "method": voter["name"]},
+        "views": {v: with_ece(p, raw[v], cut[v]) for v, p in probs.items()},
+        "ensemble": {**with_ece(ensemble, raw_ensemble, cut["ensemble"]), "method": voter["name"]},
         "details": {**{v: detail(y, p, classes, cut[v]) for v, p in probs.items()},
                     "ensemble": detail(y, ensemble, classes, cut["ensemble"])},
         "roc_curve": micro_roc_curve(y, ensemble),
+        "calibration": {"bins": ECE_BINS, "temperature": voter.get("temperature"),
+                        "reliability": {"after": reliability(y, ensemble),
+                                        "before": reliability(y, raw_ensemble)}},
     }
     # Kept at the top level for readers of the single-model fields (model card, UI).
     result["confusion_matrix"] = result["details"]["ensemble"]["confusion_matrix"]
@@ -81,8 +109,24 @@ def score_all(preds: dict[str, dict[str, np.ndarray]], voter: dict, classes: lis
     result["accuracy_interval"] = accuracy_interval(round(accuracy * n), n)
     result["ensemble_gain_macro_f1"] = (result["ensemble"]["macro_f1"]
                                         - result["views"][best_view]["macro_f1"])
+    right = {v: correct_of(y, p, cut[v]) for v, p in probs.items()}
+    top = max(right, key=lambda v: (int(right[v].sum()), result["views"][v]["macro_f1"]))
+    gap = int(correct_of(y, ensemble, cut["ensemble"]).sum()) - int(right[top].sum())
+    result["versus_best_view"] = {"view": top, "gap_images": gap, "beats": gap > 0,
+                                  "statement": versus_statement(top, gap, len(y))}
     result["_arrays"] = {"ids": ids, "y": y, "ensemble": ensemble, "views": probs}
     return result
+
+
+def versus_statement(view: str, gap: int, n_test: int) -> str:
+    """One sentence on the ensemble against its best single view, in test images."""
+    if gap > 0:
+        return (f"the ensemble beats its best view ({view}) by {gap} of {n_test} test images")
+    if gap == 0:
+        return (f"the ensemble does not beat its best view ({view}): the same number of the "
+                f"{n_test} test images right")
+    return (f"the ensemble does not beat its best view ({view}): {-gap} of {n_test} test images "
+            f"fewer right")
 
 
 def misclassified(result: dict, limit: int = 12) -> list[dict]:

@@ -33,17 +33,25 @@ from triview.voter import get_method, upgrade
 ONNX_OPSET = 17
 TORCHSCRIPT_TOLERANCE = 1e-5
 ONNX_TOLERANCE = 1e-4
+#: the exported model against the probabilities evaluate scored on the same test crops
+#: (computed by the branches from cached features: other float paths, same model)
+EVALUATED_TOLERANCE = 1e-3
 QUANTIZE_MODES = ("none", "dynamic", "static")
 
 
 class Ensemble(nn.Module):
-    """Three crops in (float RGB in [0, 1], N×3×S×S each, in view order) → class
-    probabilities (softmax per branch; sigmoid per label for ``task="multilabel"``),
-    combined by the voter's method as a torch module (:meth:`VoterMethod.module`)."""
+    """Three crops in (float RGB in [0, 1], N×3×S×S each, in view order) → calibrated class
+    probabilities: each branch (a :class:`triview.models.ServedBranch`: its test-time passes
+    and temperature inside) through a softmax (a sigmoid per label for
+    ``task="multilabel"``), combined by the voter's method as a torch module
+    (:meth:`VoterMethod.module`), then the voter's temperature."""
 
     def __init__(self, branches: list[nn.Module], voter: dict, n_classes: int,
                  task: str = "multiclass") -> None:
         super().__init__()
+        from triview.temperature import EPS
+        from triview.voter_modules import Temperature
+
         voter = upgrade(voter)
         method = get_method(voter["method"])
         if task == "multilabel" and not method.multilabel:
@@ -51,9 +59,16 @@ class Ensemble(nn.Module):
         self.multilabel = task == "multilabel"
         self.branches = nn.ModuleList(branches)
         self.voter = method.module(voter["params"], len(branches), n_classes, task)
+        temperature = voter.get("temperature")
+        self.calibrate = (nn.Identity() if temperature is None
+                          else Temperature(temperature, self.multilabel, EPS))
 
     def forward(self, view0: torch.Tensor, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        return self.voter(self.view_probabilities([view0, view1, view2]))
+        return self.combine(self.view_probabilities([view0, view1, view2]))
+
+    def combine(self, probs: list[torch.Tensor]) -> torch.Tensor:
+        """The voter over the views' probabilities, then the ensemble's temperature."""
+        return self.calibrate(self.voter(probs))
 
     def view_probabilities(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each branch's own probabilities (N x C), in view order: what the voter combines."""
@@ -74,7 +89,7 @@ class EnsembleWithViews(nn.Module):
     def forward(self, view0: torch.Tensor, view1: torch.Tensor, view2: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
         probs = self.ensemble.view_probabilities([view0, view1, view2])
-        return (self.ensemble.voter(probs), *probs)
+        return (self.ensemble.combine(probs), *probs)
 
 
 def git_commit() -> str | None:
@@ -146,9 +161,13 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
                     test_labels: np.ndarray | None = None, calibration: list[torch.Tensor] | None = None,
                     quantize: str = "none", task: str = "multiclass",
                     lineage: dict | None = None, data_version: str | None = None,
-                    data: dict | None = None) -> dict:
+                    data: dict | None = None, evaluated: np.ndarray | None = None) -> dict:
     """Export the ensemble to TorchScript and ONNX, check both against eager on ``example``
     (real test crops, float [0, 1]), write the weights, the voter and the model card.
+
+    ``evaluated``: the ensemble probabilities evaluate scored for the ``example`` crops
+    (in their order); the exported model must give the same (test-time augmentation and
+    temperatures included) within :data:`EVALUATED_TOLERANCE`, else nothing is written.
 
     With ``quantize`` "dynamic" or "static" (calibrated on ``calibration`` crops) an INT8
     ONNX model is written too and its accuracy on ``example``/``test_labels`` reported.
@@ -194,6 +213,16 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
     onnx_diff = float(np.abs(eager_out - onnx_out).max())
     if onnx_diff > ONNX_TOLERANCE:
         raise RuntimeError(f"ONNX Runtime output differs from eager by {onnx_diff:.2e}")
+    evaluated_diff = None
+    if evaluated is not None:
+        evaluated_diff = float(np.abs(np.asarray(evaluated) - onnx_out).max())
+        if evaluated_diff > EVALUATED_TOLERANCE:
+            for name in (ENSEMBLE_FILE, ONNX_FILE):
+                (out / name).unlink(missing_ok=True)
+            raise RuntimeError(
+                f"the exported model answers differently from what evaluate scored on the same "
+                f"test crops (max abs difference {evaluated_diff:.2e} > {EVALUATED_TOLERANCE:g}): "
+                "its test-time augmentation or temperatures are not the branches'")
     if onnx_views is not None:
         with torch.no_grad():
             eager_views = [torch.cat(parts).numpy() for parts in zip(*(
@@ -254,7 +283,16 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
                           "normalisation_inside_model": True},
         "crop_geometry": geometry["geometry"],
         "lens": geometry.get("lens"),
-        "voter": {k: voter[k] for k in ("name", "method", "val_macro_f1") if k in voter},
+        "voter": {k: voter[k] for k in ("name", "method", "val_macro_f1", "scored_on", "n_scored")
+                  if k in voter},
+        # calibrated probabilities: per-branch temperatures and the voter's, fitted on
+        # held-out predictions; the test-time passes each branch averages
+        "calibration": {"temperatures": {v: (training or {}).get(v, {}).get("temperature")
+                                         for v in views},
+                        "ensemble_temperature": voter.get("temperature"),
+                        "ece": (metrics.get("ensemble") or {}).get("ece"),
+                        "ece_before": (metrics.get("ensemble") or {}).get("ece_before")},
+        "tta": {v: (training or {}).get(v, {}).get("tta") for v in views},
         # multi-label decision thresholds per label, tuned on validation (predict's default)
         "thresholds": voter.get("thresholds") if task == "multilabel" else None,
         "test_metrics": metrics,
@@ -265,6 +303,7 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
         "data": data or {},
         "torchscript_max_abs_diff": ts_diff,
         "onnx_max_abs_diff": onnx_diff,
+        "evaluated_max_abs_diff": evaluated_diff,
         "parity_images": int(len(example[0])),
         "onnx_opset": ONNX_OPSET,
         "quantization": quant,
@@ -308,11 +347,25 @@ def card_markdown(card: dict) -> str:
              "Normalisation ("
              + ", ".join(f"{v}: {n['mode']}" for v, n in card["preprocessing"]["normalization"].items())
              + ") is inside the model.", "",
-             "## Test metrics", "", "| model | accuracy | macro-F1 |", "|---|---|---|"]
+             "## Test metrics", "", "| model | accuracy | macro-F1 | ECE (before scaling) |",
+             "|---|---|---|---|"]
     for name, s in {**(m.get("views") or {}), "ensemble": m.get("ensemble") or {}}.items():
         if s:
+            ece = (f"{s['ece']:.4f} ({s['ece_before']:.4f})" if s.get("ece") is not None
+                   and s.get("ece_before") is not None else "-")
             lines.append(f"| {name} | {s.get('accuracy', float('nan')):.4f} | "
-                         f"{s.get('macro_f1', float('nan')):.4f} |")
+                         f"{s.get('macro_f1', float('nan')):.4f} | {ece} |")
+    c = card.get("calibration") or {}
+    if c.get("ensemble_temperature") is not None:
+        temps = ", ".join(f"{v} {t:.3f}" for v, t in (c.get("temperatures") or {}).items() if t)
+        lines += ["", "## Calibration", "",
+                  f"The probabilities are temperature-scaled (fitted on held-out predictions, "
+                  f"never on test): branch temperatures {temps or '-'}, ensemble "
+                  f"{c['ensemble_temperature']:.3f}; test ECE {c.get('ece') or float('nan'):.4f} "
+                  f"after, {c.get('ece_before') or float('nan'):.4f} before. Test-time "
+                  "augmentation inside the model: "
+                  + ", ".join(f"{v} {'+'.join(t)}" for v, t in (card.get("tta") or {}).items() if t)
+                  + "."]
     lines += ["", "## Training", "", "| view | backbone | epochs | best epoch | parameters | "
               "pretrained weights (source, SHA-256) |", "|---|---|---|---|---|---|"]
     for view, t in (card.get("training") or {}).items():
@@ -352,18 +405,22 @@ def load_eager(folder: str | Path) -> tuple[Ensemble, dict]:
     """Rebuild the eager PyTorch ensemble from the card, the voter and the safetensors weights."""
     from safetensors.torch import load_file
 
-    from triview.models import BranchNet, create_backbone
+    from triview.models import BranchNet, ServedBranch, create_backbone
 
     folder = Path(folder)
     card = read_card(folder)
     voter = upgrade(json.loads((folder / card["files"]["voter"]).read_text()))
     branches = []
     for view in card["views"]:
-        cfg = card["training"][view]["config"]
-        branches.append(BranchNet(create_backbone(cfg["backbone"], len(card["classes"]),
-                                                  card["image_size"], cfg.get("hidden", 0)),
-                                  card["training"][view].get("normalization")
-                                  or cfg.get("normalization", "imagenet")))
+        training = card["training"][view]
+        cfg = training["config"]
+        net = BranchNet(create_backbone(cfg["backbone"], len(card["classes"]), card["image_size"],
+                                        cfg.get("hidden", 0)),
+                        training.get("normalization") or cfg.get("normalization", "imagenet"))
+        if "tta" in card:  # exports since test-time passes and temperatures are inside the model
+            net = ServedBranch(net, tuple(training.get("tta") or ("identity",)),
+                               float(training.get("temperature") or 1.0))
+        branches.append(net)
     model = Ensemble(branches, voter, len(card["classes"]), card.get("task", "multiclass"))
     model.load_state_dict(load_file(str(folder / card["files"]["weights"])))
     return model.eval(), card

@@ -148,3 +148,47 @@ class BranchNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
+
+
+#: Test-time augmentation: the passes each mode averages (``tta`` parameter). ``flip``
+#: mirrors the crop left-right; ``zoom`` takes its central ZOOM_SIDE of each side and
+#: resizes it back (a second scale of the same view).
+TTA_MODES = {"none": ("identity",), "flip": ("identity", "flip"),
+             "flip_zoom": ("identity", "flip", "zoom")}
+ZOOM_SIDE = 0.8
+
+
+def tta_transform(x: torch.Tensor, name: str) -> torch.Tensor:
+    """One test-time pass of a float NCHW batch (ops that TorchScript and ONNX export)."""
+    if name == "identity":
+        return x
+    if name == "flip":
+        return torch.flip(x, dims=[3])
+    if name == "zoom":
+        h, w = int(x.shape[2]), int(x.shape[3])
+        ch, cw = int(round(h * ZOOM_SIDE)), int(round(w * ZOOM_SIDE))
+        top, left = (h - ch) // 2, (w - cw) // 2
+        crop = x[:, :, top:top + ch, left:left + cw]
+        return nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+    raise ValueError(f"unknown test-time pass {name!r}; passes: identity, flip, zoom")
+
+
+class ServedBranch(nn.Module):
+    """A trained branch as the ensemble runs it: its logits averaged over the test-time
+    passes, divided by its temperature (softmax or sigmoid of this output is the branch's
+    calibrated probability)."""
+
+    def __init__(self, net: nn.Module, passes: tuple[str, ...] = ("identity",),
+                 temperature: float = 1.0) -> None:
+        super().__init__()
+        for name in passes:
+            tta_transform(torch.zeros(1, 3, 4, 4), name)  # an unknown pass fails here
+        self.net = net
+        self.passes = tuple(passes)
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.net(tta_transform(x, self.passes[0]))
+        for name in self.passes[1:]:
+            total = total + self.net(tta_transform(x, name))
+        return total / (len(self.passes) * self.temperature)

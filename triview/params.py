@@ -294,8 +294,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     # train-branch
     Param("backbone", str, "efficientnet_lite0", "Backbone from the registry.",
           ("train-branch",), choices=backbone_names),
-    Param("epochs", int, 0, "Fine-tuning epochs (after the head phase, when head_epochs > 0; "
-          "0 then keeps the head trained on frozen features).", ("train-branch",), low=0,
+    Param("epochs", int, 0, "Fine-tuning epochs (after the head phase, when head_folds or "
+          "head_epochs > 0; 0 then keeps the head fitted on frozen features).", ("train-branch",), low=0,
           high=10_000),
     Param("batch_size", int, 32, "Images per optimisation step.", ("train-branch",), low=1),
     Param("lr", float, 0.0003, "Initial learning rate (of the head, when fine-tuning a "
@@ -347,12 +347,28 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           "s3://bucket/prefix that `triview weights stage` filled (on a cluster, e.g. "
           "s3://triview-artifacts/weights on MinIO, so that nothing reaches the internet).",
           ("train-branch", "evaluate"), check=_check_location),
-    Param("head_epochs", int, 60, "Train the new head first for this many epochs on features of "
-          "the frozen backbone, computed once per crop (0: off); fine-tuning then starts from "
-          "that head and keeps it unless an epoch beats it on validation.", ("train-branch",),
-          low=0, high=10_000),
+    Param("head_folds", int, 5, "The head phase: the new head is first fitted on features of "
+          "the frozen backbone (L2-regularised logistic regression, the penalty chosen by the "
+          "out-of-fold log-loss), cross-fitted over this many folds so that every image it is "
+          "fitted on also gets a prediction from a head that never saw it; with epochs=0 those "
+          "out-of-fold predictions of train and validation are what the temperature and the "
+          "voter are fitted and chosen on. 0: the head is trained for head_epochs instead.",
+          ("train-branch",), low=0, high=20),
+    Param("head_epochs", int, 60, "With head_folds=0: train the new head first for this many "
+          "epochs on features of the frozen backbone, computed once per crop (0: off); "
+          "fine-tuning then starts from that head and keeps it unless an epoch beats it on "
+          "validation. Unused while head_folds > 0.", ("train-branch",), low=0, high=10_000),
     Param("head_lr", float, 0.001, "Learning rate of the head phase (head_epochs).",
           ("train-branch",), low=0.0, low_open=True, high=10.0),
+    Param("feature_passes", int, 1, "Passes of every crop the head is fitted on through the "
+          "frozen backbone: 1 the crop itself, each further pass an augmented draw (the "
+          "augment parameters, seeded by image id and pass).", ("train-branch",), low=1,
+          high=100),
+    Param("tta", str, "flip", "Test-time augmentation of every branch, in the exported model "
+          "too: none, flip (the crop and its mirror image) or flip_zoom (also the central 80% "
+          "of each side, resized back); the branch's logits are averaged over the passes, "
+          "which also join the head's training passes.", ("train-branch",),
+          choices=("none", "flip", "flip_zoom")),
     Param("backbone_lr_scale", float, 0.1, "The backbone's learning rate as a share of lr when "
           "fine-tuning (the new head keeps lr): below 1 keeps pretrained features close to "
           "where they started.", ("train-branch",), low=0.0, low_open=True, high=1.0),
@@ -442,14 +458,22 @@ def _rule_views_fit(v: dict) -> str | None:
 
 
 def _rule_folds(v: dict) -> str | None:
-    if v["voter_folds"] == 1:
-        return "voter_folds must be 0 (off) or at least 2"
+    for name in ("voter_folds", "head_folds"):
+        if v[name] == 1:
+            return f"{name} must be 0 (off) or at least 2"
+    return None
+
+
+def _rule_linear_head(v: dict) -> str | None:
+    if v["hidden"] and v["head_folds"]:
+        return (f"hidden={v['hidden']} with head_folds={v['head_folds']}: the cross-fitted head "
+                "is linear; set head_folds=0 for a hidden layer (trained for head_epochs)")
     return None
 
 
 def _rule_something_trains(v: dict) -> str | None:
-    if v["epochs"] + v["head_epochs"] == 0:
-        return "epochs and head_epochs are both 0: nothing would train"
+    if v["epochs"] + v["head_folds"] + v["head_epochs"] == 0:
+        return "epochs, head_folds and head_epochs are all 0: nothing would train"
     return None
 
 
@@ -468,7 +492,8 @@ def _rule_unfreeze(v: dict) -> str | None:
 #: Checks across parameters (each sees a full, typed set of values).
 RULES: tuple[Callable[[dict], str | None], ...] = (_rule_fractions, _rule_views_fit,
                                                     _rule_folds, _rule_unfreeze,
-                                                    _rule_something_trains, _rule_deploy_needs_s3)
+                                                    _rule_something_trains, _rule_linear_head,
+                                                    _rule_deploy_needs_s3)
 
 
 # ----------------------------------------------------------------------------- API

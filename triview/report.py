@@ -22,7 +22,7 @@ th{background:#f3f3f3}
 .gallery{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:1.5em}
 .card{border:1px solid #ddd;padding:6px;font-size:12px;text-align:center;background:#fafafa}
 .card img{width:96px;height:96px;image-rendering:pixelated;margin:1px}
-.blessed{color:#0a0;font-weight:bold}.unblessed,.warning{color:#c00;font-weight:bold}
+.blessed,.ahead{color:#0a0;font-weight:bold}.unblessed,.behind,.warning{color:#c00;font-weight:bold}
 figure{display:inline-block;margin:0 12px 12px 0}
 """
 
@@ -141,6 +141,36 @@ def _curves_figure(histories: dict[str, pd.DataFrame],
     return figure_data_uri(fig)
 
 
+def calibration_table(result: dict) -> pd.DataFrame:
+    """Expected calibration error per view and of the ensemble, before and after the
+    temperatures."""
+    rows = {**result["views"], "ensemble": result["ensemble"]}
+    return pd.DataFrame({name: {"ECE before": s.get("ece_before"), "ECE after": s.get("ece")}
+                         for name, s in rows.items()}).T.rename_axis("model")
+
+
+def _reliability_figure(calibration: dict) -> str:
+    """The ensemble's reliability diagram: accuracy against confidence per bin, before and
+    after the temperatures (marker area ~ images in the bin)."""
+    fig, ax = plt.subplots(figsize=(4.4, 4.2), dpi=80)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfectly calibrated")
+    for key, colour in (("before", "tab:orange"), ("after", "tab:blue")):
+        bins = calibration["reliability"][key]
+        if bins:
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "-o",
+                    color=colour, ms=3, label=f"{key} temperature scaling")
+            ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins],
+                       s=[8 + 2 * b["count"] for b in bins], color=colour, alpha=0.3)
+    ax.set_xlabel("confidence (top class)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("reliability (ensemble, test)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    return figure_data_uri(fig)
+
+
 def _curves_caption(histories: dict[str, pd.DataFrame],
                     head_histories: dict[str, pd.DataFrame]) -> str:
     """What the training curves show, in words."""
@@ -241,6 +271,10 @@ def render_html(inp: ReportInputs) -> str:
         f"<code>{html.escape(r['best_view'])}</code>; ensemble gain in macro-F1 "
         f"{r['ensemble_gain_macro_f1']:+.4f}.</p>",
     ]
+    versus = r.get("versus_best_view")
+    if versus:
+        css = "ahead" if versus["beats"] else "behind"
+        parts.append(f"<p class='{css}'>{html.escape(versus['statement'][0].upper() + versus['statement'][1:])}.</p>")
     parts += ["<h2>Test metrics</h2>", _table_html(metrics_table(r)), _interval_html(r)]
     if inp.blessing is not None:
         parts += ["<h2>Gate (champion / challenger)</h2>", _blessing_html(inp.blessing)]
@@ -250,6 +284,16 @@ def render_html(inp: ReportInputs) -> str:
               "<h2>Per class ROC-AUC (one-vs-rest)</h2>", _table_html(roc_auc_table(r)),
               "<h2>Classification report (ensemble)</h2>",
               _table_html(pd.DataFrame(r["classification_report"]).T)]
+    if r.get("calibration"):
+        c = r["calibration"]
+        temperature = c.get("temperature")
+        parts += ["<h2>Calibration</h2>",
+                  f"<p>Expected calibration error ({c['bins']} equal-width confidence bins) on the "
+                  "test split, before and after temperature scaling (per branch and of the "
+                  "ensemble, fitted on held-out predictions, never on test)"
+                  + (f"; ensemble temperature {temperature:.3f}" if temperature else "") + ".</p>",
+                  _table_html(calibration_table(r)),
+                  f"<img alt='reliability diagram' src='{_reliability_figure(c)}'>"]
     if inp.timing:
         t = inp.timing
         parts += ["<h2>Timing</h2>",
@@ -304,6 +348,9 @@ def render_markdown(inp: ReportInputs) -> str:
     md = [f"# triview evaluation ({r['n_test']} test images)", "",
           f"Ensemble method: `{inp.voter['name']}`; best single view: `{r['best_view']}`; "
           f"ensemble gain in macro-F1: {r['ensemble_gain_macro_f1']:+.4f}", ""]
+    if r.get("versus_best_view"):
+        statement = r["versus_best_view"]["statement"]
+        md += [statement[0].upper() + statement[1:] + ".", ""]
     md += ["## Test metrics", "", metrics_table(r).round(4).to_markdown(), ""]
     ci = r.get("accuracy_interval")
     if ci:
@@ -323,6 +370,9 @@ def render_markdown(inp: ReportInputs) -> str:
         md += ["## Drift against the champion's data", ""] + [f"- {x}" for x in summary_lines(inp.drift)] + [""]
     md += ["## Per class F1", "", per_class_table(r).round(4).to_markdown(), "",
            "## Per class (ensemble)", "", pd.DataFrame(r["classification_report"]).T.round(4).to_markdown()]
+    if r.get("calibration"):
+        md += ["", "## Calibration (expected calibration error on test)", "",
+               calibration_table(r).round(4).to_markdown()]
     if inp.timing:
         md += ["", "## Timing", "", f"Device: {inp.timing.get('device')}; ensemble "
                f"{inp.timing.get('ensemble_ms_per_sample', float('nan')):.2f} ms per sample (batch 1)", "",

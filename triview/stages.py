@@ -184,23 +184,22 @@ def _branch_predictions(branch_dirs: dict[str, Path]) -> dict[str, dict]:
 
 def train_voter_stage(branch_dirs: list[Folder], out_dir: Folder, *, repeat: bool = False,
                       **params) -> dict:
+    """Fit, choose and calibrate the voter on the branches' held-out probabilities
+    (:func:`triview.voter.held_out_set`: out-of-fold ones and validation); the test split
+    is never read."""
     from triview import voter as vt
     from triview.artifacts import branches_by_view
 
     p = stage_config("train-voter", params)
     with stage_record("train-voter" + repeat_suffix(p["seed"], repeat), out_dir) as rec:
         preds = _branch_predictions(branches_by_view(branch_dirs))
-        probs, y, _ = vt.aligned(preds, "val")
+        probs, y, ids, scored_on = vt.held_out_set(preds)
         n_classes = next(iter(probs.values())).shape[1]
-        oof = None
-        if all("oof_prob" in x for x in preds.values()):  # the branches ran with voter_folds > 1
-            oof_probs, oof_y, _ = vt.aligned(preds, "oof")
-            oof = (oof_probs, oof_y)
-        voter, table = vt.fit_voter(probs, y, n_classes, seed=p["seed"], oof=oof)
+        voter, table = vt.fit_voter(probs, y, n_classes, seed=p["seed"], scored_on=scored_on)
         voter["seed"] = p["seed"]
         vt.save_voter(voter, table, out_dir)
         rec.update(method=voter["name"], val_macro_f1=voter["val_macro_f1"], task=voter["task"],
-                   voter_inputs="train out-of-fold" if oof else "validation",
+                   voter_inputs=scored_on, n_scored=int(len(y)), temperature=voter["temperature"],
                    candidates=table.to_dict(orient="records"))
     return rec
 
@@ -274,6 +273,7 @@ def evaluate_stage(branch_dirs: list[Folder], voter_dir: Folder, out_dir: Folder
                              timing=timing, gradcam=gallery, blessing=blessing, crop_reader=reader,
                              drift=drift)
         rec.update(seed=seed, ensemble=result["ensemble"], views=result["views"],
+                   versus_best_view=result["versus_best_view"],
                    n_test=result["n_test"], accuracy_interval=result["accuracy_interval"],
                    blessed=int(blessing["blessed"]),
                    champion_macro_f1=blessing["champion"],
@@ -304,11 +304,12 @@ def _evaluate_extras(branch_dirs, metas, voter, challenger, histories, views_dir
     from triview import export as ex
     from triview import gradcam, timing
     from triview import manifest as mf
-    from triview.train import load_branch
+    from triview.train import load_branch, load_served_branch
 
     models = {v: load_branch(d)[0] for v, d in branch_dirs.items()}
+    served = {v: load_served_branch(d)[0] for v, d in branch_dirs.items()}
     first = next(iter(metas.values()))
-    ensemble = ex.Ensemble([models[v] for v in voter["views"]], voter, len(first["classes"]),
+    ensemble = ex.Ensemble([served[v] for v in voter["views"]], voter, len(first["classes"]),
                            first.get("task", "multiclass"))
     figures = timing.ensemble_timing(models, ensemble, metas, histories, int(first["image_size"]),
                                      ev.device_name())
@@ -347,6 +348,9 @@ def repeats_stage(evaluation_dirs: list[Folder], out_dir: Folder) -> dict:
         raise ValueError(f"repeated evaluations share a seed: {seeds}")
     with stage_record("repeats", out_dir) as rec:
         rec["repeats"] = aggregate_repeats(records, seeds)
+        if all("versus_best_view" in r for r in records):  # per seed, in test images
+            rec["repeats"]["versus_best_view"] = [{"seed": r["seed"], **r["versus_best_view"]}
+                                                  for r in records]
         atomic_write_text(Path(out_dir) / "repeats.json", json.dumps(rec["repeats"], indent=2))
     return rec
 
@@ -372,7 +376,7 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
     from triview import metrics as mx
     from triview import voter as vt
     from triview.registry import ModelRegistry
-    from triview.train import load_branch
+    from triview.train import load_served_branch
     from triview.train.branch import branch_normalization
     from triview.train.data import load_split
 
@@ -381,12 +385,14 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
         branch_dirs = artifacts.branches_by_view(branch_dirs)
         branches, training, task = {}, {}, "multiclass"
         for view, d in branch_dirs.items():
-            model, meta = load_branch(d)
+            model, meta = load_served_branch(d)
             branches[view] = model
             task = meta.get("task", task)
             training[view] = {"config": meta["config"], "best_epoch": meta["best_epoch"],
                               "parameters": meta["parameters"], "val_macro_f1": meta.get("val_macro_f1"),
+                              "scored_on": meta.get("scored_on", "validation"),
                               "normalization": branch_normalization(meta),
+                              "tta": list(model.passes), "temperature": model.temperature,
                               "weights": _weights_record(meta.get("pretrained"))}
         geometry = json.loads((Path(views_dir) / crop.GEOMETRY_FILE).read_text())
         metrics = artifacts.read_eval(eval_dir)
@@ -395,15 +401,21 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
                        if p["quantize"] == "static" else None)
         run_id = mx.run_id_for(out_dir)
         views = mf.read_views(views_dir)
+        voter = vt.load_voter(voter_dir)
+        # what evaluate scored for these crops: the served model must answer the same
+        probs, _, ids = vt.aligned(_branch_predictions(branch_dirs), "test")
+        row_of = {image_id: k for k, image_id in enumerate(ids)}
+        evaluated = vt.apply_voter(voter, probs)[[row_of[i] for i in test.image_ids]]
         card = ex.export_ensemble(
-            branches, vt.load_voter(voter_dir), mf.read_classes(views_dir), geometry,
+            branches, voter, mf.read_classes(views_dir), geometry,
             {"views": metrics["views"], "ensemble": metrics["ensemble"]}, out_dir,
             training=training, example=test.inputs, test_labels=test.labels,
             calibration=calibration, quantize=p["quantize"], task=task,
             lineage={"run_id": run_id}, data_version=_data_version(views_dir),
             data={"seen_images": artifacts.write_seen_images(
                       out_dir, mf.seen_image_ids(views), mf.seen_source_ids(views)),
-                  "test_images": int(len(test.labels))})
+                  "test_images": int(len(test.labels))},
+            evaluated=evaluated)
         from triview import drift as dr
 
         for name in (dr.PROFILE_FILE, dr.EMBEDDINGS_FILE):  # the data profile travels with the model

@@ -21,6 +21,7 @@ def build_summary(run_dir: str | Path, model_dir: str | Path, report_path: str |
     summary = {
         "views": evaluation["views"],
         "ensemble": evaluation["ensemble"],
+        "versus_best_view": evaluation.get("versus_best_view"),
         "counts": counts,
         "stages": {name: {"seconds": rec["seconds"]} for name, rec in stages.items()},
         "test_interval": evaluation.get("accuracy_interval"),
@@ -62,7 +63,24 @@ def format_summary(summary: dict) -> str:
     lines.append(f"stages: {total:.1f} s in stages, {summary.get('dag_seconds', total):.1f} s DAG wall time")
     lines.append(f"model:  {summary['artifacts']['model']}")
     lines.append(f"report: {summary['artifacts']['report']}")
+    lines += versus_lines(summary)
     return "\n".join(lines)
+
+
+def versus_lines(summary: dict) -> list[str]:
+    """The last lines of a run: calibration, and whether the ensemble beats its best view
+    (per seed with repeats), in test images."""
+    e, lines = summary["ensemble"], []
+    if e.get("ece") is not None and e.get("ece_before") is not None:
+        lines.append(f"calibration: ensemble ECE {e['ece']:.3f} after temperature scaling "
+                     f"({e['ece_before']:.3f} before)")
+    per_seed = (summary.get("repeats") or {}).get("versus_best_view")
+    if per_seed:
+        for v in per_seed:
+            lines.append(f"seed {v['seed']}: {v['statement']}")
+    elif summary.get("versus_best_view"):
+        lines.append(summary["versus_best_view"]["statement"])
+    return lines
 
 
 def interval_lines(interval: dict | None, accuracy: float) -> list[str]:

@@ -3,7 +3,7 @@
 Every method is one class in :data:`VOTERS`, registered by name, with what it is:
 how it is fitted (nothing, for the fixed rules), how it combines probabilities in numpy
 (:meth:`VoterMethod.apply`), its torch module for the exported ensemble
-(:meth:`VoterMethod.module`), and its rank among candidates tied on validation.
+(:meth:`VoterMethod.module`), and its rank among candidates tied on held-out images.
 
 The candidates: mean of probabilities, their normalised geometric mean (a product of
 experts: per label, the mean logit), majority vote (the sum of the views' one-hot label
@@ -12,15 +12,20 @@ that say yes), each single view, a weighted mean (view weights fitted by log-los
 learned voters on the concatenated log-probabilities: multinomial logistic regression
 (multi-class) and a small MLP (one hidden ReLU layer; softmax, or sigmoid per label).
 
-Fitted candidates are never judged on data they were fitted to. Without out-of-fold
-inputs they are scored by cross-validated predictions on the validation split; with
-``oof`` (the branches' out-of-fold probabilities of the training images, from
-``voter_folds > 1``) they are fitted on those and scored on the whole validation split,
-and the chosen one is refitted on both. The best by validation macro-F1 is kept, with
-Breiman's one-standard-error rule (:func:`choose`). Multi-label voters carry per-label
-decision thresholds tuned on validation.
+The voter is fitted and chosen on the views' held-out probabilities: by default the
+branches' out-of-fold predictions of every training and validation image (the heads are
+cross-fitted, :mod:`triview.train.head`), else validation (fine-tuned branches), with the
+fold models' out-of-fold training predictions added when the branches ran with
+``voter_folds > 1``. Fitted candidates are never judged on data they were fitted to: they
+are scored by cross-validated predictions on those images, then refitted on all of them.
+The choice (:func:`choose`) keeps the simplest candidate whose held-out errors are within
+noise of the best's, so that a combination is never preferred to a single view it trails
+by more than noise. A temperature fitted on the chosen candidate's held-out predictions
+calibrates the ensemble's probabilities (:mod:`triview.temperature`); multi-label voters
+carry per-label decision thresholds tuned on the calibrated held-out predictions.
 
-``voter.json`` holds ``{"method", "params", "views", "task", "name", ...}``.
+``voter.json`` holds ``{"method", "params", "views", "task", "name", "temperature",
+"scored_on", "n_scored", ...}``.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neural_network import MLPClassifier
 
 from triview import artifacts
-from triview.scoring import selection_scores, task_of, tune_thresholds
+from triview.scoring import predicted, selection_scores, task_of, tune_thresholds
 
 EPS = 1e-6
 VOTE_TIE_BREAK = 1e-3  # mean probability's share in the majority vote: breaks ties only
@@ -67,7 +72,7 @@ class VoterMethod:
     """One way of combining the views. Subclasses set ``name`` and ``rank`` and implement
     :meth:`apply` and :meth:`module`; fitted ones also :meth:`fit`."""
     name = ""
-    rank = 99                 # lower wins among candidates tied on validation
+    rank = 99                 # lower wins among candidates tied on held-out images
     fitted = False
     multilabel = True         # also combines per-label (sigmoid) probabilities
     reads_every_view = True   # False: the exported graph computes only the views it reads
@@ -332,12 +337,18 @@ def _fit_weights(probs: Probs, y: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- voters
 
 
-def apply_voter(voter: dict, probs: dict[str, np.ndarray]) -> np.ndarray:
-    """Ensemble probabilities (N, C) from per-view probabilities, as the voter says."""
+def apply_voter(voter: dict, probs: dict[str, np.ndarray], calibrated: bool = True) -> np.ndarray:
+    """Ensemble probabilities (N, C) from per-view probabilities, as the voter says, with
+    the voter's temperature (``calibrated=False``: without it)."""
+    from triview.temperature import scale_probabilities
+
     voter = upgrade(voter)
     method = get_method(voter["method"])
-    return method.apply(voter["params"], [probs[v] for v in voter["views"]],
-                        voter.get("task", "multiclass"))
+    task = voter.get("task", "multiclass")
+    out = method.apply(voter["params"], [probs[v] for v in voter["views"]], task)
+    if calibrated and voter.get("temperature") is not None:
+        out = scale_probabilities(out, voter["temperature"], task)
+    return out
 
 
 def upgrade(voter: dict) -> dict:
@@ -345,7 +356,8 @@ def upgrade(voter: dict) -> dict:
     if "params" in voter:
         return voter
     method = voter["method"]
-    keep = {"method", "views", "task", "name", "val_macro_f1", "thresholds", "seed", "fitted_on"}
+    keep = {"method", "views", "task", "name", "val_macro_f1", "thresholds", "seed", "fitted_on",
+            "temperature", "scored_on", "n_scored"}
     params = {k: v for k, v in voter.items() if k not in keep}
     if method == "single":
         params = {"view": voter["view"], "index": list(voter["views"]).index(voter["view"])}
@@ -353,72 +365,79 @@ def upgrade(voter: dict) -> dict:
 
 
 def preference(candidate: str) -> int:
-    """Order among candidates tied on validation (``single:<view>`` ranks as ``single``)."""
+    """Order among tied candidates (``single:<view>`` ranks as ``single``)."""
     return get_method(candidate.split(":")[0]).rank
 
 
-def choose(table: pd.DataFrame, n_val: int) -> str:
-    """The candidate to keep: Breiman's one-standard-error rule. On a few hundred
-    validation images the macro-F1 order of close candidates is mostly noise, and its
-    top is the candidate that happens to fit that noise best; so every candidate within
-    one standard error of the best (binomial, of the best's validation accuracy, at
-    least one image) counts as tied, and the lowest ``rank`` among the tied is kept:
-    unfitted combinations first, then fitted voters by parameter count, single views last."""
-    best = table.sort_values("val_macro_f1", ascending=False).iloc[0]
-    acc = float(best["val_accuracy"])
-    se = max(np.sqrt(acc * (1 - acc) / n_val), 1.0 / n_val)
-    tied = table[table["val_macro_f1"] >= best["val_macro_f1"] - se]
-    return str(min(tied["candidate"], key=preference))
+def correct_of(y: np.ndarray, prob: np.ndarray, thresholds=None) -> np.ndarray:
+    """Per image: is the prediction right (multi-label: every label)."""
+    task = task_of(y)
+    pred = predicted(prob, task, thresholds)
+    return (pred == y).all(axis=1) if task == "multilabel" else pred == y
 
 
-def fit_voter(val_probs: dict[str, np.ndarray], y_val: np.ndarray, n_classes: int,
-              seed: int = 0, oof: tuple[dict[str, np.ndarray], np.ndarray] | None = None
-              ) -> tuple[dict, pd.DataFrame]:
-    """Fit and compare every registered method; return the chosen voter and the
-    candidates table (validation accuracy, macro-F1 and log-loss of each).
+def choose(table: pd.DataFrame, correct: dict[str, np.ndarray]) -> str:
+    """The candidate to keep. The best by held-out macro-F1 (ties: lower log-loss) sets
+    the mark; a candidate counts as tied with it when it gets at most one standard error
+    of the paired difference more images wrong: with d images where exactly one of the
+    two is right, sqrt(d), at least one image. Among the tied the lowest ``rank`` wins
+    (unfitted combinations, then fitted voters by parameter count, single views last), so
+    a combination is kept only when it is no worse than any single view beyond that noise,
+    and a single view wins only when every combination trails it by more than noise."""
+    ordered = table.sort_values(["val_macro_f1", "val_log_loss"], ascending=[False, True])
+    best = str(ordered.iloc[0]["candidate"])
+    tied = []
+    for name in table["candidate"]:
+        worse = int((correct[best] & ~correct[name]).sum())
+        better = int((correct[name] & ~correct[best]).sum())
+        if worse - better <= max(1.0, np.sqrt(worse + better)):
+            tied.append(str(name))
+    return min(tied, key=preference)
 
-    ``oof``: the views' out-of-fold probabilities of the training images and their
-    labels; fitted candidates then learn from them and are scored on validation.
-    """
-    task = task_of(y_val)
-    views = list(val_probs)
-    val = [val_probs[v] for v in views]
-    if oof is not None:  # fit on out-of-fold training predictions, score on validation
-        fit_probs, fit_y, held = [oof[0][v] for v in views], oof[1], (val, y_val)
-        how = "train out-of-fold"
-    else:                # cross-validate on validation
-        fit_probs, fit_y, held, how = val, y_val, None, "validation (cross-validated)"
 
+def fit_voter(probs: dict[str, np.ndarray], y: np.ndarray, n_classes: int, seed: int = 0,
+              scored_on: str = "validation") -> tuple[dict, pd.DataFrame]:
+    """Fit and compare every registered method on the views' held-out probabilities
+    ``probs`` (one (N, C) array per view, aligned) and labels ``y``; return the chosen
+    voter, calibrated, and the candidates table (held-out accuracy, macro-F1, log-loss)."""
+    from triview.temperature import fit_probability_temperature, scale_probabilities
+
+    task = task_of(y)
+    views = list(probs)
+    held = [probs[v] for v in views]
+    how = f"{scored_on} (cross-validated)"
     rows, params, scored = [], {}, {}
     for method in VOTERS.values():
         if task == "multilabel" and not method.multilabel:
             continue
         if method.name == "single":
-            candidates = [(f"single:{v}", {"view": v, "index": k}, val[k], "-")
+            candidates = [(f"single:{v}", {"view": v, "index": k}, held[k], "-")
                           for k, v in enumerate(views)]
         elif not method.fitted:
-            candidates = [(method.name, {}, method.apply({}, val, task), "-")]
-        else:
-            result = method.fit(fit_probs, fit_y, n_classes, seed, held_out=held)
+            candidates = [(method.name, {}, method.apply({}, held, task), "-")]
+        else:  # parameters fitted on every image, scored by cross-validated predictions
+            result = method.fit(held, y, n_classes, seed)
             candidates = [] if result is None else [(method.name, result[0], result[1], how)]
         for name, p, prob, fitted_on in candidates:
             params[name], scored[name] = p, prob
-            rows.append({"candidate": name, "fitted_on": fitted_on,
-                         **selection_scores(y_val, prob)})
+            rows.append({"candidate": name, "fitted_on": fitted_on, **selection_scores(y, prob)})
 
     table = pd.DataFrame(rows)
-    chosen = choose(table, len(y_val))
+    correct = {name: correct_of(y, scored[name], tune_thresholds(y, scored[name])
+                                if task == "multilabel" else None) for name in scored}
+    chosen = choose(table, correct)
+    table["errors"] = [int((~correct[name]).sum()) for name in table["candidate"]]
     table["chosen"] = table["candidate"] == chosen
     method = get_method(chosen.split(":")[0])
+    temperature = fit_probability_temperature(scored[chosen], y, task)
+    calibrated = scale_probabilities(scored[chosen], temperature, task)
     voter = {"method": method.name, "params": params[chosen], "views": views, "task": task,
-             "name": chosen, "val_macro_f1": float(table.loc[table["chosen"], "val_macro_f1"].iloc[0])}
-    if oof is not None and method.fitted:  # refit the chosen one on everything it may see
-        both = [np.concatenate([a, b]) for a, b in zip(fit_probs, val)]
-        voter["params"] = method.fit(both, np.concatenate([fit_y, y_val]), n_classes, seed,
-                                     held_out=held)[0]
-        voter["fitted_on"] = "train out-of-fold + validation"
+             "name": chosen, "temperature": temperature, "scored_on": scored_on,
+             "n_scored": int(len(y)),
+             "val_macro_f1": float(table.loc[table["chosen"], "val_macro_f1"].iloc[0]),
+             "fitted_on": scored_on if method.fitted else "-"}
     if task == "multilabel":
-        voter["thresholds"] = tune_thresholds(y_val, scored[chosen]).tolist()
+        voter["thresholds"] = tune_thresholds(y, calibrated).tolist()
     return voter, table
 
 
@@ -432,6 +451,25 @@ def save_voter(voter: dict, table: pd.DataFrame, out_dir: str | Path) -> None:
 
 def load_voter(folder: str | Path) -> dict:
     return upgrade(artifacts.load_voter(folder))
+
+
+def held_out_set(preds: dict[str, dict[str, np.ndarray]]
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, str]:
+    """What the voter is fitted and chosen on: every view's held-out probabilities of the
+    same images, aligned on image id, with their labels, ids and what they are. The
+    branches' out-of-fold predictions (``oof_*``) where all have them, plus the validation
+    images they do not cover; else validation alone. Test predictions are never read."""
+    if not all("oof_prob" in p for p in preds.values()):
+        probs, y, ids = aligned(preds, "val")
+        return probs, y, ids, "validation"
+    oof, y_oof, ids_oof = aligned(preds, "oof")
+    val, y_val, ids_val = aligned(preds, "val")
+    extra = ~np.isin(ids_val, ids_oof)
+    if not extra.any():
+        return oof, y_oof, ids_oof, "out-of-fold (train + validation)"
+    probs = {v: np.concatenate([oof[v], val[v][extra]]) for v in oof}
+    return (probs, np.concatenate([y_oof, y_val[extra]]), np.concatenate([ids_oof, ids_val[extra]]),
+            "train out-of-fold + validation")
 
 
 def aligned(preds: dict[str, dict[str, np.ndarray]], split: str

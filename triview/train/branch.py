@@ -16,17 +16,24 @@ from triview import distributed as ddp
 from triview import manifest as mf
 from triview import metrics
 from triview.artifacts import HEAD_HISTORY_FILE, HISTORY_FILE, HISTORY_PLOT, MODEL_FILE
+from triview.augment import AugmentConfig
 from triview.augment import load_config as load_augment_config
 from triview.balance import read_balance
-from triview.models import BranchNet, create_backbone, resolve_normalization
-from triview.scoring import tune_thresholds
+from triview.models import (TTA_MODES, BranchNet, ServedBranch, count_parameters, create_backbone,
+                            resolve_normalization)
+from triview.scoring import selection_scores, tune_thresholds
 from triview.storage import atomic_path, atomic_write_text
 from triview.train.config import TrainConfig
-from triview.train.data import apply_multiplicity, load_view
+from triview.temperature import fit_temperature, scale_logits
+from triview.train.data import ViewData, apply_multiplicity, load_view
 from triview.train.folds import out_of_fold
 from triview.train.features import FeatureStore
-from triview.train.loop import EpochCallback, fit, predict_proba_with
+from triview.train.head import cross_fit
+from triview.train.loop import (EpochCallback, FitResult, build_branch, fit, head_module,
+                                predict_logits)
 from triview.train.loss import make_criterion
+from triview.train.optim import training_device
+from triview.train.passes import extract, pass_names
 
 
 def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balance_dir: str | Path,
@@ -34,14 +41,22 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
                  stage: str | None = None, checkpoint_dir: str = "",
                  feature_cache: str | Path | None = None,
                  on_epoch: EpochCallback | None = None) -> dict:
-    """Train the branch for ``view``; write model, history and val/test probabilities
-    (and, with ``voter_folds > 1``, out-of-fold probabilities of the training images).
-    ``stage`` names the per-epoch metrics group (default ``train-branch-<view>``);
-    checkpoints go to ``checkpoint_dir`` (default: ``<out_dir>/checkpoints``).
-    ``feature_cache``: a folder of frozen features (:mod:`triview.train.features`) that the
-    head phase and the predictions read and fill. ``on_epoch``: see :func:`fit`.
+    """Train the branch for ``view``; write model, history and held-out and test
+    probabilities. ``stage`` names the per-epoch metrics group (default
+    ``train-branch-<view>``); checkpoints go to ``checkpoint_dir`` (default:
+    ``<out_dir>/checkpoints``). ``feature_cache``: a folder of frozen features
+    (:mod:`triview.train.features`) that the head phase reads and fills. ``on_epoch``: see
+    :func:`fit`.
 
-    Returns a summary with the best epoch and its validation metrics. Under torchrun,
+    With ``epochs=0`` (the photo default) the branch is the pretrained backbone and a head
+    fitted on its cached features over train and validation together, cross-fitted
+    (:func:`fit_head_only`): every one of those images gets an out-of-fold prediction.
+    With fine-tuning, the best epoch is chosen on validation and, with ``voter_folds > 1``,
+    K fold models predict the training images out of fold. Either way the branch's logits
+    are averaged over the ``tta`` passes and divided by a temperature fitted on its
+    held-out logits (out-of-fold, else validation; never test).
+
+    Returns a summary with the best epoch and its held-out metrics. Under torchrun,
     every rank trains and rank 0 alone writes.
     """
     # before any data is read: a missing or tampered weights file fails the task at once
@@ -59,8 +74,8 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     if augmented_dir is not None and (Path(augmented_dir) / mf.VIEWS_FILE).exists():
         tables.append((Path(augmented_dir), mf.read_views(augmented_dir)))
     train = load_view(tables, view, "train", classes, task)
-    online = load_augment_config(augmented_dir) if augmented_dir is not None else None
-    online = online if online is not None and online.mode == "online" else None
+    augment = load_augment_config(augmented_dir) if augmented_dir is not None else None
+    online = augment if augment is not None and augment.mode == "online" else None
     val = load_view(tables[:1], view, "val", classes, task)
     test = load_view(tables[:1], view, "test", classes, task)
     image_size = int(train.images.shape[-1])
@@ -73,14 +88,27 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     criterion = make_criterion(task, balance, classes, config)
     ckpt_dir = checkpoint_dir or str(Path(out_dir) / artifacts.CHECKPOINTS_DIR)
+    passes = TTA_MODES[config.tta]
     store = FeatureStore.open(feature_cache) if feature_cache else None
-    result = fit(config, train, val, classes, task, criterion, view, ckpt_dir,
-                 metrics.run_id_for(out_dir), online, log, stage=stage, features=store,
-                 on_epoch=on_epoch)
-    oof = None
-    if config.voter_folds > 1:
-        oof = out_of_fold(config, train, val, classes, task, criterion, view, ckpt_dir, online, log,
-                          features=store)
+    if config.epochs == 0 and config.head_folds:
+        if rank != 0:  # nothing to share: rank 0 fits the head alone
+            return {"view": view, "task": task, "rank": rank}
+        result, logits, held_out = fit_head_only(config, train, val, test, classes, task, criterion,
+                                                 augment or AugmentConfig(seed=config.seed), view, log)
+        if on_epoch is not None:
+            on_epoch({**result.history[0], "head_epoch": 1})
+        scored_on = "out-of-fold (train + validation)"
+    else:
+        result = fit(config, train, val, classes, task, criterion, view, ckpt_dir,
+                     metrics.run_id_for(out_dir), online, log, stage=stage, features=store,
+                     on_epoch=on_epoch)
+        served = ServedBranch(result.net, passes)
+        logits = {"val": predict_logits(served, val.images), "test": predict_logits(served, test.images)}
+        held_out = None
+        if config.voter_folds > 1:
+            held_out = out_of_fold(config, train, val, classes, task, criterion, view, ckpt_dir,
+                                   online, log, features=store)
+        scored_on = "validation"
     digest = ddp.parameter_digest(result.net)
     ddp.write_rank_report(out_dir, {"rank": rank, "world_size": world, "parameter_digest": digest,
                                     "images_per_epoch": len(result.drawn),
@@ -89,19 +117,28 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
                "val_macro_f1": result.best_f1,
                "val_accuracy": next(h["val_accuracy"] for h in result.history
                                     if h["epoch"] == result.best_epoch),
-               "parameters": result.parameters, "epochs_run": len(result.history),
+               "scored_on": scored_on,
+               "parameters": result.parameters,
+               # the head phase is epoch 0, however many rows (penalties, epochs) it wrote
+               "epochs_run": int(any(h.get("phase") == "head" for h in result.history))
+               + sum(h.get("phase") != "head" for h in result.history),
                "resumed_from_epoch": result.resumed_from_epoch,
                "stopped_early": result.stopped_early, "device": str(result.device),
                "head_epochs": len(result.head_curve),
+               "head_folds": config.head_folds if result.history and result.history[0].get("phase") == "head"
+               and not result.head_curve else 0,
                "world_size": world, "parameter_digest": digest,
                "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history]))}
     if rank != 0:
         return summary
+    # the temperature: fitted on held-out logits (out-of-fold when there are, else validation)
+    fit_on = held_out if held_out is not None else (logits["val"], val.labels.numpy())
+    temperature = fit_temperature(fit_on[0], fit_on[1], task)
+    prob = {split: scale_logits(z, temperature, task) for split, z in logits.items()}
+    tune_on = (scale_logits(held_out[0], temperature, task), held_out[1]) if held_out is not None \
+        else (prob["val"], val.labels.numpy())
+    thresholds = tune_thresholds(tune_on[1], tune_on[0]) if task == "multilabel" else None
     model, history = result.net, result.history
-    layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    val_prob = predict_proba_with(model, val.images, task=task, store=store, memory_format=layout)
-    test_prob = predict_proba_with(model, test.images, task=task, store=store, memory_format=layout)
-    thresholds = tune_thresholds(val.labels.numpy(), val_prob) if task == "multilabel" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / MODEL_FILE) as tmp:
@@ -109,27 +146,92 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     meta = {"view": view, "classes": classes, "image_size": image_size, "task": task,
             "config": asdict(config), "parameters": result.parameters,
             "normalization": resolve_normalization(config.normalization, config.backbone),
-            "best_epoch": result.best_epoch, "val_macro_f1": result.best_f1,
+            "best_epoch": result.best_epoch, "val_macro_f1": result.best_f1, "scored_on": scored_on,
             "pretrained": result.pretrained, "world_size": world,
+            "tta": list(passes), "temperature": temperature,
             "thresholds": None if thresholds is None else thresholds.tolist(),
             "input": "float RGB in [0,1], NCHW; normalisation inside the model",
-            "output": "per-label logits (sigmoid)" if task == "multilabel" else "class logits (softmax)"}
+            "output": ("per-label logits (sigmoid)" if task == "multilabel" else "class logits (softmax)")
+                      + "; the ensemble averages them over the tta passes and divides by the temperature"}
     artifacts.write_branch_meta(out, meta)
     atomic_write_text(out / HISTORY_FILE, pd.DataFrame(history).to_csv(index=False))
     if result.head_curve:
         atomic_write_text(out / HEAD_HISTORY_FILE, pd.DataFrame(result.head_curve).to_csv(index=False))
     plot_history(pd.DataFrame(history), out / HISTORY_PLOT, title=f"{view}: {config.backbone}")
-    arrays = dict(val_prob=val_prob, val_ids=np.array(val.image_ids), val_labels=val.labels.numpy(),
-                  test_prob=test_prob, test_ids=np.array(test.image_ids),
-                  test_labels=test.labels.numpy())
+    arrays = dict(val_prob=prob["val"], val_logits=logits["val"], val_ids=np.array(val.image_ids),
+                  val_labels=val.labels.numpy(), test_prob=prob["test"], test_logits=logits["test"],
+                  test_ids=np.array(test.image_ids), test_labels=test.labels.numpy())
+    if held_out is not None:
+        arrays.update(oof_prob=scale_logits(held_out[0], temperature, task), oof_logits=held_out[0],
+                      oof_ids=np.asarray(held_out[2]), oof_labels=np.asarray(held_out[1]))
+        if config.epochs:
+            summary["voter_folds"] = config.voter_folds
     if task == "multilabel":
         arrays = {k: (v.astype(np.int64) if k.endswith("_labels") else v) for k, v in arrays.items()}
         arrays["thresholds"] = thresholds
-    if oof is not None:
-        arrays.update(oof_prob=oof[0], oof_ids=oof[1], oof_labels=oof[2].astype(np.int64))
-        summary["voter_folds"] = config.voter_folds
     artifacts.write_predictions(out, arrays)
+    summary["temperature"] = temperature
     return summary
+
+
+def fit_head_only(config: TrainConfig, train: ViewData, val: ViewData, test: ViewData,
+                  classes: list[str], task: str, criterion: torch.nn.Module,
+                  augment: AugmentConfig, view: str, log=print):
+    """The branch with ``epochs=0``: the pretrained backbone, frozen, and a head fitted on
+    its features of the training and validation crops together (the fit pool), under the
+    ``tta`` passes and ``feature_passes - 1`` augmented passes, cross-fitted over
+    ``head_folds`` folds (:func:`triview.train.head.cross_fit`).
+
+    Returns the fit (as :class:`FitResult`), the logits of ``val`` and ``test`` (averaged
+    over the tta passes; the validation images' are out-of-fold) and the held-out
+    (logits, labels, ids) of the whole pool."""
+    import time
+
+    start = time.perf_counter()
+    net, pretrained, found = build_branch(config, len(classes), int(train.images.shape[-1]))
+    params = count_parameters(net)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    device = training_device()
+    net = net.to(device=device, memory_format=memory_format)
+    if found is not None:
+        log(f"[{view}] {config.backbone} ({task}), frozen: {config.weights} weights from "
+            f"{found.source} {found.location} (sha256 {found.sha256[:12]}, "
+            f"{pretrained['loaded']} tensors)")
+    tta = TTA_MODES[config.tta]
+    names = pass_names(config.tta, config.feature_passes)
+    real = train if train.real is None else train.subset(torch.nonzero(train.real).flatten())
+    extract_log = (lambda msg: log(f"[{view}] {msg}"))
+    pool_data = ViewData(torch.cat([real.images, val.images]), torch.cat([real.labels, val.labels]),
+                         real.image_ids + val.image_ids)
+    pool = extract(net, pool_data, names, augment, memory_format=memory_format, log=extract_log).unique()
+    test_features = extract(net, test, tta, memory_format=memory_format, log=extract_log)
+    feature_seconds = time.perf_counter() - start
+    head = head_module(net)
+    fitted = cross_fit(pool, criterion.cpu(), task, head.out_features, train_passes=names, tta=tta,
+                       folds=config.head_folds, seed=config.seed)
+    fitted.head.load_into(head)
+    net = net.cpu().eval()
+    oof = fitted.oof_logits
+    row_of = {image_id: k for k, image_id in enumerate(pool.ids)}
+    val_logits = oof[[row_of[i] for i in val.image_ids]]
+    oof_prob = scale_logits(oof, fitted.temperature, task)
+    scores = selection_scores(pool.y, oof_prob)
+    history = [{"epoch": 0, "phase": "head", "l2": r["l2"], "train_loss": r["oof_log_loss"],
+                "val_loss": r["oof_log_loss"], "val_accuracy": r["oof_accuracy"],
+                "val_macro_f1": scores["val_macro_f1"] if r["l2"] == fitted.l2 else float("nan"),
+                "lr": float("nan"), "chosen": r["l2"] == fitted.l2,
+                "seconds": round(feature_seconds + fitted.seconds, 3)} for r in fitted.table]
+    chosen = next(h for h in history if h["chosen"])
+    chosen["val_accuracy"] = scores["val_accuracy"]
+    log(f"[{view}] head cross-fitted over {fitted.folds} folds of {len(pool.ids)} train + val "
+        f"images x {len(names)} passes ({', '.join(names)}): L2 {fitted.l2:g}, out-of-fold "
+        f"accuracy {scores['val_accuracy']:.4f}, macro-F1 {scores['val_macro_f1']:.4f}, "
+        f"temperature {fitted.temperature:.3f}; features {feature_seconds:.1f} s, fits "
+        f"{fitted.seconds:.1f} s")
+    result = FitResult(net, [chosen] + [h for h in history if not h["chosen"]], 0,
+                       scores["val_macro_f1"], False, 0, params, pretrained, device, 1, [])
+    logits = {"val": val_logits, "test": fitted.head.logits(test_features, tta)}
+    return result, logits, (oof, pool.y, pool.ids)
 
 
 def plot_history(history: pd.DataFrame, path: Path, title: str = "") -> None:
@@ -174,3 +276,11 @@ def branch_normalization(meta: dict) -> str:
     cfg = meta["config"]
     return meta.get("normalization") or resolve_normalization(cfg.get("normalization", "imagenet"),
                                                               cfg["backbone"])
+
+
+def load_served_branch(folder: str | Path) -> tuple[ServedBranch, dict]:
+    """A trained branch as the ensemble runs it: its test-time passes and temperature
+    (branches written before either existed: the crop alone, temperature 1)."""
+    net, meta = load_branch(folder)
+    return ServedBranch(net, tuple(meta.get("tta") or ("identity",)),
+                        float(meta.get("temperature") or 1.0)).eval(), meta

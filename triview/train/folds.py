@@ -10,8 +10,9 @@ from triview import distributed as ddp
 from triview import storage
 from triview.train.config import TrainConfig
 from triview.train.data import ViewData
+from triview.models import TTA_MODES, ServedBranch
 from triview.train.features import FeatureStore
-from triview.train.loop import fit, predict_proba_with
+from triview.train.loop import fit, predict_logits
 
 
 def _held_out_rows(data: ViewData, task: str, folds: int, seed: int) -> list[np.ndarray]:
@@ -35,10 +36,12 @@ def _held_out_rows(data: ViewData, task: str, folds: int, seed: int) -> list[np.
 def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                 task: str, criterion: nn.Module, view: str, ckpt_dir: str, online, log=print,
                 features: FeatureStore | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Out-of-fold probabilities for the voter: ``config.voter_folds`` extra branches,
-    each trained without one fold of the training images (and their augmented copies)
-    and predicting that fold. Returns (probabilities, image ids, labels) of the real
-    training crops. Each fold checkpoints (and resumes) under ``ckpt_dir/fold-k``."""
+    """Out-of-fold logits for the voter: ``config.voter_folds`` extra branches, each
+    trained without one fold of the training images (and their augmented copies) and
+    predicting that fold (averaged over the ``tta`` passes, as the branch itself).
+    Returns (logits, labels, image ids) of the real training crops. Each fold
+    checkpoints (and resumes) under ``ckpt_dir/fold-k``; ``features``: the
+    frozen-feature store their head phases read."""
     rank, _ = ddp.rank_and_world()
     probs, ids, labels = [], [], []
     for k, rows in enumerate(_held_out_rows(train, task, config.voter_folds, config.seed)):
@@ -51,9 +54,7 @@ def out_of_fold(config: TrainConfig, train: ViewData, val: ViewData, classes: li
         result = fit(config, train.subset(inside), val, classes, task, criterion, view,
                      storage.join(ckpt_dir, f"fold-{k}"), online=online, log=lambda *a: None, push=False,
                      features=features)
-        layout = torch.channels_last if config.channels_last else torch.contiguous_format
-        probs.append(predict_proba_with(result.net, heldout.images, task=task, store=features,
-                                        memory_format=layout))
+        probs.append(predict_logits(ServedBranch(result.net, TTA_MODES[config.tta]), heldout.images))
         ids.extend(heldout.image_ids)
         labels.append(heldout.labels.numpy())
-    return np.concatenate(probs), np.array(ids), np.concatenate(labels)
+    return np.concatenate(probs), np.concatenate(labels), np.array(ids)

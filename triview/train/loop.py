@@ -55,6 +55,15 @@ def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """The model's raw outputs (logits) for uint8 NCHW ``images``."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(as_float(images[i:i + batch_size].to(device))).float().cpu()
+                      for i in range(0, len(images), batch_size)]).numpy()
+
+
+@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
                           memory_format=torch.contiguous_format, max_images: int = 1024) -> None:
     """Recompute BatchNorm running statistics as exact averages over training images
@@ -290,16 +299,55 @@ def predict_proba_with(model: BranchNet, images: torch.Tensor, task: str = "mult
 def _head_phase(net: BranchNet, train: ViewData, val: ViewData, criterion: nn.Module,
                 config: TrainConfig, task: str, memory_format,
                 store: FeatureStore | None = None, on_epoch: EpochCallback | None = None) -> dict:
-    """Features of every training and validation crop through the frozen backbone, once
-    (or from ``store``); then :func:`fit_head` on them. The backbone is untouched."""
+    """Features of the training crops and of the validation crops through the frozen
+    backbone, once (or from ``store``); then the head: with ``head_folds`` cross-fitted on
+    the real training crops' features (:func:`triview.train.head.cross_fit`, one row, no
+    curve), else :func:`fit_head` for ``head_epochs``. Its validation scores are the row
+    fine-tuning has to beat. The backbone is untouched."""
     start = time.perf_counter()
-    train_x = frozen_features(net, train.images, memory_format, store)
+    if not config.head_folds:
+        train_x = frozen_features(net, train.images, memory_format, store)
+        val_x = frozen_features(net, val.images, memory_format, store)
+        feature_seconds = time.perf_counter() - start
+        row = fit_head(net, train_x, train.labels, val_x, val.labels,
+                       criterion.to(next(net.parameters()).device), config, task, on_epoch)
+        return {**row, "feature_seconds": round(feature_seconds, 3),
+                "seconds": round(feature_seconds + row["seconds"], 3)}
+    from triview.train.head import PassFeatures, cross_fit
+
+    real = train if train.real is None else train.subset(torch.nonzero(train.real).flatten())
+    train_x = frozen_features(net, real.images, memory_format, store).numpy()
     val_x = frozen_features(net, val.images, memory_format, store)
     feature_seconds = time.perf_counter() - start
-    row = fit_head(net, train_x, train.labels, val_x, val.labels,
-                   criterion.to(next(net.parameters()).device), config, task, on_epoch)
-    return {**row, "feature_seconds": round(feature_seconds, 3),
-            "seconds": round(feature_seconds + row["seconds"], 3)}
+    head = head_module(net)
+    pool = PassFeatures(np.asarray(real.image_ids), real.labels.numpy(), {"identity": train_x})
+    fitted = cross_fit(pool.unique(), criterion.cpu(), task, head.out_features,
+                       train_passes=("identity",), folds=config.head_folds, seed=config.seed)
+    fitted.head.load_into(head)
+    with torch.no_grad():
+        logits = head(val_x.to(next(head.parameters()).device)).float().cpu()
+    val_prob = (torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, 1)).numpy()
+    chosen = next(r for r in fitted.table if r["l2"] == fitted.l2)
+    row = {"epoch": 0, "phase": "head", "head_epoch": 1, "train_loss": chosen["oof_log_loss"],
+           **validation_row(val_prob, val.labels, task, criterion), "lr": float("nan"),
+           "l2": fitted.l2, "feature_seconds": round(feature_seconds, 3),
+           "seconds": round(feature_seconds + fitted.seconds, 3)}
+    if on_epoch is not None:
+        on_epoch(row)
+    return {**row, "curve": []}
+
+
+def build_branch(config: TrainConfig, n_classes: int, image_size: int):
+    """A fresh branch (the backbone with a new head, its input normalisation) with its
+    pretrained weights loaded; returns (net, the weights' record or None, the resolved file)."""
+    backbone = create_backbone(config.backbone, n_classes, image_size, config.hidden)
+    found = published_weights.resolve(config.backbone, config.weights, config.weights_root)
+    pretrained = None
+    if found is not None:
+        pretrained = {**load_pretrained(backbone, published_weights.load_state(found, backbone)),
+                      **found.record()}
+    net = BranchNet(backbone, resolve_normalization(config.normalization, config.backbone))
+    return net, pretrained, found
 
 
 def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str], task: str,
@@ -324,15 +372,10 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
     image_size = int(train.images.shape[-1])
     device = training_device()
     dtype = amp_dtype(config, device)
-    backbone = create_backbone(config.backbone, len(classes), image_size, config.hidden)
-    found = published_weights.resolve(config.backbone, config.weights, config.weights_root)
-    pretrained = None
-    if found is not None:
-        pretrained = {**load_pretrained(backbone, published_weights.load_state(found, backbone)),
-                      **found.record()}
+    net, pretrained, found = build_branch(config, len(classes), image_size)
+    backbone = net.backbone
     frozen = config.finetune == "linear_probe"
     set_backbone_frozen(backbone, frozen)
-    net = BranchNet(backbone, resolve_normalization(config.normalization, config.backbone))
     params = count_parameters(net)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     net = net.to(device=device, memory_format=memory_format)
@@ -370,7 +413,7 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
         first_epoch = state["epoch"] + 1
         if rank == 0:
             log(f"[{view}] resuming from the checkpoint of epoch {state['epoch']} in {ckpt_dir}")
-    elif config.head_epochs:
+    elif config.head_folds or config.head_epochs:
         if rank == 0:
             progress.Reporter("phase", 1, desc=view).note(phase="head on cached features")
         row = _head_phase(net, train, val, criterion, config, task, memory_format, features,
@@ -379,10 +422,11 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
         history, best_f1, best_epoch = [row], row["val_macro_f1"], 0
         best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         if rank == 0:
-            log(f"[{view}] head on cached features: {config.head_epochs} epochs in "
-                f"{row['seconds']:.1f} s (features {row['feature_seconds']:.1f} s), best epoch "
-                f"{row['head_epoch']}: val_acc {row['val_accuracy']:.4f} val_macro_f1 "
-                f"{row['val_macro_f1']:.4f}")
+            how = (f"cross-fitted over {config.head_folds} folds (L2 {row['l2']:g})"
+                   if config.head_folds else f"{config.head_epochs} epochs, best {row['head_epoch']}")
+            log(f"[{view}] head on cached features: {how} in {row['seconds']:.1f} s (features "
+                f"{row['feature_seconds']:.1f} s): val_acc {row['val_accuracy']:.4f} "
+                f"val_macro_f1 {row['val_macro_f1']:.4f}")
             checkpoint.save_best(best_state, ckpt_dir)
             checkpoint.save_last({"key": key, "epoch": 0, "model": net.state_dict(),
                                   "optimizer": optimizer.state_dict(),
