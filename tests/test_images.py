@@ -198,3 +198,23 @@ def test_serving_environment_shares_the_numerics_pins_and_has_no_torch():
     assert serve["pandas"].startswith("2.")  # KServe 0.21: pandas<3 (why the env is separate)
     makefile = (REPO / "Makefile").read_text()
     assert "-f images/Dockerfile.serve" in makefile and "serve-env:" in makefile
+
+
+def test_every_data_file_of_the_packages_ships_in_the_wheel():
+    """A file the packages read at run time (presets, search spaces, the try page's files)
+    is matched by pyproject's package-data, else the installed package and the images lack
+    it (the image check then sees another source digest)."""
+    import fnmatch
+    import tomllib
+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]
+    missing = []
+    for package in ("triview", "components", "pipelines"):
+        for path in (REPO / package).rglob("*"):
+            rel = path.relative_to(REPO / package).as_posix()
+            if not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in rel:
+                continue
+            if not any(fnmatch.fnmatch(rel, pattern) for pattern in package_data.get(package, [])):
+                missing.append(f"{package}/{rel}")
+    assert missing == [], f"add to [tool.setuptools.package-data]: {missing}"
