@@ -405,7 +405,13 @@ def export_stage(branch_dirs: list[Folder], voter_dir: Folder, views_dir: Folder
         # what evaluate scored for these crops: the served model must answer the same
         probs, _, ids = vt.aligned(_branch_predictions(branch_dirs), "test")
         row_of = {image_id: k for k, image_id in enumerate(ids)}
-        evaluated = vt.apply_voter(voter, probs)[[row_of[i] for i in test.image_ids]]
+        import numpy as np
+
+        scored = vt.apply_voter(voter, probs)
+        evaluated = np.full((len(test.image_ids), scored.shape[1]), np.nan)
+        for k, image_id in enumerate(test.image_ids):  # branches scored on another split: NaN
+            if image_id in row_of:
+                evaluated[k] = scored[row_of[image_id]]
         card = ex.export_ensemble(
             branches, voter, mf.read_classes(views_dir), geometry,
             {"views": metrics["views"], "ensemble": metrics["ensemble"]}, out_dir,
