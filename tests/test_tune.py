@@ -458,7 +458,7 @@ def test_a_combination_the_rules_refuse_fails_its_trial_only(study_a, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"epochs": {"choices": [1, 0]}}))
     study = st.prepare(str(study_a["data"]), tmp_path / "s", space=space,
-                       base={"head_folds": 0, "head_epochs": 0, "image_size": 24})
+                       base={"epochs": 1, "head_folds": 0, "head_epochs": 0, "image_size": 24})
     optuna_study = optuna.create_study(direction="maximize")
     optuna_study.enqueue_trial({"epochs": 0})
     optuna_study.optimize(st._objective_fn(study), n_trials=1, catch=(st.TrialRefused,))
