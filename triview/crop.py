@@ -190,6 +190,37 @@ def view_boxes(width: int, height: int, geometry: CropGeometry) -> dict[str, tup
     return boxes
 
 
+
+@dataclass(frozen=True)
+class _UndistortedFrame:
+    """A lens's undistorted image of a ``width``×``height`` photo: the camera matrix, the
+    new one of the undistorted image and the region kept of it (``crop_roi``)."""
+    K: np.ndarray
+    new_K: np.ndarray
+    dist: np.ndarray
+    region: tuple[int, int, int, int]
+
+    @classmethod
+    def of(cls, lens: LensModel, width: int, height: int) -> _UndistortedFrame:
+        K = lens.camera_matrix(width, height)
+        dist = np.asarray(lens.dist, dtype=np.float64)
+        new_K, region = K, (0, 0, width, height)
+        if lens.alpha is not None:
+            new_K, valid = cv2.getOptimalNewCameraMatrix(K, dist, (width, height), lens.alpha,
+                                                         (width, height))
+            if lens.crop_roi and valid[2] > 0 and valid[3] > 0:
+                region = tuple(int(v) for v in valid)
+        return cls(K, new_K, dist, region)
+
+    def to_source(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Undistorted pixel -> normalised ray -> distorted source pixel (flattened)."""
+        rays = np.stack([(xs - self.new_K[0, 2]) / self.new_K[0, 0],
+                         (ys - self.new_K[1, 2]) / self.new_K[1, 1], np.ones_like(xs)],
+                        -1).reshape(-1, 1, 3)
+        proj, _ = cv2.projectPoints(rays, np.zeros(3), np.zeros(3), self.K, self.dist)
+        return proj[:, 0, 0], proj[:, 0, 1]
+
+
 def view_boxes_in_photo(lens: LensModel, geometry: CropGeometry, width: int, height: int
                         ) -> dict[str, tuple[float, float, float, float]]:
     """Where each view was cut from a ``width``×``height`` photo as taken: ``(x0, y0, x1,
@@ -199,26 +230,16 @@ def view_boxes_in_photo(lens: LensModel, geometry: CropGeometry, width: int, hei
     distortion as :class:`ViewSampler` maps every pixel), clipped to the photo."""
     if lens.is_identity:
         return {k: tuple(float(v) for v in b) for k, b in view_boxes(width, height, geometry).items()}
-    K = lens.camera_matrix(width, height)
-    dist = np.asarray(lens.dist, dtype=np.float64)
-    new_K, region = K, (0, 0, width, height)
-    if lens.alpha is not None:
-        new_K, valid = cv2.getOptimalNewCameraMatrix(K, dist, (width, height), lens.alpha,
-                                                     (width, height))
-        if lens.crop_roi and valid[2] > 0 and valid[3] > 0:
-            region = tuple(int(v) for v in valid)
-    rx, ry, rw, rh = region
+    frame = _UndistortedFrame.of(lens, width, height)
+    rx, ry, rw, rh = frame.region
     t = np.linspace(0.0, 1.0, 33)
     boxes = {}
     for name, (x0, y0, x1, y1) in view_boxes(rw, rh, geometry).items():
         along_x, along_y = x0 + (x1 - x0) * t, y0 + (y1 - y0) * t
         xs = rx + np.concatenate([along_x, np.full_like(t, x1), along_x, np.full_like(t, x0)])
         ys = ry + np.concatenate([np.full_like(t, y0), along_y, np.full_like(t, y1), along_y])
-        rays = np.stack([(xs - new_K[0, 2]) / new_K[0, 0], (ys - new_K[1, 2]) / new_K[1, 1],
-                         np.ones_like(xs)], -1).reshape(-1, 1, 3)
-        proj, _ = cv2.projectPoints(rays, np.zeros(3), np.zeros(3), K, dist)
-        px = np.clip(proj[:, 0, 0], 0, width)
-        py = np.clip(proj[:, 0, 1], 0, height)
+        px, py = frame.to_source(xs, ys)
+        px, py = np.clip(px, 0, width), np.clip(py, 0, height)
         boxes[name] = (float(px.min()), float(py.min()), float(px.max()), float(py.max()))
     return boxes
 
@@ -309,18 +330,8 @@ class ViewSampler:
         self.geometry = geometry
         w, h = decoded_size or (-(-width // reduction), -(-height // reduction))
         self.decoded_size = (w, h)
-        region = (0, 0, width, height)
-        K = new_K = dist = None
-        if not lens.is_identity:
-            K = lens.camera_matrix(width, height)
-            dist = np.asarray(lens.dist, dtype=np.float64)
-            new_K = K
-            if lens.alpha is not None:
-                new_K, valid = cv2.getOptimalNewCameraMatrix(K, dist, (width, height), lens.alpha,
-                                                             (width, height))
-                if lens.crop_roi and valid[2] > 0 and valid[3] > 0:
-                    region = tuple(int(v) for v in valid)
-        rx, ry, rw, rh = region
+        frame = None if lens.is_identity else _UndistortedFrame.of(lens, width, height)
+        rx, ry, rw, rh = (0, 0, width, height) if frame is None else frame.region
         boxes = view_boxes(rw, rh, geometry)
         # source pixels per output pixel, at the decoded scale
         shorter = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes.values()) * w / width
@@ -337,13 +348,11 @@ class ViewSampler:
             gx = rx + x0 + (np.arange(tw) + 0.5) * (x1 - x0) / tw - 0.5
             gy = ry + y0 + (np.arange(th) + 0.5) * (y1 - y0) / th - 0.5
             GX, GY = np.meshgrid(gx, gy)
-            if K is None:
+            if frame is None:
                 sx, sy = GX, GY
-            else:  # undistorted pixel -> normalised ray -> distorted source pixel
-                rays = np.stack([(GX - new_K[0, 2]) / new_K[0, 0], (GY - new_K[1, 2]) / new_K[1, 1],
-                                 np.ones_like(GX)], -1).reshape(-1, 1, 3)
-                proj, _ = cv2.projectPoints(rays, np.zeros(3), np.zeros(3), K, dist)
-                sx, sy = proj[:, 0, 0].reshape(th, tw), proj[:, 0, 1].reshape(th, tw)
+            else:
+                sx, sy = frame.to_source(GX, GY)
+                sx, sy = sx.reshape(th, tw), sy.reshape(th, tw)
             # source pixel centres -> decoded pixel centres
             fx = ((sx + 0.5) * (w / width) - 0.5).astype(np.float32)
             fy = ((sy + 0.5) * (h / height) - 0.5).astype(np.float32)

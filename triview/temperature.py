@@ -30,33 +30,34 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by each row's maximum (no overflow)."""
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
 def scale_logits(logits: np.ndarray, temperature: float, task: str = "multiclass") -> np.ndarray:
     """Probabilities of ``logits / temperature`` (softmax, or sigmoid per label)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
-    return _sigmoid(z) if task == "multilabel" else _softmax(z)
+    return sigmoid(z) if task == "multilabel" else softmax(z)
 
 
 def scale_probabilities(prob: np.ndarray, temperature: float, task: str = "multiclass") -> np.ndarray:
     """``prob`` rescaled by ``temperature`` through its log (multi-class: the softmax of
     log p / T, which is p itself at T = 1 once normalised) or its logit (multi-label)."""
     if task == "multilabel":
-        return _sigmoid(_logit(prob) / temperature)
-    return _softmax(_log(prob) / temperature)
+        return sigmoid(_logit(prob) / temperature)
+    return softmax(_log(prob) / temperature)
 
 
 def _nll(z: np.ndarray, y: np.ndarray, task: str) -> float:
     if task == "multilabel":
-        p = np.clip(_sigmoid(z), EPS, 1 - EPS)
+        p = np.clip(sigmoid(z), EPS, 1 - EPS)
         return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))

@@ -41,6 +41,7 @@ from sklearn.neural_network import MLPClassifier
 
 from triview import artifacts
 from triview.scoring import predicted, selection_scores, task_of, tune_thresholds
+from triview.temperature import sigmoid, softmax
 
 EPS = 1e-6
 VOTE_TIE_BREAK = 1e-3  # mean probability's share in the majority vote: breaks ties only
@@ -52,16 +53,6 @@ HeldOut = tuple[Probs, np.ndarray] | None
 def stack_features(probs: Probs) -> np.ndarray:
     """Features of the learned voters: concatenated log-probabilities of the views."""
     return np.concatenate([np.log(p + EPS) for p in probs], axis=1)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -117,8 +108,8 @@ class GeometricMean(VoterMethod):
 
     def apply(self, params, probs, task):
         if task == "multilabel":
-            return _sigmoid(np.mean([_logit(p) for p in probs], 0))
-        return _softmax(np.mean([np.log(p + EPS) for p in probs], 0))
+            return sigmoid(np.mean([_logit(p) for p in probs], 0))
+        return softmax(np.mean([np.log(p + EPS) for p in probs], 0))
 
     def module(self, params, n_views, n_classes, task):
         from triview import voter_modules
@@ -218,7 +209,7 @@ class Logistic(VoterMethod):
 
     def apply(self, params, probs, task):
         logits = stack_features(probs) @ np.asarray(params["coef"]).T + np.asarray(params["intercept"])
-        return _softmax(logits)
+        return softmax(logits)
 
     def module(self, params, n_views, n_classes, task):
         from triview import voter_modules
@@ -276,7 +267,7 @@ class Mlp(VoterMethod):
     def apply(self, params, probs, task):
         hidden = np.maximum(stack_features(probs) @ np.asarray(params["w1"]) + np.asarray(params["b1"]), 0)
         logits = hidden @ np.asarray(params["w2"]) + np.asarray(params["b2"])
-        return _sigmoid(logits) if task == "multilabel" else _softmax(logits)
+        return sigmoid(logits) if task == "multilabel" else softmax(logits)
 
     def module(self, params, n_views, n_classes, task):
         from triview import voter_modules
