@@ -94,7 +94,7 @@ def whole_epochs(args, data: ViewData, val: ViewData) -> dict:
     epochs, rounds = args.whole_epochs, args.whole_rounds
     config = TrainConfig(backbone=args.backbone, batch_size=args.batch_size, epochs=epochs,
                          weights="none", head_epochs=0, freeze_bn=False, normalization="imagenet",
-                         backbone_lr_scale=1.0)
+                         backbone_lr_scale=1.0, precise_bn=args.precise_bn)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     classes = [str(c) for c in range(10)]
     times = {"plain": [], "triview": []}
@@ -143,8 +143,14 @@ def main() -> int:
     ap.add_argument("--whole-epochs", type=int, default=2, help="epochs per whole-epoch round")
     ap.add_argument("--whole-rounds", type=int, default=3, help="timed whole-epoch rounds per side")
     ap.add_argument("--val-images", type=int, default=360)
+    ap.add_argument("--precise-bn", type=int, default=None,
+                    help="images of the BatchNorm recalibration after each epoch (default: the "
+                    "digits preset's)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    if args.precise_bn is None:
+        from triview.params import defaults, load_preset
+        args.precise_bn = int(load_preset("digits").get("precise_bn", defaults()["precise_bn"]))
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))

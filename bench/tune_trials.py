@@ -54,6 +54,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=0, help="also compare best vs defaults "
                         "over this many seeds (0: no)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--defaults-summary", default=None,
+                        help="run_summary.json of a `triview run --repeats N` of the same data and "
+                        "commit with the defaults: its figures stand for the defaults' seeds "
+                        "(saves that run; recorded as defaults_summary_from)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,14 @@ def main() -> None:
     if args.seeds > 1:
         preset = str(out / "tune" / "best.yaml")
         for name, extra in (("best", ["--preset", preset]), ("defaults", [])):
+            if name == "best" and result["best_trial"] == 0:
+                result["best_over_seeds"] = "= defaults_over_seeds (trial 0 was best: best.yaml is empty)"
+                continue
+            if name == "defaults" and args.defaults_summary:
+                summary = json.loads(Path(args.defaults_summary).read_text())
+                result["defaults_summary_from"] = args.defaults_summary
+                result["defaults_over_seeds"] = _seeds(summary)
+                continue
             result[f"{name}_seeds_wall_s"] = round(_timed(
                 [TRIVIEW, "run", "--data", args.data, "--out", str(out / f"seeds-{name}"),
                  "--repeats", str(args.seeds), *extra], out / f"seeds-{name}.log"), 1)

@@ -60,3 +60,19 @@ def test_two_process_gloo_training(cropped, balanced, tmp_path, monkeypatch):
     preds = np.load(out / "predictions.npz")
     assert np.allclose(preds["test_prob"].sum(1), 1, atol=1e-5)
     assert (out / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_without_precise_bn_the_ranks_end_with_rank_0s_batchnorm_statistics(cropped, balanced,
+                                                                             tmp_path, monkeypatch):
+    """precise_bn=0: each rank's running statistics follow its own last batches; the epoch
+    ends with rank 0's on every rank, so that every rank holds the same model."""
+    from triview.stages import train_branch_stage
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "branch"
+    rec = train_branch_stage(cropped, None, balanced, "center", out, **digits_train(
+        epochs=1, batch_size=32, seed=0, ddp_procs=2, precise_bn=0))
+    ranks = [json.loads((out / "ddp" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["parameter_digest"] == ranks[1]["parameter_digest"] == rec["parameter_digest"]

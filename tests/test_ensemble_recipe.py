@@ -183,3 +183,23 @@ def test_run_summary_and_console_carry_the_calibration_and_the_best_view_gap(hea
 
     voter = json.loads((head_only["voter"] / "stage.json").read_text())
     assert f"on {voter['n_scored']} held-out images (out-of-fold" in describe_stage(voter)
+
+
+def test_the_cross_fitted_head_phase_fills_and_reads_the_feature_store(cropped, augmented,
+                                                                        balanced, tmp_path):
+    """With a feature cache (what `triview tune` gives every trial) the cross-fitted head
+    phase stores its passes' features, and a second training of the same backbone and crops
+    reads them: the store does not grow and the branch's predictions are the same."""
+    from triview.stages import train_branch_stage
+
+    cache = tmp_path / "features"
+    train_branch_stage(cropped, augmented, balanced, "left", tmp_path / "a",
+                       feature_cache=cache, **HEAD_ONLY_TRAIN)
+    shards = sorted(cache.rglob("*.npz"))
+    assert shards  # identity, flip and the augmented pass of train + val, the test crops
+    train_branch_stage(cropped, augmented, balanced, "left", tmp_path / "b",
+                       feature_cache=cache, **HEAD_ONLY_TRAIN)
+    assert sorted(cache.rglob("*.npz")) == shards
+    a, b = load_predictions(tmp_path / "a"), load_predictions(tmp_path / "b")
+    for key in ("val_logits", "test_logits", "oof_logits"):
+        assert np.allclose(a[key], b[key], atol=1e-5)

@@ -139,3 +139,40 @@ def test_expected_calibration_error_and_its_reliability_bins():
     # multi-label: every label's probability of its predicted state
     assert tp.expected_calibration_error(np.array([[1, 0]]), np.array([[0.8, 0.4]])) == \
         pytest.approx(0.5 * 0.2 + 0.5 * 0.4)
+
+
+def test_the_head_phase_passes_read_a_feature_store_and_match_computing_them(tmp_path):
+    """Passes exact on pixels (the crop, its mirror, augmented draws) are read from the
+    feature store a study shares, equal to computing them; a float pass (zoom) and another
+    network compute afresh."""
+    from triview.augment import AugmentConfig
+    from triview.models import BranchNet, create_backbone
+    from triview.train.data import ViewData
+    from triview.train.features import FeatureStore
+    from triview.train.passes import extract
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    data = ViewData(images, torch.arange(12) % 3, [f"img{k}" for k in range(12)])
+    augment = AugmentConfig(mode="online", seed=3)
+    passes = ("identity", "flip", "zoom", "aug1")
+    net = BranchNet(create_backbone("shufflenet_v2_x0_5", 3, 32)).eval()
+    forwards = []
+    net.register_forward_hook(lambda m, i, o: forwards.append(len(i[0])))
+    plain = extract(net, data, passes, augment)
+    store = FeatureStore(tmp_path / "features")
+    forwards.clear()
+    first = extract(net, data, passes, augment, store=store)
+    assert sum(forwards) == 4 * 12  # every pass computed once
+    forwards.clear()
+    again = extract(net, data, passes, augment, store=FeatureStore(tmp_path / "features"))
+    assert sum(forwards) == 12  # only zoom: the other passes come from the store
+    for name in passes:
+        assert np.allclose(plain.passes[name], first.passes[name], atol=1e-5)
+        assert np.allclose(first.passes[name], again.passes[name], atol=1e-6)
+    assert not np.allclose(first.passes["identity"], first.passes["flip"])
+    other = BranchNet(create_backbone("shufflenet_v2_x0_5", 3, 32)).eval()  # other weights
+    other.register_forward_hook(lambda m, i, o: forwards.append(len(i[0])))
+    forwards.clear()
+    extract(other, data, ("identity",), store=FeatureStore(tmp_path / "features"))
+    assert sum(forwards) == 12

@@ -1,6 +1,6 @@
 """Real photos with the default parameters: the 398 ant and bee photos of PyTorch's
 transfer-learning tutorial (../shared/data/hymenoptera), through every stage with
-nothing but the spec's defaults (ImageNet-pretrained EfficientNet-Lite0 from its PyPI
+nothing but the spec's defaults (ImageNet-pretrained EfficientNet-Lite1 from its PyPI
 wheel, the nested views at 224 px, the head on cached features)."""
 from __future__ import annotations
 
@@ -47,9 +47,13 @@ def test_the_defaults_learn_real_photos(photo_run):
     assert counts["quarantined"] == 1 and quarantine[1].startswith("SOURCE.md,metadata,")
     best_view = max(v["accuracy"] for v in record["views"].values())
     n_test = record["n_test"]
-    assert record["ensemble"]["accuracy"] >= 0.9, record["ensemble"]
+    # the issue's bar (docs/ensemble.md: 0.975 in each of 3 seeds, the views 0.950-0.975)
+    assert record["ensemble"]["accuracy"] >= 0.95, record["ensemble"]
     # the ensemble is not below its best view by more than one test image
     assert record["ensemble"]["accuracy"] >= best_view - 1 / n_test - 1e-9
+    # calibrated on held-out predictions: test ECE at most 0.05 and lower than before scaling
+    # (docs/ensemble.md: 0.107 -> 0.032)
+    assert record["ensemble"]["ece"] <= 0.05 < record["ensemble"]["ece_before"], record["ensemble"]
 
 
 def test_the_model_card_and_the_report_say_where_the_weights_came_from(photo_run):
@@ -57,9 +61,9 @@ def test_the_model_card_and_the_report_say_where_the_weights_came_from(photo_run
     card = json.loads((out / "model" / "model_card.json").read_text())
     for view, training in card["training"].items():
         weights = training["weights"]
-        assert weights["source"] == "package" and weights["file"] == "efficientnet-lite0-57934424.pth"
-        assert weights["sha256"].startswith("57934424") and "Apache-2.0" in weights["licence"]
+        assert weights["source"] == "package" and weights["file"] == "efficientnet-lite1-77cc7160.pth"
+        assert weights["sha256"].startswith("77cc7160") and "Apache-2.0" in weights["licence"]
         assert training["normalization"] == "inception"
-    assert "efficientnet-lite0-57934424.pth" in (out / "model" / "model_card.md").read_text()
+    assert "efficientnet-lite1-77cc7160.pth" in (out / "model" / "model_card.md").read_text()
     report = (out / "eval" / "report.html").read_text()
-    assert "57934424" in report and "efficientnet_lite0" in report
+    assert "77cc7160" in report and "efficientnet_lite1" in report

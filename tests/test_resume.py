@@ -35,7 +35,7 @@ if slow:  # stretch each epoch so that the test can kill the process in the midd
         return original(*a, **k)
     loop.recalibrate_batchnorm = recalibrate
 rec = train_branch_stage(sys.argv[1], sys.argv[2], sys.argv[3], "center", sys.argv[4],
-                         **{**DIGITS, "epochs": %d, "batch_size": 32, "seed": 0,
+                         **{**DIGITS, "epochs": %d, "batch_size": 32, "seed": 0, "precise_bn": 1024,
                             "checkpoint_root": sys.argv[5]}, run_id="run")
 print("RESUMED_FROM", rec["resumed_from_epoch"])
 """ % EPOCHS

@@ -226,3 +226,31 @@ def test_deterministic_turns_on_deterministic_algorithms_and_repeats_exactly(
                                       outputs[1].drop(columns=timing))
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_precise_bn_recomputes_batchnorm_statistics_over_that_many_images_or_none(
+        cropped, augmented, balanced, tmp_path):
+    """precise_bn=N: after each epoch every BatchNorm layer's statistics are the exact
+    average over N training images (ceil(N / batch) recalibration batches counted since the
+    reset); precise_bn=0: the running averages of the training steps stand."""
+    from triview.stages import train_branch_stage
+
+    def trained(name, **overrides):
+        out = tmp_path / name
+        rec = train_branch_stage(cropped, augmented, balanced, "left", out, **digits_train(
+            **{"epochs": 1, "batch_size": 16, "freeze_bn": False, **overrides}))
+        state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+        counts = {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+        return rec, counts, state
+
+    _, counts, recalibrated = trained("precise", precise_bn=40)
+    assert counts == {3}  # 40 images in batches of 16: 16 + 16 + 8
+    _, counts, kept = trained("kept", precise_bn=0)
+    # every layer counted every training step of the epoch, and nothing was reset
+    assert len(counts) == 1 and counts.pop() > 3
+    # the same training (seed, weights) with other statistics
+    bn_means = [k for k in kept if k.endswith("running_mean")]
+    assert bn_means and any(not torch.allclose(kept[k], recalibrated[k]) for k in bn_means)
+    # freeze_bn keeps the loaded statistics whatever precise_bn says
+    _, counts, _ = trained("frozen", precise_bn=40, freeze_bn=True)
+    assert counts == {0}

@@ -80,6 +80,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_buffers(net: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) to every rank. DDP sends them at the
+    start of each forward, so after an epoch's last step every rank holds its own; this makes
+    the ranks' models equal again before validation and checkpoints."""
+    if rank_and_world()[1] == 1:
+        return
+    for buffer in net.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def parameter_digest(net: nn.Module) -> str:
     """SHA-256 prefix of every parameter's bytes: equal on all ranks after DDP training."""
     h = hashlib.sha256()

@@ -292,7 +292,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("gray_world", float, 0.0, "Probability of gray-world white balance.", ("augment",),
           **_UNIT),
     # train-branch
-    Param("backbone", str, "efficientnet_lite0", "Backbone from the registry.",
+    Param("backbone", str, "efficientnet_lite1", "Backbone from the registry.",
           ("train-branch",), choices=backbone_names),
     Param("epochs", int, 0, "Fine-tuning epochs (after the head phase, when head_folds or "
           "head_epochs > 0; 0 then keeps the head fitted on frozen features).", ("train-branch",), low=0,
@@ -375,6 +375,11 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("freeze_bn", bool, True, "Keep BatchNorm layers in inference mode while fine-tuning "
           "(their pretrained statistics stay; small batches of few photos would distort them).",
           ("train-branch",)),
+    Param("precise_bn", int, 1024, "With freeze_bn=false: training images over which every "
+          "BatchNorm layer's statistics are recomputed after each fine-tuning epoch, as exact "
+          "averages under that epoch's final weights, before validation (precise BN); 0: off, "
+          "the running averages kept during training stand.", ("train-branch",), low=0,
+          high=1_000_000),
     Param("finetune", str, "full", "full (train everything) or linear_probe (only the new "
           "head trains).", ("train-branch",), choices=("full", "linear_probe")),
     Param("unfreeze_epoch", int, 0, "With linear_probe, fine-tune everything from this epoch "

@@ -15,7 +15,7 @@ def train_branch(
     run_id: str = "",
     repeat: bool = False,
     # params: train-branch (generated from triview/params.py by `python -m components.codegen`)
-    seed: int = 0, backbone: str = "efficientnet_lite0", epochs: int = 0, batch_size: int = 32,
+    seed: int = 0, backbone: str = "efficientnet_lite1", epochs: int = 0, batch_size: int = 32,
     lr: float = 0.0003, lrf: float = 0.05, hidden: int = 0, label_smoothing: float = 0.1,
     weight_decay: float = 0.0001, optimizer: str = "adamw", momentum: float = 0.9,
     scheduler: str = "cosine", warmup_epochs: float = 0.0, milestones: str = "",
@@ -24,8 +24,9 @@ def train_branch(
     channels_last: bool = True, normalization: str = "auto", weights: str = "imagenet",
     weights_root: str = "", head_folds: int = 5, head_epochs: int = 60, head_lr: float = 0.001,
     feature_passes: int = 1, tta: str = "flip", backbone_lr_scale: float = 0.1,
-    freeze_bn: bool = True, finetune: str = "full", unfreeze_epoch: int = 0,
-    checkpoint_root: str = "", task: str = "auto", voter_folds: int = 0, ddp_procs: int = 0,
+    freeze_bn: bool = True, precise_bn: int = 1024, finetune: str = "full",
+    unfreeze_epoch: int = 0, checkpoint_root: str = "", task: str = "auto",
+    voter_folds: int = 0, ddp_procs: int = 0,
     # end params
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
@@ -109,6 +110,10 @@ def train_branch(
             (in (0, 1])
         freeze_bn: Keep BatchNorm layers in inference mode while fine-tuning (their pretrained
             statistics stay; small batches of few photos would distort them).
+        precise_bn: With freeze_bn=false: training images over which every BatchNorm layer's
+            statistics are recomputed after each fine-tuning epoch, as exact averages under that
+            epoch's final weights, before validation (precise BN); 0: off, the running averages
+            kept during training stand. (in [0, 1000000])
         finetune: full (train everything) or linear_probe (only the new head trains). (one of
             full, linear_probe)
         unfreeze_epoch: With linear_probe, fine-tune everything from this epoch (0: never). (>=

@@ -94,7 +94,8 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
         if rank != 0:  # nothing to share: rank 0 fits the head alone
             return {"view": view, "task": task, "rank": rank}
         result, logits, held_out = fit_head_only(config, train, val, test, classes, task, criterion,
-                                                 augment or AugmentConfig(seed=config.seed), view, log)
+                                                 augment or AugmentConfig(seed=config.seed), view, log,
+                                                 store=store)
         if on_epoch is not None:
             on_epoch({**result.history[0], "head_epoch": 1})
         scored_on = "out-of-fold (train + validation)"
@@ -176,7 +177,7 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
 
 def fit_head_only(config: TrainConfig, train: ViewData, val: ViewData, test: ViewData,
                   classes: list[str], task: str, criterion: torch.nn.Module,
-                  augment: AugmentConfig, view: str, log=print):
+                  augment: AugmentConfig, view: str, log=print, store: FeatureStore | None = None):
     """The branch with ``epochs=0``: the pretrained backbone, frozen, and a head fitted on
     its features of the training and validation crops together (the fit pool), under the
     ``tta`` passes and ``feature_passes - 1`` augmented passes, cross-fitted over
@@ -203,8 +204,9 @@ def fit_head_only(config: TrainConfig, train: ViewData, val: ViewData, test: Vie
     extract_log = (lambda msg: log(f"[{view}] {msg}"))
     pool_data = ViewData(torch.cat([real.images, val.images]), torch.cat([real.labels, val.labels]),
                          real.image_ids + val.image_ids)
-    pool = extract(net, pool_data, names, augment, memory_format=memory_format, log=extract_log).unique()
-    test_features = extract(net, test, tta, memory_format=memory_format, log=extract_log)
+    pool = extract(net, pool_data, names, augment, memory_format=memory_format, log=extract_log,
+                   store=store).unique()
+    test_features = extract(net, test, tta, memory_format=memory_format, log=extract_log, store=store)
     feature_seconds = time.perf_counter() - start
     head = head_module(net)
     fitted = cross_fit(pool, criterion.cpu(), task, head.out_features, train_passes=names, tta=tta,

@@ -167,9 +167,10 @@ def head_module(net: BranchNet) -> nn.Module:
 
 @torch.no_grad()
 def head_inputs(net: BranchNet, images: torch.Tensor, batch_size: int = 64,
-                memory_format=torch.contiguous_format) -> torch.Tensor:
+                memory_format=torch.contiguous_format, transform=None) -> torch.Tensor:
     """What the head sees for each image (the frozen backbone's pooled features), computed
-    once: a forward hook on the head records its input."""
+    once: a forward hook on the head records its input. ``transform``: applied to each float
+    batch first (a test-time pass computed on floats, e.g. ``zoom``)."""
     device = next(net.parameters()).device
     captured: list[torch.Tensor] = []
     hook = head_module(net).register_forward_hook(
@@ -178,8 +179,10 @@ def head_inputs(net: BranchNet, images: torch.Tensor, batch_size: int = 64,
     net.eval()
     try:
         for i in range(0, len(images), batch_size):
-            batch = as_float(images[i:i + batch_size].to(device)).contiguous(memory_format=memory_format)
-            net(batch)
+            batch = as_float(images[i:i + batch_size].to(device))
+            if transform is not None:
+                batch = transform(batch)
+            net(batch.contiguous(memory_format=memory_format))
     finally:
         hook.remove()
         net.train(was_training)
@@ -459,8 +462,11 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
             model, events.track(batches(train, mine, per_rank_batch, memory_format, online, epoch)),
             criterion, optimizer, scheduler, scaler, config, device, dtype)
         total_loss = ddp.sum_across(total_loss)
-        if not config.freeze_bn:
-            recalibrate_batchnorm(net, train.images[order], config.batch_size, memory_format)
+        if not config.freeze_bn and config.precise_bn:
+            recalibrate_batchnorm(net, train.images[order], config.batch_size, memory_format,
+                                  max_images=config.precise_bn)
+        elif not config.freeze_bn:
+            ddp.broadcast_buffers(net)  # running statistics: rank 0's, as DDP's next step would
         seconds = time.perf_counter() - start
         row = None
         if rank == 0:

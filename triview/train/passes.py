@@ -13,9 +13,10 @@ import torch
 
 from triview.augment import AugmentConfig, augment_batch
 from triview.models import TTA_MODES, tta_transform
-from triview.train.data import ViewData, as_float
+from triview.train.data import ViewData
 from triview.train.head import PassFeatures
-from triview.train.loop import head_module
+from triview.train.features import FeatureStore
+from triview.train.loop import frozen_features, head_inputs
 
 
 def augmented_pass_names(feature_passes: int) -> tuple[str, ...]:
@@ -28,42 +29,55 @@ def pass_names(tta: str, feature_passes: int) -> tuple[str, ...]:
     return TTA_MODES[tta] + augmented_pass_names(feature_passes)
 
 
-def _batch(images: torch.Tensor, ids: list[str], name: str, augment: AugmentConfig | None,
-           memory_format) -> torch.Tensor:
+#: crops per chunk of a pass written out as uint8 before its features are read or computed
+CHUNK = 1024
+
+
+def _uint8_pass(images: torch.Tensor, ids: list[str], name: str,
+                augment: AugmentConfig | None) -> torch.Tensor | None:
+    """The crops of pass ``name`` as uint8 NCHW where the pass is exact on pixels (the crop,
+    its mirror, an augmented draw), so that a feature store can key them by their pixels;
+    None for a pass computed on floats (``zoom``)."""
+    if name == "identity":
+        return images
+    if name == "flip":
+        return images.flip(-1)
     if name.startswith("aug"):
         hwc = augment_batch(images.permute(0, 2, 3, 1).numpy(), ids, augment, int(name[3:]))
-        images = torch.from_numpy(hwc).permute(0, 3, 1, 2)
-        return as_float(images).contiguous(memory_format=memory_format)
-    return tta_transform(as_float(images), name).contiguous(memory_format=memory_format)
+        return torch.from_numpy(hwc).permute(0, 3, 1, 2)
+    return None
 
 
 @torch.no_grad()
 def extract(net: torch.nn.Module, data: ViewData, passes: tuple[str, ...],
             augment: AugmentConfig | None = None, batch_size: int = 64,
-            memory_format=torch.contiguous_format, log=None) -> PassFeatures:
+            memory_format=torch.contiguous_format, log=None,
+            store: FeatureStore | None = None) -> PassFeatures:
     """The head's inputs (the frozen backbone's pooled features) of every crop of ``data``
-    under every pass; ``augment`` draws the ``aug<k>`` passes."""
+    under every pass; ``augment`` draws the ``aug<k>`` passes. With a ``store`` the passes
+    exact on pixels are read from it where it holds them (keyed by the network and the
+    pass's pixels) and the rest computed and kept, so that trials of a study share them."""
     if any(p.startswith("aug") for p in passes) and augment is None:
         raise ValueError("augmented passes need an augment configuration")
-    device = next(net.parameters()).device
-    captured: list[torch.Tensor] = []
-    hook = head_module(net).register_forward_hook(
-        lambda module, inputs, output: captured.append(inputs[0].detach().float().cpu()))
     was_training = net.training
     net.eval()
     out = {}
     try:
         for name in passes:
             start = time.perf_counter()
-            captured.clear()
-            for i in range(0, len(data.labels), batch_size):
-                ids = data.image_ids[i:i + batch_size]
-                net(_batch(data.images[i:i + batch_size], ids, name, augment, memory_format).to(device))
-            out[name] = torch.cat(captured).numpy()
+            chunks = []
+            for i in range(0, len(data.labels), CHUNK):
+                images, ids = data.images[i:i + CHUNK], data.image_ids[i:i + CHUNK]
+                pixels = _uint8_pass(images, ids, name, augment)
+                if pixels is not None:
+                    chunks.append(frozen_features(net, pixels, memory_format, store))
+                else:
+                    chunks.append(head_inputs(net, images, batch_size, memory_format,
+                                              transform=lambda x: tta_transform(x, name)))
+            out[name] = (torch.cat(chunks) if chunks else torch.zeros(0)).float().numpy()
             if log is not None:
                 log(f"features, pass {name}: {len(data.labels)} crops in "
                     f"{time.perf_counter() - start:.1f} s")
     finally:
-        hook.remove()
         net.train(was_training)
     return PassFeatures(np.asarray(data.image_ids), data.labels.numpy(), out)
