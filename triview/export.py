@@ -123,13 +123,21 @@ def run_torch(module: nn.Module, inputs: list[np.ndarray] | list[torch.Tensor],
                       for i in range(0, len(tensors[0]), batch_size)]).numpy()
 
 
-def _quantize(fp32: Path, out: Path, mode: str, calibration: list[np.ndarray] | None) -> None:
+def _quantize(fp32: Path, out: Path, mode: str, calibration: list[np.ndarray] | None) -> dict:
+    """Write the INT8 model of ``fp32`` to ``out``; return how it was quantized.
+
+    ``static``: QDQ with activations calibrated on ``calibration`` (validation crops), and
+    the weights quantized both per channel and per tensor; the one whose answers agree more
+    often with the fp32 model's on those crops is kept (per tensor on ties: the simpler
+    graph). Neither is right for every network: on the digits preset's ShuffleNet v2 x0.5
+    per-channel weights cost 8 points of test accuracy (0.974 to 0.896; per tensor 0.970),
+    so the choice is measured, never assumed. Test crops are never read here."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
 
     if mode == "dynamic":
         quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QUInt8)
-        return
+        return {}
     if calibration is None:
         raise ValueError("static quantization needs calibration images")
 
@@ -144,15 +152,28 @@ def _quantize(fp32: Path, out: Path, mode: str, calibration: list[np.ndarray] | 
 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    reference = run_onnx(onnx_session(fp32), calibration).argmax(1)
     # shape inference and graph folding first, as ONNX Runtime recommends for static INT8
     prepared = out.with_name(out.stem + ".pre.onnx")
+    candidates = {granularity: out.with_name(f"{out.stem}.{granularity}.onnx")
+                  for granularity in ("per_tensor", "per_channel")}
+    agreement = {}
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
+        for granularity, path in candidates.items():
+            quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=granularity == "per_channel",
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            answers = run_onnx(onnx_session(path), calibration).argmax(1)
+            agreement[granularity] = float((answers == reference).mean())
+        chosen = max(agreement, key=lambda g: (agreement[g], g == "per_tensor"))
+        os.replace(candidates[chosen], out)
     finally:
         prepared.unlink(missing_ok=True)
+        for path in candidates.values():
+            path.unlink(missing_ok=True)
+    return {"weights": chosen, "calibration_images": len(reference),
+            "calibration_agreement": agreement}
 
 
 def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[str],
@@ -250,9 +271,9 @@ def export_ensemble(branches: dict[str, nn.Module], voter: dict, classes: list[s
     if quantize != "none":
         calib = [x.numpy() for x in calibration] if calibration is not None else None
         with atomic_path(out / INT8_FILE) as tmp:
-            _quantize(out / ONNX_FILE, tmp, quantize, calib)
+            how = _quantize(out / ONNX_FILE, tmp, quantize, calib)
         int8_out = run_onnx(onnx_session(out / INT8_FILE), arrays)
-        quant = {"mode": quantize, "file": INT8_FILE,
+        quant = {"mode": quantize, "file": INT8_FILE, **how,
                  "size_bytes": (out / INT8_FILE).stat().st_size,
                  "fp32_size_bytes": (out / ONNX_FILE).stat().st_size,
                  "max_abs_diff": float(np.abs(int8_out - onnx_out).max()),
@@ -390,6 +411,12 @@ def card_markdown(card: dict) -> str:
         lines += ["", f"INT8 ({q['mode']}): `{q['file']}`, {q['size_bytes']} bytes "
                       f"(fp32 {q['fp32_size_bytes']}); accuracy change "
                       f"{q.get('accuracy_delta', float('nan')):+.4f}, max abs diff {q['max_abs_diff']:.3f}."]
+        if q.get("weights"):
+            agree = ", ".join(f"{g.replace('_', ' ')} {a:.3f}"
+                              for g, a in q["calibration_agreement"].items())
+            lines += [f"Weights quantized {q['weights'].replace('_', ' ')}: the granularity whose "
+                      f"answers agree more with fp32 on the {q['calibration_images']} validation "
+                      f"crops ({agree})."]
     return "\n".join(lines) + "\n"
 
 
