@@ -166,11 +166,12 @@ def test_the_head_phase_passes_read_a_feature_store_and_match_computing_them(tmp
     assert sum(forwards) == 4 * 12  # every pass computed once
     forwards.clear()
     again = extract(net, data, passes, augment, store=FeatureStore(tmp_path / "features"))
-    assert sum(forwards) == 12  # only zoom: the other passes come from the store
+    assert sum(forwards) == 0  # every pass from the store, zoom keyed by crop and pass name
     for name in passes:
         assert np.allclose(plain.passes[name], first.passes[name], atol=1e-5)
         assert np.allclose(first.passes[name], again.passes[name], atol=1e-6)
     assert not np.allclose(first.passes["identity"], first.passes["flip"])
+    assert not np.allclose(first.passes["identity"], first.passes["zoom"])
     other = BranchNet(create_backbone("shufflenet_v2_x0_5", 3, 32)).eval()  # other weights
     other.register_forward_hook(lambda m, i, o: forwards.append(len(i[0])))
     forwards.clear()

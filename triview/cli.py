@@ -590,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     from triview.tune.objective import OBJECTIVES
 
     p = sub.add_parser("tune", help="search the pipeline's parameters (Optuna TPE, seeded, with "
-                       "pruning) on a validation objective; the best trial is scored on test once "
+                       "pruning) on a held-out objective, never test; the best trial is scored on test once "
                        "and written as a preset; or emit/apply the same search as a Kubeflow "
                        "Trainer OptimizationJob")
     p.add_argument("--data", required=True, metavar="DIR|ZIP|s3://...",

@@ -39,9 +39,10 @@ def network_digest(net: nn.Module, memory_format=torch.contiguous_format) -> str
     return digest.hexdigest()
 
 
-def crop_digests(images: torch.Tensor) -> list[str]:
-    """One digest per crop of a uint8 (N, 3, H, W) tensor (its shape included)."""
-    shape = "x".join(map(str, images.shape[1:])).encode()
+def crop_digests(images: torch.Tensor, transform: str = "") -> list[str]:
+    """One digest per crop of a uint8 (N, 3, H, W) tensor (its shape included); with a
+    ``transform`` name, of that deterministic transform of the crop (``zoom``) instead."""
+    shape = (transform + "|" if transform else "").encode() + "x".join(map(str, images.shape[1:])).encode()
     flat = images.contiguous().numpy().reshape(len(images), -1)
     return [hashlib.blake2b(shape + row.tobytes(), digest_size=16).hexdigest() for row in flat]
 
@@ -83,11 +84,13 @@ class FeatureStore:
         return bool(self._table(network_digest(net, memory_format)))
 
     def features(self, net: nn.Module, images: torch.Tensor, compute,
-                 memory_format=torch.contiguous_format) -> torch.Tensor:
+                 memory_format=torch.contiguous_format, transform: str = "") -> torch.Tensor:
         """The head inputs of ``images`` through ``net``: stored ones are read, the rest
-        are computed by ``compute(net, images)`` (only for the crops missing) and stored."""
+        are computed by ``compute(net, images)`` (only for the crops missing) and stored.
+        ``transform``: the name of the deterministic float transform ``compute`` applies to
+        each crop first (a test-time pass such as ``zoom``); it is part of every key."""
         net_key = network_digest(net, memory_format)
-        keys = crop_digests(images)
+        keys = crop_digests(images, transform)
         table = self._table(net_key)
         missing = sorted({k: i for i, k in enumerate(keys) if k not in table}.values())
         if missing:

@@ -18,7 +18,7 @@ from triview import metrics
 from triview import progress
 from triview import weights as published_weights
 from triview.models import (BranchNet, count_parameters, create_backbone, load_pretrained,
-                            resolve_normalization, set_backbone_frozen)
+                            resolve_normalization, set_backbone_frozen, tta_transform)
 from triview.scoring import macro_f1, predicted
 from triview.train import checkpoint
 from triview.train.config import TrainConfig, resume_key
@@ -271,15 +271,18 @@ def _shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def frozen_features(net: BranchNet, images: torch.Tensor, memory_format=torch.contiguous_format,
-                    store: FeatureStore | None = None) -> torch.Tensor:
-    """:func:`head_inputs` of ``images``, read from ``store`` where it holds them."""
+                    store: FeatureStore | None = None, transform: str = "") -> torch.Tensor:
+    """:func:`head_inputs` of ``images``, read from ``store`` where it holds them.
+    ``transform``: a test-time pass computed on floats (``zoom``: :func:`tta_transform`)
+    applied to each crop first; the store keys it by the crop's pixels and its name."""
+    fn = (lambda x: tta_transform(x, transform)) if transform else None
     if store is None:
-        return head_inputs(net, images, memory_format=memory_format)
+        return head_inputs(net, images, memory_format=memory_format, transform=fn)
 
     def compute(n: BranchNet, x: torch.Tensor) -> torch.Tensor:
         with intra_op_threads(store.threads or torch.get_num_threads()):
-            return head_inputs(n, x, memory_format=memory_format)
-    return store.features(net, images, compute, memory_format)
+            return head_inputs(n, x, memory_format=memory_format, transform=fn)
+    return store.features(net, images, compute, memory_format, transform)
 
 
 @torch.no_grad()

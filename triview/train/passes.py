@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from triview.augment import AugmentConfig, augment_batch
-from triview.models import TTA_MODES, tta_transform
+from triview.models import TTA_MODES
 from triview.train.data import ViewData
 from triview.train.head import PassFeatures
 from triview.train.features import FeatureStore
-from triview.train.loop import frozen_features, head_inputs
+from triview.train.loop import frozen_features
 
 
 def augmented_pass_names(feature_passes: int) -> tuple[str, ...]:
@@ -50,13 +50,14 @@ def _uint8_pass(images: torch.Tensor, ids: list[str], name: str,
 
 @torch.no_grad()
 def extract(net: torch.nn.Module, data: ViewData, passes: tuple[str, ...],
-            augment: AugmentConfig | None = None, batch_size: int = 64,
+            augment: AugmentConfig | None = None,
             memory_format=torch.contiguous_format, log=None,
             store: FeatureStore | None = None) -> PassFeatures:
     """The head's inputs (the frozen backbone's pooled features) of every crop of ``data``
-    under every pass; ``augment`` draws the ``aug<k>`` passes. With a ``store`` the passes
-    exact on pixels are read from it where it holds them (keyed by the network and the
-    pass's pixels) and the rest computed and kept, so that trials of a study share them."""
+    under every pass; ``augment`` draws the ``aug<k>`` passes. With a ``store`` every pass
+    is read from it where it holds it (keyed by the network and the pass's pixels; a pass
+    computed on floats, ``zoom``, by the crop's pixels and the pass's name) and the rest
+    computed and kept, so that trials of a study share them."""
     if any(p.startswith("aug") for p in passes) and augment is None:
         raise ValueError("augmented passes need an augment configuration")
     was_training = net.training
@@ -71,9 +72,9 @@ def extract(net: torch.nn.Module, data: ViewData, passes: tuple[str, ...],
                 pixels = _uint8_pass(images, ids, name, augment)
                 if pixels is not None:
                     chunks.append(frozen_features(net, pixels, memory_format, store))
-                else:
-                    chunks.append(head_inputs(net, images, batch_size, memory_format,
-                                              transform=lambda x: tta_transform(x, name)))
+                else:  # computed on floats from the crop: keyed by its pixels and the pass
+                    chunks.append(frozen_features(net, images, memory_format, store,
+                                                  transform=name))
             out[name] = (torch.cat(chunks) if chunks else torch.zeros(0)).float().numpy()
             if log is not None:
                 log(f"features, pass {name}: {len(data.labels)} crops in "

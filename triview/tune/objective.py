@@ -1,7 +1,9 @@
-"""What a search optimises: a validation figure of the voter the trial would ship (the
-candidate the voter chose, scored on the validation split: cross-validated there for fitted
-voters, or out-of-fold when the branches ran with ``voter_folds > 1``), never a test
-figure; and the per-epoch figure of the branches that feeds the pruner."""
+"""What a search optimises: a held-out figure of the voter the trial would ship (the
+candidate the voter chose, scored on the images it was chosen on: the out-of-fold
+predictions of every training and validation image with cross-fitted heads, the photo
+defaults; the validation split with fine-tuned branches, out-of-fold there too with
+``voter_folds > 1``; fitted voters cross-validated), never a test figure; and the
+per-epoch figure of the branches that feeds the pruner."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,11 +36,11 @@ class Objective:
 
 OBJECTIVES = {o.name: o for o in (
     Objective("val_macro_f1", "maximize", "val_macro_f1",
-              "macro-F1 of the chosen voter on the validation split (default)"),
+              "macro-F1 of the chosen voter on its held-out images (default)"),
     Objective("val_accuracy", "maximize", "val_accuracy",
-              "accuracy of the chosen voter on the validation split"),
+              "accuracy of the chosen voter on its held-out images"),
     Objective("val_log_loss", "minimize", "val_loss",
-              "log-loss of the chosen voter's probabilities on the validation split"),
+              "log-loss of the chosen voter's probabilities on its held-out images"),
 )}
 
 

@@ -108,8 +108,8 @@ def render_html(study: "Study", table: pd.DataFrame, imp: tuple[dict | None, str
              f"<style>{STYLE}</style></head><body>",
              "<h1>triview tune</h1>",
              f"<p>data <code>{e(study.data)}</code>; search space <code>{e(study.space.source)}</code>"
-             f"; objective <b>{e(obj.name)}</b> ({obj.direction}), measured on the validation "
-             f"split, never on test; TPE seed {study.seed}; {len(table)} trials "
+             f"; objective <b>{e(obj.name)}</b> ({obj.direction}), measured on held-out "
+             f"predictions (out-of-fold train + validation, or validation), never on test; TPE seed {study.seed}; {len(table)} trials "
              f"({len(done)} complete, {int((table['state'] == 'pruned').sum())} pruned, "
              f"{int((table['state'] == 'fail').sum())} failed).</p>"]
     pruned = int((table["state"] == "pruned").sum())

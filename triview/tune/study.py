@@ -342,7 +342,7 @@ def _search(study: Study, trials: int, timeout: float | None, resume: bool,
         say(f"trial {number} was interrupted: it runs again")
     todo = max(0, trials - finished_count(optuna_study))
     say(f"triview tune: {len(study.space.names)} parameters from {study.space.source}, objective "
-        f"{study.objective.name} ({study.objective.direction}, validation), TPE seed {study.seed}, "
+        f"{study.objective.name} ({study.objective.direction}, held out, never test), TPE seed {study.seed}, "
         f"median pruner; {finished_count(optuna_study)} trials done, {todo} to run -> {study.out}")
 
     def progress(s, trial) -> None:
