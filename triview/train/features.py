@@ -42,7 +42,8 @@ def network_digest(net: nn.Module, memory_format=torch.contiguous_format) -> str
 def crop_digests(images: torch.Tensor, transform: str = "") -> list[str]:
     """One digest per crop of a uint8 (N, 3, H, W) tensor (its shape included); with a
     ``transform`` name, of that deterministic transform of the crop (``zoom``) instead."""
-    shape = (transform + "|" if transform else "").encode() + "x".join(map(str, images.shape[1:])).encode()
+    prefix = f"{transform}|" if transform else ""
+    shape = (prefix + "x".join(map(str, images.shape[1:]))).encode()
     flat = images.contiguous().numpy().reshape(len(images), -1)
     return [hashlib.blake2b(shape + row.tobytes(), digest_size=16).hexdigest() for row in flat]
 
