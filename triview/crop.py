@@ -382,12 +382,17 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def write_png(path: str | Path, rgb: np.ndarray) -> None:
+def encode_png(rgb: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise ValueError(f"cannot encode {path}")
+        raise ValueError("cannot encode a crop as PNG")
+    return buf.tobytes()
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> None:
+    data = encode_png(rgb)
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
+        tmp.write_bytes(data)
 
 
 _JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe")
@@ -448,31 +453,58 @@ def _image_size(data: bytes) -> tuple[int, int]:
 
 
 _WORKER: _Cropper | None = None
+_CACHE = None  # this process's CropCache, when calibrate_and_crop was given a cache root
 
 
-def _init_worker(lens: LensModel, geometry: CropGeometry) -> None:
-    global _WORKER
+def _init_worker(lens: LensModel, geometry: CropGeometry, cache_root: str = "") -> None:
+    global _WORKER, _CACHE
+    from triview.cropcache import CropCache
+
     cv2.setNumThreads(1)  # one image per process; no nested thread pools
     _WORKER = _Cropper(lens, geometry)
+    _CACHE = CropCache(cache_root, crop_recipe(lens, geometry), geometry.views) if cache_root else None
 
 
-def _crop_task(args: tuple[str, str, str]) -> list[str]:
+def crop_recipe(lens: LensModel, geometry: CropGeometry) -> dict:
+    """Everything besides a photo's bytes that decides its crops (the crop cache's key)."""
+    return {"lens": asdict(lens), "geometry": asdict(geometry), "supersample": SUPERSAMPLE}
+
+
+def _crop_task(args: tuple[str, str, str]) -> tuple[list[str], bool]:
+    """Crop one stored photo into its view PNGs; True with them when they came from the cache."""
+    from triview.cropcache import photo_digest
+
     src, out_dir, image_id = args
+    data = Path(src).read_bytes()
+    jpeg = Path(src).suffix.lower() in _JPEG_SUFFIXES
+    key = photo_digest(data, jpeg) if _CACHE is not None else ""
+    pngs = _CACHE.get(key) if _CACHE is not None else None
+    hit = pngs is not None
+    if pngs is None:
+        pngs = {view: encode_png(crop) for view, crop in _WORKER.views_of_bytes(data, jpeg).items()}
+        if _CACHE is not None:
+            _CACHE.put(key, pngs)
     rels = []
-    for view, crop in _WORKER.views(Path(src)).items():
+    for view in _WORKER.geometry.views:
         rel = f"{CROPS_DIR}/{view}/{image_id}.png"
-        write_png(Path(out_dir) / rel, crop)
+        with atomic_path(Path(out_dir) / rel) as tmp:
+            tmp.write_bytes(pngs[view])
         rels.append(rel)
-    return rels
+    return rels, hit
 
 
 def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: CropGeometry,
-                       lens: LensModel | None = None, workers: int = 0) -> pd.DataFrame:
+                       lens: LensModel | None = None, workers: int = 0,
+                       cache_root: str = "") -> pd.DataFrame:
     """Crop every manifest image into views under ``out_dir``; write ``views.csv``.
 
     Views are materialised as small PNGs (image_size²): decoding a full photo costs far
     more than reading a crop, so each photo is decoded once, not once per epoch.
     ``workers`` processes share the work (0: one per core; small inputs stay in-process).
+    ``cache_root`` (a folder or ``s3://`` prefix): the content-addressed crop cache
+    (:mod:`triview.cropcache`); photos cropped before with the same lens and geometry are
+    read from it, new ones are cropped and added. The table's ``attrs["cache_hits"]`` counts
+    the photos read from it.
     Also writes ``classes.json`` and ``geometry.json`` (crop geometry and lens).
     """
     import multiprocessing
@@ -493,18 +525,20 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     if workers > 1 and len(tasks) >= 200:
         # forkserver: forking a parent whose OpenCV/OpenMP threads are running can deadlock
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                                 initializer=_init_worker, initargs=(lens, geometry)) as pool:
+                                 initializer=_init_worker,
+                                 initargs=(lens, geometry, cache_root)) as pool:
             results = list(pool.map(_crop_task, tasks, chunksize=64))
     else:
-        _init_worker(lens, geometry)
+        _init_worker(lens, geometry, cache_root)
         results = [_crop_task(t) for t in tasks]
     rows = []
-    for rec, rels in zip(table.itertuples(index=False), results):
+    for rec, (rels, _) in zip(table.itertuples(index=False), results):
         for view, rel in zip(geometry.views, rels):
             rows.append({"image_id": rec.image_id, "view": view, "path": rel, "label": rec.label,
                          "labels": rec.labels, "source_id": rec.source_id, "split": rec.split,
                          "augmented": 0})
     views = pd.DataFrame(rows, columns=list(mf.VIEW_COLUMNS))
+    views.attrs["cache_hits"] = sum(hit for _, hit in results)
     mf.write_views(views, out)
     mf.write_classes(mf.read_classes(src), out)
     atomic_write_text(out / GEOMETRY_FILE, json.dumps(

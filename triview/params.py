@@ -388,6 +388,12 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           "(<checkpoint_root>/<run_id>/<view>, a repeat under seed-<seed>/): s3://bucket/prefix "
           "or a mounted volume; a retried task resumes from there. Empty: inside the branch's "
           "output (enough for kfp.local).", ("train-branch",), check=_check_location),
+    Param("cache_root", str, "", "Content-addressed cache kept across runs: a folder or "
+          "s3://bucket/prefix. Crops (keyed by each photo's bytes, the lens, the crop geometry "
+          "and image size) and frozen-backbone features (keyed by the network's weights and "
+          "each crop's pixels) that an earlier run computed are read, not computed again: a "
+          "scheduled run on grown data crops and extracts only its new photos. Empty: no "
+          "cache.", ("calibrate-and-crop", "train-branch"), check=_check_location),
     Param("task", str, "auto", "auto (multilabel when some image has several labels), "
           "multiclass (softmax cross-entropy) or multilabel (sigmoid BCE, per-label thresholds "
           "tuned on validation).", ("train-branch",), choices=("auto", "multiclass", "multilabel")),

@@ -86,9 +86,14 @@ def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, *, workers: i
         geometry = crop.CropGeometry(layout=p["layout"], overlap=p["overlap"],
                                      image_size=p["image_size"], window=p["window"],
                                      resize=p["resize"])
-        views = crop.calibrate_and_crop(dataset_dir, out_dir, geometry, lens, workers=workers)
-        rec.update(views=list(geometry.views), items_in=int(views["image_id"].nunique()),
-                   items_out=len(views), lens="identity" if lens.is_identity else "calibrated")
+        views = crop.calibrate_and_crop(dataset_dir, out_dir, geometry, lens, workers=workers,
+                                        cache_root=p["cache_root"])
+        photos = int(views["image_id"].nunique())
+        rec.update(views=list(geometry.views), items_in=photos, items_out=len(views),
+                   lens="identity" if lens.is_identity else "calibrated")
+        if p["cache_root"]:
+            rec.update(cache={"hits": views.attrs["cache_hits"],
+                              "computed": photos - views.attrs["cache_hits"]})
     return rec
 
 
@@ -154,6 +159,8 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
     from triview.train import TrainConfig, train_branch
 
     config = TrainConfig(**stage_config("train-branch", params))
+    if feature_cache is None and config.cache_root:
+        feature_cache = feature_cache_location(config.cache_root)
     if isinstance(view, int):
         view = crop.read_geometry(views_dir)[0].views[view]
     name = f"train-branch-{view}" + repeat_suffix(config.seed, repeat)
@@ -170,10 +177,31 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
         return train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
                             stage=name, checkpoint_dir=ckpt, feature_cache=feature_cache)
     with stage_record(name, out_dir) as rec:
+        store = _feature_counts(feature_cache)
         rec.update(train_branch(views_dir, augmented_dir, balance_dir, view, out_dir, config,
                                 stage=name, checkpoint_dir=ckpt, feature_cache=feature_cache,
                                 on_epoch=on_epoch))
+        if feature_cache is not None:
+            after = _feature_counts(feature_cache)
+            rec.update(feature_cache={"reused": after[0] - store[0], "computed": after[1] - store[1]})
     return rec
+
+
+def feature_cache_location(cache_root: str) -> str:
+    """Where the pipeline's ``cache_root`` keeps frozen features (:mod:`triview.train.features`)."""
+    from triview import storage
+
+    return storage.join(cache_root, "features")
+
+
+def _feature_counts(feature_cache: Folder | None) -> tuple[int, int]:
+    """(reused, computed) crops of the process's store of ``feature_cache`` so far."""
+    if feature_cache is None:
+        return 0, 0
+    from triview.train.features import FeatureStore
+
+    store = FeatureStore.open(feature_cache)
+    return store.reused, store.computed
 
 
 def _branch_predictions(branch_dirs: dict[str, Path]) -> dict[str, dict]:

@@ -12,6 +12,7 @@ def calibrate_and_crop(
     layout: str = "nested", overlap: float = 0.5, image_size: int = 224, window: float = 0.0,
     resize: str = "stretch", calibration_file: str = "", calibration_images: str = "",
     pattern: str = "9x6", square: float = 1.0, lens_alpha: float = -1.0, crop_roi: bool = False,
+    cache_root: str = "",
     # end params
 ):
     """Undistort every image and cut three overlapping views.
@@ -38,11 +39,18 @@ def calibrate_and_crop(
         lens_alpha: getOptimalNewCameraMatrix alpha in [0, 1] (0: only valid pixels, 1: all
             source pixels); negative keeps K. (in [-1, 1])
         crop_roi: Cut undistorted images to their valid region (with lens_alpha).
+        cache_root: Content-addressed cache kept across runs: a folder or s3://bucket/prefix.
+            Crops (keyed by each photo's bytes, the lens, the crop geometry and image size) and
+            frozen-backbone features (keyed by the network's weights and each crop's pixels)
+            that an earlier run computed are read, not computed again: a scheduled run on grown
+            data crops and extracts only its new photos. Empty: no cache.
     """
     from triview.params import pick
     from triview.stages import calibrate_and_crop_stage
 
     rec = calibrate_and_crop_stage(dataset.path, views.path, **pick("calibrate-and-crop", locals()))
     views.metadata.update({"views": rec["views"], "crops": rec["items_out"], "lens": rec["lens"]})
+    if "cache" in rec:
+        views.metadata.update({"cache_hits": rec["cache"]["hits"], "cropped": rec["cache"]["computed"]})
     if "calibration" in rec:
         views.metadata["calibration_rms"] = rec["calibration"]["rms"]

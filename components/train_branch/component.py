@@ -25,8 +25,8 @@ def train_branch(
     weights_root: str = "", head_folds: int = 5, head_epochs: int = 60, head_lr: float = 0.001,
     feature_passes: int = 1, tta: str = "flip", backbone_lr_scale: float = 0.1,
     freeze_bn: bool = True, precise_bn: int = 1024, finetune: str = "full",
-    unfreeze_epoch: int = 0, checkpoint_root: str = "", task: str = "auto",
-    voter_folds: int = 0, ddp_procs: int = 0,
+    unfreeze_epoch: int = 0, checkpoint_root: str = "", cache_root: str = "",
+    task: str = "auto", voter_folds: int = 0, ddp_procs: int = 0,
     # end params
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
@@ -122,6 +122,11 @@ def train_branch(
             (<checkpoint_root>/<run_id>/<view>, a repeat under seed-<seed>/): s3://bucket/prefix
             or a mounted volume; a retried task resumes from there. Empty: inside the branch's
             output (enough for kfp.local).
+        cache_root: Content-addressed cache kept across runs: a folder or s3://bucket/prefix.
+            Crops (keyed by each photo's bytes, the lens, the crop geometry and image size) and
+            frozen-backbone features (keyed by the network's weights and each crop's pixels)
+            that an earlier run computed are read, not computed again: a scheduled run on grown
+            data crops and extracts only its new photos. Empty: no cache.
         task: auto (multilabel when some image has several labels), multiclass (softmax
             cross-entropy) or multilabel (sigmoid BCE, per-label thresholds tuned on
             validation). (one of auto, multiclass, multilabel)

@@ -222,7 +222,8 @@ def fit_head_only(config: TrainConfig, train: ViewData, val: ViewData, test: Vie
                 "val_loss": r["oof_log_loss"], "val_accuracy": r["oof_accuracy"],
                 "val_macro_f1": scores["val_macro_f1"] if r["l2"] == fitted.l2 else float("nan"),
                 "lr": float("nan"), "chosen": r["l2"] == fitted.l2,
-                "seconds": round(feature_seconds + fitted.seconds, 3)} for r in fitted.table]
+                "seconds": round(feature_seconds + fitted.seconds, 3),
+                "feature_seconds": round(feature_seconds, 3)} for r in fitted.table]
     chosen = next(h for h in history if h["chosen"])
     chosen["val_accuracy"] = scores["val_accuracy"]
     log(f"[{view}] head cross-fitted over {fitted.folds} folds of {len(pool.ids)} train + val "

@@ -7,19 +7,22 @@ The key of a network is a digest of every tensor of its state except the head's,
 normalisation, memory format and device type; the key of a crop is a digest of its pixels.
 Weights, crops, image size and normalisation therefore all take part, and nothing that
 changes the features can hit a stale entry. Entries live under ``root/<network>/`` as
-``.npz`` shards (crop digests and float32 features), each written atomically, so several
-processes may fill one store.
+``.npz`` shards (crop digests and float32 features), each written atomically (a local
+rename or one S3 PUT), so several processes may fill one store. ``root`` is a folder or an
+``s3://`` prefix: a tuning study keeps its store in a folder, the pipeline's ``cache_root``
+keeps one across scheduled runs (``<cache_root>/features``).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from triview.storage import atomic_path
+from triview import storage
 
 #: Stores opened in this process, by folder: every branch of every trial of a search shares one.
 _OPEN: dict[str, "FeatureStore"] = {}
@@ -53,15 +56,17 @@ class FeatureStore:
     ``threads``: intra-op threads for computing missing features (None: as set)."""
 
     def __init__(self, root: str | Path, threads: int | None = None) -> None:
-        self.root = Path(root)
+        self.root = str(root)
         self.threads = threads
         self._tables: dict[str, dict[str, np.ndarray]] = {}
+        self.computed = 0  # crops whose features this process computed ...
+        self.reused = 0    # ... and read from the store
 
     @classmethod
     def open(cls, root: str | Path, threads: int | None = None) -> "FeatureStore":
         """The store of ``root``, shared by every caller in this process (``threads``, when
         given, becomes its setting)."""
-        key = str(Path(root).resolve())
+        key = str(root) if storage.is_s3(root) else str(Path(root).resolve())
         if key not in _OPEN:
             _OPEN[key] = cls(key)
         if threads is not None:
@@ -72,11 +77,15 @@ class FeatureStore:
         table = self._tables.get(net_key)
         if table is None:
             table = {}
-            for shard in sorted((self.root / net_key).glob("*.npz")):
-                if shard.name.startswith("."):  # a shard still being written
+            folder = storage.join(self.root, net_key)
+            for name in storage.children(folder):
+                if name.startswith(".") or not name.endswith(".npz"):  # one still being written
                     continue
-                with np.load(shard) as data:
-                    table.update(zip(data["keys"].tolist(), data["features"]))
+                data = storage.read_bytes_or_none(storage.join(folder, name))
+                if data is None:
+                    continue
+                with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                    table.update(zip(npz["keys"].tolist(), npz["features"]))
             self._tables[net_key] = table
         return table
 
@@ -97,11 +106,11 @@ class FeatureStore:
         if missing:
             fresh = compute(net, images[torch.tensor(missing)]).float().cpu().numpy()
             new_keys = np.array([keys[i] for i in missing])
-            folder = self.root / net_key
-            folder.mkdir(parents=True, exist_ok=True)
             name = hashlib.blake2b("".join(new_keys).encode(), digest_size=12).hexdigest()
-            with atomic_path(folder / f"{name}.npz") as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, keys=new_keys, features=fresh)
+            buf = io.BytesIO()
+            np.savez(buf, keys=new_keys, features=fresh)
+            storage.atomic_write_bytes(storage.join(self.root, net_key, f"{name}.npz"), buf.getvalue())
             table.update(zip(new_keys.tolist(), fresh))
+        self.computed += len(missing)
+        self.reused += len(keys) - len(missing)
         return torch.from_numpy(np.stack([table[k] for k in keys]))

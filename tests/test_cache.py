@@ -1,0 +1,185 @@
+"""The content-addressed cache across runs (``cache_root``): a run on grown data crops and
+extracts only its new photos, reuses the rest byte for byte, and never meets an entry of
+another recipe, lens, image size or weight file."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import HEAD_ONLY_TRAIN  # noqa: E402
+from s3_server import BUCKET, moto_server, s3_endpoint  # noqa: E402,F401  (fixtures)
+
+CROP = {"layout": "horizontal", "image_size": 32}
+
+
+def _photos(folder: Path, n: int, start: int = 0) -> Path:
+    """``n`` distinct labelled photos (digits under a per-photo colour and shift), the same
+    bytes for the same index whichever call writes them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(start, start + n):
+        rng = np.random.default_rng(i)
+        img = cv2.resize((digits.images[i] * 16).astype(np.uint8), (64, 48), interpolation=cv2.INTER_NEAREST)
+        rgb = np.stack([img * rng.uniform(0.5, 1.0) for _ in range(3)], -1).astype(np.uint8)
+        rgb = np.roll(rgb, int(rng.integers(-4, 5)), axis=1)
+        out = folder / ("even" if digits.target[i] % 2 == 0 else "odd") / f"p{i:04d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out), rgb)
+    return folder
+
+
+def _crop(data: Path, out: Path, **params) -> dict:
+    from triview.stages import calibrate_and_crop_stage, ingest_stage
+
+    ingest_stage(str(data), out / "ingest", plot=False)
+    return calibrate_and_crop_stage(out / "ingest", out / "views", **{**CROP, **params})
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_on_grown_data_crops_only_its_new_photos_and_matches_an_uncached_run(tmp_path):
+    data = _photos(tmp_path / "photos", 60)
+    cache = str(tmp_path / "cache")
+    first = _crop(data, tmp_path / "r1", cache_root=cache)
+    assert first["cache"] == {"hits": 0, "computed": 60}
+    _photos(data, 6, start=60)  # the photo set grows by 10 %
+    grown = _crop(data, tmp_path / "r2", cache_root=cache)
+    assert grown["cache"] == {"hits": 60, "computed": 6}
+    plain = _crop(data, tmp_path / "r3")  # no cache at all
+    assert "cache" not in plain
+    assert _tree(tmp_path / "r2" / "views" / "crops") == _tree(tmp_path / "r3" / "views" / "crops")
+    assert (tmp_path / "r2/views/views.csv").read_bytes() == (tmp_path / "r3/views/views.csv").read_bytes()
+
+
+def _lens_file(tmp_path: Path) -> str:
+    import json
+
+    path = tmp_path / "lens.json"
+    path.write_text(json.dumps({"K": [[60.0, 0, 32], [0, 60.0, 24], [0, 0, 1]],
+                                "dist": [-0.3, 0.1, 0, 0, 0], "image_size": [64, 48]}))
+    return str(path)
+
+
+@pytest.mark.parametrize("change", ["image_size", "overlap", "layout", "resize", "lens",
+                                    "lens_alpha", "recipe_version"])
+def test_anything_that_changes_the_crops_misses_the_cache(tmp_path, change, monkeypatch):
+    data = _photos(tmp_path / "photos", 12)
+    cache = str(tmp_path / "cache")
+    base = {"calibration_file": _lens_file(tmp_path)} if change == "lens_alpha" else {}
+    assert _crop(data, tmp_path / "a", cache_root=cache, **base)["cache"]["computed"] == 12
+    assert _crop(data, tmp_path / "b", cache_root=cache, **base)["cache"]["hits"] == 12
+    params = {"image_size": {"image_size": 40}, "overlap": {"overlap": 0.3},
+              "layout": {"layout": "vertical"}, "resize": {"resize": "letterbox"},
+              "lens": {"calibration_file": _lens_file(tmp_path)},
+              "lens_alpha": {**base, "lens_alpha": 0.5}, "recipe_version": {}}[change]
+    if change == "recipe_version":
+        from triview import cropcache
+
+        monkeypatch.setattr(cropcache, "RECIPE_VERSION", cropcache.RECIPE_VERSION + 1)
+    changed = _crop(data, tmp_path / "c", cache_root=cache, **params)
+    assert changed["cache"] == {"hits": 0, "computed": 12}
+    plain = _crop(data, tmp_path / "d", **params)
+    assert _tree(tmp_path / "c" / "views" / "crops") == _tree(tmp_path / "d" / "views" / "crops")
+
+
+def test_a_damaged_entry_is_cropped_again_and_rewritten(tmp_path):
+    data = _photos(tmp_path / "photos", 10)
+    cache = tmp_path / "cache"
+    _crop(data, tmp_path / "a", cache_root=str(cache))
+    entries = sorted(cache.rglob("*.npz"))
+    assert len(entries) == 10
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # truncated
+    raw = bytearray(entries[1].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside a stored PNG
+    entries[1].write_bytes(bytes(raw))
+    again = _crop(data, tmp_path / "b", cache_root=str(cache))
+    assert again["cache"] == {"hits": 8, "computed": 2}
+    assert _tree(tmp_path / "a" / "views" / "crops") == _tree(tmp_path / "b" / "views" / "crops")
+    assert _crop(data, tmp_path / "c", cache_root=str(cache))["cache"]["hits"] == 10  # rewritten
+
+
+def test_the_cache_on_s3_serves_the_next_run(s3_endpoint, tmp_path):
+    from triview import storage
+
+    data = _photos(tmp_path / "photos", 8)
+    cache = f"s3://{BUCKET}/cache"
+    assert _crop(data, tmp_path / "a", cache_root=cache)["cache"]["computed"] == 8
+    assert _crop(data, tmp_path / "b", cache_root=cache)["cache"] == {"hits": 8, "computed": 0}
+    assert _tree(tmp_path / "a" / "views" / "crops") == _tree(tmp_path / "b" / "views" / "crops")
+    assert len(storage.default_store().list(f"{cache}/crops/")) == 8
+
+
+def _save_weights(path: Path, nudge: bool = False) -> str:
+    import torch
+
+    from triview.models import create_backbone
+
+    torch.manual_seed(0)
+    state = create_backbone("efficientnet_lite0", 10, 32).state_dict()
+    if nudge:  # one value of one tensor: another weight file
+        name = next(k for k, v in state.items() if v.dtype.is_floating_point and v.dim() == 4)
+        state[name].view(-1)[0] += 0.5
+    torch.save(state, path)
+    return str(path)
+
+
+def test_features_are_reused_across_runs_and_missed_for_other_weights(cropped, augmented,
+                                                                      balanced, tmp_path):
+    from triview.artifacts import load_predictions
+    from triview.stages import train_branch_stage
+
+    cache = str(tmp_path / "cache")
+    weights = _save_weights(tmp_path / "w.pt")
+    params = {**HEAD_ONLY_TRAIN, "weights": weights, "cache_root": cache}
+
+    def run(name, **extra):
+        rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / name,
+                                 **{**params, **extra})
+        return rec["feature_cache"], load_predictions(tmp_path / name)
+
+    (first, p1), (second, p2) = run("a"), run("b")
+    assert first["computed"] > 0 and second == {"reused": first["reused"] + first["computed"],
+                                                "computed": 0}
+    np.testing.assert_allclose(p1["test_prob"], p2["test_prob"], atol=1e-6)
+    third, _ = run("c", weights=_save_weights(tmp_path / "w2.pt", nudge=True))
+    assert third["computed"] == first["computed"]  # another weight file: nothing reused
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2  # one folder per network
+
+
+def test_the_feature_store_on_s3(s3_endpoint):
+    import torch
+
+    from triview.models import create_backbone
+    from triview.models import BranchNet
+    from triview.train.features import FeatureStore
+    from triview.train.loop import head_inputs
+
+    torch.manual_seed(0)
+    net = BranchNet(create_backbone("shufflenet_v2_x0_5", 3, 24), "imagenet").eval()
+    images = torch.randint(0, 256, (5, 3, 24, 24), dtype=torch.uint8)
+    calls = []
+
+    def compute(n, x):
+        calls.append(len(x))
+        return head_inputs(n, x)
+
+    root = f"s3://{BUCKET}/cache/features"
+    first = FeatureStore(root).features(net, images, compute)
+    again = FeatureStore(root).features(net, images[[4, 1]], compute)  # another process
+    assert calls == [5] and torch.equal(again, first[[4, 1]])
+
+
+def test_the_photo_key_covers_the_bytes_and_how_they_are_decoded():
+    from triview.cropcache import photo_digest
+
+    keys = {photo_digest(b"photo", True), photo_digest(b"photo", False), photo_digest(b"photo!", True)}
+    assert len(keys) == 3
