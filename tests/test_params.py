@@ -144,7 +144,7 @@ LAYERS = [
      "models", "weights", "distributed", "registry", "report", "gradcam", "timing", "summary",
      "runtime", "drift"},
     {"train", "voter", "voter_modules", "evaluate", "gate", "export", "predict", "serving",
-     "deploy", "preflight"},
+     "deploy", "preflight", "trainjob"},
     {"stages"},
     {"tune"},
     {"cli", "cli_parser", "cli_examples", "__main__"},

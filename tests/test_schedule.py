@@ -1,5 +1,5 @@
 """A simulated schedule: the real digits arrive in three growing batches, and three runs
-share one registry, as a weekly retrain would. No image changes split between runs,
+share one registry and one cache, as a weekly retrain would (each run crops only its new photos). No image changes split between runs,
 every gate decision is taken on test images neither model saw, the registry's champion
 history is what the decisions say, and drift is near zero for a batch from the same
 distribution and high for a shifted (inverted) batch."""
@@ -24,11 +24,11 @@ from test_drift import write_batch
 WEEKS = (25, 35, 45)
 
 
-def _run(data: Path, work: Path, registry: str) -> dict:
+def _run(data: Path, work: Path, registry: str, cache: str) -> dict:
     """One scheduled run through every stage, in process (the DAG's tasks, in order)."""
     stages.ingest_stage(str(data), work / "dataset")
-    stages.calibrate_and_crop_stage(work / "dataset", work / "views", layout="horizontal",
-                                    image_size=16)
+    cropped = stages.calibrate_and_crop_stage(work / "dataset", work / "views", layout="horizontal",
+                                              image_size=16, cache_root=cache)
     stages.balance_stage(work / "views", work / "balance")
     stages.augment_stage(work / "views", work / "augment", augment_copies=0)
     branches = []
@@ -50,7 +50,7 @@ def _run(data: Path, work: Path, registry: str) -> dict:
     return {"manifest": mf.read_manifest(work / "dataset").set_index("original_path"),
             "views": mf.read_views(work / "views"),
             "blessing": json.loads((work / "eval" / "blessing.json").read_text()),
-            "evaluate": evaluated, "export": exported}
+            "evaluate": evaluated, "export": exported, "crop_cache": cropped["cache"]}
 
 
 @pytest.mark.slow
@@ -68,8 +68,11 @@ def test_three_scheduled_runs_on_growing_data_share_one_registry(tmp_path):
         if data.exists():
             shutil.rmtree(data)
         write_batch(data, per_class, total=60, invert_after=WEEKS[1] if week == 2 else None)
-        run = _run(data, tmp_path / f"week{week}", registry)
+        run = _run(data, tmp_path / f"week{week}", registry, str(tmp_path / "cache"))
         runs.append(run)
+        # the cache across runs: only the photos new this week are cropped
+        before = len(runs[-2]["manifest"]) if week else 0
+        assert run["crop_cache"] == {"hits": before, "computed": len(run["manifest"]) - before}
         split = json.loads((tmp_path / f"week{week}" / "dataset" / mf.DATASET_FILE).read_text())["split"]
         assert split["forced"] == [] and split["salt"] == "triview-split-v1"
 

@@ -399,6 +399,11 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           "tuned on validation).", ("train-branch",), choices=("auto", "multiclass", "multilabel")),
     Param("voter_folds", int, 0, "K > 1: also train K fold models per branch for out-of-fold "
           "voter inputs (K x the training time); 0: off.", ("train-branch",), low=0, high=20),
+    Param("nodes", int, 1, "Nodes one branch trains on. 1: the task's own pod (torchrun over "
+          "its GPUs when it has several). More, on a Kubeflow cluster: the train-branch task "
+          "creates a Kubeflow Trainer TrainJob on the torch-distributed runtime with this many "
+          "nodes, waits for it and takes rank 0's output; locally (kfp.local, no cluster) the "
+          "branch trains on this machine as with 1.", ("train-branch",), low=1, high=64),
     Param("ddp_procs", int, 0, "DistributedDataParallel processes under torchrun (0: one per "
           "visible GPU when the node shows more than one).", ("train-branch",), low=0),
     # evaluate and export

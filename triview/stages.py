@@ -138,7 +138,7 @@ def checkpoint_location(checkpoint_root: str, run_id: str, seed: int, repeat: bo
 def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_dir: Folder,
                        view: str | int, out_dir: Folder, *, repeat: bool = False,
                        run_id: str = "", feature_cache: Folder | None = None, on_epoch=None,
-                       **params) -> dict:
+                       artifact_uris: dict[str, str] | None = None, **params) -> dict:
     """Train ``view``'s branch (a view name, or its index in the crop geometry's views);
     ``params`` are the spec's train-branch parameters.
 
@@ -151,6 +151,11 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
     training that meets the same network and crops (:mod:`triview.train.features`);
     ``on_epoch`` is called with each epoch's history row (in this process only: not
     under torchrun).
+
+    With ``nodes > 1``, in a pod of a Kubeflow cluster whose artifacts are in MinIO
+    (``artifact_uris``: the KFP URIs of ``views``, ``augmented``, ``balance`` and ``out``), the
+    branch trains in a Kubeflow Trainer TrainJob (:mod:`triview.trainjob`) and its output is
+    downloaded into ``out_dir``; anywhere else it trains here, with a warning.
     """
     import os
 
@@ -164,6 +169,15 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
     if isinstance(view, int):
         view = crop.read_geometry(views_dir)[0].views[view]
     name = f"train-branch-{view}" + repeat_suffix(config.seed, repeat)
+    if config.nodes > 1 and "WORLD_SIZE" not in os.environ:
+        if artifact_uris and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            return _train_branch_on_nodes(artifact_uris, view, out_dir, config.nodes,
+                                          run_id, repeat, config.seed, params)
+        import warnings
+
+        warnings.warn(f"nodes={config.nodes}: a TrainJob needs a Kubeflow cluster and the task's "
+                      f"artifacts in MinIO; the branch trains on this machine", RuntimeWarning,
+                      stacklevel=2)
     nproc = ddp.processes_wanted(config.ddp_procs)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         ddp.run_under_torchrun(__name__, {
@@ -185,6 +199,41 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
             after = _feature_counts(feature_cache)
             rec.update(feature_cache={"reused": after[0] - store[0], "computed": after[1] - store[1]})
     return rec
+
+
+def _train_branch_on_nodes(artifact_uris: dict[str, str], view: str, out_dir: Folder, nodes: int,
+                           run_id: str, repeat: bool, seed: int, params: dict) -> dict:
+    """Train the branch in a TrainJob of ``nodes`` nodes, wait, and fetch rank 0's output."""
+    from triview import storage
+    from triview import trainjob as tj
+
+    inputs = {k: tj.artifact_location(artifact_uris[k]) if artifact_uris.get(k) else None
+              for k in ("views", "augmented", "balance")}
+    output = tj.artifact_location(artifact_uris["out"])
+    opts = tj.TrainJobOptions.from_env()
+    spec = tj.node_spec(inputs, output, view, params, run_id, repeat)
+    tj.run(tj.train_job(tj.job_name(run_id, view, seed, repeat), spec, nodes, opts), opts=opts)
+    storage.default_store().download_tree(output, out_dir)
+    return json.loads((Path(out_dir) / STAGE_FILE).read_text())
+
+
+def train_branch_node(spec: dict) -> None:
+    """One process of a branch's TrainJob (``torchrun --module triview.stages --trainjob
+    SPEC`` on every node): fetch the task's inputs, train this rank, and rank 0 uploads the
+    branch's output where the task reads it (:mod:`triview.trainjob`)."""
+    import os
+    import tempfile
+
+    from triview import storage
+
+    scratch = Path(tempfile.mkdtemp(prefix="triview-node-"))
+    local = {k: None if v is None else storage.local_tree(v, scratch / k)
+             for k, v in spec["inputs"].items()}
+    out = scratch / "out"
+    train_branch_stage(local["views"], local["augmented"], local["balance"], spec["view"], out,
+                       repeat=spec["repeat"], run_id=spec["run_id"], **spec["params"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        storage.copy_tree(out, spec["output"])
 
 
 def feature_cache_location(cache_root: str) -> str:
@@ -549,12 +598,16 @@ def _data_version(views_dir: Folder) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of every torchrun process: ``python -m triview.stages ARGS.json``
-    (the keyword arguments of :func:`train_branch_stage`)."""
+    (the keyword arguments of :func:`train_branch_stage`), or ``--trainjob SPEC`` on a node
+    of a TrainJob (:func:`train_branch_node`)."""
     from triview import distributed as ddp
 
-    args = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    argv = argv or sys.argv[1:]
     try:
-        train_branch_stage(**args)
+        if argv[0] == "--trainjob":  # a node of a TrainJob (triview.trainjob)
+            train_branch_node(json.loads(argv[1]))
+        else:
+            train_branch_stage(**json.loads(Path(argv[0]).read_text()))
     finally:
         ddp.destroy()
 

@@ -26,7 +26,7 @@ def train_branch(
     feature_passes: int = 1, tta: str = "flip", backbone_lr_scale: float = 0.1,
     freeze_bn: bool = True, precise_bn: int = 1024, finetune: str = "full",
     unfreeze_epoch: int = 0, checkpoint_root: str = "", cache_root: str = "",
-    task: str = "auto", voter_folds: int = 0, ddp_procs: int = 0,
+    task: str = "auto", voter_folds: int = 0, nodes: int = 1, ddp_procs: int = 0,
     # end params
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
@@ -132,14 +132,21 @@ def train_branch(
             validation). (one of auto, multiclass, multilabel)
         voter_folds: K > 1: also train K fold models per branch for out-of-fold voter inputs (K
             x the training time); 0: off. (in [0, 20])
+        nodes: Nodes one branch trains on. 1: the task's own pod (torchrun over its GPUs when it
+            has several). More, on a Kubeflow cluster: the train-branch task creates a Kubeflow
+            Trainer TrainJob on the torch-distributed runtime with this many nodes, waits for it
+            and takes rank 0's output; locally (kfp.local, no cluster) the branch trains on this
+            machine as with 1. (in [1, 64])
         ddp_procs: DistributedDataParallel processes under torchrun (0: one per visible GPU when
             the node shows more than one). (>= 0)
     """
     from triview.params import pick
     from triview.stages import train_branch_stage
 
+    uris = {"views": views.uri, "augmented": augmented.uri, "balance": balance.uri, "out": model.uri}
     rec = train_branch_stage(views.path, augmented.path, balance.path, view_index, model.path,
-                             run_id=run_id, repeat=repeat, **pick("train-branch", locals()))
+                             run_id=run_id, repeat=repeat, artifact_uris=uris,
+                             **pick("train-branch", locals()))
     model.metadata.update({"view": rec["view"], "backbone": backbone, "best_epoch": rec["best_epoch"],
                            "task": rec["task"], "world_size": rec["world_size"],
                            "parameters": rec["parameters"]["total"],

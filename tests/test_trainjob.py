@@ -1,0 +1,234 @@
+"""``nodes > 1``: a branch trains in a Kubeflow Trainer TrainJob. The object is checked
+strictly against the Trainer's CRD; and the whole path runs against a stand-in API server
+that does what the Trainer's torch-distributed runtime does with it (one torchrun per node,
+the PET_* rendezvous, env from the object with the Secret resolved), with the artifacts in a
+real S3 server (moto): two nodes train one branch, rank 0's output comes back to the task."""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import digits_train  # noqa: E402
+from s3_server import BUCKET, free_port, moto_server, s3_endpoint  # noqa: E402,F401  (fixtures)
+
+from triview import trainjob as tj  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER_SCHEMAS = REPO.parent / "shared" / "schemas" / "trainer"
+SPEC = tj.node_spec({"views": "s3://b/views", "augmented": None, "balance": "s3://b/balance"},
+                    "s3://b/model", "center", {"epochs": 1, "nodes": 2}, "run-1", False)
+
+
+@functools.lru_cache(maxsize=None)
+def _validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    from tests.test_tune import _strict
+
+    path = TRAINER_SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml"
+    if not path.is_file():
+        pytest.skip(f"the Trainer CRD schemas are not in {TRAINER_SCHEMAS} (../shared is absent)")
+    crd = yaml.safe_load(path.read_text())
+    (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    return jsonschema.Draft7Validator(_strict(entry["schema"]["openAPIV3Schema"]))
+
+
+def crd_errors(obj: dict) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(obj)]
+
+
+def test_the_trainjob_validates_strictly_and_names_secrets_only(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak-me")
+    opts = tj.TrainJobOptions(namespace="ml", gpus=2, minio_secret="minio-creds")
+    job = tj.train_job("triview-center-0a1b2c3d4e", SPEC, 4, opts)
+    assert crd_errors(job) == []
+    assert "do-not-leak-me" not in json.dumps(job)
+    assert job["metadata"] == {"name": "triview-center-0a1b2c3d4e", "namespace": "ml",
+                               "labels": {"app.kubernetes.io/part-of": "triview", "triview.io/view": "center"}}
+    spec = job["spec"]
+    assert spec["runtimeRef"]["name"] == "torch-distributed"
+    trainer = spec["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 2)
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "2"
+    assert trainer["command"] == ["torchrun", "--module", "triview.stages"]
+    assert trainer["args"][0] == "--trainjob" and json.loads(trainer["args"][1]) == SPEC
+    env = {e["name"]: e for e in trainer["env"]}
+    for var, key in (("AWS_ACCESS_KEY_ID", "accesskey"), ("AWS_SECRET_ACCESS_KEY", "secretkey")):
+        assert env[var] == {"name": var, "valueFrom": {"secretKeyRef": {"name": "minio-creds", "key": key}}}
+    pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    cpu = tj.train_job("x", SPEC, 2, tj.TrainJobOptions(gpus=0))["spec"]["trainer"]
+    assert "nvidia.com/gpu" not in cpu["resourcesPerNode"]["limits"] and cpu["numProcPerNode"] == 1
+    for mutate in (lambda o: o["spec"]["trainer"].update(gpus=1),
+                   lambda o: o["spec"]["trainer"].update(numNodes="two"),
+                   lambda o: o["spec"].update(runtime={"name": "torch-distributed"})):
+        broken = copy.deepcopy(job)
+        mutate(broken)
+        assert crd_errors(broken), "the strict schema missed a bad field"
+    with pytest.raises(tj.TrainJobError, match="nodes > 1"):
+        tj.train_job("x", SPEC, 1, opts)
+
+
+def test_names_locations_conditions_and_options():
+    name = tj.job_name("run-1", "Center View", 0, False)
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
+    assert name == tj.job_name("run-1", "Center View", 0, False)  # a retry awaits the same job
+    assert len({name, tj.job_name("run-2", "Center View", 0, False),
+                tj.job_name("run-1", "Center View", 1, False), tj.job_name("run-1", "Center View", 0, True),
+                tj.job_name("run-1", "left", 0, False)}) == 5
+    assert tj.artifact_location("minio://mlpipeline/v2/a/model") == "s3://mlpipeline/v2/a/model"
+    assert tj.artifact_location("s3://b/k") == "s3://b/k"
+    for local in ("/minio/mlpipeline/v2/a/model", "gs://b/k"):
+        with pytest.raises(tj.TrainJobError, match="MinIO/S3"):
+            tj.artifact_location(local)
+    assert tj.finished({}) == (False, None)
+    assert tj.finished({"status": {"conditions": [{"type": "Complete", "status": "False"}]}}) == (False, None)
+    assert tj.finished({"status": {"conditions": [{"type": "Complete", "status": "True"}]}}) == (True, None)
+    failed = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimit",
+                                         "message": "node 1 exited 1"}]}}
+    assert tj.finished(failed) == (True, "BackoffLimit: node 1 exited 1")
+    opts = tj.TrainJobOptions.from_env({"S3_ENDPOINT": "http://minio:9000", "TRIVIEW_TRAINJOB_GPUS": "4",
+                                        "TRIVIEW_TRAINJOB_IMAGE": "registry.local/triview-gpu:1.2",
+                                        "TRIVIEW_TRAINJOB_POLL_S": "0.5"})
+    assert (opts.s3_endpoint, opts.gpus, opts.image, opts.poll_s) == ("http://minio:9000", 4,
+                                                                      "registry.local/triview-gpu:1.2", 0.5)
+
+
+def test_without_a_cluster_nodes_train_here_with_a_warning(cropped, augmented, balanced, tmp_path,
+                                                           monkeypatch):
+    from triview.stages import train_branch_stage
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.warns(RuntimeWarning, match="nodes=2: a TrainJob needs a Kubeflow cluster"):
+        rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "m",
+                                 **digits_train(epochs=1, nodes=2))
+    assert rec["world_size"] == 1
+
+
+# ----------------------------------------------------------------------------- the whole path
+
+
+class FakeTrainer:
+    """What the Trainer does with a TrainJob, on this machine: one torchrun per node with
+    the PET_* rendezvous of the torch-distributed runtime, env from the object (Secrets
+    resolved from ``secrets``); the job's status says Complete or Failed when they exit."""
+
+    def __init__(self, secrets: dict[str, dict[str, str]]) -> None:
+        self.secrets, self.procs, self.logs = secrets, [], []
+
+    def start(self, job: dict) -> None:
+        trainer = job["spec"]["trainer"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+        for e in trainer["env"]:
+            if "valueFrom" in e:
+                ref = e["valueFrom"]["secretKeyRef"]
+                env[e["name"]] = self.secrets[ref["name"]][ref["key"]]
+            else:
+                env[e["name"]] = e["value"]
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        port = free_port()
+        assert trainer["command"][0] == "torchrun"
+        for rank in range(trainer["numNodes"]):
+            node_env = {**env, "PET_NNODES": str(trainer["numNodes"]), "PET_NODE_RANK": str(rank),
+                        "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+                        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
+                        "OMP_NUM_THREADS": "1", "MPLCONFIGDIR": str(Path(env.get("TMPDIR", "/tmp")))}
+            cmd = [sys.executable, "-m", "torch.distributed.run", *trainer["command"][1:], *trainer["args"]]
+            self.procs.append(subprocess.Popen(cmd, env=node_env, cwd=REPO, stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True))
+        for proc in self.procs:
+            threading.Thread(target=lambda p=proc: self.logs.append(p.communicate()[0]), daemon=True).start()
+
+    def status(self) -> dict:
+        codes = [p.poll() for p in self.procs]
+        if any(c not in (None, 0) for c in codes):
+            return {"conditions": [{"type": "Failed", "status": "True", "reason": "NodeFailed",
+                                    "message": f"exit codes {codes}"}]}
+        if all(c == 0 for c in codes):
+            return {"conditions": [{"type": "Complete", "status": "True", "reason": "JobComplete"}]}
+        return {"conditions": []}
+
+
+@pytest.fixture()
+def trainer_api(monkeypatch, tmp_path, s3_endpoint):
+    import tempfile
+
+    from tests.test_deploy import FakeKubeApi as Base
+
+    trainer = FakeTrainer({"triview-minio": {"accesskey": os.environ["AWS_ACCESS_KEY_ID"],
+                                             "secretkey": os.environ["AWS_SECRET_ACCESS_KEY"]}})
+
+    class Api(Base):
+        RESOURCES = {**Base.RESOURCES, (tj.GROUP, tj.VERSION): [(tj.PLURAL, tj.KIND)]}
+
+        def route(self, handler, body):
+            is_job = f"/apis/{tj.GROUP}/{tj.VERSION}/" in handler.path
+            if is_job and handler.command == "GET" and handler.path in self.objects:
+                self.requests.append({"method": "GET", "path": handler.path})
+                return 200, {**self.objects[handler.path], "status": trainer.status()}
+            code, obj = super().route(handler, body)
+            if is_job and handler.command == "PATCH" and not trainer.procs:
+                trainer.start(obj)
+            return code, obj
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the client's discovery cache
+    api = Api()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
+        "clusters": [{"name": "stand-in", "cluster": {"server": api.host}}],
+        "users": [{"name": "runner", "user": {"token": "tok-runner"}}],
+        "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "runner"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # as in a pod (no token file here)
+    monkeypatch.setenv("TRIVIEW_TRAINJOB_POLL_S", "0.5")
+    monkeypatch.setenv("TRIVIEW_TRAINJOB_GPUS", "0")
+    monkeypatch.setenv("TRIVIEW_TRAINJOB_NAMESPACE", "ml")
+    yield api, trainer
+    for proc in trainer.procs:
+        if proc.poll() is None:
+            proc.kill()
+    api.close()
+
+
+@pytest.mark.slow
+def test_two_nodes_train_one_branch_through_a_trainjob(trainer_api, cropped, augmented, balanced,
+                                                       tmp_path):
+    from triview import storage
+    from triview.artifacts import load_predictions
+    from triview.stages import train_branch_stage
+
+    api, trainer = trainer_api
+    root = f"s3://{BUCKET}/v2/artifacts/run-7"
+    uris = {}
+    for name, folder in (("views", cropped), ("augmented", augmented), ("balance", balanced)):
+        storage.copy_tree(folder, f"{root}/{name}")
+        uris[name] = f"minio://{BUCKET}/v2/artifacts/run-7/{name}"  # as KFP names them
+    uris["out"] = f"minio://{BUCKET}/v2/artifacts/run-7/model"
+    rec = train_branch_stage(cropped, augmented, balanced, 1, tmp_path / "model", run_id="run-7",
+                             artifact_uris=uris, **digits_train(epochs=1, batch_size=32, nodes=2))
+    assert all(p.returncode == 0 for p in trainer.procs), trainer.logs
+    (patch,) = [r for r in api.of("PATCH") if tj.PLURAL in r["path"]]
+    job = patch["body"]
+    assert crd_errors(job) == []
+    assert patch["path"] == f"/apis/{tj.GROUP}/{tj.VERSION}/namespaces/ml/{tj.PLURAL}/" \
+        + tj.job_name("run-7", "center", 0, False)
+    assert patch["content_type"] == "application/apply-patch+yaml"
+    assert job["spec"]["trainer"]["numNodes"] == 2
+    # rank 0's output, trained by two processes on two "nodes", is the task's output
+    assert rec["view"] == "center" and rec["world_size"] == 2
+    assert json.loads((tmp_path / "model" / "stage.json").read_text())["world_size"] == 2
+    assert load_predictions(tmp_path / "model")["test_prob"].shape[1] == 10
+    assert storage.default_store().exists(f"{root}/model/stage.json")
