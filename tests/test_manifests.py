@@ -787,3 +787,36 @@ def test_dashboard_metric_names_match_what_the_pipeline_pushes():
                 "triview_quarantined", "triview_val_macro_f1", "triview_test_ensemble_macro_f1"}
     assert expected <= pushed, expected - pushed
     assert metrics.JOB == "triview"
+
+
+# --------------------------------------------------------------------------- multi-node
+
+NODE_POD_LABELS = {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer",
+                   "jobset.sigs.k8s.io/jobset-name": "triview-center-0a1b2c3d4e"}
+
+
+def test_gpu_cluster_lets_the_runner_apply_trainjobs_and_their_nodes_meet():
+    """nodes > 1 (triview.trainjob): the runner may apply and read TrainJobs, nothing more,
+    and the node pods reach each other on any port, while nothing else reaches them."""
+    from triview import trainjob as tj
+
+    docs = render("overlays/gpu-cluster")
+    role = one(docs, "Role", "triview-trainer")
+    assert role["rules"] == [{"apiGroups": [tj.GROUP], "resources": [tj.PLURAL],
+                              "verbs": ["get", "create", "patch"]}]
+    binding = one(docs, "RoleBinding", "triview-trainer")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RUNNER_SA, "namespace": NAMESPACE}]
+    policies = find(docs, "NetworkPolicy")
+    node, other_node = Pod(NAMESPACE, dict(NODE_POD_LABELS)), Pod(NAMESPACE, dict(NODE_POD_LABELS))
+    for port in (29400, 29500, 41234):  # the rendezvous store, then NCCL/gloo's own ports
+        assert can_connect(policies, node, other_node, port)
+    pipeline_pod = Pod(NAMESPACE, dict(PIPELINE_POD_LABELS))
+    assert not can_connect(policies, pipeline_pod, node, 29400)
+    assert not can_connect(policies, Pod("default", dict(NODE_POD_LABELS)), node, 29400)
+    # the runtime's own pod labels are what the policy selects
+    runtime = yaml.safe_load("\n".join(line for line in (
+        REPO.parent / "shared" / "schemas" / "trainer" / "runtime-torch-distributed.yaml").read_text()
+        .splitlines() if "{{" not in line)) if (REPO.parent / "shared").is_dir() else None
+    if runtime is not None:
+        labels = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["metadata"]["labels"]
+        assert labels.items() >= {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}.items()
