@@ -54,6 +54,9 @@ def one_run(data: Path, out: Path, cache: str, view: str) -> dict:
     from triview.stages import (augment_stage, balance_stage, calibrate_and_crop_stage,
                                 ingest_stage, train_branch_stage)
 
+    from triview.train import features
+
+    features._OPEN.clear()  # each run as a new process: the store is read from its folder
     cached = {"cache_root": cache} if cache else {}
     ingest_stage(str(data), out / "ingest", plot=False)
     start = time.perf_counter()

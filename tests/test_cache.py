@@ -136,12 +136,14 @@ def test_features_are_reused_across_runs_and_missed_for_other_weights(cropped, a
                                                                       balanced, tmp_path):
     from triview.artifacts import load_predictions
     from triview.stages import train_branch_stage
+    from triview.train import features
 
     cache = str(tmp_path / "cache")
     weights = _save_weights(tmp_path / "w.pt")
     params = {**HEAD_ONLY_TRAIN, "weights": weights, "cache_root": cache}
 
     def run(name, **extra):
+        features._OPEN.clear()  # each run a new process: the store is read from disk
         rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / name,
                                  **{**params, **extra})
         return rec["feature_cache"], load_predictions(tmp_path / name)
@@ -153,19 +155,63 @@ def test_features_are_reused_across_runs_and_missed_for_other_weights(cropped, a
     third, _ = run("c", weights=_save_weights(tmp_path / "w2.pt", nudge=True))
     assert third["computed"] == first["computed"]  # another weight file: nothing reused
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 2  # one folder per network
+    for shard in (tmp_path / "cache" / "features").rglob("*.npz"):  # damaged: computed again
+        shard.write_bytes(shard.read_bytes()[: len(shard.read_bytes()) // 2])
+    fourth, p4 = run("d")
+    assert fourth["computed"] == first["computed"]
+    np.testing.assert_allclose(p1["test_prob"], p4["test_prob"], atol=1e-6)
+
+
+def _tiny_net_and_crops():
+    import torch
+
+    from triview.models import BranchNet, create_backbone
+
+    torch.manual_seed(0)
+    net = BranchNet(create_backbone("shufflenet_v2_x0_5", 3, 24), "imagenet").eval()
+    return net, torch.randint(0, 256, (5, 3, 24, 24), dtype=torch.uint8)
+
+
+def test_a_feature_store_that_cannot_be_written_or_read_never_fails_the_run(tmp_path, caplog):
+    import torch
+
+    from triview.train.features import FeatureStore
+    from triview.train.loop import head_inputs
+
+    net, images = _tiny_net_and_crops()
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # every write below it fails
+    with caplog.at_level("WARNING", logger="triview.train.features"):
+        got = FeatureStore(str(blocked)).features(net, images, head_inputs)
+    assert torch.allclose(got, head_inputs(net, images)) and "cannot write" in caplog.text
+    store = tmp_path / "store"
+    FeatureStore(str(store)).features(net, images, head_inputs)
+    (shard,) = store.rglob("*.npz")
+    np.savez(shard, keys=np.array(["a", "b"]), features=np.zeros((3, 4), np.float32))
+    calls = []
+    again = FeatureStore(str(store)).features(net, images, lambda n, x: calls.append(len(x)) or head_inputs(n, x))
+    assert calls == [5] and torch.allclose(again, got)  # the mismatched shard was skipped
+
+
+def test_a_crop_cache_that_cannot_be_written_never_fails_the_run(tmp_path, caplog):
+    data = _photos(tmp_path / "photos", 6)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="triview.cropcache"):
+        rec = _crop(data, tmp_path / "a", cache_root=str(blocked))
+    assert rec["cache"] == {"hits": 0, "computed": 6} and "cannot write" in caplog.text
+    plain = _crop(data, tmp_path / "b")
+    assert plain["items_out"] == rec["items_out"]
+    assert _tree(tmp_path / "a" / "views" / "crops") == _tree(tmp_path / "b" / "views" / "crops")
 
 
 def test_the_feature_store_on_s3(s3_endpoint):
     import torch
 
-    from triview.models import create_backbone
-    from triview.models import BranchNet
     from triview.train.features import FeatureStore
     from triview.train.loop import head_inputs
 
-    torch.manual_seed(0)
-    net = BranchNet(create_backbone("shufflenet_v2_x0_5", 3, 24), "imagenet").eval()
-    images = torch.randint(0, 256, (5, 3, 24, 24), dtype=torch.uint8)
+    net, images = _tiny_net_and_crops()
     calls = []
 
     def compute(n, x):

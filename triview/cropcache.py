@@ -16,7 +16,8 @@ The recipe's digest names a folder, the photo's digest the entry in it
 (``crops/<recipe>/<photo[:2]>/<photo>.npz``), so a changed parameter, lens or library
 never meets an old entry, and an old recipe's folder can be deleted as a whole. A damaged
 entry (each member of the ``.npz`` carries its CRC-32) is not used but computed again and
-rewritten: the run never fails because of its cache. Entries are written atomically
+rewritten, and a cache that cannot be read or written (a storage error) is skipped with a
+warning: the run never fails because of its cache. Entries are written atomically
 (a local rename, or one S3 PUT), so concurrent workers and runs may share one cache.
 """
 from __future__ import annotations
@@ -25,9 +26,13 @@ import hashlib
 import io
 import json
 
+import logging
+
 import numpy as np
 
 from triview import storage
+
+log = logging.getLogger(__name__)
 
 #: Raise when the cropping code changes what it writes for the same photo and recipe.
 RECIPE_VERSION = 1
@@ -80,9 +85,19 @@ class CropCache:
         return storage.join(self.root, CROPS_PREFIX, self.recipe, photo[:2], f"{photo}.npz")
 
     def get(self, photo: str) -> dict[str, bytes] | None:
-        """The views' PNG bytes of a photo digest, or None (absent or damaged)."""
-        data = storage.read_bytes_or_none(self.location(photo))
+        """The views' PNG bytes of a photo digest, or None (absent, damaged or unreadable)."""
+        try:
+            data = storage.read_bytes_or_none(self.location(photo))
+        except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
+            log.warning("crop cache: cannot read %s (%s); cropping again", self.location(photo), exc)
+            return None
         return None if data is None else decode_entry(data, self.views)
 
-    def put(self, photo: str, views: dict[str, bytes]) -> None:
-        storage.atomic_write_bytes(self.location(photo), encode_entry(views))
+    def put(self, photo: str, views: dict[str, bytes]) -> bool:
+        """Store a photo's view PNGs; False (with a warning) when the cache cannot be written."""
+        try:
+            storage.atomic_write_bytes(self.location(photo), encode_entry(views))
+        except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
+            log.warning("crop cache: cannot write %s (%s); the run goes on", self.location(photo), exc)
+            return False
+        return True

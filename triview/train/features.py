@@ -4,9 +4,12 @@ network and the same crop again (another trial of a search, a fold model, the br
 validation and test predictions) reads it instead of running the backbone again.
 
 The key of a network is a digest of every tensor of its state except the head's, its input
-normalisation, memory format and device type; the key of a crop is a digest of its pixels.
-Weights, crops, image size and normalisation therefore all take part, and nothing that
-changes the features can hit a stale entry. Entries live under ``root/<network>/`` as
+normalisation, memory format, device type, torch's version and :data:`FEATURE_VERSION`
+(raised when the feature code changes); the key of a crop is a digest of its pixels.
+Weights, crops, image size, normalisation and library therefore all take part, and nothing
+that changes the features can hit a stale entry. A shard that cannot be read or is damaged
+is skipped (its crops are computed again), and a store that cannot be written is skipped
+with a warning: the run never fails because of its cache. Entries live under ``root/<network>/`` as
 ``.npz`` shards (crop digests and float32 features), each written atomically (a local
 rename or one S3 PUT), so several processes may fill one store. ``root`` is a folder or an
 ``s3://`` prefix: a tuning study keeps its store in a folder, the pipeline's ``cache_root``
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,11 @@ import torch
 from torch import nn
 
 from triview import storage
+
+log = logging.getLogger(__name__)
+
+#: Raise when the code that turns a crop into features changes what it computes.
+FEATURE_VERSION = 1
 
 #: Stores opened in this process, by folder: every branch of every trial of a search shares one.
 _OPEN: dict[str, "FeatureStore"] = {}
@@ -33,7 +42,8 @@ def network_digest(net: nn.Module, memory_format=torch.contiguous_format) -> str
     head = f"backbone.{net.backbone.triview_head}."
     digest = hashlib.blake2b(digest_size=16)
     device = next(net.parameters()).device.type
-    digest.update(f"{type(net.backbone).__name__}|{net.normalize.mode}|{memory_format}|{device}".encode())
+    digest.update(f"{FEATURE_VERSION}|torch {torch.__version__}|{type(net.backbone).__module__}."
+                  f"{type(net.backbone).__name__}|{net.normalize.mode}|{memory_format}|{device}".encode())
     for name, tensor in sorted(net.state_dict().items()):
         if name.startswith(head):
             continue
@@ -49,6 +59,23 @@ def crop_digests(images: torch.Tensor, transform: str = "") -> list[str]:
     shape = (prefix + "x".join(map(str, images.shape[1:]))).encode()
     flat = images.contiguous().numpy().reshape(len(images), -1)
     return [hashlib.blake2b(shape + row.tobytes(), digest_size=16).hexdigest() for row in flat]
+
+
+def _read_shard(location: str) -> dict[str, np.ndarray] | None:
+    """A shard's {crop digest: features}, or None (with a warning) when it cannot be read or
+    is damaged: a member failing its CRC, keys and features that do not pair up."""
+    try:
+        data = storage.read_bytes_or_none(location)
+        if data is None:
+            return None
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            keys, feats = npz["keys"], npz["features"]
+            if keys.ndim != 1 or feats.ndim != 2 or len(keys) != len(feats):
+                raise ValueError(f"keys {keys.shape} and features {feats.shape} do not pair up")
+            return dict(zip(keys.tolist(), feats))
+    except Exception as exc:  # noqa: BLE001  (damaged: not used; its crops are computed again)
+        log.warning("feature store: skipping %s (%s)", location, exc)
+        return None
 
 
 class FeatureStore:
@@ -78,14 +105,17 @@ class FeatureStore:
         if table is None:
             table = {}
             folder = storage.join(self.root, net_key)
-            for name in storage.children(folder):
+            try:
+                names = storage.children(folder)
+            except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
+                log.warning("feature store: cannot list %s (%s); computing features", folder, exc)
+                names = []
+            for name in names:
                 if name.startswith(".") or not name.endswith(".npz"):  # one still being written
                     continue
-                data = storage.read_bytes_or_none(storage.join(folder, name))
-                if data is None:
-                    continue
-                with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                    table.update(zip(npz["keys"].tolist(), npz["features"]))
+                shard = _read_shard(storage.join(folder, name))
+                if shard is not None:
+                    table.update(shard)
             self._tables[net_key] = table
         return table
 
@@ -109,7 +139,11 @@ class FeatureStore:
             name = hashlib.blake2b("".join(new_keys).encode(), digest_size=12).hexdigest()
             buf = io.BytesIO()
             np.savez(buf, keys=new_keys, features=fresh)
-            storage.atomic_write_bytes(storage.join(self.root, net_key, f"{name}.npz"), buf.getvalue())
+            where = storage.join(self.root, net_key, f"{name}.npz")
+            try:
+                storage.atomic_write_bytes(where, buf.getvalue())
+            except Exception as exc:  # noqa: BLE001  (kept in this process; the run goes on)
+                log.warning("feature store: cannot write %s (%s); the run goes on", where, exc)
             table.update(zip(new_keys.tolist(), fresh))
         self.computed += len(missing)
         self.reused += len(keys) - len(missing)
