@@ -9,6 +9,11 @@ from kfp import kubernetes
 
 from components.images import CPU_IMAGE, GPU_IMAGE, SERVE_IMAGE
 from triview.customvision import KEY_ENV as CUSTOMVISION_KEY_ENV
+from triview.trainjob import TrainJobOptions
+
+#: ConfigMap keys -> the run pods' environment (triview.metrics, triview.storage).
+CONFIG_ENV = {"pushgateway_url": "PUSHGATEWAY_URL", "minio_endpoint": "S3_ENDPOINT",
+              "s3_secure": "S3_SECURE", "s3_verify_tls": "S3_VERIFY_TLS", "s3_region": "AWS_REGION"}
 
 #: Stages whose outputs depend only on their inputs: cached, keyed by the data version.
 CACHED = {"ingest", "calibrate-and-crop", "balance", "augment"}
@@ -131,10 +136,16 @@ def configure_task(task, stage: str, options: PlatformOptions, gpu: bool = False
     # From a ConfigMap (platform config), not set_env_variable: kfp.local would apply an
     # env var too and point local runs at the in-cluster Pushgateway.
     kubernetes.use_config_map_as_env(task, config_map_name=options.config_map,
-                                     config_map_key_to_env={"pushgateway_url": "PUSHGATEWAY_URL"},
-                                     optional=True)
+                                     config_map_key_to_env=CONFIG_ENV, optional=True)
     kubernetes.use_secret_as_env(task, secret_name=options.minio_secret,
                                  secret_key_to_env=options.secret_env, optional=True)
+    if stage == "train-branch":  # nodes > 1: where its TrainJob's nodes run (triview.trainjob)
+        for name, value in TrainJobOptions.env_of(
+                image=options.gpu_image, gpus=options.gpus, cpu=options.train.cpu_limit,
+                memory=options.train.memory_limit, minio_secret=options.minio_secret,
+                node_selector=options.gpu_pool, toleration=options.gpu_toleration,
+                timeout_s=options.train.timeout_s).items():
+            task.set_env_variable(name, value)
     if stage == "ingest":   # the one task that reads a customvision:// data source
         kubernetes.use_secret_as_env(task, secret_name=options.customvision_secret,
                                      secret_key_to_env=options.customvision_secret_env,

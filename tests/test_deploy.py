@@ -281,7 +281,7 @@ def test_serving_component_rbac_lets_the_pipeline_apply_inference_services_only(
 
 class FakeKubeApi:
     """A stand-in Kubernetes API server: discovery for core/v1 and serving.kserve.io, and
-    PATCH / GET of namespaced objects, kept in memory. Every request is recorded."""
+    PATCH / GET / DELETE of namespaced objects, kept in memory. Every request is recorded."""
 
     RESOURCES = {
         ("", "v1"): [("serviceaccounts", "ServiceAccount")],
@@ -314,6 +314,8 @@ class FakeKubeApi:
             def do_PATCH(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 self._answer(*api.route(self, body))
+
+            do_DELETE = do_PATCH
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -355,6 +357,9 @@ class FakeKubeApi:
             obj["metadata"] = {**obj["metadata"], "resourceVersion": str(len(self.requests))}
             self.objects[path] = obj
             return 200, obj
+        if record["method"] == "DELETE" and path in self.objects:
+            del self.objects[path]
+            return 200, {"kind": "Status", "status": "Success", "code": 200}
         if record["method"] == "GET" and path in self.objects:
             self.gets += 1
             obj = copy.deepcopy(self.objects[path])

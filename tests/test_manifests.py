@@ -520,9 +520,11 @@ def test_kfp_launcher_points_minio_at_the_triview_secret(target):
     assert set(secret_ref) == SECRET_REF_KEYS
     assert secret_ref == {"secretName": MINIO_SECRET, "accessKeyKey": "accesskey",
                           "secretKeyKey": "secretkey"}
-    # the informational minio_endpoint of every triview-config copy agrees
+    # the S3 settings of every triview-config copy (S3_ENDPOINT, S3_SECURE in the run pods)
+    # name the same store, with TLS exactly when the launcher uses it
     for config in find(docs, "ConfigMap", "triview-config", namespace=None):
         assert config["data"]["minio_endpoint"] == default["endpoint"]
+        assert config["data"]["s3_secure"] == str(not default.get("disableSSL", False)).lower()
 
 
 def test_local_kind_uses_kfp_standalone_minio():
@@ -791,32 +793,50 @@ def test_dashboard_metric_names_match_what_the_pipeline_pushes():
 
 # --------------------------------------------------------------------------- multi-node
 
-NODE_POD_LABELS = {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer",
-                   "jobset.sigs.k8s.io/jobset-name": "triview-center-0a1b2c3d4e"}
+def _node_pod_labels() -> dict:
+    """The labels of a TrainJob's node pod: the runtime's own (from the Trainer's
+    torch-distributed runtime) and those triview.trainjob sets on the pod template."""
+    from triview import trainjob as tj
+
+    spec = tj.node_spec({"views": "s3://b/v", "augmented": None, "balance": "s3://b/b"},
+                        "s3://b/m", "center", {}, "run-1", False)
+    job = tj.train_job("triview-center-0a1b2c3d4e", spec, 2, tj.TrainJobOptions())
+    template = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+        "replicatedJobs"][0]["template"]["spec"]["template"]
+    return {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer",
+            "jobset.sigs.k8s.io/jobset-name": "triview-center-0a1b2c3d4e",
+            **template["metadata"]["labels"]}
 
 
 def test_gpu_cluster_lets_the_runner_apply_trainjobs_and_their_nodes_meet():
-    """nodes > 1 (triview.trainjob): the runner may apply and read TrainJobs, nothing more,
-    and the node pods reach each other on any port, while nothing else reaches them."""
+    """nodes > 1 (triview.trainjob): the runner may apply, read and delete TrainJobs, nothing
+    more; the node pods run as an account with no token and reach each other on any port,
+    MinIO and DNS, and nothing else; nothing else reaches them."""
     from triview import trainjob as tj
 
     docs = render("overlays/gpu-cluster")
     role = one(docs, "Role", "triview-trainer")
     assert role["rules"] == [{"apiGroups": [tj.GROUP], "resources": [tj.PLURAL],
-                              "verbs": ["get", "create", "patch"]}]
+                              "verbs": ["get", "create", "patch", "delete"]}]
     binding = one(docs, "RoleBinding", "triview-trainer")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RUNNER_SA, "namespace": NAMESPACE}]
+    account = one(docs, "ServiceAccount", tj.TrainJobOptions().service_account)
+    assert account["automountServiceAccountToken"] is False
+    assert not [b for b in find(docs, "RoleBinding") + find(docs, "ClusterRoleBinding")
+                if any(s.get("name") == account["metadata"]["name"] for s in b.get("subjects") or [])]
     policies = find(docs, "NetworkPolicy")
-    node, other_node = Pod(NAMESPACE, dict(NODE_POD_LABELS)), Pod(NAMESPACE, dict(NODE_POD_LABELS))
+    labels = _node_pod_labels()
+    node, other_node = Pod(NAMESPACE, dict(labels)), Pod(NAMESPACE, dict(labels))
     for port in (29400, 29500, 41234):  # the rendezvous store, then NCCL/gloo's own ports
         assert can_connect(policies, node, other_node, port)
     pipeline_pod = Pod(NAMESPACE, dict(PIPELINE_POD_LABELS))
     assert not can_connect(policies, pipeline_pod, node, 29400)
-    assert not can_connect(policies, Pod("default", dict(NODE_POD_LABELS)), node, 29400)
-    # the runtime's own pod labels are what the policy selects
-    runtime = yaml.safe_load("\n".join(line for line in (
-        REPO.parent / "shared" / "schemas" / "trainer" / "runtime-torch-distributed.yaml").read_text()
-        .splitlines() if "{{" not in line)) if (REPO.parent / "shared").is_dir() else None
-    if runtime is not None:
-        labels = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["metadata"]["labels"]
-        assert labels.items() >= {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}.items()
+    assert not can_connect(policies, Pod("default", dict(labels)), node, 29400)
+    minio = Pod("minio", {"app": "minio"})  # the gpu-cluster overlay's MinIO namespace
+    assert can_connect(policies, node, minio, 9000)
+    assert can_connect(policies, node, Pod("kube-system", {"k8s-app": "kube-dns"}), 53, "UDP")
+    assert not can_connect(policies, node, Pod("kubeflow", {"app": "ml-pipeline"}), 8888)
+    assert not can_connect(policies, node, External("203.0.113.7"), 443)
+    # a pod of the runtime without triview's label is not let in
+    runtime_only = {k: v for k, v in labels.items() if k != tj.NODE_LABEL}
+    assert not can_connect(policies, Pod(NAMESPACE, runtime_only), node, 29400)

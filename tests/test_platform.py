@@ -3,8 +3,11 @@ import re
 
 import yaml
 
+from triview import trainjob as tj
 from triview.cli import main
 
+SPEC = tj.node_spec({"views": "s3://b/v", "augmented": None, "balance": "s3://b/b"}, "s3://b/m",
+                    "center", {"nodes": 2}, "run-1", False)
 
 
 def _compile(tmp_path, *flags):
@@ -52,7 +55,20 @@ def test_gpu_pool_toleration_and_accelerator_on_train_tasks_only(tmp_path):
             assert conf["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                             "effect": "NoSchedule"}]
             assert conf["activeDeadlineSeconds"] == "21600"
+            # nodes > 1: the TrainJob's nodes get the same image, GPUs, pool and toleration
+            env = {e["name"]: e["value"] for e in executors[label]["container"]["env"]}
+            job = tj.train_job("j", SPEC, 2, tj.TrainJobOptions.from_env(env))
+            trainer = job["spec"]["trainer"]
+            assert trainer["image"] == executors[label]["container"]["image"]
+            assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "2"
+            assert trainer["numProcPerNode"] == 2 and job["spec"]["activeDeadlineSeconds"] == 21600
+            pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+                "replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+            assert pod["nodeSelector"] == {"pool": "gpu-a100"}
+            assert pod["tolerations"] == conf["tolerations"]
         else:
+            assert not any(e["name"].startswith("TRIVIEW_TRAINJOB_")
+                           for e in executors[label]["container"].get("env", []))
             assert "accelerator" not in resources
             assert conf["nodeSelector"]["labels"] == {"pool": "cpu"}
             assert "tolerations" not in conf
@@ -80,7 +96,9 @@ def test_retries_caching_and_secret_injection(tmp_path):
         assert ("triview-customvision" in names) == (task["taskInfo"]["name"] == "ingest"), name
         config = k8s[label]["configMapAsEnv"][0]
         assert config["configMapName"] == "triview-config" and config["optional"] is True
-        assert config["keyToEnv"] == [{"configMapKey": "pushgateway_url", "envVar": "PUSHGATEWAY_URL"}]
+        assert {e["configMapKey"]: e["envVar"] for e in config["keyToEnv"]} == {
+            "pushgateway_url": "PUSHGATEWAY_URL", "minio_endpoint": "S3_ENDPOINT",
+            "s3_secure": "S3_SECURE", "s3_verify_tls": "S3_VERIFY_TLS", "s3_region": "AWS_REGION"}
 
 
 def test_no_gpu_options_means_no_selectors(tmp_path):

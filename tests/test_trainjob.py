@@ -49,7 +49,9 @@ def crd_errors(obj: dict) -> list[str]:
 
 def test_the_trainjob_validates_strictly_and_names_secrets_only(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak-me")
-    opts = tj.TrainJobOptions(namespace="ml", gpus=2, minio_secret="minio-creds")
+    opts = tj.TrainJobOptions(namespace="ml", gpus=2, minio_secret="minio-creds",
+                              node_selector="pool=gpu-a100", toleration="nvidia.com/gpu",
+                              timeout_s=7200, s3_settings={"S3_SECURE": "false", "AWS_REGION": "eu-1"})
     job = tj.train_job("triview-center-0a1b2c3d4e", SPEC, 4, opts)
     assert crd_errors(job) == []
     assert "do-not-leak-me" not in json.dumps(job)
@@ -69,6 +71,15 @@ def test_the_trainjob_validates_strictly_and_names_secrets_only(monkeypatch):
         "template"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["serviceAccountName"] == "triview-trainjob-node"
+    assert pod["nodeSelector"] == {"pool": "gpu-a100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    template = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]
+    assert template["metadata"]["labels"][tj.NODE_LABEL] == "true"  # the NetworkPolicy's selector
+    assert spec["activeDeadlineSeconds"] == 7200
+    assert (env["S3_SECURE"]["value"], env["AWS_REGION"]["value"]) == ("false", "eu-1")
+    assert env["S3_ENDPOINT"]["value"] == opts.s3_endpoint
     cpu = tj.train_job("x", SPEC, 2, tj.TrainJobOptions(gpus=0))["spec"]["trainer"]
     assert "nvidia.com/gpu" not in cpu["resourcesPerNode"]["limits"] and cpu["numProcPerNode"] == 1
     for mutate in (lambda o: o["spec"]["trainer"].update(gpus=1),
@@ -101,9 +112,20 @@ def test_names_locations_conditions_and_options():
     assert tj.finished(failed) == (True, "BackoffLimit: node 1 exited 1")
     opts = tj.TrainJobOptions.from_env({"S3_ENDPOINT": "http://minio:9000", "TRIVIEW_TRAINJOB_GPUS": "4",
                                         "TRIVIEW_TRAINJOB_IMAGE": "registry.local/triview-gpu:1.2",
-                                        "TRIVIEW_TRAINJOB_POLL_S": "0.5"})
+                                        "TRIVIEW_TRAINJOB_POLL_S": "0.5", "S3_VERIFY_TLS": "false",
+                                        "AWS_SECRET_ACCESS_KEY": "never-forwarded"})
     assert (opts.s3_endpoint, opts.gpus, opts.image, opts.poll_s) == ("http://minio:9000", 4,
                                                                       "registry.local/triview-gpu:1.2", 0.5)
+    assert opts.s3_settings == {"S3_VERIFY_TLS": "false"}
+    env = tj.TrainJobOptions.env_of(image="r/i:1", gpus=2, cpu="8", memory="32Gi", minio_secret="m",
+                                    node_selector=("pool", "gpu"), toleration=None, timeout_s=60)
+    back = tj.TrainJobOptions.from_env(env)
+    assert (back.image, back.gpus, back.cpu, back.memory, back.minio_secret, back.node_selector,
+            back.toleration, back.timeout_s) == ("r/i:1", 2, "8", "32Gi", "m", "pool=gpu", "", 60.0)
+    for bad, match in ((("TRIVIEW_TRAINJOB_GPUS", "two"), "not a int"),
+                       (("TRIVIEW_TRAINJOB_NODE_SELECTOR", "gpu"), "LABEL=VALUE")):
+        with pytest.raises(tj.TrainJobError, match=match):
+            tj.TrainJobOptions.from_env(dict([bad]))
 
 
 def test_without_a_cluster_nodes_train_here_with_a_warning(cropped, augmented, balanced, tmp_path,
@@ -115,6 +137,80 @@ def test_without_a_cluster_nodes_train_here_with_a_warning(cropped, augmented, b
         rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "m",
                                  **digits_train(epochs=1, nodes=2))
     assert rec["world_size"] == 1
+    # in a pod, but with the artifacts on the pod's disk (a local pipeline root): the same
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    uris = {k: f"/minio/mlpipeline/v2/{k}" for k in ("views", "augmented", "balance", "out")}
+    with pytest.warns(RuntimeWarning, match="MinIO/S3"):
+        rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "n",
+                                 artifact_uris=uris, **digits_train(epochs=1, nodes=2))
+    assert rec["world_size"] == 1
+
+
+class ScriptedJobs:
+    """A stand-in API server whose TrainJob reports the conditions scripted per apply."""
+
+    def __init__(self, monkeypatch, tmp_path, statuses):
+        import tempfile
+
+        from tests.test_deploy import FakeKubeApi as Base
+
+        self.statuses = statuses  # one list of conditions per apply; the last one repeats
+
+        outer = self
+
+        class Api(Base):
+            RESOURCES = {**Base.RESOURCES, (tj.GROUP, tj.VERSION): [(tj.PLURAL, tj.KIND)]}
+
+            def route(self, handler, body):
+                code, obj = super().route(handler, body)
+                if f"/{tj.PLURAL}/" in handler.path and handler.command == "GET" and code == 200:
+                    applies = len([r for r in self.of("PATCH") if tj.PLURAL in r["path"]])
+                    obj["status"] = {"conditions": outer.statuses[min(applies, len(outer.statuses)) - 1]}
+                return code, obj
+
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        self.api = Api()
+        self.client = _api_client(self.api.host)
+
+    def methods(self):
+        return [r["method"] for r in self.api.requests if f"/{tj.PLURAL}/" in r["path"]]
+
+
+def _api_client(host: str):
+    from kubernetes import client
+
+    config = client.Configuration()
+    config.host = host
+    return client.ApiClient(config)
+
+
+FAILED = [{"type": "Failed", "status": "True", "reason": "NodeFailed", "message": "exit 1"}]
+COMPLETE = [{"type": "Complete", "status": "True"}]
+
+
+def test_a_retry_deletes_a_failed_trainjob_and_trains_again(monkeypatch, tmp_path):
+    jobs = ScriptedJobs(monkeypatch, tmp_path, [FAILED, COMPLETE])
+    opts = tj.TrainJobOptions(namespace="ml", gpus=0, poll_s=0.05)
+    job = tj.train_job("triview-center-0a1b2c3d4e", SPEC, 2, opts)
+    with pytest.raises(tj.TrainJobError, match="failed: NodeFailed: exit 1"):
+        tj.run(job, jobs.client, opts, log=lambda *_: None)
+    assert jobs.methods() == ["GET", "PATCH", "GET"]  # a failed job is left for its logs ...
+    done = tj.run(job, jobs.client, opts, log=lambda *_: None)  # ... until the retry
+    assert tj.finished(done) == (True, None)
+    assert jobs.methods()[3:] == ["GET", "DELETE", "GET", "PATCH", "GET"]
+    jobs.api.close()
+
+
+def test_a_trainjob_the_task_stops_waiting_for_is_deleted(monkeypatch, tmp_path):
+    jobs = ScriptedJobs(monkeypatch, tmp_path, [[]])  # never finishes
+    opts = tj.TrainJobOptions(namespace="ml", gpus=0, poll_s=0.05, timeout_s=0.3)
+    job = tj.train_job("triview-center-0a1b2c3d4e", SPEC, 2, opts)
+    assert job["spec"]["activeDeadlineSeconds"] == 1  # the cluster ends it even without us
+    with pytest.raises(tj.TrainJobError, match="did not finish within 0.3 s"):
+        tj.run(job, jobs.client, opts, log=lambda *_: None)
+    assert jobs.methods()[0:2] == ["GET", "PATCH"] and jobs.methods()[-1] == "DELETE"
+    assert not jobs.api.objects
+    jobs.api.close()
 
 
 # ----------------------------------------------------------------------------- the whole path

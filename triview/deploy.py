@@ -198,13 +198,17 @@ def _dynamic(api_client):
 
 
 def kube_api_client(kubeconfig: str | None = None):
-    """An API client: in-cluster service account when running in a pod, else the kubeconfig."""
+    """An API client: in-cluster service account when running in a pod, else the kubeconfig
+    (``kubeconfig``, else ``$KUBECONFIG`` as it is now: the kubernetes package reads it once,
+    when first imported)."""
+    import os
+
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config(config_file=kubeconfig)
+        config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG") or None)
     return client.ApiClient()
 
 

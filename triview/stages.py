@@ -170,13 +170,16 @@ def train_branch_stage(views_dir: Folder, augmented_dir: Folder | None, balance_
         view = crop.read_geometry(views_dir)[0].views[view]
     name = f"train-branch-{view}" + repeat_suffix(config.seed, repeat)
     if config.nodes > 1 and "WORLD_SIZE" not in os.environ:
-        if artifact_uris and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        shared = artifact_uris and all(u.startswith(("minio://", "s3://"))
+                                       for u in artifact_uris.values() if u)
+        if shared and os.environ.get("KUBERNETES_SERVICE_HOST"):
             return _train_branch_on_nodes(artifact_uris, view, out_dir, config.nodes,
                                           run_id, repeat, config.seed, params)
         import warnings
 
         warnings.warn(f"nodes={config.nodes}: a TrainJob needs a Kubeflow cluster and the task's "
-                      f"artifacts in MinIO; the branch trains on this machine", RuntimeWarning,
+                      f"artifacts in MinIO/S3 (minio:// or s3://); the branch trains on this "
+                      f"machine", RuntimeWarning,
                       stacklevel=2)
     nproc = ddp.processes_wanted(config.ddp_procs)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:

@@ -5,8 +5,7 @@ by the train-branch task (``nodes > 1`` on a cluster).
 Why a TrainJob and not a wider KFP task: a KFP task is one pod, and DDP inside it covers that
 pod's GPUs only. The Trainer is the cluster's engine for multi-node PyTorch: its
 ``torch-distributed`` runtime starts ``numNodes`` pods with the rendezvous set
-(``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ...), which ``torchrun`` reads, under
-the GPU quota and queueing (Kueue) the cluster already applies to training.
+(``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ...), which ``torchrun`` reads.
 
 Each node runs ``torchrun --module triview.stages --trainjob SPEC``
 (:func:`triview.stages.train_branch_node`): it downloads the task's input artifacts from
@@ -15,21 +14,35 @@ as one node), and rank 0 uploads the branch's output to the task's output artifa
 task then downloads as its own output. The object names Secrets only (the MinIO credentials
 are ``secretKeyRef`` by name); no credential is written into it. Its name is a digest of the
 run, view and seed, so a retried task finds and awaits the same TrainJob (a server-side
-apply) instead of starting a second one.
+apply) instead of starting a second one; a TrainJob that *failed* is deleted first, so the
+retry trains again. Where the nodes run (image, GPUs, CPU and memory, node pool, toleration,
+Secret, deadline) comes from the compile-time platform options through the task's
+``TRIVIEW_TRAINJOB_*`` variables (``pipelines/platform.py``), and the task's S3 settings
+(endpoint, TLS, region) are passed on. The job carries ``activeDeadlineSeconds``, and the
+task deletes it when it gives up waiting or is stopped (SIGTERM), so no abandoned job keeps
+its GPUs. Node pods run under their own service account, which has no API rights, and carry
+:data:`NODE_LABEL`, which the namespace's NetworkPolicy lets them meet each other by.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GROUP, VERSION, KIND, PLURAL = "trainer.kubeflow.org", "v1alpha1", "TrainJob", "trainjobs"
 API_VERSION = f"{GROUP}/{VERSION}"
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 GPU_IMAGE = "ghcr.io/triview/triview-gpu:0.1.0"
+#: The label every node pod carries (the multinode NetworkPolicy selects it).
+NODE_LABEL = "triview.io/trainjob-node"
+#: The task's S3 settings (not secrets) that the nodes get too (see triview.storage).
+S3_SETTINGS = ("S3_SECURE", "S3_VERIFY_TLS", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_REGION")
 
 
 class TrainJobError(RuntimeError):
@@ -46,15 +59,18 @@ class TrainJobOptions:
     memory: str = "16Gi"
     minio_secret: str = "triview-minio"  # Secret with accesskey / secretkey
     s3_endpoint: str = "http://minio-service.kubeflow:9000"
-    service_account: str = "triview-pipeline-runner"
+    service_account: str = "triview-trainjob-node"  # no API rights (manifests: multinode)
+    node_selector: str = ""              # LABEL=VALUE of the GPU pool ("" : anywhere)
+    toleration: str = ""                 # taint key on those nodes (Exists, NoSchedule)
     runtime: str = "torch-distributed"
     poll_s: float = 10.0
-    timeout_s: float = 6 * 3600.0
+    timeout_s: float = 6 * 3600.0        # also the job's activeDeadlineSeconds
+    s3_settings: dict[str, str] = field(default_factory=dict)  # S3_SETTINGS of the task
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "TrainJobOptions":
         """``TRIVIEW_TRAINJOB_<FIELD>`` variables over the defaults; the namespace defaults to
-        the pod's own, the S3 endpoint to the task's ``S3_ENDPOINT``."""
+        the pod's own, the S3 endpoint and settings to the task's."""
         env = os.environ if env is None else env
         opts = cls()
         ns_file = Path(SA_NAMESPACE_FILE)
@@ -62,11 +78,32 @@ class TrainJobOptions:
             opts.namespace = ns_file.read_text().strip() or opts.namespace
         if env.get("S3_ENDPOINT"):
             opts.s3_endpoint = env["S3_ENDPOINT"]
-        for name, value in ((f, env.get(f"TRIVIEW_TRAINJOB_{f.upper()}")) for f in cls.__dataclass_fields__):
-            if value:
+        opts.s3_settings = {k: env[k] for k in S3_SETTINGS if env.get(k)}
+        for name in cls.__dataclass_fields__:
+            value = env.get(f"TRIVIEW_TRAINJOB_{name.upper()}")
+            if value and name != "s3_settings":
                 kind = type(getattr(opts, name))
-                setattr(opts, name, kind(value))
+                try:
+                    setattr(opts, name, kind(value))
+                except ValueError:
+                    raise TrainJobError(f"TRIVIEW_TRAINJOB_{name.upper()}={value!r} is not "
+                                        f"a {kind.__name__}") from None
+        if opts.node_selector and "=" not in opts.node_selector:
+            raise TrainJobError(f"TRIVIEW_TRAINJOB_NODE_SELECTOR must be LABEL=VALUE, "
+                                f"got {opts.node_selector!r}")
         return opts
+
+    @staticmethod
+    def env_of(*, image: str, gpus: int, cpu: str, memory: str, minio_secret: str,
+               node_selector: tuple[str, str] | None, toleration: str | None,
+               timeout_s: int) -> dict[str, str]:
+        """The ``TRIVIEW_TRAINJOB_*`` variables that carry compile-time platform options
+        to the train-branch task (``pipelines/platform.py``)."""
+        values = {"image": image, "gpus": gpus, "cpu": cpu, "memory": memory,
+                  "minio_secret": minio_secret, "timeout_s": timeout_s,
+                  "node_selector": "=".join(node_selector) if node_selector else "",
+                  "toleration": toleration or ""}
+        return {f"TRIVIEW_TRAINJOB_{k.upper()}": str(v) for k, v in values.items() if v != ""}
 
 
 def artifact_location(uri: str) -> str:
@@ -106,6 +143,7 @@ def train_job(name: str, spec: dict, nodes: int, opts: TrainJobOptions) -> dict:
         secret_key_ref=m.IoK8sApiCoreV1SecretKeySelector(name=opts.minio_secret, key=k)))
         for k, env in (("accesskey", "AWS_ACCESS_KEY_ID"), ("secretkey", "AWS_SECRET_ACCESS_KEY"))]
     env = [*secret, m.IoK8sApiCoreV1EnvVar(name="S3_ENDPOINT", value=opts.s3_endpoint),
+           *(m.IoK8sApiCoreV1EnvVar(name=k, value=v) for k, v in sorted(opts.s3_settings.items())),
            m.IoK8sApiCoreV1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib")]
     quantity = m.IoK8sApimachineryPkgApiResourceQuantity
     requests = {"cpu": quantity(opts.cpu), "memory": quantity(opts.memory)}
@@ -119,15 +157,23 @@ def train_job(name: str, spec: dict, nodes: int, opts: TrainJobOptions) -> dict:
            "volumes": [{"name": "tmp", "emptyDir": {}}],
            "containers": [{"name": "node", "securityContext": restricted_container_security(),
                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}]}
+    if opts.node_selector:
+        key, _, value = opts.node_selector.partition("=")
+        pod["nodeSelector"] = {key: value}
+    if opts.toleration:
+        pod["tolerations"] = [{"key": opts.toleration, "operator": "Exists", "effect": "NoSchedule"}]
+    template = {"metadata": {"labels": {NODE_LABEL: "true", "app.kubernetes.io/part-of": "triview"}},
+                "spec": pod}
     patch = {"manager": "triview.io/train-branch", "trainingRuntimeSpec": {"template": {"spec": {
-        "replicatedJobs": [{"name": "node", "template": {"spec": {"template": {"spec": pod}}}}]}}}}
+        "replicatedJobs": [{"name": "node", "template": {"spec": {"template": template}}}]}}}}
     job = m.TrainerV1alpha1TrainJobSpec(runtime_ref=m.TrainerV1alpha1RuntimeRef(name=opts.runtime),
                                         trainer=trainer)
     return {"apiVersion": API_VERSION, "kind": KIND,
             "metadata": {"name": name, "namespace": opts.namespace,
                          "labels": {"app.kubernetes.io/part-of": "triview",
                                     "triview.io/view": spec["view"][:63]}},
-            "spec": {**job.to_dict(), "runtimePatches": [patch]}}
+            "spec": {**job.to_dict(), "activeDeadlineSeconds": max(1, int(opts.timeout_s)),
+                     "runtimePatches": [patch]}}
 
 
 def finished(obj: dict) -> tuple[bool, str | None]:
@@ -143,8 +189,10 @@ def finished(obj: dict) -> tuple[bool, str | None]:
 
 
 def run(job: dict, api_client=None, opts: TrainJobOptions | None = None, log=print) -> dict:
-    """Server-side apply ``job`` (a retry meets the same object) and wait until it completes;
-    raise :class:`TrainJobError` when it fails or ``opts.timeout_s`` passes."""
+    """Server-side apply ``job`` (a retry meets the same object; one that failed is deleted
+    first) and wait until it completes; raise :class:`TrainJobError` when it fails or
+    ``opts.timeout_s`` passes. A job this call stops waiting for (timeout, SIGTERM, an error)
+    is deleted, so its nodes give their GPUs back."""
     from kubernetes import dynamic
 
     from triview.deploy import DeployError, apply, kube_api_client
@@ -152,21 +200,73 @@ def run(job: dict, api_client=None, opts: TrainJobOptions | None = None, log=pri
     opts = opts or TrainJobOptions()
     api_client = api_client or kube_api_client()
     meta = job["metadata"]
+    dyn = dynamic.DynamicClient(api_client)
+    resource = dyn.resources.get(api_version=API_VERSION, kind=KIND)
+    old = _get(dyn, resource, meta)
+    if old is not None and finished(old)[1]:
+        log(f"TrainJob {meta['name']} failed before ({finished(old)[1]}): deleting it to train again")
+        _delete(dyn, resource, meta, opts)
     try:
         apply([job], api_client)
     except DeployError as exc:
         raise TrainJobError(str(exc)) from None
     log(f"TrainJob {meta['namespace']}/{meta['name']}: {job['spec']['trainer']['numNodes']} nodes")
-    dyn = dynamic.DynamicClient(api_client)
-    resource = dyn.resources.get(api_version=API_VERSION, kind=KIND)
-    deadline = time.monotonic() + opts.timeout_s
-    while True:
-        obj = dyn.get(resource, name=meta["name"], namespace=meta["namespace"]).to_dict()
-        done, failure = finished(obj)
-        if done and failure:
-            raise TrainJobError(f"TrainJob {meta['name']} failed: {failure}")
-        if done:
-            return obj
+    done = False
+    with _sigterm_as_exit():
+        try:
+            deadline = time.monotonic() + opts.timeout_s
+            while True:
+                obj = _get(dyn, resource, meta) or {}
+                done, failure = finished(obj)
+                if done and failure:
+                    raise TrainJobError(f"TrainJob {meta['name']} failed: {failure}")
+                if done:
+                    return obj
+                if time.monotonic() > deadline:
+                    raise TrainJobError(f"TrainJob {meta['name']} did not finish within "
+                                        f"{opts.timeout_s:g} s (deleted)")
+                time.sleep(opts.poll_s)
+        finally:
+            if not done:
+                _delete(dyn, resource, meta, opts, wait=False)
+
+
+def _get(dyn, resource, meta: dict) -> dict | None:
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    try:
+        return dyn.get(resource, name=meta["name"], namespace=meta["namespace"]).to_dict()
+    except NotFoundError:
+        return None
+
+
+def _delete(dyn, resource, meta: dict, opts: TrainJobOptions, wait: bool = True) -> None:
+    """Delete the TrainJob (its pods go with it); with ``wait``, until it is gone."""
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    try:
+        dyn.delete(resource, name=meta["name"], namespace=meta["namespace"],
+                   body={"propagationPolicy": "Foreground"})
+    except NotFoundError:
+        return
+    deadline = time.monotonic() + 600
+    while wait and _get(dyn, resource, meta) is not None:
         if time.monotonic() > deadline:
-            raise TrainJobError(f"TrainJob {meta['name']} did not finish within {opts.timeout_s:g} s")
+            raise TrainJobError(f"TrainJob {meta['name']} was not deleted within 600 s")
         time.sleep(opts.poll_s)
+
+
+class _sigterm_as_exit:
+    """While waiting, SIGTERM (the task stopped: a cancelled run) raises SystemExit, so the
+    ``finally`` above deletes the job; only in the main thread, where signals are handled."""
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
