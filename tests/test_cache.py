@@ -229,3 +229,45 @@ def test_the_photo_key_covers_the_bytes_and_how_they_are_decoded():
 
     keys = {photo_digest(b"photo", True), photo_digest(b"photo", False), photo_digest(b"photo!", True)}
     assert len(keys) == 3
+
+
+def test_a_cache_whose_store_fails_is_skipped_and_the_run_goes_on(tmp_path, caplog, monkeypatch):
+    """A storage error (here: nothing listens at the S3 endpoint) on reading or writing
+    either cache costs the reuse, never the run."""
+    import torch
+
+    from s3_server import free_port
+    from triview.train.features import FeatureStore
+    from triview.train.loop import head_inputs
+
+    monkeypatch.setenv("S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("S3_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    data = _photos(tmp_path / "photos", 6)
+    broken = "s3://triview/cache"
+    with caplog.at_level("WARNING"):
+        rec = _crop(data, tmp_path / "a", cache_root=broken)
+        net, images = _tiny_net_and_crops()
+        got = FeatureStore(f"{broken}/features").features(net, images, head_inputs)
+    assert rec["cache"] == {"hits": 0, "computed": 6}
+    assert torch.allclose(got, head_inputs(net, images))
+    text = caplog.text
+    assert "crop cache: cannot read" in text and "crop cache: cannot write" in text
+    assert "feature store: cannot list" in text and "feature store: cannot write" in text
+
+
+def test_the_network_key_covers_torch_and_the_feature_code(monkeypatch):
+    import torch
+
+    from triview.train import features
+
+    net, _ = _tiny_net_and_crops()
+    key = features.network_digest(net)
+    assert features.network_digest(net) == key
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert features.network_digest(net) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(features, "FEATURE_VERSION", features.FEATURE_VERSION + 1)
+    assert features.network_digest(net) != key
