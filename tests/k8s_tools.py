@@ -40,3 +40,30 @@ def require_module(name: str):
         return importlib.import_module(name)
     except ImportError as exc:
         unavailable(f"{name} cannot be imported: {exc}")
+
+
+def strict_schema(schema):
+    """The schema with unknown fields refused wherever an object lists its properties
+    (what the API server's strict field validation does for structural schemas)."""
+    if isinstance(schema, dict):
+        out = {k: strict_schema(v) for k, v in schema.items()}
+        if ("properties" in out and "additionalProperties" not in out
+                and not out.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict_schema(v) for v in schema]
+    return schema
+
+
+def crd_validator(path: Path, version: str, what: str):
+    """A strict JSON-schema validator of one version of the CRD at ``path`` (a file of
+    ``../shared/schemas``); skips, naming ``what``, when ``../shared`` is absent."""
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+
+    if not path.is_file():
+        pytest.skip(f"the {what} CRD schemas are not in {path.parent} (../shared is absent)")
+    crd = yaml.safe_load(path.read_text())
+    (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return jsonschema.Draft7Validator(strict_schema(entry["schema"]["openAPIV3Schema"]))

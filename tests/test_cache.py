@@ -3,7 +3,6 @@ extracts only its new photos, reuses the rest byte for byte, and never meets an 
 another recipe, lens, image size or weight file."""
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import yaml
 
-from k8s_tools import kustomize_cmd, require_module
+from k8s_tools import crd_validator as strict_crd_validator, kustomize_cmd, require_module
 from tests.s3_server import BUCKET, moto_server, s3_endpoint  # noqa: F401  (fixtures)
 from triview import deploy as dp
 from triview.cli import main
@@ -32,30 +32,9 @@ CRDS = {"InferenceService": "serving.kserve.io_inferenceservices.yaml",
 # --------------------------------------------------------------------------- schemas
 
 
-def _strict(schema):
-    """The schema with unknown fields refused wherever an object lists its properties
-    (what the API server's strict field validation does for structural schemas)."""
-    if isinstance(schema, dict):
-        out = {k: _strict(v) for k, v in schema.items()}
-        if ("properties" in out and "additionalProperties" not in out
-                and not out.get("x-kubernetes-preserve-unknown-fields")):
-            out["additionalProperties"] = False
-        return out
-    if isinstance(schema, list):
-        return [_strict(v) for v in schema]
-    return schema
-
-
 @functools.lru_cache(maxsize=None)
 def crd_validator(kind: str, version: str):
-    jsonschema = pytest.importorskip("jsonschema")
-    path = SCHEMAS / CRDS[kind]
-    if not path.is_file():
-        pytest.skip(f"KServe CRD schemas are not in {SCHEMAS} (../shared is absent)")
-    crd = yaml.safe_load(path.read_text())
-    (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
-    schema = _strict(entry["schema"]["openAPIV3Schema"])
-    return jsonschema.Draft7Validator(schema)
+    return strict_crd_validator(SCHEMAS / CRDS[kind], version, "KServe")
 
 
 def crd_errors(obj: dict) -> list[str]:

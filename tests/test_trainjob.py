@@ -32,15 +32,10 @@ SPEC = tj.node_spec({"views": "s3://b/views", "augmented": None, "balance": "s3:
 
 @functools.lru_cache(maxsize=None)
 def _validator():
-    jsonschema = pytest.importorskip("jsonschema")
-    from tests.test_tune import _strict
+    from k8s_tools import crd_validator
 
-    path = TRAINER_SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml"
-    if not path.is_file():
-        pytest.skip(f"the Trainer CRD schemas are not in {TRAINER_SCHEMAS} (../shared is absent)")
-    crd = yaml.safe_load(path.read_text())
-    (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-    return jsonschema.Draft7Validator(_strict(entry["schema"]["openAPIV3Schema"]))
+    return crd_validator(TRAINER_SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml", "v1alpha1",
+                         "Trainer")
 
 
 def crd_errors(obj: dict) -> list[str]:

@@ -516,27 +516,12 @@ def test_pruning_reports_each_epoch_and_stops_a_trailing_trial():
 # ----------------------------------------------------------------------------- the cluster
 
 
-def _strict(schema):
-    if isinstance(schema, dict):
-        out = {k: _strict(v) for k, v in schema.items()}
-        if ("properties" in out and "additionalProperties" not in out
-                and not out.get("x-kubernetes-preserve-unknown-fields")):
-            out["additionalProperties"] = False
-        return out
-    if isinstance(schema, list):
-        return [_strict(v) for v in schema]
-    return schema
-
-
 @functools.lru_cache(maxsize=None)
 def _crd_validator():
-    jsonschema = pytest.importorskip("jsonschema")
-    path = TRAINER_SCHEMAS / "trainer.kubeflow.org_optimizationjobs.yaml"
-    if not path.is_file():
-        pytest.skip(f"the Trainer CRD schemas are not in {TRAINER_SCHEMAS} (../shared is absent)")
-    crd = yaml.safe_load(path.read_text())
-    (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-    return jsonschema.Draft7Validator(_strict(entry["schema"]["openAPIV3Schema"]))
+    from k8s_tools import crd_validator
+
+    return crd_validator(TRAINER_SCHEMAS / "trainer.kubeflow.org_optimizationjobs.yaml",
+                         "v1alpha1", "Trainer")
 
 
 def crd_errors(obj: dict) -> list[str]:
