@@ -32,6 +32,7 @@ class Resources:
 class PlatformOptions:
     """What a platform team chooses when compiling the pipeline for its cluster."""
     gpus: int = 1                                    # per train-branch task (0: CPU only)
+    node_gpus: int | None = None                     # per node of a TrainJob (None: gpus)
     accelerator: str = "nvidia.com/gpu"
     gpu_pool: tuple[str, str] | None = None          # node label (key, value) of the GPU pool
     gpu_toleration: str | None = None                # taint key on the GPU nodes (Exists, NoSchedule)
@@ -82,7 +83,8 @@ def check_pipeline_root(pipeline_root: str | None) -> str | None:
     return pipeline_root
 
 
-def options_from_flags(*, gpus: int | None = None, gpu_pool: str | None = None,
+def options_from_flags(*, gpus: int | None = None, node_gpus: int | None = None,
+                       gpu_pool: str | None = None,
                        gpu_toleration: str | None = None, cpu_pool: str | None = None,
                        minio_secret: str | None = None, customvision_secret: str | None = None,
                        image: str | None = None,
@@ -90,14 +92,15 @@ def options_from_flags(*, gpus: int | None = None, gpu_pool: str | None = None,
                        pipeline_root: str | None = None) -> PlatformOptions | None:
     """``PlatformOptions`` from the CLI's cluster flags; None when every flag is unset
     (the committed IR's defaults)."""
-    given = {"gpus": gpus, "gpu_pool": gpu_pool, "gpu_toleration": gpu_toleration,
+    given = {"gpus": gpus, "node_gpus": node_gpus, "gpu_pool": gpu_pool, "gpu_toleration": gpu_toleration,
              "cpu_pool": cpu_pool, "minio_secret": minio_secret,
              "customvision_secret": customvision_secret, "image": image,
              "gpu_image": gpu_image, "serve_image": serve_image, "pipeline_root": pipeline_root}
     if all(v is None for v in given.values()):
         return None
-    if gpus is not None and gpus < 0:
-        raise ValueError(f"--gpus must be 0 or more, got {gpus}")
+    for flag, value in (("gpus", gpus), ("node-gpus", node_gpus)):
+        if value is not None and value < 0:
+            raise ValueError(f"--{flag} must be 0 or more, got {value}")
     for flag in ("image", "gpu_image", "serve_image"):
         value = given[flag]
         if value is not None and (":" not in value.rsplit("/", 1)[-1] and "@" not in value
@@ -141,7 +144,8 @@ def configure_task(task, stage: str, options: PlatformOptions, gpu: bool = False
                                  secret_key_to_env=options.secret_env, optional=True)
     if stage == "train-branch":  # nodes > 1: where its TrainJob's nodes run (triview.trainjob)
         for name, value in TrainJobOptions.env_of(
-                image=options.gpu_image, gpus=options.gpus, cpu=options.train.cpu_limit,
+                image=options.gpu_image, cpu=options.train.cpu_limit,
+                gpus=options.gpus if options.node_gpus is None else options.node_gpus,
                 memory=options.train.memory_limit, minio_secret=options.minio_secret,
                 node_selector=options.gpu_pool, toleration=options.gpu_toleration,
                 timeout_s=options.train.timeout_s).items():

@@ -101,6 +101,20 @@ def test_retries_caching_and_secret_injection(tmp_path):
             "s3_secure": "S3_SECURE", "s3_verify_tls": "S3_VERIFY_TLS", "s3_region": "AWS_REGION"}
 
 
+def test_a_pipeline_for_several_nodes_keeps_the_waiting_task_off_the_gpus(tmp_path):
+    _, spec, k8s = _compile(tmp_path, "--gpus", "0", "--node-gpus", "4", "--gpu-pool", "pool=gpu")
+    executors = spec["deploymentSpec"]["executors"]
+    for _, _, label in _container_tasks(spec):
+        if _is_training(label):
+            container = executors[label]["container"]
+            assert "accelerator" not in container.get("resources", {})
+            env = {e["name"]: e["value"] for e in container["env"]}
+            trainer = tj.train_job("j", SPEC, 2, tj.TrainJobOptions.from_env(env))["spec"]["trainer"]
+            assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
+            assert trainer["numProcPerNode"] == 4
+    assert main(["compile", "-o", str(tmp_path / "x.yaml"), "--node-gpus", "-1"]) == 2
+
+
 def test_no_gpu_options_means_no_selectors(tmp_path):
     _, spec, k8s = _compile(tmp_path, "--gpus", "0")
     for label, conf in k8s.items():

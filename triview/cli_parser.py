@@ -200,6 +200,10 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     """The cluster settings compiled into the IR (``compile``, ``submit``, ``schedule``)."""
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="GPUs per train-branch task (default 1; 0: CPU)")
+    p.add_argument("--node-gpus", type=int, default=None, metavar="N",
+                   help="GPUs per node of a branch trained on several nodes (--param nodes>1, "
+                        "a Kubeflow Trainer TrainJob; default: --gpus). With --gpus 0 the "
+                        "task that waits for its TrainJob holds no GPU")
     p.add_argument("--gpu-pool", metavar="LABEL=VALUE", help="node label of the GPU node pool")
     p.add_argument("--gpu-toleration", metavar="KEY", help="taint key the GPU nodes carry")
     p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")
