@@ -16,7 +16,7 @@ CONFIG_ENV = {"pushgateway_url": "PUSHGATEWAY_URL", "minio_endpoint": "S3_ENDPOI
               "s3_secure": "S3_SECURE", "s3_verify_tls": "S3_VERIFY_TLS", "s3_region": "AWS_REGION"}
 
 #: Stages whose outputs depend only on their inputs: cached, keyed by the data version.
-CACHED = {"ingest", "calibrate-and-crop", "balance", "augment"}
+CACHED = {"ingest", "calibrate-and-crop", "collect-views", "balance", "augment"}
 
 
 @dataclass
@@ -46,6 +46,8 @@ class PlatformOptions:
     pipeline_root: str | None = None                 # minio://bucket/path; None: the cluster's
     retries: int = 3
     repeat_parallelism: int | None = None             # repeats trained at once (None: all)
+    crop_shards: int = 1                             # calibrate-and-crop tasks (a fan-out)
+    crop_parallelism: int | None = None              # of them at once (None: all)
     backoff: str = "60s"
     backoff_factor: float = 2.0
     backoff_max: str = "3600s"
@@ -84,6 +86,7 @@ def check_pipeline_root(pipeline_root: str | None) -> str | None:
 
 
 def options_from_flags(*, gpus: int | None = None, node_gpus: int | None = None,
+                       crop_shards: int | None = None, crop_parallelism: int | None = None,
                        gpu_pool: str | None = None,
                        gpu_toleration: str | None = None, cpu_pool: str | None = None,
                        minio_secret: str | None = None, customvision_secret: str | None = None,
@@ -92,7 +95,8 @@ def options_from_flags(*, gpus: int | None = None, node_gpus: int | None = None,
                        pipeline_root: str | None = None) -> PlatformOptions | None:
     """``PlatformOptions`` from the CLI's cluster flags; None when every flag is unset
     (the committed IR's defaults)."""
-    given = {"gpus": gpus, "node_gpus": node_gpus, "gpu_pool": gpu_pool, "gpu_toleration": gpu_toleration,
+    given = {"gpus": gpus, "node_gpus": node_gpus, "crop_shards": crop_shards,
+             "crop_parallelism": crop_parallelism, "gpu_pool": gpu_pool, "gpu_toleration": gpu_toleration,
              "cpu_pool": cpu_pool, "minio_secret": minio_secret,
              "customvision_secret": customvision_secret, "image": image,
              "gpu_image": gpu_image, "serve_image": serve_image, "pipeline_root": pipeline_root}
@@ -101,6 +105,9 @@ def options_from_flags(*, gpus: int | None = None, node_gpus: int | None = None,
     for flag, value in (("gpus", gpus), ("node-gpus", node_gpus)):
         if value is not None and value < 0:
             raise ValueError(f"--{flag} must be 0 or more, got {value}")
+    for flag, value in (("crop-shards", crop_shards), ("crop-parallelism", crop_parallelism)):
+        if value is not None and not 1 <= value <= 1000:
+            raise ValueError(f"--{flag} must be in [1, 1000], got {value}")
     for flag in ("image", "gpu_image", "serve_image"):
         value = given[flag]
         if value is not None and (":" not in value.rsplit("/", 1)[-1] and "@" not in value

@@ -14,6 +14,7 @@ from kfp.dsl import HTML, Model
 from components.augment import augment
 from components.balance import balance
 from components.calibrate_and_crop import calibrate_and_crop
+from components.collect_views import collect_views
 from components.deploy import deploy
 from components.evaluate import evaluate
 from components.export import export
@@ -45,6 +46,27 @@ def _signature():
                                                annotation=str)])
 
 
+def crop_views(dataset, values: dict, options: PlatformOptions):
+    """calibrate-and-crop of ``dataset``: one task, or with ``options.crop_shards`` > 1 a
+    ``dsl.ParallelFor`` of that many tasks (at most ``options.crop_parallelism`` at once),
+    each cropping its part of the manifest, merged by collect-views. Returns the views."""
+    picked = params.pick("calibrate-and-crop", values)
+    if options.crop_shards <= 1:
+        task = calibrate_and_crop(dataset=dataset, **picked)
+        task.set_display_name("calibrate-and-crop")
+        configure_task(task, "calibrate-and-crop", options)
+        return task.outputs["views"]
+    with dsl.ParallelFor(list(range(options.crop_shards)), name="crop-shards",
+                         parallelism=options.crop_parallelism) as shard:
+        task = calibrate_and_crop(dataset=dataset, shard=shard, shards=options.crop_shards, **picked)
+        task.set_display_name("calibrate-and-crop-shard")
+        configure_task(task, "calibrate-and-crop", options)
+    collect = collect_views(parts=dsl.Collected(task.outputs["views"]))
+    collect.set_display_name("collect-views")
+    configure_task(collect, "collect-views", options)
+    return collect.outputs["views"]
+
+
 def make_pipeline(options: PlatformOptions | None = None):
     """Build the DAG with the cluster settings of ``options`` applied to every task.
 
@@ -61,14 +83,11 @@ def make_pipeline(options: PlatformOptions | None = None):
         ingest_task = ingest(data=values["data"], **params.pick("ingest", values))
         ingest_task.set_display_name("ingest")
         configure_task(ingest_task, "ingest", options)
-        crop_task = calibrate_and_crop(dataset=ingest_task.outputs["dataset"],
-                                       **params.pick("calibrate-and-crop", values))
-        crop_task.set_display_name("calibrate-and-crop")
-        configure_task(crop_task, "calibrate-and-crop", options)
-        balance_task = balance(views=crop_task.outputs["views"], **params.pick("balance", values))
+        views = crop_views(ingest_task.outputs["dataset"], values, options)
+        balance_task = balance(views=views, **params.pick("balance", values))
         balance_task.set_display_name("balance")
         configure_task(balance_task, "balance", options)
-        augment_task = augment(views=crop_task.outputs["views"], **params.pick("augment", values))
+        augment_task = augment(views=views, **params.pick("augment", values))
         augment_task.set_display_name("augment")
         configure_task(augment_task, "augment", options)
 
@@ -79,7 +98,7 @@ def make_pipeline(options: PlatformOptions | None = None):
             models = []
             for index, name in enumerate(BRANCH_NAMES):
                 branch_task = train_branch(
-                    views=crop_task.outputs["views"], augmented=augment_task.outputs["augmented"],
+                    views=views, augmented=augment_task.outputs["augmented"],
                     balance=balance_task.outputs["balance"], view_index=index,
                     run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, repeat=repeat,
                     **{**params.pick("train-branch", values), "seed": run_seed})
@@ -93,7 +112,7 @@ def make_pipeline(options: PlatformOptions | None = None):
             configure_task(voter_task, "train-voter", options)
             gate = {} if repeat else params.pick("evaluate", values)
             eval_task = evaluate(branch_1=models[0], branch_2=models[1], branch_3=models[2],
-                                 voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
+                                 voter=voter_task.outputs["voter"], views=views,
                                  dataset=ingest_task.outputs["dataset"], repeat=repeat, **gate)
             eval_task.set_display_name(f"evaluate{suffix}")
             configure_task(eval_task, "evaluate", options)
@@ -101,7 +120,7 @@ def make_pipeline(options: PlatformOptions | None = None):
 
         branches, voter_task, eval_task = train_and_evaluate(seed, repeat=False)
         export_task = export(branch_1=branches[0], branch_2=branches[1], branch_3=branches[2],
-                             voter=voter_task.outputs["voter"], views=crop_task.outputs["views"],
+                             voter=voter_task.outputs["voter"], views=views,
                              evaluation=eval_task.outputs["evaluation"],
                              blessing=eval_task.outputs["blessing"],
                              **params.pick("export", values))

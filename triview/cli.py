@@ -82,7 +82,9 @@ def _options(args: argparse.Namespace):
     """PlatformOptions from the shared cluster flags (None: the committed defaults)."""
     from pipelines.platform import options_from_flags
 
-    return options_from_flags(gpus=args.gpus, node_gpus=args.node_gpus, gpu_pool=args.gpu_pool,
+    return options_from_flags(gpus=args.gpus, node_gpus=args.node_gpus,
+                              crop_shards=args.crop_shards, crop_parallelism=args.crop_parallelism,
+                              gpu_pool=args.gpu_pool,
                               gpu_toleration=args.gpu_toleration, cpu_pool=args.cpu_pool,
                               minio_secret=args.minio_secret,
                               customvision_secret=args.customvision_secret, image=args.image,

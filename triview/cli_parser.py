@@ -204,6 +204,11 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="GPUs per node of a branch trained on several nodes (--param nodes>1, "
                         "a Kubeflow Trainer TrainJob; default: --gpus). With --gpus 0 the "
                         "task that waits for its TrainJob holds no GPU")
+    p.add_argument("--crop-shards", type=int, default=None, metavar="N",
+                   help="fan calibrate-and-crop out over N tasks, each cropping 1/N of the "
+                        "manifest, merged by collect-views (dsl.ParallelFor; default 1)")
+    p.add_argument("--crop-parallelism", type=int, default=None, metavar="P",
+                   help="at most P of those tasks at once (default: all)")
     p.add_argument("--gpu-pool", metavar="LABEL=VALUE", help="node label of the GPU node pool")
     p.add_argument("--gpu-toleration", metavar="KEY", help="taint key the GPU nodes carry")
     p.add_argument("--cpu-pool", metavar="LABEL=VALUE", help="node label for the light stages")

@@ -33,6 +33,9 @@ LAYOUTS = {
 NESTED_INNER = 0.5  # the inner view's share of each axis when window is 0
 CROPS_DIR = "crops"
 GEOMETRY_FILE = "geometry.json"
+#: In the output of one shard of a fanned-out calibrate-and-crop: which part of the manifest
+#: it cropped ({"shard", "shards", "photos"}: its index, their number, the manifest's photos).
+PART_FILE = "part.json"
 
 
 @dataclass
@@ -495,7 +498,7 @@ def _crop_task(args: tuple[str, str, str]) -> tuple[list[str], bool]:
 
 def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: CropGeometry,
                        lens: LensModel | None = None, workers: int = 0,
-                       cache_root: str = "") -> pd.DataFrame:
+                       cache_root: str = "", part: tuple[int, int] = (0, 1)) -> pd.DataFrame:
     """Crop every manifest image into views under ``out_dir``; write ``views.csv``.
 
     Views are materialised as small PNGs (image_size²): decoding a full photo costs far
@@ -504,7 +507,9 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     ``cache_root`` (a folder or ``s3://`` prefix): the content-addressed crop cache
     (:mod:`triview.cropcache`); photos cropped before with the same lens and geometry are
     read from it, new ones are cropped and added. The table's ``attrs["cache_hits"]`` counts
-    the photos read from it.
+    the photos read from it. ``part`` = (shard, shards): crop only that contiguous part of
+    the manifest, one of ``shards`` of (nearly) equal size, and write :data:`PART_FILE`
+    (a fan-out over shards, merged by :func:`collect_parts`).
     Also writes ``classes.json`` and ``geometry.json`` (crop geometry and lens).
     """
     import multiprocessing
@@ -518,6 +523,12 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     lens = lens or LensModel()
     src, out = Path(dataset_dir), Path(out_dir)
     table = mf.read_manifest(src)
+    shard, shards = part
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: expected 0 <= shard < shards")
+    photos = len(table)
+    if shards > 1:
+        table = table.iloc[shard * photos // shards:(shard + 1) * photos // shards]
     for view in geometry.views:
         (out / CROPS_DIR / view).mkdir(parents=True, exist_ok=True)
     tasks = [(str(src / rec.path), str(out), rec.image_id) for rec in table.itertuples(index=False)]
@@ -543,6 +554,62 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     mf.write_classes(mf.read_classes(src), out)
     atomic_write_text(out / GEOMETRY_FILE, json.dumps(
         {"geometry": asdict(geometry), "views": list(geometry.views), "lens": asdict(lens)}, indent=2))
+    if shards > 1:
+        atomic_write_text(out / PART_FILE, json.dumps({"shard": shard, "shards": shards,
+                                                       "photos": photos}))
+    return views
+
+
+def collect_parts(part_dirs: list[str | Path], out_dir: str | Path) -> pd.DataFrame:
+    """Merge the outputs of a calibrate-and-crop fan-out (each with :data:`PART_FILE`) into
+    one folder that is what a single calibrate-and-crop would have written: the crops, one
+    ``views.csv`` in manifest order, ``classes.json``, ``geometry.json`` (and a calibration).
+    A missing or repeated shard, or shards of another geometry, lens or class list, is an
+    error; a crop path that leaves its part's folder is refused."""
+    import shutil
+
+    import pandas as pd
+
+    from triview import manifest as mf
+
+    parts = []
+    for folder in map(Path, part_dirs):
+        info = folder / PART_FILE
+        if not info.is_file():
+            raise ValueError(f"{folder} is not a shard of calibrate-and-crop (no {PART_FILE})")
+        parts.append((json.loads(info.read_text()), folder))
+    parts.sort(key=lambda part: part[0]["shard"])
+    counts = {(p["shards"], p["photos"]) for p, _ in parts}
+    shards = parts[0][0]["shards"] if parts else 0
+    if len(counts) != 1 or [p["shard"] for p, _ in parts] != list(range(shards)):
+        raise ValueError(f"expected shards 0..{shards - 1} of one manifest once each, got "
+                         f"{sorted((p['shard'], p['shards']) for p, _ in parts)}")
+    first = parts[0][1]
+    geometry, classes = json.loads((first / GEOMETRY_FILE).read_text()), mf.read_classes(first)
+    for _, folder in parts[1:]:
+        if json.loads((folder / GEOMETRY_FILE).read_text()) != geometry or mf.read_classes(folder) != classes:
+            raise ValueError(f"{folder} was cropped with another geometry, lens or class list "
+                             f"than {first}")
+    out = Path(out_dir)
+    tables = []
+    for _, folder in parts:
+        table = mf.read_views(folder)
+        for rel in table["path"]:
+            path = Path(rel)
+            if path.is_absolute() or ".." in path.parts or path.parts[:1] != (CROPS_DIR,):
+                raise ValueError(f"{folder}: crop path {rel!r} is not below {CROPS_DIR}/")
+            with atomic_path(out / path) as tmp:
+                shutil.copyfile(folder / path, tmp)
+        tables.append(table)
+    views = pd.concat(tables, ignore_index=True)
+    if views["image_id"].nunique() != parts[0][0]["photos"]:
+        raise ValueError(f"the shards hold {views['image_id'].nunique()} photos, the manifest "
+                         f"{parts[0][0]['photos']}")
+    mf.write_views(views, out)
+    mf.write_classes(classes, out)
+    atomic_write_text(out / GEOMETRY_FILE, json.dumps(geometry, indent=2))
+    if (first / "calibration.json").is_file():
+        atomic_write_text(out / "calibration.json", (first / "calibration.json").read_text())
     return views
 
 

@@ -56,6 +56,7 @@ def ingest_stage(data: str, out_dir: Folder, *, workers: int = 0, progress: bool
 
 
 def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, *, workers: int = 0,
+                             shard: int = 0, shards: int = 1,
                              **params) -> dict:
     """Calibrate (from chessboard photos, or read an intrinsics file, or use the identity
     lens), then undistort and crop every image into three views.
@@ -87,13 +88,34 @@ def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, *, workers: i
                                      image_size=p["image_size"], window=p["window"],
                                      resize=p["resize"])
         views = crop.calibrate_and_crop(dataset_dir, out_dir, geometry, lens, workers=workers,
-                                        cache_root=p["cache_root"])
+                                        cache_root=p["cache_root"], part=(shard, shards))
+        if shards > 1:
+            rec.update(shard=shard, shards=shards)
         photos = int(views["image_id"].nunique())
         rec.update(views=list(geometry.views), items_in=photos, items_out=len(views),
                    lens="identity" if lens.is_identity else "calibrated")
         if p["cache_root"]:
             rec.update(cache={"hits": views.attrs["cache_hits"],
                               "computed": photos - views.attrs["cache_hits"]})
+    return rec
+
+
+def collect_views_stage(part_dirs: list[Folder], out_dir: Folder) -> dict:
+    """Merge the shards of a fanned-out calibrate-and-crop (``dsl.ParallelFor`` on the
+    cluster) into the one views dataset the later stages read (:func:`triview.crop.collect_parts`)."""
+    from triview import crop
+
+    with stage_record("collect-views", out_dir) as rec:
+        views = crop.collect_parts(part_dirs, out_dir)
+        records = [json.loads((Path(d) / STAGE_FILE).read_text()) for d in part_dirs
+                   if (Path(d) / STAGE_FILE).is_file()]
+        photos = int(views["image_id"].nunique())
+        rec.update(views=list(crop.read_geometry(out_dir)[0].views), shards=len(part_dirs),
+                   items_in=photos, items_out=len(views),
+                   lens=records[0].get("lens") if records else None)
+        caches = [r["cache"] for r in records if "cache" in r]
+        if caches:
+            rec.update(cache={k: sum(c[k] for c in caches) for k in ("hits", "computed")})
     return rec
 
 

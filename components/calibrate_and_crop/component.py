@@ -8,6 +8,8 @@ from components.images import CPU_IMAGE
 def calibrate_and_crop(
     dataset: Input[Dataset],
     views: Output[Dataset],
+    shard: int = 0,
+    shards: int = 1,
     # params: calibrate-and-crop (generated from triview/params.py by `python -m components.codegen`)
     layout: str = "nested", overlap: float = 0.5, image_size: int = 224, window: float = 0.0,
     resize: str = "stretch", calibration_file: str = "", calibration_images: str = "",
@@ -20,6 +22,9 @@ def calibrate_and_crop(
     Args:
         dataset: Ingested dataset (manifest and images).
         views: Output folder: ``views.csv`` (one row per crop), the crops and ``geometry.json``.
+        shard: Which part of the manifest this task crops (a fan-out, ``compile
+            --crop-shards``; collect-views merges the parts).
+        shards: Into how many near-equal contiguous parts the manifest is cut (1: all of it).
         layout: Where the three views lie: vertical (top/center/bottom), horizontal
             (left/center/right) or nested (whole/middle/inner: centred windows of 1,
             (1+window)/2 and window of each axis). (one of vertical, horizontal, nested)
@@ -48,7 +53,8 @@ def calibrate_and_crop(
     from triview.params import pick
     from triview.stages import calibrate_and_crop_stage
 
-    rec = calibrate_and_crop_stage(dataset.path, views.path, **pick("calibrate-and-crop", locals()))
+    rec = calibrate_and_crop_stage(dataset.path, views.path, shard=shard, shards=shards,
+                                   **pick("calibrate-and-crop", locals()))
     views.metadata.update({"views": rec["views"], "crops": rec["items_out"], "lens": rec["lens"]})
     if "cache" in rec:
         views.metadata.update({"cache_hits": rec["cache"]["hits"], "cropped": rec["cache"]["computed"]})
