@@ -6,7 +6,8 @@ the best preset's test figures over N seeds next to the defaults' (`triview run 
 for each).
 
     python bench/tune_trials.py --data ../shared/data/hymenoptera --trials 30 \
-        --out /tmp/tune-bench [--seeds 3] [--json bench/results_tune_trials.json]
+        --out /tmp/tune-bench [--seeds 3] [--objective val_macro_f1]
+        [--json bench/results_tune_trials.json]
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=0, help="also compare best vs defaults "
                         "over this many seeds (0: no)")
+    parser.add_argument("--objective", default="val_macro_f1",
+                        help="the study's objective (triview tune --objective)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--defaults-summary", default=None,
                         help="run_summary.json of a `triview run --repeats N` of the same data and "
@@ -63,8 +66,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     load_start = list(os.getloadavg())
 
+    from triview.tune.objective import get_objective
+
+    objective = get_objective(args.objective)
     tune_s = _timed([TRIVIEW, "tune", "--data", args.data, "--out", str(out / "tune"),
-                     "--trials", str(args.trials)], out / "tune.log")
+                     "--trials", str(args.trials), "--objective", objective.name], out / "tune.log")
     dag_s = _timed([TRIVIEW, "run", "--data", args.data, "--out", str(out / "dag")], out / "dag.log")
     dag = json.loads((out / "dag" / "run_summary.json").read_text())
 
@@ -74,7 +80,8 @@ def main() -> None:
     later = trials[(trials["trial"] > 0) & trials["state"].isin(["complete", "pruned"])]
     first = float(trials.loc[trials["trial"] == 0, "seconds"].iloc[0])
     done = trials[trials["state"] == "complete"]
-    best = done.loc[done["val_macro_f1"].idxmax()]
+    column = objective.name
+    best = done.loc[done[column].idxmax() if objective.direction == "maximize" else done[column].idxmin()]
     result = {
         "data": args.data, "trials": int(len(trials)), "complete": int(len(done)),
         "pruned": int((trials["state"] == "pruned").sum()),
@@ -83,8 +90,8 @@ def main() -> None:
         "trial0_s": first, "median_trial_s": float(statistics.median(later["seconds"])),
         "median_trial_over_dag": round(float(statistics.median(later["seconds"])) / dag_s, 4),
         "trial0_over_dag": round(first / dag_s, 3),
-        "best_trial": int(best["trial"]), "best_val_macro_f1": float(best["val_macro_f1"]),
-        "trial0_val_macro_f1": float(trials.loc[trials["trial"] == 0, "val_macro_f1"].iloc[0]),
+        "objective": column, "best_trial": int(best["trial"]), f"best_{column}": float(best[column]),
+        f"trial0_{column}": float(trials.loc[trials["trial"] == 0, column].iloc[0]),
         "best_test_once": json.loads((out / "tune" / "best_test.json").read_text())["ensemble"],
         "dag_defaults_test": dag["ensemble"],
         "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
