@@ -38,8 +38,30 @@ def _validator():
                          "Trainer")
 
 
-def crd_errors(obj: dict) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(obj)]
+def _node_pod(job: dict) -> dict:
+    return job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+        "replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+
+
+def crd_errors(obj: dict, old: dict | None = None) -> list[str]:
+    """Strict schema errors, plus the CRD's CEL rules (x-kubernetes-validations) that the
+    schema cannot express: the name's format and length, numProcPerNode >= 1, and on an
+    update of ``old`` the fields that are immutable."""
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(obj)]
+    name, spec = obj["metadata"]["name"], obj["spec"]
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+        errors.append(f"metadata.name {name!r} is not an RFC 1035 label of at most 63 characters")
+    if isinstance(spec["trainer"].get("numProcPerNode"), int) and spec["trainer"]["numProcPerNode"] < 1:
+        errors.append("numProcPerNode must be greater than or equal to 1")
+    if old is not None:
+        for field in ("activeDeadlineSeconds", "runtimeRef", "trainer", "managedBy", "initializer"):
+            if spec.get(field) != old["spec"].get(field):
+                errors.append(f"spec.{field} is immutable")
+        new_pod, old_pod = _node_pod(obj), _node_pod(old)
+        for key in ("containers", "securityContext", "serviceAccountName", "volumes"):
+            if new_pod.get(key) != old_pod.get(key):
+                errors.append(f"the node pod's {key} is immutable")
+    return errors
 
 
 def test_the_trainjob_validates_strictly_and_names_secrets_only(monkeypatch):
@@ -85,11 +107,21 @@ def test_the_trainjob_validates_strictly_and_names_secrets_only(monkeypatch):
         assert crd_errors(broken), "the strict schema missed a bad field"
     with pytest.raises(tj.TrainJobError, match="nodes > 1"):
         tj.train_job("x", SPEC, 1, opts)
+    # a retried task applies the same object again: nothing immutable changes
+    assert crd_errors(tj.train_job("triview-center-0a1b2c3d4e", SPEC, 4, opts), old=job) == []
+    for mutate in (lambda o: o["spec"]["trainer"].update(numNodes=8),
+                   lambda o: _node_pod(o).update(serviceAccountName="other"),
+                   lambda o: o["spec"].update(activeDeadlineSeconds=60),
+                   lambda o: o["metadata"].update(name="9-" + o["metadata"]["name"]),
+                   lambda o: o["spec"]["trainer"].update(numProcPerNode=0)):
+        changed = copy.deepcopy(job)
+        mutate(changed)
+        assert crd_errors(changed, old=job), "a CEL rule was missed"
 
 
 def test_names_locations_conditions_and_options():
     name = tj.job_name("run-1", "Center View", 0, False)
-    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63  # RFC 1035 (CEL)
     assert name == tj.job_name("run-1", "Center View", 0, False)  # a retry awaits the same job
     assert len({name, tj.job_name("run-2", "Center View", 0, False),
                 tj.job_name("run-1", "Center View", 1, False), tj.job_name("run-1", "Center View", 0, True),
