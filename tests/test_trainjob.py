@@ -68,7 +68,7 @@ def test_the_trainjob_validates_strictly_and_names_secrets_only(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak-me")
     opts = tj.TrainJobOptions(namespace="ml", gpus=2, minio_secret="minio-creds",
                               node_selector="pool=gpu-a100", toleration="nvidia.com/gpu",
-                              timeout_s=7200, s3_settings={"S3_SECURE": "false", "AWS_REGION": "eu-1"})
+                              timeout_s=7200, s3_settings={"S3_VERIFY_TLS": "false", "AWS_REGION": "eu-1"})
     job = tj.train_job("triview-center-0a1b2c3d4e", SPEC, 4, opts)
     assert crd_errors(job) == []
     assert "do-not-leak-me" not in json.dumps(job)
@@ -95,10 +95,13 @@ def test_the_trainjob_validates_strictly_and_names_secrets_only(monkeypatch):
         "template"]["spec"]["template"]
     assert template["metadata"]["labels"][tj.NODE_LABEL] == "true"  # the NetworkPolicy's selector
     assert spec["activeDeadlineSeconds"] == 7200
-    assert (env["S3_SECURE"]["value"], env["AWS_REGION"]["value"]) == ("false", "eu-1")
+    assert (env["S3_VERIFY_TLS"]["value"], env["AWS_REGION"]["value"]) == ("false", "eu-1")
+    assert "NVIDIA_VISIBLE_DEVICES" not in env
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
     assert env["S3_ENDPOINT"]["value"] == opts.s3_endpoint
     cpu = tj.train_job("x", SPEC, 2, tj.TrainJobOptions(gpus=0))["spec"]["trainer"]
     assert "nvidia.com/gpu" not in cpu["resourcesPerNode"]["limits"] and cpu["numProcPerNode"] == 1
+    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"} in cpu["env"]
     for mutate in (lambda o: o["spec"]["trainer"].update(gpus=1),
                    lambda o: o["spec"]["trainer"].update(numNodes="two"),
                    lambda o: o["spec"].update(runtime={"name": "torch-distributed"})):
@@ -145,10 +148,21 @@ def test_names_locations_conditions_and_options():
                                                                       "registry.local/triview-gpu:1.2", 0.5)
     assert opts.s3_settings == {"S3_VERIFY_TLS": "false"}
     env = tj.TrainJobOptions.env_of(image="r/i:1", gpus=2, cpu="8", memory="32Gi", minio_secret="m",
-                                    node_selector=("pool", "gpu"), toleration=None, timeout_s=60)
+                                    node_selector=("pool", "gpu"), toleration="gpu", timeout_s=3600)
     back = tj.TrainJobOptions.from_env(env)
     assert (back.image, back.gpus, back.cpu, back.memory, back.minio_secret, back.node_selector,
-            back.toleration, back.timeout_s) == ("r/i:1", 2, "8", "32Gi", "m", "pool=gpu", "", 60.0)
+            back.toleration, back.timeout_s) == ("r/i:1", 2, "8", "32Gi", "m", "pool=gpu", "gpu",
+                                                 3600.0 - tj.WAIT_MARGIN_S)
+    cpu_nodes = tj.TrainJobOptions.from_env(tj.TrainJobOptions.env_of(
+        image="r/i:1", gpus=0, cpu="8", memory="32Gi", minio_secret="m",
+        node_selector=("pool", "gpu"), toleration="gpu", timeout_s=3600))
+    assert (cpu_nodes.node_selector, cpu_nodes.toleration) == ("", "")  # not on the GPU pool
+    # the endpoint the task uses, whichever variable names it, with its TLS choice
+    for env in ({"MINIO_ENDPOINT": "minio.minio:9000", "S3_SECURE": "false"},
+                {"AWS_ENDPOINT_URL": "http://minio.minio:9000"}):
+        assert tj.TrainJobOptions.from_env(env).s3_endpoint == "http://minio.minio:9000"
+    assert tj.TrainJobOptions.from_env({"S3_ENDPOINT": "minio.minio:9000"}).s3_endpoint == \
+        "https://minio.minio:9000"
     for bad, match in ((("TRIVIEW_TRAINJOB_GPUS", "two"), "not a int"),
                        (("TRIVIEW_TRAINJOB_NODE_SELECTOR", "gpu"), "LABEL=VALUE")):
         with pytest.raises(tj.TrainJobError, match=match):
@@ -164,6 +178,13 @@ def test_without_a_cluster_nodes_train_here_with_a_warning(cropped, augmented, b
         rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "m",
                                  **digits_train(epochs=1, nodes=2))
     assert rec["world_size"] == 1
+    # on the cluster path, a checkpoint or cache root on the task pod's disk is refused
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    s3_uris = {k: f"minio://mlpipeline/v2/{k}" for k in ("views", "augmented", "balance", "out")}
+    for name in ("checkpoint_root", "cache_root"):
+        with pytest.raises(tj.TrainJobError, match=f"{name}='/mnt/x' is a path in this pod"):
+            train_branch_stage(cropped, augmented, balanced, "center", tmp_path / "r",
+                               artifact_uris=s3_uris, **digits_train(epochs=1, nodes=2, **{name: "/mnt/x"}))
     # in a pod, but with the artifacts on the pod's disk (a local pipeline root): the same
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     uris = {k: f"/minio/mlpipeline/v2/{k}" for k in ("views", "augmented", "balance", "out")}
@@ -176,12 +197,13 @@ def test_without_a_cluster_nodes_train_here_with_a_warning(cropped, augmented, b
 class ScriptedJobs:
     """A stand-in API server whose TrainJob reports the conditions scripted per apply."""
 
-    def __init__(self, monkeypatch, tmp_path, statuses):
+    def __init__(self, monkeypatch, tmp_path, statuses, on_get=None):
         import tempfile
 
         from tests.test_deploy import FakeKubeApi as Base
 
         self.statuses = statuses  # one list of conditions per apply; the last one repeats
+        self.gets = 0
 
         outer = self
 
@@ -189,6 +211,12 @@ class ScriptedJobs:
             RESOURCES = {**Base.RESOURCES, (tj.GROUP, tj.VERSION): [(tj.PLURAL, tj.KIND)]}
 
             def route(self, handler, body):
+                if f"/{tj.PLURAL}/" in handler.path and handler.command == "GET":
+                    outer.gets += 1
+                    answer = on_get(self, handler.path, outer.gets) if on_get else None
+                    if answer is not None:
+                        self.requests.append({"method": "GET", "path": handler.path})
+                        return answer
                 code, obj = super().route(handler, body)
                 if f"/{tj.PLURAL}/" in handler.path and handler.command == "GET" and code == 200:
                     applies = len([r for r in self.of("PATCH") if tj.PLURAL in r["path"]])
@@ -225,6 +253,48 @@ def test_a_retry_deletes_a_failed_trainjob_and_trains_again(monkeypatch, tmp_pat
     done = tj.run(job, jobs.client, opts, log=lambda *_: None)  # ... until the retry
     assert tj.finished(done) == (True, None)
     assert jobs.methods()[3:] == ["GET", "DELETE", "GET", "PATCH", "GET"]
+    jobs.api.close()
+
+
+def test_api_hiccups_are_waited_out_and_a_vanished_job_is_an_error(monkeypatch, tmp_path):
+    def flaky(api, path, n):  # the 2nd and 3rd reads fail as an API server restarting would
+        return (503, {"kind": "Status", "code": 503, "message": "unavailable"}) if n in (2, 3) else None
+
+    jobs = ScriptedJobs(monkeypatch, tmp_path, [COMPLETE], on_get=flaky)
+    opts = tj.TrainJobOptions(namespace="ml", gpus=0, poll_s=0.05)
+    job = tj.train_job("triview-center-0a1b2c3d4e", SPEC, 2, opts)
+    lines = []
+    assert tj.finished(tj.run(job, jobs.client, opts, log=lines.append)) == (True, None)
+    assert "DELETE" not in jobs.methods() and any("cannot read its status" in x for x in lines)
+
+    def vanish(api, path, n):  # someone deletes the job while the task waits
+        if n == 3:
+            api.objects.pop(path, None)
+        return None
+
+    gone = ScriptedJobs(monkeypatch, tmp_path, [[]], on_get=vanish)
+    with pytest.raises(tj.TrainJobError, match="deleted by someone else"):
+        tj.run(job, gone.client, tj.TrainJobOptions(namespace="ml", gpus=0, poll_s=0.05, timeout_s=60),
+               log=lambda *_: None)
+    jobs.api.close()
+    gone.api.close()
+
+
+def test_a_retry_waits_for_a_job_still_being_deleted(monkeypatch, tmp_path):
+    opts = tj.TrainJobOptions(namespace="ml", gpus=0, poll_s=0.05)
+    job = tj.train_job("triview-center-0a1b2c3d4e", SPEC, 2, opts)
+    path = f"/apis/{tj.GROUP}/{tj.VERSION}/namespaces/ml/{tj.PLURAL}/{job['metadata']['name']}"
+
+    def deleting(api, p, n):  # the earlier attempt's job, going away over two reads
+        if n <= 2:
+            return 200, {**job, "metadata": {**job["metadata"], "deletionTimestamp": "2026-12-05T00:00:00Z"}}
+        return None
+
+    jobs = ScriptedJobs(monkeypatch, tmp_path, [COMPLETE], on_get=deleting)
+    lines = []
+    tj.run(job, jobs.client, opts, log=lines.append)
+    assert jobs.methods()[:4] == ["GET", "GET", "GET", "PATCH"]  # gone before the new apply
+    assert any("being deleted" in x for x in lines) and path in jobs.api.objects
     jobs.api.close()
 
 
@@ -328,8 +398,8 @@ def trainer_api(monkeypatch, tmp_path, s3_endpoint):
 
 @pytest.mark.slow
 def test_two_nodes_train_one_branch_through_a_trainjob(trainer_api, cropped, augmented, balanced,
-                                                       tmp_path):
-    from triview import storage
+                                                       tmp_path, monkeypatch):
+    from triview import metrics, storage
     from triview.artifacts import load_predictions
     from triview.stages import train_branch_stage
 
@@ -340,6 +410,8 @@ def test_two_nodes_train_one_branch_through_a_trainjob(trainer_api, cropped, aug
         storage.copy_tree(folder, f"{root}/{name}")
         uris[name] = f"minio://{BUCKET}/v2/artifacts/run-7/{name}"  # as KFP names them
     uris["out"] = f"minio://{BUCKET}/v2/artifacts/run-7/model"
+    pushed = []  # the nodes cannot reach the Pushgateway: the task pushes their record
+    monkeypatch.setattr(metrics, "push", lambda stage, values, run_id, **_: pushed.append((stage, values)))
     rec = train_branch_stage(cropped, augmented, balanced, 1, tmp_path / "model", run_id="run-7",
                              artifact_uris=uris, **digits_train(epochs=1, batch_size=32, nodes=2))
     assert all(p.returncode == 0 for p in trainer.procs), trainer.logs
@@ -355,3 +427,5 @@ def test_two_nodes_train_one_branch_through_a_trainjob(trainer_api, cropped, aug
     assert json.loads((tmp_path / "model" / "stage.json").read_text())["world_size"] == 2
     assert load_predictions(tmp_path / "model")["test_prob"].shape[1] == 10
     assert storage.default_store().exists(f"{root}/model/stage.json")
+    assert [stage for stage, _ in pushed] == ["train-branch-center"]
+    assert pushed[0][1]["stage_duration_seconds"] == rec["seconds"]

@@ -16,8 +16,8 @@ The recipe's digest names a folder, the photo's digest the entry in it
 (``crops/<recipe>/<photo[:2]>/<photo>.npz``), so a changed parameter, lens or library
 never meets an old entry, and an old recipe's folder can be deleted as a whole. A damaged
 entry (each member of the ``.npz`` carries its CRC-32) is not used but computed again and
-rewritten, and a cache that cannot be read or written (a storage error) is skipped with a
-warning: the run never fails because of its cache. Entries are written atomically
+rewritten, and a cache that cannot be read or written (a storage error) is turned off for the
+rest of the process with one warning: the run never fails because of its cache. Entries are written atomically
 (a local rename, or one S3 PUT), so concurrent workers and runs may share one cache.
 """
 from __future__ import annotations
@@ -80,24 +80,36 @@ class CropCache:
         self.root = str(root)
         self.recipe = recipe_digest(recipe)
         self.views = tuple(views)
+        self.off = False  # set by the first storage error
 
     def location(self, photo: str) -> str:
         return storage.join(self.root, CROPS_PREFIX, self.recipe, photo[:2], f"{photo}.npz")
 
     def get(self, photo: str) -> dict[str, bytes] | None:
         """The views' PNG bytes of a photo digest, or None (absent, damaged or unreadable)."""
+        if self.off:
+            return None
         try:
             data = storage.read_bytes_or_none(self.location(photo))
         except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
-            log.warning("crop cache: cannot read %s (%s); cropping again", self.location(photo), exc)
+            self._give_up("read", photo, exc)
             return None
         return None if data is None else decode_entry(data, self.views)
 
     def put(self, photo: str, views: dict[str, bytes]) -> bool:
-        """Store a photo's view PNGs; False (with a warning) when the cache cannot be written."""
+        """Store a photo's view PNGs; False when the cache cannot be written."""
+        if self.off:
+            return False
         try:
             storage.atomic_write_bytes(self.location(photo), encode_entry(views))
         except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
-            log.warning("crop cache: cannot write %s (%s); the run goes on", self.location(photo), exc)
+            self._give_up("write", photo, exc)
             return False
         return True
+
+    def _give_up(self, what: str, photo: str, exc: Exception) -> None:
+        """One storage error turns the cache off for the rest of this process: a store that
+        is down would otherwise cost its retries and timeouts on every photo."""
+        self.off = True
+        log.warning("crop cache: cannot %s %s (%s); the cache is off for the rest of this "
+                    "process, the run goes on", what, self.location(photo), exc)

@@ -27,12 +27,17 @@ def stage_record(name: str, out_dir: str | Path) -> Iterator[dict[str, Any]]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / STAGE_FILE, json.dumps(record, indent=2, default=str))
+    push_record(name, record, out)
+
+
+def push_record(name: str, record: dict[str, Any], out_dir: str | Path) -> None:
+    """Push a stage record's figures to the Pushgateway (``PUSHGATEWAY_URL``), if set."""
     from triview import metrics
 
     try:
-        metrics.push(name, metrics.stage_values(record), metrics.run_id_for(out))
+        metrics.push(name, metrics.stage_values(record), metrics.run_id_for(Path(out_dir)))
     except Exception as exc:  # observability must never fail a stage that succeeded
-        warnings.warn(f"metrics for {name} not pushed: {exc!r}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"metrics for {name} not pushed: {exc!r}", RuntimeWarning, stacklevel=3)
 
 
 def read_stage_records(run_dir: str | Path) -> dict[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from triview.params import stage_config
-from triview.runinfo import STAGE_FILE, stage_record
+from triview.runinfo import STAGE_FILE, push_record, stage_record
 
 if TYPE_CHECKING:
     import numpy as np
@@ -232,6 +232,10 @@ def _train_branch_on_nodes(artifact_uris: dict[str, str], view: str, out_dir: Fo
     from triview import storage
     from triview import trainjob as tj
 
+    for name in ("checkpoint_root", "cache_root"):  # written by the nodes
+        if params.get(name) and not storage.is_s3(params[name]):
+            raise tj.TrainJobError(f"nodes > 1: {name}={params[name]!r} is a path in this pod, "
+                                   f"which the TrainJob's nodes cannot see; use an s3:// prefix")
     inputs = {k: tj.artifact_location(artifact_uris[k]) if artifact_uris.get(k) else None
               for k in ("views", "augmented", "balance")}
     output = tj.artifact_location(artifact_uris["out"])
@@ -239,7 +243,9 @@ def _train_branch_on_nodes(artifact_uris: dict[str, str], view: str, out_dir: Fo
     spec = tj.node_spec(inputs, output, view, params, run_id, repeat)
     tj.run(tj.train_job(tj.job_name(run_id, view, seed, repeat), spec, nodes, opts), opts=opts)
     storage.default_store().download_tree(output, out_dir)
-    return json.loads((Path(out_dir) / STAGE_FILE).read_text())
+    rec = json.loads((Path(out_dir) / STAGE_FILE).read_text())
+    push_record(rec["stage"], rec, out_dir)  # the nodes cannot reach the Pushgateway; the task can
+    return rec
 
 
 def train_branch_node(spec: dict) -> None:

@@ -39,10 +39,12 @@ GROUP, VERSION, KIND, PLURAL = "trainer.kubeflow.org", "v1alpha1", "TrainJob", "
 API_VERSION = f"{GROUP}/{VERSION}"
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 GPU_IMAGE = "ghcr.io/triview/triview-gpu:0.1.0"
+#: How long before the task pod's timeout the job's deadline and the task's wait end.
+WAIT_MARGIN_S = 300
 #: The label every node pod carries (the multinode NetworkPolicy selects it).
 NODE_LABEL = "triview.io/trainjob-node"
 #: The task's S3 settings (not secrets) that the nodes get too (see triview.storage).
-S3_SETTINGS = ("S3_SECURE", "S3_VERIFY_TLS", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_REGION")
+S3_SETTINGS = ("S3_VERIFY_TLS", "SSL_CERT_FILE", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_REGION")
 
 
 class TrainJobError(RuntimeError):
@@ -70,14 +72,16 @@ class TrainJobOptions:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "TrainJobOptions":
         """``TRIVIEW_TRAINJOB_<FIELD>`` variables over the defaults; the namespace defaults to
-        the pod's own, the S3 endpoint and settings to the task's."""
+        the pod's own, the S3 endpoint (with its TLS choice) and settings to the task's."""
         env = os.environ if env is None else env
+        from triview.storage import S3Config
+
         opts = cls()
         ns_file = Path(SA_NAMESPACE_FILE)
         if ns_file.is_file():
             opts.namespace = ns_file.read_text().strip() or opts.namespace
-        if env.get("S3_ENDPOINT"):
-            opts.s3_endpoint = env["S3_ENDPOINT"]
+        s3 = S3Config.from_env(env)  # the endpoint the task itself uses, whichever variable set it
+        opts.s3_endpoint = f"{'https' if s3.secure else 'http'}://{s3.endpoint}"
         opts.s3_settings = {k: env[k] for k in S3_SETTINGS if env.get(k)}
         for name in cls.__dataclass_fields__:
             value = env.get(f"TRIVIEW_TRAINJOB_{name.upper()}")
@@ -99,10 +103,13 @@ class TrainJobOptions:
                timeout_s: int) -> dict[str, str]:
         """The ``TRIVIEW_TRAINJOB_*`` variables that carry compile-time platform options
         to the train-branch task (``pipelines/platform.py``)."""
+        gpu_nodes = gpus > 0  # the GPU pool and its taint are for GPU nodes only
+        # the job's deadline, and the task's wait, end WAIT_MARGIN_S before the task pod's
+        # own timeout, so the task is still there to delete the job
         values = {"image": image, "gpus": gpus, "cpu": cpu, "memory": memory,
-                  "minio_secret": minio_secret, "timeout_s": timeout_s,
-                  "node_selector": "=".join(node_selector) if node_selector else "",
-                  "toleration": toleration or ""}
+                  "minio_secret": minio_secret, "timeout_s": max(60, timeout_s - WAIT_MARGIN_S),
+                  "node_selector": "=".join(node_selector) if node_selector and gpu_nodes else "",
+                  "toleration": toleration if toleration and gpu_nodes else ""}
         return {f"TRIVIEW_TRAINJOB_{k.upper()}": str(v) for k, v in values.items() if v != ""}
 
 
@@ -144,7 +151,9 @@ def train_job(name: str, spec: dict, nodes: int, opts: TrainJobOptions) -> dict:
         for k, env in (("accesskey", "AWS_ACCESS_KEY_ID"), ("secretkey", "AWS_SECRET_ACCESS_KEY"))]
     env = [*secret, m.IoK8sApiCoreV1EnvVar(name="S3_ENDPOINT", value=opts.s3_endpoint),
            *(m.IoK8sApiCoreV1EnvVar(name=k, value=v) for k, v in sorted(opts.s3_settings.items())),
-           m.IoK8sApiCoreV1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib")]
+           m.IoK8sApiCoreV1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"),
+           # CPU nodes see no GPU even where the NVIDIA runtime is the node's default
+           *([m.IoK8sApiCoreV1EnvVar(name="NVIDIA_VISIBLE_DEVICES", value="void")] if not opts.gpus else [])]
     quantity = m.IoK8sApimachineryPkgApiResourceQuantity
     requests = {"cpu": quantity(opts.cpu), "memory": quantity(opts.memory)}
     limits = {**requests, **({"nvidia.com/gpu": quantity(str(opts.gpus))} if opts.gpus else {})}
@@ -153,10 +162,14 @@ def train_job(name: str, spec: dict, nodes: int, opts: TrainJobOptions) -> dict:
         args=["--trainjob", json.dumps(spec, sort_keys=True)], env=env, num_nodes=nodes,
         num_proc_per_node=max(1, opts.gpus),
         resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(requests=requests, limits=limits))
+    # /dev/shm in memory: DataLoader workers and NCCL between a node's processes need more
+    # than the runtime's default 64 MiB
     pod = {"serviceAccountName": opts.service_account, "securityContext": restricted_pod_security(),
-           "volumes": [{"name": "tmp", "emptyDir": {}}],
+           "volumes": [{"name": "tmp", "emptyDir": {}},
+                       {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
            "containers": [{"name": "node", "securityContext": restricted_container_security(),
-                           "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}]}
+                           "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                                            {"name": "dshm", "mountPath": "/dev/shm"}]}]}
     if opts.node_selector:
         key, _, value = opts.node_selector.partition("=")
         pod["nodeSelector"] = {key: value}
@@ -206,6 +219,9 @@ def run(job: dict, api_client=None, opts: TrainJobOptions | None = None, log=pri
     if old is not None and finished(old)[1]:
         log(f"TrainJob {meta['name']} failed before ({finished(old)[1]}): deleting it to train again")
         _delete(dyn, resource, meta, opts)
+    elif old is not None and (old.get("metadata") or {}).get("deletionTimestamp"):
+        log(f"TrainJob {meta['name']} is being deleted (an earlier attempt gave up): waiting")
+        _wait_gone(dyn, resource, meta, opts)
     try:
         apply([job], api_client)
     except DeployError as exc:
@@ -216,7 +232,15 @@ def run(job: dict, api_client=None, opts: TrainJobOptions | None = None, log=pri
         try:
             deadline = time.monotonic() + opts.timeout_s
             while True:
-                obj = _get(dyn, resource, meta) or {}
+                try:
+                    obj = _get(dyn, resource, meta)
+                except Exception as exc:  # noqa: BLE001  (an API hiccup is not the job's end)
+                    log(f"TrainJob {meta['name']}: cannot read its status ({exc}); trying again")
+                    obj = {}
+                if obj is None:
+                    done = True  # nothing left to delete
+                    raise TrainJobError(f"TrainJob {meta['name']} was deleted by someone else "
+                                        f"before it finished")
                 done, failure = finished(obj)
                 if done and failure:
                     raise TrainJobError(f"TrainJob {meta['name']} failed: {failure}")
@@ -249,10 +273,15 @@ def _delete(dyn, resource, meta: dict, opts: TrainJobOptions, wait: bool = True)
                    body={"propagationPolicy": "Foreground"})
     except NotFoundError:
         return
-    deadline = time.monotonic() + 600
-    while wait and _get(dyn, resource, meta) is not None:
+    if wait:
+        _wait_gone(dyn, resource, meta, opts)
+
+
+def _wait_gone(dyn, resource, meta: dict, opts: TrainJobOptions, limit_s: float = 600) -> None:
+    deadline = time.monotonic() + limit_s
+    while _get(dyn, resource, meta) is not None:
         if time.monotonic() > deadline:
-            raise TrainJobError(f"TrainJob {meta['name']} was not deleted within 600 s")
+            raise TrainJobError(f"TrainJob {meta['name']} was not deleted within {limit_s:g} s")
         time.sleep(opts.poll_s)
 
 

@@ -8,8 +8,9 @@ normalisation, memory format, device type, torch's version and :data:`FEATURE_VE
 (raised when the feature code changes); the key of a crop is a digest of its pixels.
 Weights, crops, image size, normalisation and library therefore all take part, and nothing
 that changes the features can hit a stale entry. A shard that cannot be read or is damaged
-is skipped (its crops are computed again), and a store that cannot be written is skipped
-with a warning: the run never fails because of its cache. Entries live under ``root/<network>/`` as
+is skipped (its crops are computed again), and a store that fails (a storage error on
+listing or writing) is turned off for the rest of the process with one warning: the run
+never fails because of its cache. Entries live under ``root/<network>/`` as
 ``.npz`` shards (crop digests and float32 features), each written atomically (a local
 rename or one S3 PUT), so several processes may fill one store. ``root`` is a folder or an
 ``s3://`` prefix: a tuning study keeps its store in a folder, the pipeline's ``cache_root``
@@ -88,6 +89,12 @@ class FeatureStore:
         self._tables: dict[str, dict[str, np.ndarray]] = {}
         self.computed = 0  # crops whose features this process computed ...
         self.reused = 0    # ... and read from the store
+        self.off = False   # set by the first storage error: the store is not used again
+
+    def _give_up(self, what: str, where: str, exc: Exception) -> None:
+        self.off = True
+        log.warning("feature store: cannot %s %s (%s); the store is off for the rest of this "
+                    "process, features are computed", what, where, exc)
 
     @classmethod
     def open(cls, root: str | Path, threads: int | None = None) -> "FeatureStore":
@@ -105,11 +112,12 @@ class FeatureStore:
         if table is None:
             table = {}
             folder = storage.join(self.root, net_key)
-            try:
-                names = storage.children(folder)
-            except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
-                log.warning("feature store: cannot list %s (%s); computing features", folder, exc)
-                names = []
+            names = []
+            if not self.off:
+                try:
+                    names = storage.children(folder)
+                except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
+                    self._give_up("list", folder, exc)
             for name in names:
                 if name.startswith(".") or not name.endswith(".npz"):  # one still being written
                     continue
@@ -140,10 +148,11 @@ class FeatureStore:
             buf = io.BytesIO()
             np.savez(buf, keys=new_keys, features=fresh)
             where = storage.join(self.root, net_key, f"{name}.npz")
-            try:
-                storage.atomic_write_bytes(where, buf.getvalue())
-            except Exception as exc:  # noqa: BLE001  (kept in this process; the run goes on)
-                log.warning("feature store: cannot write %s (%s); the run goes on", where, exc)
+            if not self.off:
+                try:
+                    storage.atomic_write_bytes(where, buf.getvalue())
+                except Exception as exc:  # noqa: BLE001  (kept in this process; the run goes on)
+                    self._give_up("write", where, exc)
             table.update(zip(new_keys.tolist(), fresh))
         self.computed += len(missing)
         self.reused += len(keys) - len(missing)
