@@ -23,6 +23,18 @@ DIGITS_TRAIN = {k: v for k, v in load_preset("digits").items() if k in names("tr
 DIGITS_AUGMENT = {k: v for k, v in load_preset("digits").items() if k in names("augment")}
 
 
+@pytest.fixture(autouse=True)
+def _the_real_print():
+    """kfp.local indents task logs by swapping ``builtins.print``; when a ParallelFor runs
+    tasks in threads, the swaps can interleave and leave the indenting print in place for
+    every later test. Put the real one back after each test."""
+    import builtins
+
+    real = builtins.print
+    yield
+    builtins.print = real
+
+
 def digits_train(**overrides) -> dict:
     """The digits training parameters with ``overrides``."""
     return {**DIGITS_TRAIN, **overrides}

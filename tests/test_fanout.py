@@ -3,6 +3,7 @@
 collect-views): the merged views are what one task writes, byte for byte, and a shard set
 that is incomplete, repeated or mixed is refused."""
 
+import builtins
 import json
 import shutil
 import sys
@@ -122,7 +123,13 @@ def test_the_fan_out_runs_on_kfp_local_and_merges_to_one_task(ingested, tmp_path
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
                raise_on_error=True)
-    merged = Path(fan_out(data=str(data)).output.path)
+    # kfp.local indents task logs by swapping builtins.print; with a ParallelFor its swaps can
+    # interleave and leave the indenting print in place: put the real one back
+    real_print = builtins.print
+    try:
+        merged = Path(fan_out(data=str(data)).output.path)
+    finally:
+        builtins.print = real_print
     single = tmp_path / "single"
     calibrate_and_crop_stage(ingested, single, **CROP)
     a, b = _tree(merged), _tree(single)
