@@ -14,7 +14,8 @@ overhead = median triview epoch time / median plain epoch time - 1
 
 The whole epoch (``whole_epoch`` in the JSON) is timed as well: triview's ``fit`` (the
 digits preset's training: training step, BatchNorm recalibration over the training images,
-validation macro-F1, best- and last-checkpoint writes every epoch) against a plain loop
+validation macro-F1, best- and last-checkpoint writes every epoch; no head phase, as the
+preset's ``head_folds: 0``) against a plain loop
 that trains and runs the same validation (predict the validation crops, macro-F1, keep the
 best weights in memory) and nothing else. Rounds alternate the order of the two sides.
 
@@ -93,7 +94,8 @@ def whole_epochs(args, data: ViewData, val: ViewData) -> dict:
 
     epochs, rounds = args.whole_epochs, args.whole_rounds
     config = TrainConfig(backbone=args.backbone, batch_size=args.batch_size, epochs=epochs,
-                         weights="none", head_epochs=0, freeze_bn=False, normalization="imagenet",
+                         weights="none", head_epochs=0, head_folds=0, freeze_bn=False,
+                         normalization="imagenet",
                          backbone_lr_scale=1.0, precise_bn=args.precise_bn)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     classes = [str(c) for c in range(10)]

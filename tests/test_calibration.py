@@ -198,7 +198,7 @@ def test_bad_calibration_inputs_are_clear_errors(tmp_path, capsys):
 
 def test_calibrate_and_crop_stage_calibrates_saves_and_applies_the_lens(ingested, cropped, tmp_path):
     from triview import manifest as mf
-    from triview.crop import read_geometry, read_rgb
+    from triview.crop import read_crop, read_geometry
     from triview.stages import calibrate_and_crop_stage
 
     data = _opencv_samples()
@@ -213,11 +213,11 @@ def test_calibrate_and_crop_stage_calibrates_saves_and_applies_the_lens(ingested
     assert lens.K == saved.K and tuple(lens.image_size) == (640, 480)
     views, plain = mf.read_views(out), mf.read_views(cropped)
     assert len(views) == len(plain)
-    a = read_rgb(out / views["path"].iloc[0]).astype(float)
-    b = read_rgb(cropped / plain["path"].iloc[0]).astype(float)
+    a = read_crop(out, views["path"].iloc[0]).astype(float)
+    b = read_crop(cropped, plain["path"].iloc[0]).astype(float)
     assert np.abs(a - b).mean() > 1  # the lens changed the pixels
     # and the saved calibration is reusable as calibration_file
     again = calibrate_and_crop_stage(ingested, tmp_path / "again", image_size=32,
                                      calibration_file=str(out / "calibration.json"))
     assert again["lens"] == "calibrated"
-    assert np.array_equal(read_rgb(tmp_path / "again" / views["path"].iloc[0]).astype(float), a)
+    assert np.array_equal(read_crop(tmp_path / "again", views["path"].iloc[0]).astype(float), a)

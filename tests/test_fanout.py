@@ -1,7 +1,8 @@
 """calibrate-and-crop fanned out over shards of the manifest (``triview compile
 --crop-shards N``: a ``dsl.ParallelFor`` of calibrate-and-crop tasks, merged by
-collect-views): the merged views are what one task writes, byte for byte, and a shard set
-that is incomplete, repeated or mixed is refused."""
+collect-views): the merged views hold what one task writes (the same table, the same
+crop bytes, in the same order), and a shard set that is incomplete, repeated or mixed is
+refused."""
 
 import builtins
 import json
@@ -26,6 +27,20 @@ def ingested(tmp_path_factory):
     return root / "ingest"
 
 
+def _contents(folder: Path) -> dict:
+    """A views folder's files other than its crop shards and index, with views.csv's
+    crop references replaced by the crops' bytes (read through the index)."""
+    from triview import manifest as mf
+    from triview.shards import INDEX_FILE, read_member
+
+    files = {k: v for k, v in _tree(folder).items()
+             if not k.startswith("crops/") and k not in ("stage.json", INDEX_FILE)}
+    table = mf.read_views(folder)
+    files["views.csv"] = table.drop(columns="path").to_csv(index=False)
+    files["crops"] = [read_member(folder, ref) for ref in table["path"]]
+    return files
+
+
 def _shards(ingested, root: Path, shards: int, **params) -> list[Path]:
     from triview.stages import calibrate_and_crop_stage
 
@@ -38,7 +53,7 @@ def _shards(ingested, root: Path, shards: int, **params) -> list[Path]:
     return out
 
 
-def test_shards_collected_are_one_task_byte_for_byte(ingested, tmp_path):
+def test_shards_collected_are_what_one_task_writes(ingested, tmp_path):
     from triview import manifest as mf
     from triview.stages import calibrate_and_crop_stage, collect_views_stage
 
@@ -49,10 +64,16 @@ def test_shards_collected_are_one_task_byte_for_byte(ingested, tmp_path):
     rec = collect_views_stage(list(reversed(parts)), tmp_path / "merged")  # any order
     assert (rec["items_in"], rec["items_out"], rec["shards"]) == (whole["items_in"], whole["items_out"], 4)
     assert rec["views"] == whole["views"]
-    merged, single = _tree(tmp_path / "merged"), _tree(tmp_path / "whole")
-    for name in ("stage.json",):
-        merged.pop(name), single.pop(name)
-    assert merged == single  # views.csv, classes.json, geometry.json and every crop
+    assert _contents(tmp_path / "merged") == _contents(tmp_path / "whole")
+    # the parts' shards are copied whole, renumbered per view and split
+    merged = sorted(p.relative_to(tmp_path / "merged").as_posix()
+                    for p in (tmp_path / "merged" / "crops").rglob("*.tar"))
+    expected = []
+    for view in sorted(rec["views"]):
+        for split in ("test", "train", "val"):
+            n = sum((p / "crops" / view / split / "000000.tar").is_file() for p in parts)
+            expected += [f"crops/{view}/{split}/{k:06d}.tar" for k in range(n)]
+    assert merged == expected and len(merged) > 3 * 3
 
 
 def test_cache_counts_add_up_over_shards(ingested, tmp_path):
@@ -91,11 +112,23 @@ def test_a_crop_path_that_leaves_its_shard_is_refused(ingested, tmp_path):
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"outside")
     table = mf.read_views(parts[1])
-    table.loc[0, "path"] = "crops/../../secret.png"
-    mf.write_views(table, parts[1])
-    with pytest.raises(ValueError, match="is not below crops/"):
-        collect_views_stage(parts, tmp_path / "m")
-    assert not (tmp_path / "m" / "secret.png").exists()
+    for ref in ("crops/../../secret.png", "../secret.png#x.png", "crops/whole/train/000009.tar#x.png"):
+        table.loc[0, "path"] = ref
+        mf.write_views(table, parts[1])
+        with pytest.raises(ValueError, match="is not a member of a shard below crops/"):
+            collect_views_stage(parts, tmp_path / "m")
+        assert not (tmp_path / "m" / "secret.png").exists()
+    # a shard outside crops/<view>/<split>/ in a part's index
+    original = (parts[1] / "shards.json").read_text()
+    name = sorted(json.loads(original)["shards"])[0]
+    view = name.split("/")[1]
+    for bad in (f"crops/{view}/000000.tar", f"crops/{view}/holdout/000000.tar",
+                "crops/sideways/train/000000.tar"):
+        index = json.loads(original)
+        index["shards"][bad] = index["shards"].pop(name)
+        (parts[1] / "shards.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=r"is not below crops/<view>/<split>/"):
+            collect_views_stage(parts, tmp_path / "m")
 
 
 @pytest.mark.slow
@@ -132,13 +165,9 @@ def test_the_fan_out_runs_on_kfp_local_and_merges_to_one_task(ingested, tmp_path
         builtins.print = real_print
     single = tmp_path / "single"
     calibrate_and_crop_stage(ingested, single, **CROP)
-    a, b = _tree(merged), _tree(single)
-    stage = json.loads(a.pop("stage.json"))
-    b.pop("stage.json")
+    stage = json.loads((merged / "stage.json").read_text())
     assert stage["shards"] == 3 and stage["items_in"] == 23
-    assert a.keys() == b.keys() and a["views.csv"] == b["views.csv"]
-    assert {k: v for k, v in a.items() if k.startswith("crops/")} == \
-        {k: v for k, v in b.items() if k.startswith("crops/")}
+    assert _contents(merged) == _contents(single)
 
 
 def test_the_compiled_fan_out(tmp_path, capsys):

@@ -20,6 +20,8 @@ def test_stage_metrics_reach_a_real_pushgateway(pushgateway, tmp_path, monkeypat
     assert 'triview_items_in{instance="",job="triview",run_id="run-42",stage="ingest"} 12' in text
     assert 'triview_quarantined{instance="",job="triview",run_id="run-42",stage="ingest"} 2' in text
     assert 'triview_stage_duration_seconds{instance="",job="triview",run_id="run-42",stage="ingest"}' in text
+    assert 'triview_peak_rss_bytes{instance="",job="triview",run_id="run-42",stage="ingest"}' in text
+    assert 'triview_output_files{instance="",job="triview",run_id="run-42",stage="ingest"} 1' in text
     assert 'triview_val_macro_f1{instance="",job="triview",run_id="run-42",stage="train-branch-left"} 0.9' in text
 
 
@@ -64,3 +66,36 @@ def test_training_epochs_and_stage_figures_are_read_back(pushgateway, cropped, b
     assert value("items_out", "evaluate") == 40
     assert value("test_ensemble_macro_f1", "evaluate") == 0.75
     assert value("test_left_macro_f1", "evaluate") == 0.5
+
+
+def test_a_stage_record_holds_the_task_process_peak_memory_and_its_output_files(tmp_path):
+    """Each KFP task is its own process: the record's peak RSS is that task's (a child it
+    waited for, such as a torchrun rank, counts too), and output_files counts the
+    objects its artifact folder will upload."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import subprocess, sys
+from pathlib import Path
+from triview.runinfo import stage_record
+out, mb, child = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+with stage_record("probe", out) as rec:
+    (out / "crops").mkdir(parents=True)
+    for i in range(3):
+        (out / "crops" / f"{i}.tar").write_bytes(b"x")
+    if child:
+        subprocess.run([sys.executable, "-c", f"b = bytearray({mb} << 20); b[::4096] = b'1' * len(b[::4096])"], check=True)
+    else:
+        block = bytearray(mb << 20)
+        block[::4096] = b"1" * len(block[::4096])
+"""
+    peaks = {}
+    for name, mb, child in (("small", 0, 0), ("big", 400, 0), ("child", 400, 1)):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name), str(mb), str(child)], check=True)
+        rec = json.loads((tmp_path / name / "stage.json").read_text())
+        assert rec["output_files"] == 4  # three crops and stage.json itself
+        peaks[name] = rec["peak_rss_bytes"]
+    assert peaks["big"] >= peaks["small"] + (350 << 20)
+    assert peaks["child"] >= 400 << 20

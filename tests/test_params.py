@@ -138,7 +138,7 @@ def test_cli_params_lists_the_spec(capsys):
 #: ones, never a higher one (stages above the stage modules, the CLI on top).
 LAYERS = [
     {"backbones", "params", "storage", "demo", "progress"},
-    {"manifest", "runinfo", "metrics", "cropcache"},
+    {"manifest", "runinfo", "metrics", "cropcache", "shards"},
     {"scoring", "artifacts", "paired", "temperature"},
     {"calibration", "crop", "validate", "dataroot", "sources", "customvision", "datastats", "ingest", "balance", "augment",
      "models", "weights", "distributed", "registry", "report", "gradcam", "timing", "summary",

@@ -15,7 +15,7 @@ def digits_config(**overrides) -> AugmentConfig:
     """The digits demo's augmentation (the spec's defaults serve photos), with ``overrides``."""
     return AugmentConfig(**{**stage_config("augment", DIGITS_AUGMENT), **overrides})
 from triview.balance import inverse_frequency_weights, read_balance
-from triview.crop import CropGeometry, LensModel, crop_views, read_rgb, undistort_maps, view_boxes
+from triview.crop import CropGeometry, LensModel, crop_views, read_crop, read_rgb, undistort_maps, view_boxes
 
 
 def test_view_boxes_overlap_and_cover_the_image():
@@ -65,7 +65,7 @@ def test_calibrate_and_crop_keeps_ids_splits_and_labels(ingested, cropped):
     assert (per_image["sources"] == 1).all()
     merged = views.merge(images[["image_id", "split", "label"]], on="image_id", suffixes=("", "_img"))
     assert (merged["split"] == merged["split_img"]).all() and (merged["label"] == merged["label_img"]).all()
-    crop = read_rgb(cropped / views["path"].iloc[0])
+    crop = read_crop(cropped, views["path"].iloc[0])
     assert crop.shape == (32, 32, 3)
     geometry = json.loads((cropped / "geometry.json").read_text())
     assert geometry["views"] == ["left", "center", "right"] and geometry["lens"]["K"] is None
@@ -94,10 +94,13 @@ def test_augment_touches_train_only_and_is_deterministic(cropped, augmented, tmp
     again = tmp_path / "again"
     augment(cropped, again, digits_config(copies=1, seed=0))
     first = aug["path"].iloc[0]
-    assert np.array_equal(read_rgb(augmented / first), read_rgb(again / first))
-    original = read_rgb(cropped / views[views["image_id"] == aug["image_id"].iloc[0]]
-                        .query("view == @aug.view.iloc[0]")["path"].iloc[0])
-    assert not np.array_equal(original, read_rgb(augmented / first))
+    assert np.array_equal(read_crop(augmented, first), read_crop(again, first))
+    original = read_crop(cropped, views[views["image_id"] == aug["image_id"].iloc[0]]
+                         .query("view == @aug.view.iloc[0]")["path"].iloc[0])
+    assert not np.array_equal(original, read_crop(augmented, first))
+    # the copies travel as shards per view, all training crops
+    assert {ref.split("#")[0].rsplit("/", 1)[0] for ref in aug["path"]} == \
+        {f"augmented/{v}/train" for v in set(aug["view"])}
 
 
 def test_noise_sigma_is_a_fraction_of_the_range():

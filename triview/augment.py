@@ -9,6 +9,7 @@ augmentations here, never a normalisation applied to every image.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -18,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from triview import manifest as mf
-from triview.crop import read_rgb, write_png
+from triview.crop import encode_png, read_crop, write_png
 from triview.params import config_class
+from triview.shards import ShardWriter, write_index
 
 AUG_DIR = "augmented"
 BORDER_MODES = {
@@ -148,16 +150,21 @@ def augment(views_dir: str | Path, out_dir: str | Path, config: AugmentConfig) -
     save_config(config, out)
     sample = train.drop_duplicates("view").head(3) if len(train) else train
     if len(sample):
-        preview_grid([read_rgb(src / p) for p in sample["path"]], config, out / PREVIEW_FILE)
+        preview_grid([read_crop(src, p) for p in sample["path"]], config, out / PREVIEW_FILE)
     rows = []
     copies = config.copies if config.mode == "offline" else 0
-    for rec in train.itertuples(index=False):
-        image = read_rgb(src / rec.path)
-        for k in range(1, copies + 1):
-            aug = augment_image(image, config, _rng(config.seed, rec.image_id, rec.view, k))
-            rel = f"{AUG_DIR}/{rec.view}/{rec.image_id}_{k}.png"
-            write_png(out / rel, aug)
-            rows.append({**rec._asdict(), "path": rel, "augmented": k})
+    writers = {view: ShardWriter(out, f"{AUG_DIR}/{view}/train") for view in train["view"].unique()} \
+        if copies else {}
+    with contextlib.ExitStack() as stack:
+        for writer in writers.values():
+            stack.enter_context(writer)
+        for rec in train.itertuples(index=False):
+            image = read_crop(src, rec.path)
+            for k in range(1, copies + 1):
+                aug = augment_image(image, config, _rng(config.seed, rec.image_id, rec.view, k))
+                ref = writers[rec.view].add(f"{rec.image_id}_{k}.png", encode_png(aug))
+                rows.append({**rec._asdict(), "path": ref, "augmented": k})
+    write_index(out, {name: entry for w in writers.values() for name, entry in w.entries.items()})
     table = pd.DataFrame(rows, columns=list(mf.VIEW_COLUMNS))
     mf.write_views(table, out)
     mf.write_classes(mf.read_classes(src), out)

@@ -6,10 +6,11 @@ The lens model is the identity when no calibration is given; a calibrated model
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import cv2
@@ -18,6 +19,8 @@ import numpy as np
 from triview.params import defaults
 
 DEFAULTS = defaults("calibrate-and-crop")
+from triview.shards import (SHARD_BYTES, ShardWriter, copy_shards, member_ref, read_index, split_ref,
+                            write_index)
 from triview.storage import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:  # pandas only where the manifest is written: the predictor runs without it
@@ -385,6 +388,17 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def read_crop(folder: str | Path, ref: str) -> np.ndarray:
+    """One crop of a views table as RGB: ``ref`` is the row's ``path``, a shard member
+    (:mod:`triview.shards`) or a plain file in ``folder``."""
+    from triview.shards import read_member
+
+    image = cv2.imdecode(np.frombuffer(read_member(folder, ref), np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot decode crop {ref} in {folder}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def encode_png(rgb: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -473,11 +487,11 @@ def crop_recipe(lens: LensModel, geometry: CropGeometry) -> dict:
     return {"lens": asdict(lens), "geometry": asdict(geometry), "supersample": SUPERSAMPLE}
 
 
-def _crop_task(args: tuple[str, str, str]) -> tuple[list[str], bool]:
+def _crop_task(args: tuple[str, str]) -> tuple[dict[str, bytes], bool]:
     """Crop one stored photo into its view PNGs; True with them when they came from the cache."""
     from triview.cropcache import photo_digest
 
-    src, out_dir, image_id = args
+    src, image_id = args
     data = Path(src).read_bytes()
     jpeg = Path(src).suffix.lower() in _JPEG_SUFFIXES
     key = photo_digest(data, jpeg) if _CACHE is not None else ""
@@ -487,22 +501,20 @@ def _crop_task(args: tuple[str, str, str]) -> tuple[list[str], bool]:
         pngs = {view: encode_png(crop) for view, crop in _WORKER.views_of_bytes(data, jpeg).items()}
         if _CACHE is not None:
             _CACHE.put(key, pngs)
-    rels = []
-    for view in _WORKER.geometry.views:
-        rel = f"{CROPS_DIR}/{view}/{image_id}.png"
-        with atomic_path(Path(out_dir) / rel) as tmp:
-            tmp.write_bytes(pngs[view])
-        rels.append(rel)
-    return rels, hit
+    return pngs, hit
 
 
 def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: CropGeometry,
                        lens: LensModel | None = None, workers: int = 0,
-                       cache_root: str = "", part: tuple[int, int] = (0, 1)) -> pd.DataFrame:
+                       cache_root: str = "", part: tuple[int, int] = (0, 1),
+                       shard_bytes: int = SHARD_BYTES) -> pd.DataFrame:
     """Crop every manifest image into views under ``out_dir``; write ``views.csv``.
 
     Views are materialised as small PNGs (image_size²): decoding a full photo costs far
-    more than reading a crop, so each photo is decoded once, not once per epoch.
+    more than reading a crop, so each photo is decoded once, not once per epoch. They are
+    written into WebDataset tar shards per view and split (``crops/<view>/<split>/``,
+    :mod:`triview.shards`, at most ``shard_bytes`` each) with an index, in manifest order,
+    so that a reader of one view's training crops reads nothing else.
     ``workers`` processes share the work (0: one per core; small inputs stay in-process).
     ``cache_root`` (a folder or ``s3://`` prefix): the content-addressed crop cache
     (:mod:`triview.cropcache`); photos cropped before with the same lens and geometry are
@@ -529,27 +541,34 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     photos = len(table)
     if shards > 1:
         table = table.iloc[shard * photos // shards:(shard + 1) * photos // shards]
-    for view in geometry.views:
-        (out / CROPS_DIR / view).mkdir(parents=True, exist_ok=True)
-    tasks = [(str(src / rec.path), str(out), rec.image_id) for rec in table.itertuples(index=False)]
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [(str(src / rec.path), rec.image_id) for rec in table.itertuples(index=False)]
     workers = workers or (os.cpu_count() or 1)
-    if workers > 1 and len(tasks) >= 200:
-        # forkserver: forking a parent whose OpenCV/OpenMP threads are running can deadlock
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                                 initializer=_init_worker,
-                                 initargs=(lens, geometry, cache_root)) as pool:
-            results = list(pool.map(_crop_task, tasks, chunksize=64))
-    else:
-        _init_worker(lens, geometry, cache_root)
-        results = [_crop_task(t) for t in tasks]
-    rows = []
-    for rec, (rels, _) in zip(table.itertuples(index=False), results):
-        for view, rel in zip(geometry.views, rels):
-            rows.append({"image_id": rec.image_id, "view": view, "path": rel, "label": rec.label,
-                         "labels": rec.labels, "source_id": rec.source_id, "split": rec.split,
-                         "augmented": 0})
+    rows, hits = [], 0
+    writers = {(view, split): ShardWriter(out, f"{CROPS_DIR}/{view}/{split}", shard_bytes)
+               for view in geometry.views for split in mf.SPLITS}
+    with contextlib.ExitStack() as stack:
+        for writer in writers.values():
+            stack.enter_context(writer)
+        if workers > 1 and len(tasks) >= 200:
+            # forkserver: forking a parent whose OpenCV/OpenMP threads are running can deadlock
+            pool = stack.enter_context(ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_init_worker, initargs=(lens, geometry, cache_root)))
+            results = pool.map(_crop_task, tasks, chunksize=64)  # in order, consumed as they come
+        else:
+            _init_worker(lens, geometry, cache_root)
+            results = map(_crop_task, tasks)
+        for rec, (pngs, hit) in zip(table.itertuples(index=False), results):
+            hits += hit
+            for view in geometry.views:
+                rows.append({"image_id": rec.image_id, "view": view,
+                             "path": writers[view, rec.split].add(f"{rec.image_id}.png", pngs[view]),
+                             "label": rec.label, "labels": rec.labels, "source_id": rec.source_id,
+                             "split": rec.split, "augmented": 0})
+    write_index(out, {name: entry for w in writers.values() for name, entry in w.entries.items()})
     views = pd.DataFrame(rows, columns=list(mf.VIEW_COLUMNS))
-    views.attrs["cache_hits"] = sum(hit for _, hit in results)
+    views.attrs["cache_hits"] = hits
     mf.write_views(views, out)
     mf.write_classes(mf.read_classes(src), out)
     atomic_write_text(out / GEOMETRY_FILE, json.dumps(
@@ -565,9 +584,8 @@ def collect_parts(part_dirs: list[str | Path], out_dir: str | Path) -> pd.DataFr
     one folder that is what a single calibrate-and-crop would have written: the crops, one
     ``views.csv`` in manifest order, ``classes.json``, ``geometry.json`` (and a calibration).
     A missing or repeated shard, or shards of another geometry, lens or class list, is an
-    error; a crop path that leaves its part's folder is refused."""
-    import shutil
-
+    error; a crop path that is not a member of one of its part's crop shards is refused.
+    The crop shards are copied whole (renumbered per view and split), never unpacked."""
     import pandas as pd
 
     from triview import manifest as mf
@@ -591,16 +609,29 @@ def collect_parts(part_dirs: list[str | Path], out_dir: str | Path) -> pd.DataFr
             raise ValueError(f"{folder} was cropped with another geometry, lens or class list "
                              f"than {first}")
     out = Path(out_dir)
-    tables = []
+    tables, index, counters = [], {}, {}
     for _, folder in parts:
-        table = mf.read_views(folder)
+        table = mf.read_views(folder).copy()
+        shards = read_index(folder)
+        rename = {}
+        for name in shards:  # sorted: per view and split, in writing order
+            series = PurePosixPath(name).parent
+            if series.parent.parent != PurePosixPath(CROPS_DIR) or \
+                    series.parent.name not in geometry["views"] or series.name not in mf.SPLITS:
+                raise ValueError(f"{folder}: shard {name!r} is not below {CROPS_DIR}/<view>/<split>/")
+            rename[name] = f"{series}/{counters.setdefault(series, 0):06d}.tar"
+            counters[series] += 1
+        paths = []
         for rel in table["path"]:
-            path = Path(rel)
-            if path.is_absolute() or ".." in path.parts or path.parts[:1] != (CROPS_DIR,):
-                raise ValueError(f"{folder}: crop path {rel!r} is not below {CROPS_DIR}/")
-            with atomic_path(out / path) as tmp:
-                shutil.copyfile(folder / path, tmp)
+            shard, member = split_ref(rel)
+            if member is None or shard not in rename:
+                raise ValueError(f"{folder}: crop path {rel!r} is not a member of a shard below "
+                                 f"{CROPS_DIR}/")
+            paths.append(member_ref(rename[shard], member))
+        table["path"] = paths
+        index.update(copy_shards(folder, out, rename))
         tables.append(table)
+    write_index(out, index)
     views = pd.concat(tables, ignore_index=True)
     if views["image_id"].nunique() != parts[0][0]["photos"]:
         raise ValueError(f"the shards hold {views['image_id'].nunique()} photos, the manifest "

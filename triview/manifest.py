@@ -33,7 +33,9 @@ IMAGE_COLUMNS = (
 VIEW_COLUMNS = (
     "image_id",
     "view",       # view name, e.g. left / center / right
-    "path",       # path of the crop, relative to the manifest's folder
+    "path",       # the crop, relative to the manifest's folder: "<shard>.tar#<member>" for a
+                  # crop in a WebDataset shard (triview.shards: how they are written and
+                  # read), or a plain file's path
     "label",
     "labels",
     "source_id",

@@ -66,7 +66,7 @@ def push(stage: str, values: dict[str, float], run_id: str, url: str | None = No
 def stage_values(record: dict) -> dict[str, float]:
     """The numbers of a stage record worth a gauge."""
     values: dict[str, float] = {"stage_duration_seconds": record.get("seconds")}
-    for key in ("items_in", "items_out"):
+    for key in ("items_in", "items_out", "peak_rss_bytes", "output_files"):
         if key in record:
             values[key] = record[key]
     if record.get("items_out") and record.get("seconds"):

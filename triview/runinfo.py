@@ -15,7 +15,8 @@ STAGE_FILE = "stage.json"
 
 @contextlib.contextmanager
 def stage_record(name: str, out_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Time a stage and write ``{"stage", "seconds", ...}`` to ``out_dir/stage.json``.
+    """Time a stage and write ``{"stage", "seconds", "peak_rss_bytes", "output_files", ...}``
+    to ``out_dir/stage.json``.
 
     The caller may add counts to the yielded dict; they are written with the timing and
     pushed to the Pushgateway when ``PUSHGATEWAY_URL`` is set.
@@ -24,10 +25,34 @@ def stage_record(name: str, out_dir: str | Path) -> Iterator[dict[str, Any]]:
     start = time.perf_counter()
     yield record
     record["seconds"] = round(time.perf_counter() - start, 3)
+    record["peak_rss_bytes"] = peak_rss_bytes()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # the files this stage leaves in its folder, stage.json included: on a cluster, the
+    # objects KFP's launcher uploads for this artifact
+    record["output_files"] = 1 + sum(1 for p in out.rglob("*") if p.is_file() and p.name != STAGE_FILE)
     atomic_write_text(out / STAGE_FILE, json.dumps(record, indent=2, default=str))
     push_record(name, record, out)
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process, or of any child it waited for (pool
+    workers, torchrun's ranks), in bytes: in a KFP task, the task's own peak.
+
+    This process's own peak is its address space's high-water mark (``VmHWM`` in
+    /proc/self/status): ``getrusage``'s maxrss for the process itself would carry over the
+    memory of whatever process started it (Linux keeps it across ``exec``)."""
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports kilobytes
+    own = 0
+    try:
+        with open("/proc/self/status") as f:
+            own = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return scale * max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 def push_record(name: str, record: dict[str, Any], out_dir: str | Path) -> None:

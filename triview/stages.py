@@ -427,7 +427,7 @@ def _evaluate_extras(branch_dirs, metas, voter, challenger, histories, views_dir
     table = table[table["augmented"] == 0].set_index(["image_id", "view"])["path"]
 
     def read_crop(image_id: str, view: str):
-        return crop.read_rgb(Path(views_dir) / table.loc[(image_id, view)])
+        return crop.read_crop(views_dir, table.loc[(image_id, view)])
 
     arrays = challenger["_arrays"]
     gallery = gradcam.gradcam_gallery(models, arrays["views"], arrays["y"], arrays["ids"],

@@ -232,6 +232,7 @@ def sample_images(views_dir: str | Path, n: int = 16, dataset_dir: str | Path | 
     (ingest's output) is given, else the test crops of the first view (real test images
     too, only smaller: the server crops them again, the comparison is the same)."""
     from triview import manifest as mf
+    from triview.shards import read_member
 
     rng = np.random.default_rng(seed)
     if dataset_dir is not None:
@@ -241,7 +242,10 @@ def sample_images(views_dir: str | Path, n: int = 16, dataset_dir: str | Path | 
         table = mf.read_views(views_dir)
         first = table["view"].iloc[0]
         rows = table[(table["split"] == "test") & (table["augmented"] == 0) & (table["view"] == first)]
-        paths = [Path(views_dir) / p for p in rows["path"]]
+        refs = list(rows["path"])
+        if len(refs) > n:
+            refs = [refs[i] for i in sorted(rng.choice(len(refs), n, replace=False))]
+        return [read_member(views_dir, ref) for ref in refs]
     if len(paths) > n:
         paths = [paths[i] for i in sorted(rng.choice(len(paths), n, replace=False))]
     return [p.read_bytes() for p in paths]

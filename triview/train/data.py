@@ -11,7 +11,7 @@ import torch
 
 from triview import manifest as mf
 from triview.augment import augment_batch
-from triview.crop import read_rgb
+from triview.crop import read_crop
 
 
 @dataclass
@@ -34,7 +34,7 @@ def load_view(tables: list[tuple[Path, pd.DataFrame]], view: str, split: str,
     for folder, table in tables:
         part = table[(table["view"] == view) & (table["split"] == split)]
         for rec in part.itertuples(index=False):
-            arrays.append(read_rgb(folder / rec.path))
+            arrays.append(read_crop(folder, rec.path))
         if task == "multilabel":
             labels.extend(mf.encode_multilabel(part["labels"], classes).tolist())
         else:

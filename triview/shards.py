@@ -1,0 +1,221 @@
+"""Data contract: crop shards (WebDataset tar files with an index).
+
+calibrate-and-crop and augment write their crops into a few large tar files per view
+instead of one file per crop, so that an artifact holds about N / (samples per shard)
+objects however many photos it has (on a cluster, each file is one MinIO object that
+KFP's launcher uploads and the next task downloads).
+
+The format is WebDataset's: a plain POSIX (ustar) tar whose members are named
+``<key>.<extension>``; here one member per crop, ``<image_id>.png`` (augmented copies
+``<image_id>_<copy>.png``), in the order they were written. Any tar tool, ``webdataset``
+or ``torchdata`` reads a shard sequentially, from a folder or straight from S3.
+
+A folder with shards also holds :data:`INDEX_FILE`::
+
+    {"format": "webdataset", "version": 1,
+     "shards": {"crops/whole/000000.tar": {"samples": 380, "bytes": 12288000,
+                                          "members": {"<key>.png": [offset, size], ...}},
+                ...}}
+
+so that one crop is read with one seek (random access for the stages that need it). A
+table row points at a crop as ``<shard path>#<member name>`` (:func:`member_ref`); a row
+without ``#`` names a plain file in the folder (folders written by hand, older runs).
+
+Guarantees: a shard and the index are written atomically (a temporary file renamed into
+place); a shard closes before it passes :data:`SHARD_BYTES`; a reference that names a
+shard outside its folder, a shard missing from the index or a member missing from its
+shard is an error, never a read of another file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import threading
+from pathlib import Path, PurePosixPath
+
+from triview.storage import atomic_path, atomic_write_text
+
+INDEX_FILE = "shards.json"
+FORMAT = "webdataset"
+VERSION = 1
+SHARD_BYTES = 256 * 1024 * 1024  # a shard closes before it would pass this size
+SEPARATOR = "#"
+_BLOCK = 512
+
+
+def _closed_size(offset: int, size: int) -> int:
+    """The size a shard at ``offset`` would have once closed with one more member of
+    ``size`` bytes: a header block, the data padded to blocks, two end blocks, all padded
+    to tar's record size."""
+    end = offset + _BLOCK + -(-size // _BLOCK) * _BLOCK + 2 * _BLOCK
+    return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def member_ref(shard: str, member: str) -> str:
+    """The table's reference to ``member`` of ``shard`` (a path relative to the folder)."""
+    return f"{shard}{SEPARATOR}{member}"
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """(shard path, member name) of a reference; (path, None) for a plain file."""
+    if SEPARATOR in ref:
+        shard, member = ref.split(SEPARATOR, 1)
+        return shard, member
+    return ref, None
+
+
+def _safe_relative(rel: str, what: str) -> PurePosixPath:
+    path = PurePosixPath(rel)
+    if not rel or path.is_absolute() or ".." in path.parts or "\\" in rel:
+        raise ValueError(f"{what} {rel!r} is not a relative path inside its folder")
+    return path
+
+
+class ShardWriter:
+    """Append members to ``<folder>/<prefix>/NNNNNN.tar``, starting a new shard before one
+    would pass ``max_bytes``. :meth:`add` returns the member's reference; :meth:`close`
+    finishes the open shard and returns the index entries of every shard written."""
+
+    def __init__(self, folder: str | os.PathLike, prefix: str, max_bytes: int = SHARD_BYTES) -> None:
+        _safe_relative(prefix, "shard prefix")
+        self.folder, self.prefix, self.max_bytes = Path(folder), prefix.strip("/"), max_bytes
+        self.entries: dict[str, dict] = {}
+        self._tar: tarfile.TarFile | None = None
+        self._ctx = None
+        self._name = ""
+        self._count = 0
+
+    def _open(self) -> None:
+        self._name = f"{self.prefix}/{self._count:06d}.tar"
+        self._count += 1
+        self._ctx = atomic_path(self.folder / self._name)
+        tmp = self._ctx.__enter__()
+        self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.entries[self._name] = {"samples": 0, "bytes": 0, "members": {}}
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if self._tar is None:
+            return
+        tar, ctx, self._tar, self._ctx = self._tar, self._ctx, None, None
+        tar.close()
+        if error is None:
+            ctx.__exit__(None, None, None)
+            self.entries[self._name]["bytes"] = (self.folder / self._name).stat().st_size
+        else:
+            self.entries.pop(self._name, None)
+            ctx.__exit__(type(error), error, error.__traceback__)
+
+    def add(self, member: str, data: bytes) -> str:
+        if "/" in member or SEPARATOR in member or member.startswith("."):
+            raise ValueError(f"shard member name {member!r}: no '/', '#' or leading '.'")
+        if self._tar is not None and self.entries[self._name]["samples"] and \
+                _closed_size(self._tar.offset, len(data)) > self.max_bytes:
+            self._finish()
+        if self._tar is None:
+            self._open()
+        info = tarfile.TarInfo(member)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+        offset = self._tar.offset - -(-len(data) // _BLOCK) * _BLOCK
+        entry = self.entries[self._name]
+        if member in entry["members"]:
+            raise ValueError(f"{member!r} written twice to {self._name}")
+        entry["members"][member] = [offset, len(data)]
+        entry["samples"] += 1
+        return member_ref(self._name, member)
+
+    def close(self) -> dict[str, dict]:
+        self._finish()
+        return self.entries
+
+    def abort(self, error: BaseException) -> None:
+        self._finish(error)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if error is None:
+            self.close()
+        else:
+            self.abort(error)
+
+
+def write_index(folder: str | os.PathLike, shards: dict[str, dict]) -> None:
+    """Write the folder's index of ``shards`` (shard path -> entry), atomically."""
+    atomic_write_text(Path(folder) / INDEX_FILE, json.dumps(
+        {"format": FORMAT, "version": VERSION, "shards": dict(sorted(shards.items()))},
+        separators=(",", ":")))
+
+
+def read_index(folder: str | os.PathLike) -> dict[str, dict]:
+    """The shards of a folder (shard path -> entry); {} when it has no index."""
+    path = Path(folder) / INDEX_FILE
+    if not path.is_file():
+        return {}
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    with _LOCK:
+        if key in _INDEXES:
+            return _INDEXES[key]
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise ValueError(f"{path}: not a version-{VERSION} {FORMAT} shard index")
+    shards = data["shards"]
+    for name in shards:
+        _safe_relative(name, f"{path}: shard")
+    with _LOCK:
+        if len(_INDEXES) > 16:
+            _INDEXES.clear()
+        _INDEXES[key] = shards
+    return shards
+
+
+_INDEXES: dict[tuple, dict] = {}
+_LOCK = threading.Lock()
+
+
+def read_member(folder: str | os.PathLike, ref: str) -> bytes:
+    """The bytes a table reference names in ``folder``: a shard member through the index
+    (one seek), or a plain file. Nothing outside ``folder`` is opened."""
+    folder = Path(folder)
+    rel, member = split_ref(ref)
+    path = _safe_relative(rel, "crop reference")
+    if member is None:
+        return (folder / path).read_bytes()
+    shards = read_index(folder)
+    if rel not in shards:
+        raise ValueError(f"{folder}: shard {rel!r} is not in {INDEX_FILE}")
+    if member not in shards[rel]["members"]:
+        raise ValueError(f"{folder}: {member!r} is not a member of shard {rel!r}")
+    offset, size = shards[rel]["members"][member]
+    with open(folder / path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise ValueError(f"{folder}: shard {rel!r} is truncated at {member!r}")
+    return data
+
+
+def copy_shards(src: str | os.PathLike, out: str | os.PathLike, rename: dict[str, str]) -> dict[str, dict]:
+    """Copy shards of folder ``src`` to folder ``out`` under new names (old -> new path);
+    returns their index entries under the new names."""
+    import shutil
+
+    shards = read_index(src)
+    copied = {}
+    for old, new in rename.items():
+        if old not in shards:
+            raise ValueError(f"{src}: shard {old!r} is not in {INDEX_FILE}")
+        _safe_relative(new, "shard")
+        with atomic_path(Path(out) / new) as tmp:
+            shutil.copyfile(Path(src) / old, tmp)
+        copied[new] = shards[old]
+    return copied
+
+
+def objects(folder: str | os.PathLike) -> int:
+    """Files below ``folder`` (what KFP's launcher would upload as objects)."""
+    return sum(1 for p in Path(folder).rglob("*") if p.is_file())
