@@ -144,3 +144,50 @@ def test_a_views_folder_holds_a_few_objects_however_many_crops(tmp_path):
                           for s in ("train", "val", "test"))
     assert shards.objects(tmp_path / "views") == 9 + 5
     assert all(ref.split("#")[0] in tars for ref in views["path"])
+
+
+def test_cropping_holds_a_few_chunks_in_flight_and_keeps_their_order():
+    """calibrate-and-crop's pool: results come back in order, and no more than ``window``
+    chunks are submitted ahead of what the writer has taken (Executor.map would submit all
+    and keep every finished crop in memory until it is written)."""
+    from concurrent.futures import Future
+
+    from triview.crop import bounded_map
+
+    taken: list[int] = []
+
+    class Pool:
+        submitted = 0
+
+        def submit(self, fn, items):
+            self.submitted += 1
+            assert self.submitted - len(taken) // 10 <= 3, "more than 3 chunks ahead of the writer"
+            future = Future()
+            future.set_result(fn(items))
+            return future
+
+    for value in bounded_map(Pool(), lambda xs: [2 * x for x in xs], list(range(1000)), chunk=10, window=3):
+        taken.append(value)
+    assert taken == [2 * x for x in range(1000)]
+
+
+def test_the_process_pool_writes_what_one_process_writes(tmp_path):
+    """Past 200 photos calibrate-and-crop crops in worker processes: the same table and
+    the same shard bytes as in one process."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_cache import _photos
+
+    from triview.stages import calibrate_and_crop_stage, ingest_stage
+
+    ingest_stage(str(_photos(tmp_path / "photos", 205)), tmp_path / "ingest", plot=False)
+    for workers in (1, 2):
+        calibrate_and_crop_stage(tmp_path / "ingest", tmp_path / f"views-{workers}", workers=workers,
+                                 layout="horizontal", image_size=32)
+    one, two = tmp_path / "views-1", tmp_path / "views-2"
+    assert (one / "views.csv").read_bytes() == (two / "views.csv").read_bytes()
+    tars = sorted(p.relative_to(one) for p in one.rglob("*.tar"))
+    assert tars and tars == sorted(p.relative_to(two) for p in two.rglob("*.tar"))
+    assert all((one / t).read_bytes() == (two / t).read_bytes() for t in tars)

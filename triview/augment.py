@@ -151,7 +151,7 @@ def augment(views_dir: str | Path, out_dir: str | Path, config: AugmentConfig) -
     sample = train.drop_duplicates("view").head(3) if len(train) else train
     if len(sample):
         preview_grid([read_crop(src, p) for p in sample["path"]], config, out / PREVIEW_FILE)
-    rows = []
+    rows = {name: [] for name in mf.VIEW_COLUMNS}
     copies = config.copies if config.mode == "offline" else 0
     writers = {view: ShardWriter(out, f"{AUG_DIR}/{view}/train") for view in train["view"].unique()} \
         if copies else {}
@@ -163,7 +163,9 @@ def augment(views_dir: str | Path, out_dir: str | Path, config: AugmentConfig) -
             for k in range(1, copies + 1):
                 aug = augment_image(image, config, _rng(config.seed, rec.image_id, rec.view, k))
                 ref = writers[rec.view].add(f"{rec.image_id}_{k}.png", encode_png(aug))
-                rows.append({**rec._asdict(), "path": ref, "augmented": k})
+                for name in mf.VIEW_COLUMNS:  # column lists: far smaller than row dicts
+                    rows[name].append(ref if name == "path" else k if name == "augmented"
+                                      else getattr(rec, name))
     write_index(out, {name: entry for w in writers.values() for name, entry in w.entries.items()})
     table = pd.DataFrame(rows, columns=list(mf.VIEW_COLUMNS))
     mf.write_views(table, out)

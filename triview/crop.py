@@ -504,6 +504,26 @@ def _crop_task(args: tuple[str, str]) -> tuple[dict[str, bytes], bool]:
     return pngs, hit
 
 
+def _crop_chunk(tasks: list[tuple[str, str]]) -> list[tuple[dict[str, bytes], bool]]:
+    return [_crop_task(t) for t in tasks]
+
+
+def bounded_map(pool, fn, items: list, chunk: int, window: int):
+    """``fn`` over ``items`` in chunks on ``pool``, yielding each item's result in order,
+    with at most ``window`` chunks in flight: the crops that wait for the writer stay a
+    few chunks, however many photos there are (``Executor.map`` submits every chunk at
+    once and keeps every finished result until it is consumed)."""
+    from collections import deque
+
+    pending = deque()
+    for start in range(0, len(items), chunk):
+        pending.append(pool.submit(fn, items[start:start + chunk]))
+        if len(pending) >= window:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()
+
+
 def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: CropGeometry,
                        lens: LensModel | None = None, workers: int = 0,
                        cache_root: str = "", part: tuple[int, int] = (0, 1),
@@ -544,7 +564,8 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     out.mkdir(parents=True, exist_ok=True)
     tasks = [(str(src / rec.path), rec.image_id) for rec in table.itertuples(index=False)]
     workers = workers or (os.cpu_count() or 1)
-    rows, hits = [], 0
+    columns = {name: [] for name in mf.VIEW_COLUMNS}  # column lists: far smaller than row dicts
+    hits = 0
     writers = {(view, split): ShardWriter(out, f"{CROPS_DIR}/{view}/{split}", shard_bytes)
                for view in geometry.views for split in mf.SPLITS}
     with contextlib.ExitStack() as stack:
@@ -555,19 +576,19 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
             pool = stack.enter_context(ProcessPoolExecutor(
                 workers, mp_context=multiprocessing.get_context("forkserver"),
                 initializer=_init_worker, initargs=(lens, geometry, cache_root)))
-            results = pool.map(_crop_task, tasks, chunksize=64)  # in order, consumed as they come
+            results = bounded_map(pool, _crop_chunk, tasks, chunk=64, window=2 * workers)
         else:
             _init_worker(lens, geometry, cache_root)
             results = map(_crop_task, tasks)
         for rec, (pngs, hit) in zip(table.itertuples(index=False), results):
             hits += hit
             for view in geometry.views:
-                rows.append({"image_id": rec.image_id, "view": view,
-                             "path": writers[view, rec.split].add(f"{rec.image_id}.png", pngs[view]),
-                             "label": rec.label, "labels": rec.labels, "source_id": rec.source_id,
-                             "split": rec.split, "augmented": 0})
+                ref = writers[view, rec.split].add(f"{rec.image_id}.png", pngs[view])
+                for name, value in zip(mf.VIEW_COLUMNS, (rec.image_id, view, ref, rec.label, rec.labels,
+                                                         rec.source_id, rec.split, 0)):
+                    columns[name].append(value)
     write_index(out, {name: entry for w in writers.values() for name, entry in w.entries.items()})
-    views = pd.DataFrame(rows, columns=list(mf.VIEW_COLUMNS))
+    views = pd.DataFrame(columns, columns=list(mf.VIEW_COLUMNS))
     views.attrs["cache_hits"] = hits
     mf.write_views(views, out)
     mf.write_classes(mf.read_classes(src), out)
