@@ -70,11 +70,14 @@ def test_member_names_that_would_break_the_reference_are_refused(tmp_path, name)
             writer.add(name, b"1")
 
 
-def test_a_member_written_twice_to_one_shard_is_refused(tmp_path):
-    with shards.ShardWriter(tmp_path, "crops/whole") as writer:
-        writer.add("a.png", b"1")
-        with pytest.raises(ValueError, match="written twice"):
-            writer.add("a.png", b"2")
+def test_a_member_written_twice_to_one_series_is_refused_before_it_is_written(tmp_path):
+    with shards.ShardWriter(tmp_path, "crops/whole", max_bytes=10240) as writer:
+        writer.add("a.png", b"1" * 9000)
+        writer.add("b.png", b"2" * 9000)  # a second shard
+        for name in ("a.png", "b.png"):
+            with pytest.raises(ValueError, match="written twice to crops/whole/"):
+                writer.add(name, b"3")
+    assert [e["samples"] for _, e in sorted(writer.entries.items())] == [1, 1]
 
 
 def test_nothing_outside_the_folder_is_opened(tmp_path):

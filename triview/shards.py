@@ -110,6 +110,8 @@ class ShardWriter:
     def add(self, member: str, data: bytes) -> str:
         if "/" in member or SEPARATOR in member or member.startswith("."):
             raise ValueError(f"shard member name {member!r}: no '/', '#' or leading '.'")
+        if any(member in entry["members"] for entry in self.entries.values()):
+            raise ValueError(f"{member!r} written twice to {self.prefix}/")
         if self._tar is not None and self.entries[self._name]["samples"] and \
                 _closed_size(self._tar.offset, len(data)) > self.max_bytes:
             self._finish()
@@ -120,8 +122,6 @@ class ShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
         offset = self._tar.offset - -(-len(data) // _BLOCK) * _BLOCK
         entry = self.entries[self._name]
-        if member in entry["members"]:
-            raise ValueError(f"{member!r} written twice to {self._name}")
         entry["members"][member] = [offset, len(data)]
         entry["samples"] += 1
         return member_ref(self._name, member)
