@@ -334,6 +334,16 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           "slower).", ("train-branch",)),
     Param("channels_last", bool, True, "NHWC memory format (faster convolutions on CPU and "
           "GPU).", ("train-branch",)),
+    Param("loader", str, "auto", "Where a branch's crops are while it trains and predicts: "
+          "memory (each split's crops decoded once into one tensor: fastest for small sets), "
+          "stream (left in their shards and read batch by batch, training batches by "
+          "loader_workers processes that read, decode and augment them; memory flat in the "
+          "number of photos, and under DDP each rank reads its own shards) or auto (stream a "
+          "split whose decoded crops would pass 2 GiB).", ("train-branch",),
+          choices=("auto", "memory", "stream")),
+    Param("loader_workers", int, 2, "With streamed crops: DataLoader worker processes that "
+          "prepare training batches (0: the training process itself).", ("train-branch",),
+          low=0, high=64),
     Param("normalization", str, "auto", "Input normalisation inside the model: auto (what "
           "the backbone's published weights expect), imagenet (ImageNet mean/std), inception "
           "(to [-1, 1]), per_sample (standardise each image) or unit (/255).", ("train-branch",),

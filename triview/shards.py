@@ -150,6 +150,18 @@ def write_index(folder: str | os.PathLike, shards: dict[str, dict]) -> None:
         separators=(",", ":")))
 
 
+def parse_index(data: bytes, where: str) -> dict[str, dict]:
+    """The shards an index file's bytes list (shard path -> entry), checked: the format and
+    version, and every shard path relative and inside the folder."""
+    index = json.loads(data)
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise ValueError(f"{where}: not a version-{VERSION} {FORMAT} shard index")
+    shards = index["shards"]
+    for name in shards:
+        _safe_relative(name, f"{where}: shard")
+    return shards
+
+
 def read_index(folder: str | os.PathLike) -> dict[str, dict]:
     """The shards of a folder (shard path -> entry); {} when it has no index."""
     path = Path(folder) / INDEX_FILE
@@ -160,12 +172,7 @@ def read_index(folder: str | os.PathLike) -> dict[str, dict]:
     with _LOCK:
         if key in _INDEXES:
             return _INDEXES[key]
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ValueError(f"{path}: not a version-{VERSION} {FORMAT} shard index")
-    shards = data["shards"]
-    for name in shards:
-        _safe_relative(name, f"{path}: shard")
+    shards = parse_index(path.read_bytes(), str(path))
     with _LOCK:
         if len(_INDEXES) > 16:
             _INDEXES.clear()
@@ -177,26 +184,42 @@ _INDEXES: dict[tuple, dict] = {}
 _LOCK = threading.Lock()
 
 
-def read_member(folder: str | os.PathLike, ref: str) -> bytes:
-    """The bytes a table reference names in ``folder``: a shard member through the index
-    (one seek), or a plain file. Nothing outside ``folder`` is opened."""
-    folder = Path(folder)
+def locate(folder: str | os.PathLike, ref: str,
+           index: dict[str, dict] | None = None) -> tuple[str, int, int]:
+    """Where the bytes a table reference names lie in ``folder``: (path relative to the
+    folder, offset, size), size -1 for a whole plain file. ``index``: the folder's
+    :func:`read_index`, when the caller already holds it. Checks what :func:`read_member`
+    checks, without opening the shard."""
     rel, member = split_ref(ref)
-    path = _safe_relative(rel, "crop reference")
+    _safe_relative(rel, "crop reference")
     if member is None:
-        return (folder / path).read_bytes()
-    shards = read_index(folder)
+        return rel, 0, -1
+    shards = read_index(folder) if index is None else index
     if rel not in shards:
         raise ValueError(f"{folder}: shard {rel!r} is not in {INDEX_FILE}")
     if member not in shards[rel]["members"]:
         raise ValueError(f"{folder}: {member!r} is not a member of shard {rel!r}")
     offset, size = shards[rel]["members"][member]
-    with open(folder / path, "rb") as f:
+    return rel, int(offset), int(size)
+
+
+def read_located(path: str | os.PathLike, offset: int, size: int, what: str = "") -> bytes:
+    """The bytes :func:`locate` found: one seek and one read (the whole file for size -1)."""
+    with open(path, "rb") as f:
+        if size < 0:
+            return f.read()
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
-        raise ValueError(f"{folder}: shard {rel!r} is truncated at {member!r}")
+        raise ValueError(f"shard {path} is truncated" + (f" at {what!r}" if what else ""))
     return data
+
+
+def read_member(folder: str | os.PathLike, ref: str, index: dict[str, dict] | None = None) -> bytes:
+    """The bytes a table reference names in ``folder``: a shard member through the index
+    (one seek), or a plain file. Nothing outside ``folder`` is opened."""
+    rel, offset, size = locate(folder, ref, index)
+    return read_located(Path(folder) / rel, offset, size, split_ref(ref)[1] or "")
 
 
 def copy_shards(src: str | os.PathLike, out: str | os.PathLike, rename: dict[str, str]) -> dict[str, dict]:

@@ -273,6 +273,19 @@ class S3Store:
                 response.release_conn()
         return self._retry(fetch, f"download {uri}")
 
+    def get_range(self, uri: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of an object from ``offset`` (one ranged GET)."""
+        loc = S3Uri.parse(uri)
+
+        def fetch() -> bytes:
+            response = self.client.get_object(loc.bucket, loc.key, offset=offset, length=length)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        return self._retry(fetch, f"download bytes {offset}+{length} of {uri}")
+
     def download_file(self, uri: str, path: str | os.PathLike) -> None:
         """Download to a local path atomically (a temp file renamed on success)."""
         data = self.get_bytes(uri)

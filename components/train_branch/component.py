@@ -21,12 +21,13 @@ def train_branch(
     scheduler: str = "cosine", warmup_epochs: float = 0.0, milestones: str = "",
     poly_power: float = 0.9, patience: int = 0, clip_grad_norm: float = 0.0,
     accumulate: int = 1, amp: str = "auto", compile: bool = False, deterministic: bool = False,
-    channels_last: bool = True, normalization: str = "auto", weights: str = "imagenet",
-    weights_root: str = "", head_folds: int = 5, head_epochs: int = 60, head_lr: float = 0.001,
-    feature_passes: int = 1, tta: str = "flip", backbone_lr_scale: float = 0.1,
-    freeze_bn: bool = True, precise_bn: int = 1024, finetune: str = "full",
-    unfreeze_epoch: int = 0, checkpoint_root: str = "", cache_root: str = "",
-    task: str = "auto", voter_folds: int = 0, nodes: int = 1, ddp_procs: int = 0,
+    channels_last: bool = True, loader: str = "auto", loader_workers: int = 2,
+    normalization: str = "auto", weights: str = "imagenet", weights_root: str = "",
+    head_folds: int = 5, head_epochs: int = 60, head_lr: float = 0.001, feature_passes: int = 1,
+    tta: str = "flip", backbone_lr_scale: float = 0.1, freeze_bn: bool = True,
+    precise_bn: int = 1024, finetune: str = "full", unfreeze_epoch: int = 0,
+    checkpoint_root: str = "", cache_root: str = "", task: str = "auto", voter_folds: int = 0,
+    nodes: int = 1, ddp_procs: int = 0,
     # end params
 ):
     """Train one view's backbone; keep the best epoch by validation macro-F1.
@@ -75,6 +76,14 @@ def train_branch(
         compile: torch.compile the model.
         deterministic: Deterministic algorithms only (reproducible on GPU, slower).
         channels_last: NHWC memory format (faster convolutions on CPU and GPU).
+        loader: Where a branch's crops are while it trains and predicts: memory (each split's
+            crops decoded once into one tensor: fastest for small sets), stream (left in their
+            shards and read batch by batch, training batches by loader_workers processes that
+            read, decode and augment them; memory flat in the number of photos, and under DDP
+            each rank reads its own shards) or auto (stream a split whose decoded crops would
+            pass 2 GiB). (one of auto, memory, stream)
+        loader_workers: With streamed crops: DataLoader worker processes that prepare training
+            batches (0: the training process itself). (in [0, 64])
         normalization: Input normalisation inside the model: auto (what the backbone's published
             weights expect), imagenet (ImageNet mean/std), inception (to [-1, 1]), per_sample
             (standardise each image) or unit (/255). (one of auto, imagenet, inception,

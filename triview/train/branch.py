@@ -34,6 +34,7 @@ from triview.train.loop import (EpochCallback, FitResult, build_branch, fit, hea
 from triview.train.loss import make_criterion
 from triview.train.optim import training_device
 from triview.train.passes import extract, pass_names
+from triview.train.shardimages import concat
 
 
 def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balance_dir: str | Path,
@@ -73,11 +74,11 @@ def train_branch(views_dir: str | Path, augmented_dir: str | Path | None, balanc
     task = mf.task_of_table(tables[0][1]) if config.task == "auto" else config.task
     if augmented_dir is not None and (Path(augmented_dir) / mf.VIEWS_FILE).exists():
         tables.append((Path(augmented_dir), mf.read_views(augmented_dir)))
-    train = load_view(tables, view, "train", classes, task)
+    train = load_view(tables, view, "train", classes, task, config.loader)
     augment = load_augment_config(augmented_dir) if augmented_dir is not None else None
     online = augment if augment is not None and augment.mode == "online" else None
-    val = load_view(tables[:1], view, "val", classes, task)
-    test = load_view(tables[:1], view, "test", classes, task)
+    val = load_view(tables[:1], view, "val", classes, task, config.loader)
+    test = load_view(tables[:1], view, "test", classes, task, config.loader)
     image_size = int(train.images.shape[-1])
 
     balance = read_balance(balance_dir)
@@ -202,7 +203,7 @@ def fit_head_only(config: TrainConfig, train: ViewData, val: ViewData, test: Vie
     names = pass_names(config.tta, config.feature_passes)
     real = train if train.real is None else train.subset(torch.nonzero(train.real).flatten())
     extract_log = (lambda msg: log(f"[{view}] {msg}"))
-    pool_data = ViewData(torch.cat([real.images, val.images]), torch.cat([real.labels, val.labels]),
+    pool_data = ViewData(concat([real.images, val.images]), torch.cat([real.labels, val.labels]),
                          real.image_ids + val.image_ids)
     pool = extract(net, pool_data, names, augment, memory_format=memory_format, log=extract_log,
                    store=store).unique()

@@ -12,7 +12,7 @@ TrainConfig = config_class("TrainConfig", "train-branch", module=__name__)
 #: Fields that do not change the model a run trains (where it is stored, out-of-fold
 #: extras, how many processes share it): a checkpoint written with other values resumes.
 _NOT_IN_RESUME_KEY = ("checkpoint_root", "cache_root", "weights_root", "voter_folds", "ddp_procs",
-                      "nodes")
+                      "nodes", "loader_workers")
 
 
 def resume_key(config: TrainConfig, view: str, classes: list[str], n_train: int,

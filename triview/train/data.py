@@ -1,5 +1,7 @@
-"""Crops in memory: one view's crops of one split as a uint8 tensor, resampling, and the
-batches a training epoch draws (with online augmentation prepared in the background)."""
+"""A view's crops of one split (in memory as one uint8 tensor, or left in their shards and
+read batch by batch: the ``loader`` parameter), resampling, and the batches a training
+epoch draws (with online augmentation prepared in the background: a thread for crops in
+memory, DataLoader worker processes for streamed crops)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,41 +13,46 @@ import torch
 
 from triview import manifest as mf
 from triview.augment import augment_batch
-from triview.crop import read_crop
+from triview.train.shardimages import ShardImages, concat, take, use_stream
 
 
 @dataclass
 class ViewData:
-    images: torch.Tensor       # uint8 (N, 3, H, W)
+    images: torch.Tensor | ShardImages  # uint8 (N, 3, H, W), or where to read it
     labels: torch.Tensor       # int64 (N,) multi-class; float32 0/1 (N, C) multi-label
     image_ids: list[str]
     real: torch.Tensor | None = None  # bool (N,): a real crop (not an augmented copy)
 
     def subset(self, idx: torch.Tensor) -> "ViewData":
         real = None if self.real is None else self.real[idx]
-        return ViewData(self.images[idx], self.labels[idx], [self.image_ids[i] for i in idx.tolist()], real)
+        return ViewData(take(self.images, idx), self.labels[idx], [self.image_ids[i] for i in idx.tolist()], real)
 
 
 def load_view(tables: list[tuple[Path, pd.DataFrame]], view: str, split: str,
-              classes: list[str], task: str = "multiclass") -> ViewData:
-    """Load one view's crops of one split from one or more view tables into memory
-    (labels as class indices, or as 0/1 indicators for ``task="multilabel"``)."""
-    arrays, labels, ids, real = [], [], [], []
+              classes: list[str], task: str = "multiclass", loader: str = "memory") -> ViewData:
+    """One view's crops of one split from one or more view tables (labels as class
+    indices, or as 0/1 indicators for ``task="multilabel"``). ``loader``: ``memory`` decodes
+    every crop into one tensor; ``stream`` leaves them in their shards
+    (:class:`~triview.train.shardimages.ShardImages`); ``auto`` streams when they would
+    take more than :data:`~triview.train.shardimages.AUTO_STREAM_BYTES` decoded."""
+    parts, labels, ids, real = [], [], [], []
     for folder, table in tables:
         part = table[(table["view"] == view) & (table["split"] == split)]
-        for rec in part.itertuples(index=False):
-            arrays.append(read_crop(folder, rec.path))
+        if not len(part):
+            continue
+        parts.append(ShardImages.from_refs(folder, part["path"].tolist()))
         if task == "multilabel":
             labels.extend(mf.encode_multilabel(part["labels"], classes).tolist())
         else:
             labels.extend(mf.encode_labels(part["label"], classes).tolist())
         ids.extend(part["image_id"].tolist())
         real.extend((part["augmented"] == 0).tolist() if "augmented" in part else [True] * len(part))
-    if not arrays:
+    if not parts:
         raise ValueError(f"no {split} crops for view {view!r}")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    images = concat(parts)
     dtype = torch.float32 if task == "multilabel" else torch.int64
-    return ViewData(images, torch.tensor(labels, dtype=dtype), ids, torch.tensor(real, dtype=torch.bool))
+    return ViewData(images if use_stream(loader, images) else images.materialize(),
+                    torch.tensor(labels, dtype=dtype), ids, torch.tensor(real, dtype=torch.bool))
 
 
 def apply_multiplicity(data: ViewData, plan: dict[str, int] | None) -> ViewData:
@@ -59,19 +66,89 @@ def apply_multiplicity(data: ViewData, plan: dict[str, int] | None) -> ViewData:
     return data.subset(torch.tensor(index))
 
 
-def _make_batch(data: ViewData, idx: torch.Tensor, memory_format, online, epoch: int):
+def uint8_batch(data: ViewData, idx: torch.Tensor, online, epoch: int):
+    """The crops at ``idx`` (uint8 NCHW; with online augmentation, a fresh draw per epoch
+    seeded by image id) and their labels."""
     images = data.images[idx]
-    if online is not None:  # a fresh augmentation draw per epoch, seeded by image id
+    if online is not None:
         ids = [data.image_ids[i] for i in idx.tolist()]
         hwc = augment_batch(images.permute(0, 2, 3, 1).numpy(), ids, online, epoch)
         images = torch.from_numpy(hwc).permute(0, 3, 1, 2)
-    return as_float(images).contiguous(memory_format=memory_format), data.labels[idx]
+    return images, data.labels[idx]
+
+
+def _make_batch(data: ViewData, idx: torch.Tensor, memory_format, online, epoch: int):
+    images, labels = uint8_batch(data, idx, online, epoch)
+    return as_float(images).contiguous(memory_format=memory_format), labels
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Item (positions, online, epoch) is that batch of ``data``: read, decoded and
+    augmented where the DataLoader runs it (a worker process)."""
+
+    def __init__(self, data: ViewData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.labels)
+
+    def __getitem__(self, key):
+        idx, online, epoch = key
+        return uint8_batch(self.data, torch.from_numpy(idx), online, epoch)
+
+
+class _Plan(torch.utils.data.Sampler):
+    """The batches of the pass being run; replaced before each pass."""
+
+    def __init__(self) -> None:
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class StreamLoader:
+    """Batches of crops in shards through one ``torch.utils.data.DataLoader`` whose
+    ``workers`` processes (0: this one) each read, decode and augment whole batches, two
+    ahead each, and stay up from one pass to the next (a training run starts them once).
+    Batches arrive in the pass's order, as uint8, and are turned into floats here: the
+    very batches :func:`batches` makes from crops in memory."""
+
+    def __init__(self, data: ViewData, memory_format=torch.contiguous_format, workers: int = 2):
+        self.memory_format, self.plan = memory_format, _Plan()
+        self.loader = torch.utils.data.DataLoader(
+            _BatchReader(data), batch_size=None, sampler=self.plan, num_workers=workers,
+            prefetch_factor=2 if workers else None, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available())
+
+    def __call__(self, order: torch.Tensor, batch_size: int, online=None, epoch: int = 0):
+        """Yield (float batch, labels) of ``order`` in batches of ``batch_size``."""
+        order = order.numpy()
+        self.plan.keys = [(order[i:i + batch_size], online, epoch)
+                          for i in range(0, len(order), batch_size)]
+        for images, labels in self.loader:
+            yield as_float(images).contiguous(memory_format=self.memory_format), labels
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self.loader = None
 
 
 def batches(data: ViewData, order: torch.Tensor, batch_size: int,
-            memory_format=torch.contiguous_format, online=None, epoch: int = 0):
-    """Yield (float batch, labels) in ``order``. With online augmentation the next batch
-    is prepared on a background thread (OpenCV releases the GIL) while this one trains."""
+            memory_format=torch.contiguous_format, online=None, epoch: int = 0, workers: int = 2):
+    """Yield (float batch, labels) in ``order``. Crops in memory: with online augmentation
+    the next batch is prepared on a background thread (OpenCV releases the GIL) while this
+    one trains. Crops in shards: a :class:`StreamLoader` with ``workers`` processes."""
+    if isinstance(data.images, ShardImages):
+        loader = StreamLoader(data, memory_format, workers)
+        try:
+            yield from loader(order, batch_size, online, epoch)
+        finally:
+            loader.close()
+        return
     starts = range(0, len(order), batch_size)
     if online is None:
         for i in starts:

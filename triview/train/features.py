@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from triview import storage
+from triview.train.shardimages import take
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,11 @@ def crop_digests(images: torch.Tensor, transform: str = "") -> list[str]:
     ``transform`` name, of that deterministic transform of the crop (``zoom``) instead."""
     prefix = f"{transform}|" if transform else ""
     shape = (prefix + "x".join(map(str, images.shape[1:]))).encode()
-    flat = images.contiguous().numpy().reshape(len(images), -1)
-    return [hashlib.blake2b(shape + row.tobytes(), digest_size=16).hexdigest() for row in flat]
+    out = []
+    for i in range(0, len(images), 512):  # a chunk at a time: crops in shards are read so
+        flat = images[i:i + 512].contiguous().numpy().reshape(-1, int(np.prod(images.shape[1:])))
+        out.extend(hashlib.blake2b(shape + row.tobytes(), digest_size=16).hexdigest() for row in flat)
+    return out
 
 
 def _read_shard(location: str) -> dict[str, np.ndarray] | None:
@@ -142,7 +146,7 @@ class FeatureStore:
         table = self._table(net_key)
         missing = sorted({k: i for i, k in enumerate(keys) if k not in table}.values())
         if missing:
-            fresh = compute(net, images[torch.tensor(missing)]).float().cpu().numpy()
+            fresh = compute(net, take(images, torch.tensor(missing))).float().cpu().numpy()
             new_keys = np.array([keys[i] for i in missing])
             name = hashlib.blake2b("".join(new_keys).encode(), digest_size=12).hexdigest()
             buf = io.BytesIO()

@@ -22,8 +22,9 @@ from triview.models import (BranchNet, count_parameters, create_backbone, load_p
 from triview.scoring import macro_f1, predicted
 from triview.train import checkpoint
 from triview.train.config import TrainConfig, resume_key
-from triview.train.data import ViewData, as_float, batches
+from triview.train.data import StreamLoader, ViewData, as_float, batches
 from triview.train.features import FeatureStore
+from triview.train.shardimages import ShardImages
 from triview.train.optim import amp_dtype, kernel, lr_factor, make_optimizer, training_device
 
 
@@ -64,11 +65,13 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
-                          memory_format=torch.contiguous_format, max_images: int = 1024) -> None:
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor | None, batch_size: int,
+                          memory_format=torch.contiguous_format, max_images: int = 1024,
+                          batches=None) -> None:
     """Recompute BatchNorm running statistics as exact averages over training images
     ("precise BN"). The running averages lag behind fast-moving weights in short
-    trainings, and evaluation with stale statistics can collapse to one class."""
+    trainings, and evaluation with stale statistics can collapse to one class.
+    ``batches``: float batches to use instead of slicing ``images`` (streamed crops)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -79,8 +82,11 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
     was_training = model.training
     model.train()
     device = next(model.parameters()).device
-    for i in range(0, min(len(images), max_images), batch_size):
-        model(as_float(images[i:i + batch_size].to(device)).contiguous(memory_format=memory_format))
+    if batches is None:
+        batches = (as_float(images[i:i + batch_size]).contiguous(memory_format=memory_format)
+                   for i in range(0, min(len(images), max_images), batch_size))
+    for batch in batches:
+        model(batch.to(device))
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
     model.train(was_training)
@@ -270,6 +276,33 @@ def _shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return padded[rank::world]
 
 
+def by_shard(shard_of: np.ndarray, order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of an epoch when the crops stream from shards: each rank reads
+    its own shards. The shards are dealt, in the order the epoch's permutation ``order``
+    first meets them, each to the rank holding fewest crops so far; a rank's crops keep
+    ``order``'s order. Every rank gets ceil(N / world) positions, as :func:`_shard` gives:
+    a rank short of that wraps round its own crops, a rank over it leaves its last ones
+    for this epoch (another epoch deals the shards afresh). With fewer shards than ranks,
+    :func:`_shard`."""
+    order_np = order.numpy()
+    groups = shard_of[order_np]
+    first = list(dict.fromkeys(groups.tolist()))  # shards in the order the epoch meets them
+    if world == 1 or len(first) < world:
+        return _shard(order, rank, world)
+    counts = np.bincount(shard_of, minlength=int(shard_of.max()) + 1)
+    load, owner = [0] * world, {}
+    for shard in first:
+        r = min(range(world), key=lambda k: (load[k], k))
+        owner[shard] = r
+        load[r] += int(counts[shard])
+    mask = np.fromiter((owner[g] == rank for g in groups.tolist()), bool, len(groups))
+    mine = order_np[mask]
+    per_rank = -(-len(order_np) // world)
+    if len(mine) < per_rank:
+        mine = np.resize(mine, per_rank)  # wraps round
+    return torch.from_numpy(np.ascontiguousarray(mine[:per_rank]))
+
+
 def frozen_features(net: BranchNet, images: torch.Tensor, memory_format=torch.contiguous_format,
                     store: FeatureStore | None = None, transform: str = "") -> torch.Tensor:
     """:func:`head_inputs` of ``images``, read from ``store`` where it holds them.
@@ -446,6 +479,9 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
     # live progress for the local console (a no-op unless TRIVIEW_PROGRESS is set)
     events = progress.Reporter("batch", max(0, config.epochs - first_epoch + 1) * batches_per_epoch,
                                desc=view, enabled=rank == 0)
+    # crops in shards: one loader whose worker processes serve every epoch
+    stream = (StreamLoader(train, memory_format, config.loader_workers)
+              if isinstance(train.images, ShardImages) and first_epoch <= config.epochs else None)
     for epoch in range(first_epoch, config.epochs + 1):
         events.note(epoch=f"{epoch}/{config.epochs}")
         if config.patience and best_epoch and epoch - best_epoch > config.patience:
@@ -459,15 +495,19 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
                 log(f"[{view}] epoch {epoch}: backbone unfrozen, fine-tuning everything")
         start = time.perf_counter()
         order = torch.randperm(len(train.labels), generator=generator)
-        mine = _shard(order, rank, world)
+        mine = (by_shard(train.images.shard_of(), order, rank, world)
+                if isinstance(train.images, ShardImages) else _shard(order, rank, world))
         drawn = mine.tolist()
         total_loss = train_one_epoch(
-            model, events.track(batches(train, mine, per_rank_batch, memory_format, online, epoch)),
+            model, events.track(stream(mine, per_rank_batch, online, epoch) if stream else
+                                batches(train, mine, per_rank_batch, memory_format, online, epoch)),
             criterion, optimizer, scheduler, scaler, config, device, dtype)
         total_loss = ddp.sum_across(total_loss)
         if not config.freeze_bn and config.precise_bn:
-            recalibrate_batchnorm(net, train.images[order], config.batch_size, memory_format,
-                                  max_images=config.precise_bn)
+            recalibrate_batchnorm(net, None if stream else train.images[order[:config.precise_bn]],
+                                  config.batch_size, memory_format, max_images=config.precise_bn,
+                                  batches=None if stream is None else (b for b, _ in stream(
+                                      order[:config.precise_bn], config.batch_size)))
         elif not config.freeze_bn:
             ddp.broadcast_buffers(net)  # running statistics: rank 0's, as DDP's next step would
         seconds = time.perf_counter() - start
@@ -514,6 +554,8 @@ def fit(config: TrainConfig, train: ViewData, val: ViewData, classes: list[str],
             stopped_early = True
             break
 
+    if stream is not None:
+        stream.close()
     net = net.cpu()
     net.load_state_dict(best_state)
     return FitResult(net, history, best_epoch, best_f1, stopped_early, first_epoch - 1, params,
