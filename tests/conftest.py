@@ -35,6 +35,24 @@ def _the_real_print():
     builtins.print = real
 
 
+def stored_photos(folder: Path, refs) -> list[Path]:
+    """Photos that ingest stored in ``folder`` (manifest references: shard members) as
+    files named as stored (``<sha256[:16]><suffix>``), in a folder beside it: what a user
+    would hand to ``triview predict``, the server or the try page."""
+    from triview.shards import read_member, split_ref
+
+    dest = Path(folder).parent / f"{Path(folder).name}-photos"
+    dest.mkdir(exist_ok=True)
+    out = []
+    for ref in refs:
+        shard, member = split_ref(ref)
+        path = dest / (member or Path(shard).name)
+        if not path.exists():
+            path.write_bytes(read_member(folder, ref))
+        out.append(path)
+    return out
+
+
 def digits_train(**overrides) -> dict:
     """The digits training parameters with ``overrides``."""
     return {**DIGITS_TRAIN, **overrides}

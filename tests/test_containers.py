@@ -13,7 +13,7 @@ import pytest
 from kfp import dsl
 
 from components.images import CPU_IMAGE, GPU_IMAGE
-from conftest import triview_run_command
+from conftest import stored_photos, triview_run_command
 from docker_engine import readable_copy, shared_tmp, triview_images  # noqa: F401  (fixtures)
 from s3_server import BUCKET, moto_server, s3_endpoint  # noqa: F401  (fixtures)
 
@@ -60,7 +60,7 @@ def test_serving_image_answers_as_triview_predict(triview_images, exported, inge
 
     model = readable_copy(exported, shared_tmp / "model")
     table = mf.read_manifest(ingested)
-    photos = [ingested / p for p in table.loc[table["split"] == "test", "path"]][:8]
+    photos = stored_photos(ingested, list(table.loc[table["split"] == "test", "path"])[:8])
     proc = subprocess.run([str(Path(sys.executable).parent / "triview"), "predict", "--model",
                            str(exported), *map(str, photos), "--format", "json"],
                           capture_output=True, text=True, timeout=300)

@@ -1,5 +1,7 @@
+import io
 import json
 import shutil
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from triview import manifest as mf
 from triview.cli import main
 from triview.demo import write_digits
 from triview.ingest import IngestError, ingest
+from triview.shards import read_index, read_member, split_ref
 
 
 @pytest.fixture()
@@ -48,7 +51,15 @@ def test_every_input_file_is_used_or_quarantined_with_a_reason(messy, tmp_path):
     assert "5/nested/deeper/ü b.png" in set(result.manifest["original_path"])
     on_disk = mf.read_manifest(out)
     assert set(on_disk.columns) >= set(mf.IMAGE_COLUMNS)
-    assert all((out / p).is_file() for p in on_disk["path"])
+    # every image stored once, in WebDataset shards with their index, and nothing else
+    index = read_index(out)
+    assert set(index) == {"images/000000.tar"} and not [p for p in (out / "images").iterdir()
+                                                         if p.name != "000000.tar"]
+    members = {m for entry in index.values() for m in entry["members"]}
+    assert sorted(members) == sorted(split_ref(p)[1] for p in on_disk["path"])
+    assert all(p.startswith("images/000000.tar#") for p in on_disk["path"])
+    with tarfile.open(out / "images" / "000000.tar") as tar:  # a plain tar any tool reads
+        assert sorted(tar.getnames()) == sorted(members)
     q = pd.read_csv(out / mf.QUARANTINE_FILE)
     assert list(q.columns) == list(mf.QUARANTINE_COLUMNS) and len(q) == 5
 
@@ -160,11 +171,11 @@ def test_decodable_originals_are_kept_byte_for_byte_and_rotated_ones_normalised(
     m = result.manifest.set_index("original_path")
     plain = m.loc["0/" + sorted(p.name for p in (root / "0").glob("*.jpg"))[0]]
     assert plain["path"].endswith(".jpg")
-    assert (tmp_path / "out" / plain["path"]).read_bytes() == (root / plain.name).read_bytes()
+    assert read_member(tmp_path / "out", plain["path"]) == (root / plain.name).read_bytes()
     rot = m.loc["1/rotated.jpg"]
     assert rot["path"].endswith(".png") and (rot["width"], rot["height"]) == (20, 40)
     assert m.loc["2/cmyk.jpg"]["path"].endswith(".png")
-    with Image.open(tmp_path / "out" / m.loc["2/cmyk.jpg"]["path"]) as img:
+    with Image.open(io.BytesIO(read_member(tmp_path / "out", m.loc["2/cmyk.jpg"]["path"]))) as img:
         assert img.mode == "RGB" and img.getpixel((5, 5))[0] > 200
 
 

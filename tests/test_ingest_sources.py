@@ -3,6 +3,7 @@ ZIPs with data.yaml, carving a validation split, remap/drop/min-per-class."""
 from __future__ import annotations
 
 import io
+import tarfile
 import zipfile
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from triview import manifest as mf
 from triview.cli import main
 from triview.ingest import IngestError, ingest, parse_remap, source_id_of, split_position
+from triview.shards import read_index, read_member, split_ref
 from triview.validate import decode, near_duplicate_pairs
 
 
@@ -128,9 +130,15 @@ def test_label_operations_remap_drop_and_minimum(tmp_path):
     q = result.quarantine.groupby("reason").size().to_dict()
     assert q == {"dropped_label": 4, "class_below_minimum": 2}
     assert result.n_input == sum(counts.values()) == len(result.manifest) + len(result.quarantine)
-    # the quarantined images were not left in the output folder
-    stored = {p.name for p in (tmp_path / "out" / "images").iterdir()}
-    assert stored == {p.split("/")[-1] for p in result.manifest["path"]}
+    # the quarantined images were not left in the output folder: its shards hold exactly
+    # the manifest's images
+    index = read_index(tmp_path / "out")
+    stored = [m for entry in index.values() for m in entry["members"]]
+    assert sorted(stored) == sorted(split_ref(p)[1] for p in result.manifest["path"])
+    for shard, entry in index.items():
+        with tarfile.open(tmp_path / "out" / shard) as tar:
+            assert sorted(tar.getnames()) == sorted(entry["members"])
+    assert all(read_member(tmp_path / "out", p) for p in result.manifest["path"])
 
 
 def test_too_few_images_for_the_splits_names_the_class_and_keeps_the_report(tmp_path, capsys):

@@ -11,6 +11,7 @@ from triview.cli import main
 from triview.runtime import load_runtime
 from triview.registry import ModelRegistry
 from triview.train.data import load_split
+from conftest import stored_photos
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def test_images(ingested, cropped):
     views = mf.read_views(cropped)
     rows = views[(views["split"] == "test") & (views["view"] == views["view"].iloc[0])
                  & (views["augmented"] == 0)]
-    return [str(ingested / images[i]) for i in rows["image_id"]], rows["label"].tolist()
+    return [str(p) for p in stored_photos(ingested, [images[i] for i in rows["image_id"]])], \
+        rows["label"].tolist()
 
 
 def test_json_output_matches_the_model_on_the_training_crops(model_dir, cropped, test_images, capsys):

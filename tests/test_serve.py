@@ -23,6 +23,7 @@ from tests.test_serving_limits import png_header
 from triview import manifest as mf
 from triview.serving import protocol
 from triview.serving.infra import ServerProcess, blank_png, post_json, request
+from conftest import stored_photos
 
 NAME = "digits"
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_photos(ingested) -> list[Path]:
     """The ingested test photos (what a client would send)."""
     table = mf.read_manifest(ingested)
-    return [ingested / p for p in table.loc[table["split"] == "test", "path"]]
+    return stored_photos(ingested, table.loc[table["split"] == "test", "path"])
 
 
 @pytest.fixture(scope="module")

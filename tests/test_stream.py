@@ -72,7 +72,9 @@ def test_the_stream_loader_gives_the_in_memory_batches(cropped, augmented):
     # another epoch draws other pixels, and a pass without augmentation gives the crops
     loader = StreamLoader(streamed, workers=2)
     one = [x for x, _ in loader(order, 24, online, 1)]
+    pids = [w.pid for w in loader.loader._iterator._workers]
     two = [x for x, _ in loader(order, 24, online, 2)]
+    assert [w.pid for w in loader.loader._iterator._workers] == pids and len(pids) == 2
     plain = [x for x, _ in loader(order[:50], 24)]
     assert len(one) == len(two) and not torch.equal(one[0], two[0])
     assert torch.equal(torch.cat(plain), memory.images[order[:50]].float() / 255)
@@ -156,6 +158,17 @@ def test_a_damaged_shard_is_a_clear_error(cropped, tmp_path):
         load_view([(folder, bad)], "center", "test", classes, loader="stream")
 
 
+def test_crops_of_another_size_are_refused(tmp_path):
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "b.png"), np.zeros((16, 8, 3), np.uint8))
+    images = ShardImages.from_refs(tmp_path, ["a.png", "b.png"])  # plain files read too
+    assert images.shape == (2, 3, 8, 8) and images[0].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="is 16x8, the others 8x8"):
+        images[:]
+
+
 def test_streamed_crops_read_from_s3(cropped, s3_endpoint):
     """The same crops from an s3:// prefix (ranged GETs on a real S3 server)."""
     from triview.storage import S3Store
@@ -182,12 +195,23 @@ def test_take_and_concat_keep_tensors_as_tensors(cropped):
 
 
 @pytest.mark.slow
-def test_a_branch_trained_on_streamed_crops_is_the_in_memory_one(cropped, augmented, balanced, tmp_path):
+def test_a_branch_trained_on_streamed_crops_is_the_in_memory_one(cropped, augmented, balanced, tmp_path,
+                                                                  monkeypatch):
     """Fine-tuning with loader=stream (two worker processes) trains the same branch as
     loader=memory: the same batches, the same weights, the same predictions."""
     from triview.stages import train_branch_stage
     from triview.artifacts import load_predictions
 
+    import triview.train.loop as loop
+
+    made = []
+
+    class Recording(loop.StreamLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.loader.num_workers)
+
+    monkeypatch.setattr(loop, "StreamLoader", Recording)
     runs = {}
     for loader in ("memory", "stream"):
         rec = train_branch_stage(cropped, augmented, balanced, "center", tmp_path / loader,
@@ -198,6 +222,7 @@ def test_a_branch_trained_on_streamed_crops_is_the_in_memory_one(cropped, augmen
     assert st["parameter_digest"] == mem["parameter_digest"]
     assert np.array_equal(p_st["test_prob"], p_mem["test_prob"])
     assert st["best_epoch"] == mem["best_epoch"] and st["epochs_run"] == 2
+    assert made == [2]  # one loader with two worker processes served the whole stream run
 
 
 def _reshard(folder: Path, view: str, split: str, max_bytes: int) -> dict[str, str]:

@@ -25,6 +25,7 @@ from triview import manifest as mf
 from triview.registry import ModelRegistry
 from triview.serving import protocol
 from triview.serving.infra import ServerProcess, post_json, request
+from conftest import stored_photos
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera"
@@ -56,7 +57,7 @@ def server(registry, serve_python):
 
 @pytest.fixture(scope="module")
 def digit_photos(ingested) -> list[Path]:
-    return [ingested / p for p in mf.read_manifest(ingested)["path"][:8]]
+    return stored_photos(ingested, mf.read_manifest(ingested)["path"][:8])
 
 
 def _get(server, path):

@@ -17,6 +17,7 @@ from triview.export import load_eager
 from triview.runtime import (ENSEMBLE_OUTPUT, load_runtime, onnx_session, run_onnx,
                              run_onnx_views, view_output_name)
 from triview.train.data import load_split
+from conftest import stored_photos
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_the_graph_outputs_the_ensemble_first_then_each_view(exported, test_crop
 
 
 def test_predict_views_names_each_views_top_label(exported, ingested, capsys):
-    paths = [str(ingested / p) for p in mf.read_manifest(ingested)["path"][:6]]
+    paths = [str(p) for p in stored_photos(ingested, mf.read_manifest(ingested)["path"][:6])]
     assert main(["predict", "--model", str(exported), *paths, "--format", "json", "--views"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert main(["predict", "--model", str(exported), *paths, "--format", "json"]) == 0
@@ -75,7 +76,7 @@ def test_an_export_without_view_outputs_predicts_and_says_why_no_views(exported,
     run, _ = load_runtime(old)
     probs, views = run.with_views([s.numpy() for s in sample])
     assert views is None and probs.shape[0] == 2
-    path = str(ingested / mf.read_manifest(ingested)["path"][0])
+    path = str(stored_photos(ingested, mf.read_manifest(ingested)["path"][:1])[0])
     assert main(["predict", "--model", str(old), path, "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["labels"]
     assert main(["predict", "--model", str(old), path, "--views"]) == 2

@@ -488,12 +488,16 @@ def crop_recipe(lens: LensModel, geometry: CropGeometry) -> dict:
 
 
 def _crop_task(args: tuple[str, str]) -> tuple[dict[str, bytes], bool]:
-    """Crop one stored photo into its view PNGs; True with them when they came from the cache."""
+    """Crop one stored photo (ingest's folder, the manifest's reference to it: a shard
+    member, or a plain file) into its view PNGs; True with them when they came from the
+    cache."""
     from triview.cropcache import photo_digest
+    from triview.shards import read_member, split_ref
 
-    src, image_id = args
-    data = Path(src).read_bytes()
-    jpeg = Path(src).suffix.lower() in _JPEG_SUFFIXES
+    src, ref = args
+    data = read_member(src, ref)
+    shard, member = split_ref(ref)
+    jpeg = Path(member or shard).suffix.lower() in _JPEG_SUFFIXES
     key = photo_digest(data, jpeg) if _CACHE is not None else ""
     pngs = _CACHE.get(key) if _CACHE is not None else None
     hit = pngs is not None
@@ -562,7 +566,7 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     if shards > 1:
         table = table.iloc[shard * photos // shards:(shard + 1) * photos // shards]
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(str(src / rec.path), rec.image_id) for rec in table.itertuples(index=False)]
+    tasks = [(str(src), rec.path) for rec in table.itertuples(index=False)]
     workers = workers or (os.cpu_count() or 1)
     columns = {name: [] for name in mf.VIEW_COLUMNS}  # column lists: far smaller than row dicts
     hits = 0

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from triview import manifest as mf
+from triview.shards import Stored
 from triview.storage import atomic_path, atomic_write_text
 
 PROFILE_FILE = "drift_profile.json"
@@ -56,6 +57,11 @@ def stable_sample(ids: list[str], n: int) -> list[str]:
     return keyed[:n]
 
 
+def _read(path) -> bytes:
+    """The bytes of a path, or of a :class:`triview.shards.Stored` image."""
+    return (path if hasattr(path, "read_bytes") else Path(path)).read_bytes()
+
+
 def image_statistics(paths: list[Path]) -> np.ndarray:
     """(N, 4): width, height, brightness (mean gray level, 0-255) and sharpness (variance
     of the Laplacian of the gray image) of each image file."""
@@ -63,7 +69,7 @@ def image_statistics(paths: list[Path]) -> np.ndarray:
 
     rows = []
     for path in paths:
-        gray = cv2.imdecode(np.frombuffer(Path(path).read_bytes(), np.uint8), cv2.IMREAD_GRAYSCALE)
+        gray = cv2.imdecode(np.frombuffer(_read(path), np.uint8), cv2.IMREAD_GRAYSCALE)
         if gray is None:
             raise ValueError(f"cannot decode {path}")
         rows.append((gray.shape[1], gray.shape[0], float(gray.mean()),
@@ -102,7 +108,7 @@ class Extractor:
             for start in range(0, len(paths), batch):
                 images = []
                 for path in paths[start:start + batch]:
-                    bgr = cv2.imdecode(np.frombuffer(Path(path).read_bytes(), np.uint8),
+                    bgr = cv2.imdecode(np.frombuffer(_read(path), np.uint8),
                                        cv2.IMREAD_COLOR)
                     rgb = cv2.cvtColor(cv2.resize(bgr, (EXTRACTOR_SIZE, EXTRACTOR_SIZE),
                                                   interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
@@ -131,7 +137,7 @@ def build_profile(dataset_dir: str | Path, sample: int = 256, extractor: Extract
     chosen = stable_sample(ids, sample)
     wanted = list(dict.fromkeys(chosen + [i for i in extra_ids if i not in set(chosen)]))
     path_of = dict(zip(ids, table["path"]))
-    paths = [folder / path_of[i] for i in wanted]
+    paths = [Stored(folder, path_of[i]) for i in wanted]
     stats = image_statistics(paths)
     emb = extractor.embed(paths) if extractor is not None and wanted else None
     per_id = {i: (stats[k], None if emb is None else emb[k]) for k, i in enumerate(wanted)}

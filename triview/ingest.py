@@ -28,6 +28,7 @@ from triview.params import defaults
 from triview import storage
 from triview.dataroot import split_root_list
 from triview.sources import Item, SourceError, ZipLimits, open_source
+from triview.shards import ShardWriter, remove_members, split_ref, write_index
 from triview.storage import atomic_write_text
 from triview.validate import (IMAGES_DIR, WorkerConfig, init_worker, inspect_chunk,
                               near_duplicate_pairs)
@@ -35,7 +36,7 @@ from triview.validate import (IMAGES_DIR, WorkerConfig, init_worker, inspect_chu
 DEFAULTS = defaults("ingest")
 # Below this many files the pool's start-up costs more than it saves.
 _POOL_MIN_FILES = 200
-_CHUNK = 64
+_CHUNK = 16  # results carry the images' bytes: few in flight
 
 
 class IngestError(ValueError):
@@ -313,9 +314,11 @@ def ingest(data: str | Path, out_dir: str | Path, **options) -> IngestResult:
     per rejected file: path, reason, detail), ``classes.json`` and ``mapping.txt``/
     ``mapping.json`` (the label encoding), ``near_duplicates.csv``, ``stats.csv``,
     ``stats.json``, ``stats.png``, ``dataset.json`` (``dataset_version``: the
-    SHA-256 of the manifest) and the images under ``images/``: the original bytes
-    when OpenCV decodes them to the same RGB pixels (JPEG/PNG/WebP/BMP, RGB or gray,
-    no EXIF rotation), otherwise a normalised 8-bit RGB PNG. ``out_dir`` may be an
+    SHA-256 of the manifest) and the images, as WebDataset tar shards
+    ``images/NNNNNN.tar`` with their index (:mod:`triview.shards`; the manifest's
+    ``path`` is ``<shard>#<sha256[:16]><suffix>``): the original bytes when OpenCV
+    decodes them to the same RGB pixels (JPEG/PNG/WebP/BMP, RGB or gray, no EXIF
+    rotation), otherwise a normalised 8-bit RGB PNG. ``out_dir`` may be an
     ``s3://`` prefix: the folder is built locally and uploaded, manifest last.
     ``options`` are :class:`IngestOptions` fields.
     """
@@ -348,7 +351,6 @@ def _ingest_local(data: str | Path, out: Path, opts: IngestOptions) -> IngestRes
 
 
 def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestResult:
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     remap, drop = dict(opts.remap), set(opts.drop)
     items = _apply_label_ops(source.items, remap, drop)
     n_input = len(items)
@@ -366,20 +368,25 @@ def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestR
                                                for i, it in enumerate(items) if it.reason]
     used: list[tuple] = []   # (item index, sha, w, h, format, mode, dhash, stored, bytes)
     seen: dict[str, str] = {}
-    for i, res in zip(tasks_idx, _inspect_all(tasks, config, workers, progress)):
-        reason, detail, sha = res[0], res[1], res[2]
-        it = items[i]
-        if reason is None and it.label_reason is not None:
-            reason, detail = it.label_reason, it.detail
-        if reason is None and sha in seen:
-            reason, detail = "exact_duplicate", f"same bytes as {seen[sha]}"
-        if reason is not None:
-            quarantined.append((i, reason, detail))
-            continue
-        seen[sha] = it.rel
-        used.append((i,) + tuple(res[2:]))
+    # the workers validate and encode; this process stores each used image, once, into
+    # the shard series
+    with ShardWriter(out, IMAGES_DIR) as writer:
+        for i, res in zip(tasks_idx, _inspect_all(tasks, config, workers, progress)):
+            reason, detail, sha = res[0], res[1], res[2]
+            it = items[i]
+            if reason is None and it.label_reason is not None:
+                reason, detail = it.label_reason, it.detail
+            if reason is None and sha in seen:
+                reason, detail = "exact_duplicate", f"same bytes as {seen[sha]}"
+            if reason is not None:
+                quarantined.append((i, reason, detail))
+                continue
+            seen[sha] = it.rel
+            used.append((i, *res[2:8], writer.add(res[8], res[10]), res[9]))
 
-    # minimum images per class (multi-label: per label), after everything else
+    # minimum images per class (multi-label: per label), after everything else; the images
+    # dropped so leave their shards too
+    dropped: dict[str, set[str]] = {}
     if opts.min_per_class > 0 and used:
         counts = pd.Series([lab for u in used for lab in items[u[0]].labels]).value_counts()
         rare = set(counts[counts < opts.min_per_class].index)
@@ -395,8 +402,11 @@ def _ingest_source(source, data: str, out: Path, opts: IngestOptions) -> IngestR
                     quarantined.append((u[0], "class_below_minimum",
                                         f"{it.labels[0]!r} has {counts[it.labels[0]]} images "
                                         f"< {opts.min_per_class}"))
-                    (out / u[7]).unlink(missing_ok=True)
+                    shard, member = split_ref(u[7])
+                    dropped.setdefault(shard, set()).add(member)
             used = kept
+    remove_members(out, writer.entries, dropped)
+    write_index(out, writer.entries)
 
     quarantined.sort()
     quarantine = pd.DataFrame([(items[i].rel, r, d) for i, r, d in quarantined],

@@ -19,7 +19,8 @@ SPLITS = ("train", "val", "test")
 #: Columns of the image manifest written by ingest.
 IMAGE_COLUMNS = (
     "image_id",   # stable id of the used image (content hash prefix)
-    "path",       # path of the normalised image, relative to the manifest's folder
+    "path",       # the stored image, relative to the manifest's folder: "images/NNNNNN.tar#<member>"
+                  # for a member of ingest's shards (triview.shards), or a plain file's path
     "label",      # class name (multi-class); for multi-label the first label
     "labels",     # ';'-joined label names (multi-class: same as label)
     "source_id",  # id of the source photo; every crop of it shares it and its split

@@ -73,6 +73,14 @@ def _safe_relative(rel: str, what: str) -> PurePosixPath:
     return path
 
 
+def _append(tar: tarfile.TarFile, member: str, data: bytes) -> int:
+    """Add ``data`` as ``member`` to an open tar; returns the offset of its data."""
+    info = tarfile.TarInfo(member)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+    return tar.offset - -(-len(data) // _BLOCK) * _BLOCK
+
+
 class ShardWriter:
     """Append members to ``<folder>/<prefix>/NNNNNN.tar``, starting a new shard before one
     would pass ``max_bytes``. :meth:`add` returns the member's reference; :meth:`close`
@@ -117,10 +125,7 @@ class ShardWriter:
             self._finish()
         if self._tar is None:
             self._open()
-        info = tarfile.TarInfo(member)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self._tar.addfile(info, io.BytesIO(data))
-        offset = self._tar.offset - -(-len(data) // _BLOCK) * _BLOCK
+        offset = _append(self._tar, member, data)
         entry = self.entries[self._name]
         entry["members"][member] = [offset, len(data)]
         entry["samples"] += 1
@@ -141,6 +146,30 @@ class ShardWriter:
             self.close()
         else:
             self.abort(error)
+
+
+def remove_members(folder: str | os.PathLike, entries: dict[str, dict],
+                   drop: dict[str, set[str]]) -> None:
+    """Rewrite each shard named in ``drop`` without those members, atomically, and update
+    its entry in ``entries`` (a shard left empty is deleted). References to the members
+    kept stay valid: a reference names a member, not an offset."""
+    folder = Path(folder)
+    for name, members in drop.items():
+        entry = entries[name]
+        kept = sorted(((m, *where) for m, where in entry["members"].items() if m not in members),
+                      key=lambda item: item[1])
+        if not kept:
+            (folder / name).unlink()
+            del entries[name]
+            continue
+        placed = {}
+        with open(folder / name, "rb") as src, atomic_path(folder / name) as tmp:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for member, offset, size in kept:
+                    src.seek(offset)
+                    placed[member] = [_append(tar, member, src.read(size)), size]
+        entries[name] = {"samples": len(placed), "bytes": (folder / name).stat().st_size,
+                         "members": placed}
 
 
 def write_index(folder: str | os.PathLike, shards: dict[str, dict]) -> None:
@@ -220,6 +249,24 @@ def read_member(folder: str | os.PathLike, ref: str, index: dict[str, dict] | No
     (one seek), or a plain file. Nothing outside ``folder`` is opened."""
     rel, offset, size = locate(folder, ref, index)
     return read_located(Path(folder) / rel, offset, size, split_ref(ref)[1] or "")
+
+
+class Stored:
+    """One stored file of a folder by its table reference (a shard member or a plain
+    file), readable like a path: ``read_bytes()``."""
+
+    __slots__ = ("folder", "ref")
+
+    def __init__(self, folder: str | os.PathLike, ref: str) -> None:
+        self.folder, self.ref = folder, ref
+
+    def read_bytes(self) -> bytes:
+        return read_member(self.folder, self.ref)
+
+    def __str__(self) -> str:
+        return f"{self.folder}/{self.ref}"
+
+    __repr__ = __str__
 
 
 def copy_shards(src: str | os.PathLike, out: str | os.PathLike, rename: dict[str, str]) -> dict[str, dict]:

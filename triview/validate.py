@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import os
 import warnings
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -238,7 +236,6 @@ class _Reader:
         self.zips: dict[str, zipfile.ZipFile] = {}
         self.store: storage.S3Store | None = None
         self.fetcher = None   # triview.customvision.ImageFetcher, made on the first URL
-        self.tmp_names = itertools.count()
 
     def read(self, locator: tuple) -> bytes:
         kind = locator[0]
@@ -273,18 +270,6 @@ class _Reader:
             return data
         raise ValueError(f"unknown locator {locator!r}")
 
-    def store_file(self, target: Path, write) -> None:
-        """Write through a temporary name renamed onto ``target``: a crash never
-        leaves a truncated image under its final (content-hash) name."""
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{next(self.tmp_names)}.tmp")
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-
 _READER: _Reader | None = None
 
 
@@ -298,33 +283,38 @@ def inspect_chunk(tasks: list[tuple[tuple, bool]]) -> list[tuple]:
 
 
 def inspect_file(locator: tuple, write: bool) -> tuple:
-    """Read, validate and (when ``write``) store one file under ``images/``.
+    """Read and validate one file; when ``write``, also return the bytes to store for it.
 
-    Returns ``(reason, detail, sha256, width, height, format, mode, dhash, stored, bytes)``.
+    Returns ``(reason, detail, sha256, width, height, format, mode, dhash, name, bytes,
+    payload)``: ``name`` the stored image's name (``<sha256[:16]><suffix>``), ``payload``
+    its bytes (the original file, or the normalised PNG) or None. The caller stores it: a
+    worker writes nothing.
     """
     cfg = _READER.config
     try:
         data = _READER.read(locator)
     except FileNotFoundError as exc:
-        return ("missing_file", str(exc)[:200], "", 0, 0, "", "", 0, "", 0)
+        return ("missing_file", str(exc)[:200], "", 0, 0, "", "", 0, "", 0, None)
     except DownloadFailed as exc:
-        return ("download_failed", str(exc)[:200], "", 0, 0, "", "", 0, "", 0)
+        return ("download_failed", str(exc)[:200], "", 0, 0, "", "", 0, "", 0, None)
     except _TooLarge as exc:
-        return ("too_large", f"{exc.args[0]} bytes > {cfg.max_file_bytes}", "", 0, 0, "", "", 0, "", 0)
+        return ("too_large", f"{exc.args[0]} bytes > {cfg.max_file_bytes}", "", 0, 0, "", "", 0, "", 0, None)
     except RuntimeError as exc:  # zipfile: encrypted member
         reason = "encrypted" if "encrypted" in str(exc) else "read_error"
-        return (reason, str(exc)[:200], "", 0, 0, "", "", 0, "", 0)
+        return (reason, str(exc)[:200], "", 0, 0, "", "", 0, "", 0, None)
     except Exception as exc:  # any I/O failure of one file is that file's problem
-        return ("read_error", f"{type(exc).__name__}: {str(exc)[:200]}", "", 0, 0, "", "", 0, "", 0)
+        return ("read_error", f"{type(exc).__name__}: {str(exc)[:200]}", "", 0, 0, "", "", 0, "", 0, None)
     d = decode(data, min_size=cfg.min_size, max_pixels=cfg.max_pixels)
     if d.reason is not None:
-        return (d.reason, d.detail, d.sha256, 0, 0, d.format, d.mode, 0, "", len(data))
-    stored = f"{IMAGES_DIR}/{d.sha256[:16]}{d.keep_suffix or '.png'}"
-    target = Path(cfg.out_dir) / stored
-    if write and not target.exists():  # an exact duplicate maps to the same file
+        return (d.reason, d.detail, d.sha256, 0, 0, d.format, d.mode, 0, "", len(data), None)
+    name = f"{d.sha256[:16]}{d.keep_suffix or '.png'}"
+    payload = None
+    if write:
         if d.keep_suffix:
-            _READER.store_file(target, lambda tmp: tmp.write_bytes(data))
+            payload = data
         else:  # normalised: EXIF rotation applied, 8-bit RGB
-            _READER.store_file(target, lambda tmp: d.image.save(tmp, format="PNG", compress_level=1))
+            buf = io.BytesIO()
+            d.image.save(buf, format="PNG", compress_level=1)
+            payload = buf.getvalue()
     return (None, "", d.sha256, d.image.width, d.image.height, d.format, d.mode, d.dhash,
-            stored, len(data))
+            name, len(data), payload)

@@ -236,16 +236,16 @@ def sample_images(views_dir: str | Path, n: int = 16, dataset_dir: str | Path | 
 
     rng = np.random.default_rng(seed)
     if dataset_dir is not None:
+        folder = dataset_dir
         table = mf.read_manifest(dataset_dir)
-        paths = [Path(dataset_dir) / p for p in table.loc[table["split"] == "test", "path"]]
+        refs = list(table.loc[table["split"] == "test", "path"])
     else:
+        folder = views_dir
         table = mf.read_views(views_dir)
         first = table["view"].iloc[0]
         rows = table[(table["split"] == "test") & (table["augmented"] == 0) & (table["view"] == first)]
         refs = list(rows["path"])
-        if len(refs) > n:
-            refs = [refs[i] for i in sorted(rng.choice(len(refs), n, replace=False))]
-        return [read_member(views_dir, ref) for ref in refs]
-    if len(paths) > n:
-        paths = [paths[i] for i in sorted(rng.choice(len(paths), n, replace=False))]
-    return [p.read_bytes() for p in paths]
+    if len(refs) > n:
+        refs = [refs[i] for i in sorted(rng.choice(len(refs), n, replace=False))]
+    return [read_member(folder, ref) for ref in refs]
+
