@@ -346,3 +346,33 @@ def test_online_mode_writes_config_and_preview_but_no_copies(cropped, tmp_path):
     assert cfg.mode == "online" and cfg.zoom == 0.1 and cfg.seed == 4
     preview = read_rgb(tmp_path / "preview.png")
     assert preview.shape[0] > 0 and preview.shape[1] == 5 * preview.shape[0] // 3
+
+
+def test_ingested_jpegs_reach_the_cropper_as_jpegs(tmp_path, monkeypatch):
+    """A JPEG that ingest kept byte for byte lies in a shard (``images/NNNNNN.tar#<id>.jpg``):
+    calibrate-and-crop still decodes it as a JPEG (at a reduced DCT scale), by the member's
+    suffix, not the shard's."""
+    from sklearn.datasets import load_digits
+
+    import triview.crop as crop
+    from triview.ingest import ingest
+    from triview.stages import calibrate_and_crop_stage
+
+    digits = load_digits()
+    for i in range(40):
+        folder = tmp_path / "photos" / str(digits.target[i] % 2)
+        folder.mkdir(parents=True, exist_ok=True)
+        big = cv2.resize((digits.images[i] * 15).astype(np.uint8), (64, 64), interpolation=cv2.INTER_NEAREST)
+        cv2.imwrite(str(folder / f"{i}.jpg"), cv2.cvtColor(big, cv2.COLOR_GRAY2BGR))
+    table = ingest(tmp_path / "photos", tmp_path / "ingested", workers=1, plot=False).manifest
+    assert all(p.startswith("images/") and ".tar#" in p and p.endswith(".jpg") for p in table["path"])
+    seen = []
+    real = crop._Cropper.views_of_bytes
+
+    def recording(self, data, jpeg):
+        seen.append(jpeg)
+        return real(self, data, jpeg)
+
+    monkeypatch.setattr(crop._Cropper, "views_of_bytes", recording)
+    calibrate_and_crop_stage(tmp_path / "ingested", tmp_path / "views", workers=1, image_size=16)
+    assert len(seen) == len(table) and all(seen)
