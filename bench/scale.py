@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                         "crop_first_s": round(first, 2), "crop_grown_s": round(again, 2)},
         "incremental_share": round(again / first, 3),
         "note": "digits preset (fine-tuned branches, no frozen-feature pass; loader=auto holds "
-                "the 32 px crops of a split in memory, far below its 2 GiB threshold)",
+                "the 32 px crops of a split in memory, far below its 2 GiB threshold); "
+                "incremental_share: calibrate-and-crop alone, the crop cache in packs",
     }
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     if args.json:

@@ -90,20 +90,84 @@ def test_anything_that_changes_the_crops_misses_the_cache(tmp_path, change, monk
     assert _tree(tmp_path / "c" / "views" / "crops") == _tree(tmp_path / "d" / "views" / "crops")
 
 
+def _pack(cache: Path) -> tuple[Path, dict]:
+    """The one pack of a cache: its shard and its index's entries."""
+    import json
+
+    (index,) = sorted(cache.rglob("*.json"))
+    return index.with_suffix(".tar"), json.loads(index.read_text())["entries"]
+
+
 def test_a_damaged_entry_is_cropped_again_and_rewritten(tmp_path):
     data = _photos(tmp_path / "photos", 10)
     cache = tmp_path / "cache"
     _crop(data, tmp_path / "a", cache_root=str(cache))
-    entries = sorted(cache.rglob("*.npz"))
-    assert len(entries) == 10
-    entries[0].write_bytes(entries[0].read_bytes()[:100])  # truncated
-    raw = bytearray(entries[1].read_bytes())
-    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside a stored PNG
-    entries[1].write_bytes(bytes(raw))
+    shard, entries = _pack(cache)
+    assert len(entries) == 10 and len(list(cache.rglob("*"))) == 4  # crops/<recipe>/<pack>.{tar,json}
+    spans = sorted(entries.values())
+    raw = bytearray(shard.read_bytes())
+    offset, size, _ = spans[0][1]
+    raw[offset + size // 2] ^= 0xFF  # one flipped byte inside one view's PNG of the first photo
+    last_view_end = max(o + n for o, n, _ in spans[-1])
+    shard.write_bytes(bytes(raw[:last_view_end - 1]))  # truncated inside the last photo
     again = _crop(data, tmp_path / "b", cache_root=str(cache))
     assert again["cache"] == {"hits": 8, "computed": 2}
     assert _tree(tmp_path / "a" / "views" / "crops") == _tree(tmp_path / "b" / "views" / "crops")
-    assert _crop(data, tmp_path / "c", cache_root=str(cache))["cache"]["hits"] == 10  # rewritten
+    assert len(list(cache.rglob("*.json"))) == 2  # the two photos again, in a newer pack
+    assert _crop(data, tmp_path / "c", cache_root=str(cache))["cache"]["hits"] == 10  # the newer wins
+
+
+def test_a_damaged_pack_index_or_a_missing_shard_costs_only_reuse(tmp_path):
+    data = _photos(tmp_path / "photos", 6)
+    cache = tmp_path / "cache"
+    _crop(data, tmp_path / "a", cache_root=str(cache))
+    shard, _ = _pack(cache)
+    index = shard.with_suffix(".json")
+    index.write_text(index.read_text()[:-20])  # not JSON any more
+    assert _crop(data, tmp_path / "b", cache_root=str(cache))["cache"] == {"hits": 0, "computed": 6}
+    for old in cache.rglob("*.json"):  # every index left, its shard gone
+        old.with_suffix(".tar").unlink()
+    assert _crop(data, tmp_path / "c", cache_root=str(cache))["cache"] == {"hits": 0, "computed": 6}
+    assert _tree(tmp_path / "a" / "views" / "crops") == _tree(tmp_path / "c" / "views" / "crops")
+
+
+def test_a_pack_index_naming_a_shard_outside_its_folder_is_not_followed(tmp_path):
+    import json
+
+    data = _photos(tmp_path / "photos", 6)
+    cache = tmp_path / "cache"
+    _crop(data, tmp_path / "a", cache_root=str(cache))
+    shard, _ = _pack(cache)
+    index = shard.with_suffix(".json")
+    outside = tmp_path / "elsewhere.tar"
+    shard.rename(outside)
+    for name in ("../../../elsewhere.tar", str(outside)):
+        spec = json.loads(index.read_text())
+        spec["shard"] = name
+        index.write_text(json.dumps(spec))
+        assert _crop(data, tmp_path / "b", cache_root=str(cache))["cache"]["hits"] == 0
+        for new in cache.rglob("*"):  # the run's own new pack: away, for the next name
+            if new.is_file() and new != index:
+                new.unlink()
+
+
+def test_cache_packs_are_webdataset_shards_with_one_member_per_view(tmp_path):
+    import tarfile
+
+    from triview.crop import read_geometry
+
+    data = _photos(tmp_path / "photos", 8)
+    cache = tmp_path / "cache"
+    _crop(data, tmp_path / "a", cache_root=str(cache))
+    views = read_geometry(tmp_path / "a" / "views")[0].views
+    shard, entries = _pack(cache)
+    with tarfile.open(shard) as tar:
+        names = tar.getnames()
+        for photo, spans in entries.items():
+            for view, (offset, size, _) in zip(views, spans):
+                member = tar.getmember(f"{photo}.{view}.png")
+                assert (member.offset_data, member.size) == (offset, size)
+    assert len(names) == 24  # 8 photos, 3 views
 
 
 def test_the_cache_on_s3_serves_the_next_run(s3_endpoint, tmp_path):
@@ -114,7 +178,7 @@ def test_the_cache_on_s3_serves_the_next_run(s3_endpoint, tmp_path):
     assert _crop(data, tmp_path / "a", cache_root=cache)["cache"]["computed"] == 8
     assert _crop(data, tmp_path / "b", cache_root=cache)["cache"] == {"hits": 8, "computed": 0}
     assert _tree(tmp_path / "a" / "views" / "crops") == _tree(tmp_path / "b" / "views" / "crops")
-    assert len(storage.default_store().list(f"{cache}/crops/")) == 8
+    assert len(storage.default_store().list(f"{cache}/crops/")) == 2  # one pack: its shard and index
 
 
 def _save_weights(path: Path, nudge: bool = False) -> str:
@@ -277,3 +341,44 @@ def test_the_network_key_covers_torch_and_the_feature_code(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(features, "FEATURE_VERSION", features.FEATURE_VERSION + 1)
     assert features.network_digest(net) != key
+
+
+def test_a_run_adds_packs_of_bounded_size_and_the_next_reads_them_all(tmp_path):
+    from triview.cropcache import CropCache
+
+    recipe = {"lens": "identity", "geometry": "horizontal-32"}
+    views = ("left", "center", "right")
+    entries = {f"{i:040x}": {v: bytes([i]) * (400 + 50 * i) + v.encode() for v in views} for i in range(12)}
+    with CropCache(str(tmp_path), recipe, views, pack_bytes=8192) as cache:
+        for photo, pngs in entries.items():
+            assert cache.put(photo, pngs)
+    packs = sorted(tmp_path.rglob("*.tar"))
+    assert len(packs) > 2 and all(p.stat().st_size <= 8192 + 10240 for p in packs)
+    assert len(list(tmp_path.rglob("*.json"))) == len(packs) and not list(tmp_path.rglob(".*"))
+    with CropCache(str(tmp_path), recipe, views) as again:
+        assert all(again.get(photo) == pngs for photo, pngs in entries.items())
+        assert again.get("f" * 40) is None
+    with CropCache(str(tmp_path), {**recipe, "geometry": "vertical-32"}, views) as other:
+        assert all(other.get(photo) is None for photo in entries)  # another recipe: nothing
+
+
+def test_of_a_photo_in_two_packs_the_newer_is_read_and_the_older_when_it_is_damaged(tmp_path):
+    import json
+
+    from triview.cropcache import CropCache
+
+    recipe, views = {"lens": "identity"}, ("left", "center", "right")
+    photo = "ab" * 20
+    for generation in (b"old", b"new"):
+        with CropCache(str(tmp_path), recipe, views) as cache:
+            cache.put(photo, {v: generation + v.encode() for v in views})
+    with CropCache(str(tmp_path), recipe, views) as cache:
+        assert cache.get(photo)["left"] == b"newleft"
+    newer = max(tmp_path.rglob("*.json"), key=lambda p: p.name)
+    (offset, size, _), *_ = json.loads(newer.read_text())["entries"][photo]
+    shard = newer.with_suffix(".tar")
+    raw = bytearray(shard.read_bytes())
+    raw[offset] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with CropCache(str(tmp_path), recipe, views) as cache:
+        assert cache.get(photo) == {v: b"old" + v.encode() for v in views}

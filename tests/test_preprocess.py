@@ -376,3 +376,27 @@ def test_ingested_jpegs_reach_the_cropper_as_jpegs(tmp_path, monkeypatch):
     monkeypatch.setattr(crop._Cropper, "views_of_bytes", recording)
     calibrate_and_crop_stage(tmp_path / "ingested", tmp_path / "views", workers=1, image_size=16)
     assert len(seen) == len(table) and all(seen)
+
+
+def test_a_table_written_row_by_row_is_the_table_pandas_writes(tmp_path):
+    """calibrate-and-crop writes views.csv a row at a time (mf.TableWriter): the same bytes
+    as writing the whole table, empty and NaN values alike; a bad split is refused and an
+    error leaves no file."""
+    import pandas as pd
+
+    rows = [("a1", "left", "crops/left/train/000000.tar#a1.png", "ant", "ant;bee", "s,1", "train", 0),
+            ("b\"2", "right", "x.png", "bee", float("nan"), "s2", "test", 3),
+            ("c3", "center", "y.png", "", None, "s3", "val", 0)]
+    with mf.TableWriter(tmp_path / "rows.csv", mf.VIEW_COLUMNS) as writer:
+        for row in rows:
+            writer.row(row)
+    mf.write_table(pd.DataFrame(rows, columns=list(mf.VIEW_COLUMNS)), tmp_path / "whole.csv", mf.VIEW_COLUMNS)
+    assert (tmp_path / "rows.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert writer.rows == 3
+    with pytest.raises(mf.ManifestError, match="unknown split"):
+        with mf.TableWriter(tmp_path / "bad.csv", mf.VIEW_COLUMNS) as writer:
+            writer.row(rows[0])
+            writer.row(rows[1][:6] + ("holdout", 0))
+    assert not (tmp_path / "bad.csv").exists() and not list(tmp_path.glob(".*"))
+    read = list(mf.iter_table(tmp_path / "rows.csv", mf.VIEW_COLUMNS))
+    assert [r["image_id"] for r in read] == ["a1", "b\"2", "c3"] and read[1]["labels"] == ""

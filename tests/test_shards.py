@@ -194,3 +194,89 @@ def test_the_process_pool_writes_what_one_process_writes(tmp_path):
     tars = sorted(p.relative_to(one) for p in one.rglob("*.tar"))
     assert tars and tars == sorted(p.relative_to(two) for p in two.rglob("*.tar"))
     assert all((one / t).read_bytes() == (two / t).read_bytes() for t in tars)
+
+
+def test_cropping_holds_no_table_of_its_crops(tmp_path):
+    """calibrate-and-crop writes each crop and its table row as it goes: what the parent
+    process allocates grows by well under a kilobyte per photo (the member names of the
+    index), where holding the rows, their references and the index as dicts took ~3.6 KB."""
+    import sys
+    import tracemalloc
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_cache import _photos
+
+    from triview.stages import calibrate_and_crop_stage, ingest_stage
+
+    peaks = {}
+    for n in (100, 400):
+        ingest_stage(str(_photos(tmp_path / f"photos-{n}", n)), tmp_path / f"ingest-{n}", plot=False)
+    for n in (100, 400, 100, 400):  # the first call pays for imports and caches
+        tracemalloc.start()
+        calibrate_and_crop_stage(tmp_path / f"ingest-{n}", tmp_path / f"views-{n}-{len(peaks)}",
+                                 workers=1, layout="horizontal", image_size=32)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    per_photo = (peaks[400] - peaks[100]) / 300
+    assert per_photo < 1000, per_photo
+
+
+def _tarfile_bytes(items) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_shard_is_byte_for_byte_what_tarfile_writes(tmp_path):
+    """The shard writer builds each ustar header itself (tarfile's path costs more than a
+    small crop): the file is the one tarfile writes, for short, 100-byte, longer and
+    non-ASCII names and sizes around the 512-byte block."""
+    import random
+
+    rnd = random.Random(0)
+    names = ["a.png", "x" * 96, "y" * 98, "\u00e9t\u00e9\u20ac", "k" * 60 + ".jpg"]  # up to 100 bytes
+    items = [(f"{rnd.choice(names)}{i}", rnd.randbytes(rnd.choice([0, 1, 511, 512, 513, 3000])))
+             for i in range(40)]
+    refs, entries = _write(tmp_path, items)
+    (name,) = entries
+    assert (tmp_path / name).read_bytes() == _tarfile_bytes(items)
+    assert [shards.read_member(tmp_path, ref) for ref in refs] == [d for _, d in items]
+    with pytest.raises(ValueError, match="too long"):  # as tarfile refuses it
+        _write(tmp_path / "long", [("z" * 101, b"data")])
+
+
+def test_the_index_is_streamed_as_json_would_write_it(tmp_path):
+    items = [(f"k{i}\u00e9.png", bytes([i]) * (300 * i + 1)) for i in range(12)]
+    _, entries = _write(tmp_path, items, max_bytes=4096)
+    plain = {name: {"samples": e["samples"], "bytes": e["bytes"], "members": dict(e["members"].items())}
+             for name, e in entries.items()}
+    expected = json.dumps({"format": shards.FORMAT, "version": shards.VERSION,
+                           "shards": dict(sorted(plain.items()))}, separators=(",", ":"))
+    assert (tmp_path / shards.INDEX_FILE).read_text() == expected
+    assert shards.read_index(tmp_path) == json.loads(expected)["shards"]
+    shards.write_index(tmp_path / "again", plain)  # plain dicts (a parsed index) too
+    assert (tmp_path / "again" / shards.INDEX_FILE).read_text() == expected
+
+
+def test_the_shard_reader_reads_and_checks_what_read_member_does(tmp_path):
+    items = [(f"m{i}.png", bytes([i]) * (100 + i)) for i in range(20)]
+    refs, entries = _write(tmp_path, items, max_bytes=8192)
+    (tmp_path / "plain.png").write_bytes(b"plain")
+    with shards.ShardReader(tmp_path) as reader:
+        assert [reader.read(r) for r in refs] == [d for _, d in items]
+        assert reader.read("plain.png") == b"plain"
+        shard = refs[0].split("#")[0]
+        for bad, match in ((f"{shard}#nope.png", "not a member"), ("crops/whole/999999.tar#m0.png", "not in"),
+                           ("../outside.tar#m0.png", "inside its folder"), ("/etc/passwd", "inside its folder")):
+            with pytest.raises(ValueError, match=match):
+                reader.read(bad)
+    last = refs[-1].split("#")[0]
+    with open(tmp_path / last, "r+b") as f:
+        f.truncate(600)
+    with shards.ShardReader(tmp_path) as reader, pytest.raises(ValueError, match="truncated"):
+        reader.read(refs[-1])

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 
 from triview import manifest as mf
-from triview.crop import encode_png, read_crop, write_png
+from triview.crop import decode_png, encode_png, read_crop, write_png
 from triview.params import config_class
-from triview.shards import ShardWriter, write_index
+from triview.shards import ShardReader, ShardWriter, write_index
 
 AUG_DIR = "augmented"
 BORDER_MODES = {
@@ -136,38 +135,48 @@ def preview_grid(samples: list[np.ndarray], config: AugmentConfig, path: Path, p
     write_png(path, grid)
 
 
-def augment(views_dir: str | Path, out_dir: str | Path, config: AugmentConfig) -> pd.DataFrame:
-    """Write ``config.copies`` augmented copies of every training crop to ``out_dir``.
+def augment(views_dir: str | Path, out_dir: str | Path, config: AugmentConfig) -> int:
+    """Write ``config.copies`` augmented copies of every training crop to ``out_dir``;
+    returns the number of copies written.
 
     ``out_dir/views.csv`` lists only the new crops (``augmented`` = copy number; none in
     online mode); the real crops stay in ``views_dir``. Also writes ``augment.json`` (the
-    configuration, which online training reads) and ``preview.png``.
+    configuration, which online training reads) and ``preview.png``. The views table is
+    read a row at a time and the new one written as the copies are: neither is held.
     """
     src, out = Path(views_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    views = mf.read_views(src)
-    train = views[(views["split"] == "train") & (views["augmented"] == 0)]
+    table = src / mf.VIEWS_FILE
+
+    def train():  # the real training crops, read as they are used
+        return (row for row in mf.iter_table(table, mf.VIEW_COLUMNS)
+                if row["split"] == "train" and int(row["augmented"]) == 0)
+
     save_config(config, out)
-    sample = train.drop_duplicates("view").head(3) if len(train) else train
-    if len(sample):
-        preview_grid([read_crop(src, p) for p in sample["path"]], config, out / PREVIEW_FILE)
-    rows = {name: [] for name in mf.VIEW_COLUMNS}
+    sample, views = [], set()
+    for row in train():
+        if row["view"] not in views:
+            views.add(row["view"])
+            sample.append(row["path"])
+            if len(sample) == 3:
+                break
+    if sample:
+        preview_grid([read_crop(src, p) for p in sample], config, out / PREVIEW_FILE)
     copies = config.copies if config.mode == "offline" else 0
-    writers = {view: ShardWriter(out, f"{AUG_DIR}/{view}/train") for view in train["view"].unique()} \
-        if copies else {}
+    writers = {}
     with contextlib.ExitStack() as stack:
-        for writer in writers.values():
-            stack.enter_context(writer)
-        for rec in train.itertuples(index=False):
-            image = read_crop(src, rec.path)
+        written = stack.enter_context(mf.views_writer(out))
+        reader = stack.enter_context(ShardReader(src))
+        for rec in train() if copies else ():
+            image = decode_png(reader.read(rec["path"]), f"crop {rec['path']} in {src}")
+            if rec["view"] not in writers:
+                writers[rec["view"]] = stack.enter_context(
+                    ShardWriter(out, f"{AUG_DIR}/{rec['view']}/train"))
             for k in range(1, copies + 1):
-                aug = augment_image(image, config, _rng(config.seed, rec.image_id, rec.view, k))
-                ref = writers[rec.view].add(f"{rec.image_id}_{k}.png", encode_png(aug))
-                for name in mf.VIEW_COLUMNS:  # column lists: far smaller than row dicts
-                    rows[name].append(ref if name == "path" else k if name == "augmented"
-                                      else getattr(rec, name))
+                aug = augment_image(image, config, _rng(config.seed, rec["image_id"], rec["view"], k))
+                ref = writers[rec["view"]].add(f"{rec['image_id']}_{k}.png", encode_png(aug))
+                written.row([ref if name == "path" else k if name == "augmented" else rec[name]
+                             for name in mf.VIEW_COLUMNS])
     write_index(out, {name: entry for w in writers.values() for name, entry in w.entries.items()})
-    table = pd.DataFrame(rows, columns=list(mf.VIEW_COLUMNS))
-    mf.write_views(table, out)
     mf.write_classes(mf.read_classes(src), out)
-    return table
+    return written.rows

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -19,8 +21,8 @@ import numpy as np
 from triview.params import defaults
 
 DEFAULTS = defaults("calibrate-and-crop")
-from triview.shards import (SHARD_BYTES, ShardWriter, copy_shards, member_ref, read_index, split_ref,
-                            write_index)
+from triview.shards import (SHARD_BYTES, ShardReader, ShardWriter, copy_shards, member_ref, read_index,
+                            read_member, split_ref, write_index)
 from triview.storage import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:  # pandas only where the manifest is written: the predictor runs without it
@@ -391,11 +393,14 @@ def read_rgb(path: str | Path) -> np.ndarray:
 def read_crop(folder: str | Path, ref: str) -> np.ndarray:
     """One crop of a views table as RGB: ``ref`` is the row's ``path``, a shard member
     (:mod:`triview.shards`) or a plain file in ``folder``."""
-    from triview.shards import read_member
+    return decode_png(read_member(folder, ref), f"crop {ref} in {folder}")
 
-    image = cv2.imdecode(np.frombuffer(read_member(folder, ref), np.uint8), cv2.IMREAD_COLOR)
+
+def decode_png(data: bytes, what: str) -> np.ndarray:
+    """A stored crop's bytes as RGB uint8 (H, W, 3); ``what`` names it in the error."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"cannot decode crop {ref} in {folder}")
+        raise ValueError(f"cannot decode {what}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -470,16 +475,13 @@ def _image_size(data: bytes) -> tuple[int, int]:
 
 
 _WORKER: _Cropper | None = None
-_CACHE = None  # this process's CropCache, when calibrate_and_crop was given a cache root
 
 
-def _init_worker(lens: LensModel, geometry: CropGeometry, cache_root: str = "") -> None:
-    global _WORKER, _CACHE
-    from triview.cropcache import CropCache
+def _init_worker(lens: LensModel, geometry: CropGeometry) -> None:
+    global _WORKER
 
     cv2.setNumThreads(1)  # one image per process; no nested thread pools
     _WORKER = _Cropper(lens, geometry)
-    _CACHE = CropCache(cache_root, crop_recipe(lens, geometry), geometry.views) if cache_root else None
 
 
 def crop_recipe(lens: LensModel, geometry: CropGeometry) -> dict:
@@ -487,52 +489,57 @@ def crop_recipe(lens: LensModel, geometry: CropGeometry) -> dict:
     return {"lens": asdict(lens), "geometry": asdict(geometry), "supersample": SUPERSAMPLE}
 
 
-def _crop_task(args: tuple[str, str]) -> tuple[dict[str, bytes], bool]:
-    """Crop one stored photo (ingest's folder, the manifest's reference to it: a shard
-    member, or a plain file) into its view PNGs; True with them when they came from the
-    cache."""
-    from triview.cropcache import photo_digest
-    from triview.shards import read_member, split_ref
-
-    src, ref = args
-    data = read_member(src, ref)
+def _is_jpeg(ref: str) -> bool:
+    """Whether a stored photo is decoded as a JPEG: by the suffix of the member (or file)
+    the manifest's reference names, never the shard's."""
     shard, member = split_ref(ref)
-    jpeg = Path(member or shard).suffix.lower() in _JPEG_SUFFIXES
-    key = photo_digest(data, jpeg) if _CACHE is not None else ""
-    pngs = _CACHE.get(key) if _CACHE is not None else None
-    hit = pngs is not None
-    if pngs is None:
-        pngs = {view: encode_png(crop) for view, crop in _WORKER.views_of_bytes(data, jpeg).items()}
-        if _CACHE is not None:
-            _CACHE.put(key, pngs)
-    return pngs, hit
+    return os.path.splitext(member or shard)[1].lower() in _JPEG_SUFFIXES
 
 
-def _crop_chunk(tasks: list[tuple[str, str]]) -> list[tuple[dict[str, bytes], bool]]:
+def _crop_task(args: tuple[str, str]) -> dict[str, bytes]:
+    """Crop one stored photo (ingest's folder, the manifest's reference to it: a shard
+    member, or a plain file) into its view PNGs."""
+    src, ref = args
+    crops = _WORKER.views_of_bytes(read_member(src, ref), _is_jpeg(ref))
+    return {view: encode_png(crop) for view, crop in crops.items()}
+
+
+def _crop_chunk(tasks: list[tuple[str, str]]) -> list[dict[str, bytes]]:
     return [_crop_task(t) for t in tasks]
 
 
-def bounded_map(pool, fn, items: list, chunk: int, window: int):
-    """``fn`` over ``items`` in chunks on ``pool``, yielding each item's result in order,
-    with at most ``window`` chunks in flight: the crops that wait for the writer stay a
-    few chunks, however many photos there are (``Executor.map`` submits every chunk at
-    once and keeps every finished result until it is consumed)."""
+def bounded_map(pool, fn, items, chunk: int, window: int):
+    """``fn`` over ``items`` (any iterable) in chunks on ``pool``, yielding each item's
+    result in order, with at most ``window`` chunks in flight: the crops that wait for the
+    writer stay a few chunks, however many photos there are (``Executor.map`` submits every
+    chunk at once and keeps every finished result until it is consumed)."""
     from collections import deque
 
-    pending = deque()
-    for start in range(0, len(items), chunk):
-        pending.append(pool.submit(fn, items[start:start + chunk]))
+    items, pending = iter(items), deque()
+    while batch := list(itertools.islice(items, chunk)):
+        pending.append(pool.submit(fn, batch))
         if len(pending) >= window:
             yield from pending.popleft().result()
     while pending:
         yield from pending.popleft().result()
 
 
+@dataclass(frozen=True)
+class Cropped:
+    """What :func:`calibrate_and_crop` wrote: the photos, the crops (rows of ``views.csv``)
+    and the photos whose crops were read from the cache."""
+
+    photos: int
+    crops: int
+    cache_hits: int
+
+
 def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: CropGeometry,
                        lens: LensModel | None = None, workers: int = 0,
                        cache_root: str = "", part: tuple[int, int] = (0, 1),
-                       shard_bytes: int = SHARD_BYTES) -> pd.DataFrame:
-    """Crop every manifest image into views under ``out_dir``; write ``views.csv``.
+                       shard_bytes: int = SHARD_BYTES) -> Cropped:
+    """Crop every manifest image into views under ``out_dir``; write ``views.csv`` (row
+    by row, as the crops are written: the parent holds no table of crops).
 
     Views are materialised as small PNGs (image_size²): decoding a full photo costs far
     more than reading a crop, so each photo is decoded once, not once per epoch. They are
@@ -542,8 +549,7 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     ``workers`` processes share the work (0: one per core; small inputs stay in-process).
     ``cache_root`` (a folder or ``s3://`` prefix): the content-addressed crop cache
     (:mod:`triview.cropcache`); photos cropped before with the same lens and geometry are
-    read from it, new ones are cropped and added. The table's ``attrs["cache_hits"]`` counts
-    the photos read from it. ``part`` = (shard, shards): crop only that contiguous part of
+    read from it, new ones are cropped and added. ``part`` = (shard, shards): crop only that contiguous part of
     the manifest, one of ``shards`` of (nearly) equal size, and write :data:`PART_FILE`
     (a fan-out over shards, merged by :func:`collect_parts`).
     Also writes ``classes.json`` and ``geometry.json`` (crop geometry and lens).
@@ -552,56 +558,74 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    import pandas as pd
-
     from triview import manifest as mf
 
     lens = lens or LensModel()
     src, out = Path(dataset_dir), Path(out_dir)
-    table = mf.read_manifest(src)
     shard, shards = part
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} of {shards}: expected 0 <= shard < shards")
-    photos = len(table)
-    if shards > 1:
-        table = table.iloc[shard * photos // shards:(shard + 1) * photos // shards]
+    manifest = src / mf.MANIFEST_FILE
+    photos = sum(1 for _ in mf.iter_table(manifest, mf.IMAGE_COLUMNS))
+    start, stop = shard * photos // shards, (shard + 1) * photos // shards
+
+    def rows():  # this part's manifest rows, read as they are used: the table is never held
+        return itertools.islice(mf.iter_table(manifest, mf.IMAGE_COLUMNS), start, stop)
+
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(str(src), rec.path) for rec in table.itertuples(index=False)]
     workers = workers or (os.cpu_count() or 1)
-    columns = {name: [] for name in mf.VIEW_COLUMNS}  # column lists: far smaller than row dicts
     hits = 0
     writers = {(view, split): ShardWriter(out, f"{CROPS_DIR}/{view}/{split}", shard_bytes)
                for view in geometry.views for split in mf.SPLITS}
     with contextlib.ExitStack() as stack:
         for writer in writers.values():
             stack.enter_context(writer)
-        if workers > 1 and len(tasks) >= 200:
+        table = stack.enter_context(mf.views_writer(out))  # written row by row
+        cache, keys, cached = None, bytearray(), bytearray()  # a photo's digest: 20 bytes
+        if cache_root:
+            from triview.cropcache import CropCache, photo_digest
+
+            cache = stack.enter_context(CropCache(cache_root, crop_recipe(lens, geometry), geometry.views))
+            reader = stack.enter_context(ShardReader(src))
+            for rec in rows():
+                key = photo_digest(reader.read(rec["path"]), _is_jpeg(rec["path"]))
+                keys += bytes.fromhex(key)
+                cached.append(key in cache)
+        tasks = ((str(src), rec["path"]) for i, rec in enumerate(rows()) if not (cache and cached[i]))
+        if workers > 1 and stop - start - sum(cached) >= 200:
             # forkserver: forking a parent whose OpenCV/OpenMP threads are running can deadlock
             pool = stack.enter_context(ProcessPoolExecutor(
                 workers, mp_context=multiprocessing.get_context("forkserver"),
-                initializer=_init_worker, initargs=(lens, geometry, cache_root)))
+                initializer=_init_worker, initargs=(lens, geometry)))
             results = bounded_map(pool, _crop_chunk, tasks, chunk=64, window=2 * workers)
         else:
-            _init_worker(lens, geometry, cache_root)
+            _init_worker(lens, geometry)
             results = map(_crop_task, tasks)
-        for rec, (pngs, hit) in zip(table.itertuples(index=False), results):
-            hits += hit
+        for i, rec in enumerate(rows()):
+            key = keys[20 * i:20 * i + 20].hex()
+            pngs = cache.get(key) if cache and cached[i] else None
+            if pngs is not None:
+                hits += 1
+            else:
+                if cache and cached[i]:  # a damaged entry: cropped here, and stored again
+                    _WORKER or _init_worker(lens, geometry)
+                    pngs = _crop_task((str(src), rec["path"]))
+                else:
+                    pngs = next(results)
+                if cache is not None:
+                    cache.put(key, pngs)
             for view in geometry.views:
-                ref = writers[view, rec.split].add(f"{rec.image_id}.png", pngs[view])
-                for name, value in zip(mf.VIEW_COLUMNS, (rec.image_id, view, ref, rec.label, rec.labels,
-                                                         rec.source_id, rec.split, 0)):
-                    columns[name].append(value)
+                ref = writers[view, rec["split"]].add(f"{rec['image_id']}.png", pngs[view])
+                table.row((rec["image_id"], view, ref, rec["label"], rec["labels"], rec["source_id"],
+                           rec["split"], 0))
     write_index(out, {name: entry for w in writers.values() for name, entry in w.entries.items()})
-    views = pd.DataFrame(columns, columns=list(mf.VIEW_COLUMNS))
-    views.attrs["cache_hits"] = hits
-    mf.write_views(views, out)
     mf.write_classes(mf.read_classes(src), out)
     atomic_write_text(out / GEOMETRY_FILE, json.dumps(
         {"geometry": asdict(geometry), "views": list(geometry.views), "lens": asdict(lens)}, indent=2))
     if shards > 1:
         atomic_write_text(out / PART_FILE, json.dumps({"shard": shard, "shards": shards,
                                                        "photos": photos}))
-    return views
+    return Cropped(photos=stop - start, crops=table.rows, cache_hits=hits)
 
 
 def collect_parts(part_dirs: list[str | Path], out_dir: str | Path) -> pd.DataFrame:

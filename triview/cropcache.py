@@ -12,31 +12,49 @@ photo and is addressed by everything that decides them:
   :data:`RECIPE_VERSION` (raised whenever the cropping code changes its output) and
   OpenCV's version.
 
-The recipe's digest names a folder, the photo's digest the entry in it
-(``crops/<recipe>/<photo[:2]>/<photo>.npz``), so a changed parameter, lens or library
-never meets an old entry, and an old recipe's folder can be deleted as a whole. A damaged
-entry (each member of the ``.npz`` carries its CRC-32) is not used but computed again and
-rewritten, and a cache that cannot be read or written (a storage error) is turned off for the
-rest of the process with one warning: the run never fails because of its cache. Entries are written atomically
-(a local rename, or one S3 PUT), so concurrent workers and runs may share one cache.
+The recipe's digest names a folder; a run adds the entries it computed there as *packs*,
+so that the cache, like the artifacts, holds a few large objects rather than one per photo
+(a million photos would otherwise be a million GETs per run)::
+
+    crops/<recipe>/<pack>.tar    a WebDataset shard: members <photo digest>.<view>.png
+    crops/<recipe>/<pack>.json   {"format": "triview-crop-pack", "version": 1,
+                                  "shard": "<pack>.tar", "views": [...],
+                                  "entries": {"<photo digest>": [[offset, size, crc32], ...]}}
+
+one ``[offset, size, crc32]`` per view, in the order of ``views``. A pack's index is written
+after its shard, so a listed index always has its shard. Pack names begin with their UTC
+time, so they sort in writing order, and a later pack's entry for a photo wins.
+
+Safety: a changed parameter, lens or library never meets an old entry (another folder),
+and an old recipe's folder can be deleted as a whole. Every read is checked against its
+CRC-32: a damaged entry (a flipped byte, a truncated shard) is not used but computed again,
+and the new entry, in a newer pack, replaces it. A cache that cannot be read or written (a
+storage error) is turned off for the rest of the process with one warning: the run never
+fails because of its cache. Shards and indexes are written atomically (a local rename, or
+one S3 PUT each), so concurrent runs may share one cache.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-
 import logging
-
-import numpy as np
+import os
+import secrets
+import tempfile
+import time
+import zlib
+from pathlib import Path
 
 from triview import storage
+from triview.shards import SHARD_BYTES, TarAppender
 
 log = logging.getLogger(__name__)
 
 #: Raise when the cropping code changes what it writes for the same photo and recipe.
 RECIPE_VERSION = 1
 CROPS_PREFIX = "crops"
+PACK_FORMAT = "triview-crop-pack"
+PACK_VERSION = 1
 
 
 def recipe_digest(recipe: dict) -> str:
@@ -55,61 +73,221 @@ def photo_digest(data: bytes, jpeg: bool) -> str:
     return hashlib.blake2b(data, digest_size=20, person=b"jpeg" if jpeg else b"other").hexdigest()
 
 
-def encode_entry(views: dict[str, bytes]) -> bytes:
-    """One entry: the views' PNG bytes as the members of an ``.npz`` (a ZIP: each member
-    carries its CRC-32, checked on reading; no pickle)."""
-    buf = io.BytesIO()
-    np.savez(buf, **{f"view_{name}": np.frombuffer(png, dtype=np.uint8) for name, png in views.items()})
-    return buf.getvalue()
-
-
-def decode_entry(data: bytes, views: tuple[str, ...]) -> dict[str, bytes] | None:
-    """The PNG bytes of ``views`` from an entry; None when it is damaged (truncated, not an
-    npz, a member failing its CRC) or lacks a view."""
+def parse_pack_index(data: bytes, views: tuple[str, ...]) -> tuple[str, dict[str, list]] | None:
+    """(shard name, photo digest -> one [offset, size, crc32] per view) of a pack's index;
+    None when it is damaged, of another format or version, or holds other views."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {name: npz[f"view_{name}"].tobytes() for name in views}
-    except Exception:  # noqa: BLE001  (any damage: the run never fails because of its cache)
+        index = json.loads(data)
+        if index.get("format") != PACK_FORMAT or index.get("version") != PACK_VERSION or \
+                tuple(index.get("views", ())) != tuple(views):
+            return None
+        shard, entries = index["shard"], index["entries"]
+        if not isinstance(shard, str) or "/" in shard or shard.startswith(".") or \
+                not shard.endswith(".tar") or not isinstance(entries, dict):
+            return None
+        for spans in entries.values():
+            if len(spans) != len(views) or any(len(span) != 3 for span in spans):
+                return None
+        return shard, entries
+    except Exception:  # noqa: BLE001  (a damaged index: its entries are computed again)
         return None
 
 
-class CropCache:
-    """The entries of one recipe under ``root`` (a folder or ``s3://`` prefix)."""
+class _PackWriter:
+    """One pack being written: a tar in a temporary file (beside its place in a local
+    cache, or in ``scratch`` for an ``s3://`` one) and its entries."""
 
-    def __init__(self, root: str, recipe: dict, views: tuple[str, ...]) -> None:
+    def __init__(self, folder: str, scratch: Path) -> None:
+        now = time.time_ns()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10 ** 9))
+        self.name = f"{stamp}.{now % 10 ** 9:09d}-{secrets.token_hex(6)}"
+        self.shard = storage.join(folder, f"{self.name}.tar")
+        if storage.is_s3(folder):
+            self.tmp = Path(tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tar", dir=scratch)[1])
+        else:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tar", dir=folder)
+            os.close(fd)
+            self.tmp = Path(tmp)
+        self.tar = TarAppender(open(self.tmp, "wb", buffering=1 << 20))
+        self.entries: dict[str, list[list[int]]] = {}
+
+    def add(self, photo: str, views: tuple[str, ...], pngs: dict[str, bytes]) -> None:
+        self.entries[photo] = [[self.tar.add(f"{photo}.{view}.png", pngs[view]),
+                                len(pngs[view]), zlib.crc32(pngs[view])] for view in views]
+
+    def publish(self, folder: str, views: tuple[str, ...]) -> None:
+        """Close the shard, move it into place, then write its index."""
+        self.tar.close()
+        if storage.is_s3(self.shard):
+            storage.default_store().upload_file(self.tmp, self.shard)
+            self.tmp.unlink()
+        else:
+            os.chmod(self.tmp, 0o644)
+            os.replace(self.tmp, self.shard)
+        storage.atomic_write_bytes(storage.join(folder, f"{self.name}.json"), json.dumps(
+            {"format": PACK_FORMAT, "version": PACK_VERSION, "shard": f"{self.name}.tar",
+             "views": list(views), "entries": self.entries}, separators=(",", ":")).encode())
+
+    def discard(self) -> None:
+        self.tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+    @property
+    def size(self) -> int:
+        return self.tar.offset
+
+
+class CropCache:
+    """The entries of one recipe under ``root`` (a folder or ``s3://`` prefix): :meth:`get`
+    reads one, :meth:`put` adds one to this run's pack, :meth:`close` publishes the pack.
+    ``pack_bytes``: a pack is published and a new one begun before it passes this size."""
+
+    def __init__(self, root: str, recipe: dict, views: tuple[str, ...],
+                 pack_bytes: int = SHARD_BYTES) -> None:
         self.root = str(root)
         self.recipe = recipe_digest(recipe)
+        self.folder = storage.join(self.root, CROPS_PREFIX, self.recipe)
         self.views = tuple(views)
+        self.pack_bytes = pack_bytes
         self.off = False  # set by the first storage error
+        self._entries: dict[str, tuple[int, list]] | None = None  # photo -> (pack, spans)
+        self._shards: list[str] = []  # the packs' shard names, by pack number
+        self._older: dict[str, list[tuple[int, list]]] = {}  # a photo in more packs: the others
+        self._local: dict[int, int] = {}  # pack number -> an open file descriptor
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        self._writer: _PackWriter | None = None
 
-    def location(self, photo: str) -> str:
-        return storage.join(self.root, CROPS_PREFIX, self.recipe, photo[:2], f"{photo}.npz")
+    def _scratch_dir(self) -> Path:
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="triview-cropcache-")
+        return Path(self._scratch.name)
+
+    def _index(self) -> dict[str, tuple[int, list]]:
+        """Every entry of the recipe's packs, read once (a later pack's entry wins)."""
+        if self._entries is None:
+            self._entries = {}
+            try:
+                names = [] if self.off else storage.children(self.folder)
+                for name in names:
+                    if name.startswith(".") or not name.endswith(".json"):
+                        continue
+                    parsed = parse_pack_index(
+                        storage.read_bytes_or_none(storage.join(self.folder, name)) or b"", self.views)
+                    if parsed is None:
+                        continue
+                    shard, entries = parsed
+                    self._shards.append(shard)
+                    number = len(self._shards) - 1
+                    for photo, spans in entries.items():
+                        if photo in self._entries:  # kept, for when the newer one is damaged
+                            self._older.setdefault(photo, []).insert(0, self._entries[photo])
+                        self._entries[photo] = (number, spans)
+            except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
+                self._give_up("read", self.folder, exc)
+                self._entries = {}
+        return self._entries
+
+    def __contains__(self, photo: str) -> bool:
+        return not self.off and photo in self._index()
+
+    def _fd(self, number: int) -> int:
+        """An open descriptor of pack ``number``'s shard (downloaded first from S3)."""
+        if number not in self._local:
+            where = storage.join(self.folder, self._shards[number])
+            if storage.is_s3(where):
+                path = self._scratch_dir() / self._shards[number]
+                storage.default_store().download_file(where, path)
+            else:
+                path = Path(where)
+            self._local[number] = os.open(path, os.O_RDONLY)
+        return self._local[number]
 
     def get(self, photo: str) -> dict[str, bytes] | None:
-        """The views' PNG bytes of a photo digest, or None (absent, damaged or unreadable)."""
-        if self.off:
+        """The views' PNG bytes of a photo digest, or None (absent, damaged or unreadable).
+        Of a photo in several packs the newest entry is read, an older one when it is damaged."""
+        found = None if self.off else self._index().get(photo)
+        if found is None:
             return None
+        for number, spans in [found, *self._older.get(photo, ())]:
+            pngs = self._read(number, spans)
+            if pngs is not None or self.off:
+                return pngs
+        return None
+
+    def _read(self, number: int, spans: list) -> dict[str, bytes] | None:
         try:
-            data = storage.read_bytes_or_none(self.location(photo))
-        except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
-            self._give_up("read", photo, exc)
+            fd = self._fd(number)
+        except FileNotFoundError:  # a shard deleted under its index: computed again
             return None
-        return None if data is None else decode_entry(data, self.views)
+        except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
+            self._give_up("read", storage.join(self.folder, self._shards[number]), exc)
+            return None
+        start = min(offset for offset, _, _ in spans)
+        end = max(offset + size for offset, size, _ in spans)
+        block = os.pread(fd, end - start, start)  # the views lie together: one read
+        pngs = {}
+        for view, (offset, size, crc) in zip(self.views, spans):
+            data = block[offset - start:offset - start + size]
+            if len(data) != size or zlib.crc32(data) != crc:
+                return None  # damaged: computed again, and the new entry replaces it
+            pngs[view] = data
+        return pngs
 
     def put(self, photo: str, views: dict[str, bytes]) -> bool:
-        """Store a photo's view PNGs; False when the cache cannot be written."""
+        """Add a photo's view PNGs to this run's pack; False when the cache cannot be written."""
         if self.off:
             return False
         try:
-            storage.atomic_write_bytes(self.location(photo), encode_entry(views))
+            if self._writer is not None and self._writer.entries and \
+                    self._writer.size + sum(map(len, views.values())) > self.pack_bytes:
+                self._publish()
+            if self._writer is None:
+                self._writer = _PackWriter(self.folder, self._scratch_dir())
+            self._writer.add(photo, self.views, views)
         except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
-            self._give_up("write", photo, exc)
+            self._give_up("write", self.folder, exc)
             return False
         return True
 
-    def _give_up(self, what: str, photo: str, exc: Exception) -> None:
+    def _publish(self) -> None:
+        writer, self._writer = self._writer, None
+        try:
+            writer.publish(self.folder, self.views)
+        except BaseException:
+            writer.discard()
+            raise
+
+    def close(self) -> None:
+        """Publish this run's last pack and release what reading held."""
+        try:
+            if self._writer is not None and not self.off:
+                self._publish()
+        except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
+            self._give_up("write", self.folder, exc)
+        finally:
+            if self._writer is not None:
+                self._writer.discard()
+                self._writer = None
+            for fd in self._local.values():
+                os.close(fd)
+            self._local.clear()
+            if self._scratch is not None:
+                self._scratch.cleanup()
+                self._scratch = None
+
+    def __enter__(self) -> "CropCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _give_up(self, what: str, where: str, exc: Exception) -> None:
         """One storage error turns the cache off for the rest of this process: a store that
         is down would otherwise cost its retries and timeouts on every photo."""
         self.off = True
+        if self._writer is not None:
+            self._writer.discard()
+            self._writer = None
         log.warning("crop cache: cannot %s %s (%s); the cache is off for the rest of this "
-                    "process, the run goes on", what, self.location(photo), exc)
+                    "process, the run goes on", what, where, exc)

@@ -6,13 +6,15 @@ encoding are defined here and nowhere else.
 """
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 from pathlib import Path
 
 import pandas as pd
 
-from triview.storage import atomic_write_text
+from triview.storage import atomic_path, atomic_write_text
 
 SPLITS = ("train", "val", "test")
 
@@ -120,11 +122,57 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, columns: tuple[str, .
     atomic_write_text(path, df[list(columns) + extra].to_csv(index=False))
 
 
+class TableWriter:
+    """Write a manifest table row by row, atomically (the file appears when the block ends
+    without an error): the bytes :func:`write_table` writes for the same rows, without
+    holding the table. Rows are checked as :func:`read_table` checks them (the split)."""
+
+    def __init__(self, path: str | os.PathLike, columns: tuple[str, ...]) -> None:
+        self.path, self.columns, self.rows = Path(path), columns, 0
+        self._split = columns.index("split") if "split" in columns else None
+
+    def __enter__(self) -> "TableWriter":
+        self._ctx = atomic_path(self.path)
+        self._file = open(self._ctx.__enter__(), "w", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._file, lineterminator="\n")
+        self._csv.writerow(self.columns)
+        return self
+
+    def row(self, values) -> None:
+        if not all(type(v) is str for v in values):  # a value from pandas: None/NaN is ""
+            values = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in values]
+        if len(values) != len(self.columns):
+            raise ManifestError(f"{self.path}: a row of {len(values)} values for {len(self.columns)} columns")
+        if self._split is not None and values[self._split] not in SPLITS:
+            raise ManifestError(f"{self.path} has unknown split names {[values[self._split]]}; "
+                                f"expected {SPLITS}")
+        self._csv.writerow(values)
+        self.rows += 1
+
+    def __exit__(self, kind, error, tb) -> None:
+        self._file.close()
+        self._ctx.__exit__(kind, error, tb)
+
+
 def read_table(path: str | os.PathLike, columns: tuple[str, ...]) -> pd.DataFrame:
     """Read a manifest table and check it against the contract."""
     df = pd.read_csv(path, dtype={"image_id": str, "source_id": str, "label": str, "labels": str,
                                   "sha256": str})
     return _check(df, columns, str(path))
+
+
+def iter_table(path: str | os.PathLike, columns: tuple[str, ...]):
+    """The rows of a manifest table one at a time (dicts of strings; an empty field is ""),
+    checked as :func:`read_table` checks them: for a caller that must not hold the table."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ManifestError(f"{path} is missing columns {missing}")
+        for row in reader:
+            if "split" in row and row["split"] not in SPLITS:
+                raise ManifestError(f"{path} has unknown split names {[row['split']]}; expected {SPLITS}")
+            yield row
 
 
 def write_manifest(df: pd.DataFrame, folder: str | os.PathLike) -> Path:
@@ -141,6 +189,11 @@ def write_views(df: pd.DataFrame, folder: str | os.PathLike) -> Path:
     path = Path(folder) / VIEWS_FILE
     write_table(df, path, VIEW_COLUMNS)
     return path
+
+
+def views_writer(folder: str | os.PathLike) -> TableWriter:
+    """A :class:`TableWriter` of the view manifest in ``folder``."""
+    return TableWriter(Path(folder) / VIEWS_FILE, VIEW_COLUMNS)
 
 
 def read_views(folder: str | os.PathLike) -> pd.DataFrame:

@@ -33,6 +33,8 @@ import json
 import os
 import tarfile
 import threading
+from array import array
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from triview.storage import atomic_path, atomic_write_text
@@ -43,6 +45,7 @@ VERSION = 1
 SHARD_BYTES = 256 * 1024 * 1024  # a shard closes before it would pass this size
 SEPARATOR = "#"
 _BLOCK = 512
+_BUFFER = 1 << 20  # a shard is written in writes of about this size, not one per member
 
 
 def _closed_size(offset: int, size: int) -> int:
@@ -73,12 +76,87 @@ def _safe_relative(rel: str, what: str) -> PurePosixPath:
     return path
 
 
-def _append(tar: tarfile.TarFile, member: str, data: bytes) -> int:
-    """Add ``data`` as ``member`` to an open tar; returns the offset of its data."""
+def _tarfile_header(member: str, size: int) -> bytes:
     info = tarfile.TarInfo(member)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-    return tar.offset - -(-len(data) // _BLOCK) * _BLOCK
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+_TEMPLATE = _tarfile_header("x", 0)  # the fields every member shares, as this tarfile writes them
+_TEMPLATE_SUM = sum(_TEMPLATE[100:124]) + sum(_TEMPLATE[136:148]) + 8 * ord(" ") + sum(_TEMPLATE[156:])
+
+
+def _header(member: str, size: int) -> bytes:
+    """The ustar header block tarfile writes for a regular file ``member`` of ``size``
+    bytes (mode 0644, owner 0, mtime 0): tarfile's own block with the name, the size and
+    the checksum put in. tarfile's path copies and re-parses a TarInfo per member, which
+    costs more than the crop it stores."""
+    name = member.encode("utf-8", "surrogateescape")
+    if len(name) > 100 or size >= 8 ** 11:
+        return _tarfile_header(member, size)
+    digits = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_TEMPLATE_SUM + sum(name) + sum(digits))  # the sum with its field blank
+    return b"".join((name.ljust(100, b"\0"), _TEMPLATE[100:124], digits, _TEMPLATE[136:148],
+                     checksum, _TEMPLATE[156:]))
+
+
+class TarAppender:
+    """Write a ustar tar (WebDataset's shard format) member by member to a binary file:
+    the bytes ``tarfile`` writes for the same members, without keeping a TarInfo per
+    member. :meth:`add` returns the offset of the member's data."""
+
+    def __init__(self, file) -> None:
+        self.file, self.offset = file, 0
+
+    def add(self, member: str, data: bytes) -> int:
+        header = _header(member, len(data))
+        pad = -len(data) % _BLOCK
+        self.file.write(b"".join((header, data, b"\0" * pad)))
+        start = self.offset + len(header)
+        self.offset = start + len(data) + pad
+        return start
+
+    def close(self) -> None:
+        """The two end blocks, padded to tar's record size (as ``tarfile`` ends a file)."""
+        if self.file.closed:
+            return
+        end = self.offset + 2 * _BLOCK
+        self.file.write(b"\0" * (-(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE - self.offset))
+        self.file.close()
+
+
+class Members(Mapping):
+    """One shard's members as the index has them (name -> [offset, size]), in writing
+    order, held compactly while a shard is written: the names and one array of offsets and
+    sizes (a dict of lists would cost about ten times as much per crop)."""
+
+    __slots__ = ("names", "spans", "_position")
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.spans = array("q")
+        self._position: dict[str, int] | None = None
+
+    def append(self, name: str, offset: int, size: int) -> None:
+        self.names.append(name)
+        self.spans.extend((offset, size))
+        self._position = None
+
+    def __getitem__(self, name: str) -> list[int]:
+        if self._position is None:
+            self._position = {n: i for i, n in enumerate(self.names)}
+        i = self._position[name]
+        return [self.spans[2 * i], self.spans[2 * i + 1]]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def items(self):
+        for i, name in enumerate(self.names):
+            yield name, [self.spans[2 * i], self.spans[2 * i + 1]]
 
 
 class ShardWriter:
@@ -90,7 +168,8 @@ class ShardWriter:
         _safe_relative(prefix, "shard prefix")
         self.folder, self.prefix, self.max_bytes = Path(folder), prefix.strip("/"), max_bytes
         self.entries: dict[str, dict] = {}
-        self._tar: tarfile.TarFile | None = None
+        self._seen: set[str] = set()
+        self._tar: TarAppender | None = None
         self._ctx = None
         self._name = ""
         self._count = 0
@@ -100,8 +179,8 @@ class ShardWriter:
         self._count += 1
         self._ctx = atomic_path(self.folder / self._name)
         tmp = self._ctx.__enter__()
-        self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-        self.entries[self._name] = {"samples": 0, "bytes": 0, "members": {}}
+        self._tar = TarAppender(open(tmp, "wb", buffering=_BUFFER))
+        self.entries[self._name] = {"samples": 0, "bytes": 0, "members": Members()}
 
     def _finish(self, error: BaseException | None = None) -> None:
         if self._tar is None:
@@ -118,17 +197,18 @@ class ShardWriter:
     def add(self, member: str, data: bytes) -> str:
         if "/" in member or SEPARATOR in member or member.startswith("."):
             raise ValueError(f"shard member name {member!r}: no '/', '#' or leading '.'")
-        if any(member in entry["members"] for entry in self.entries.values()):
+        if member in self._seen:
             raise ValueError(f"{member!r} written twice to {self.prefix}/")
         if self._tar is not None and self.entries[self._name]["samples"] and \
                 _closed_size(self._tar.offset, len(data)) > self.max_bytes:
             self._finish()
         if self._tar is None:
             self._open()
-        offset = _append(self._tar, member, data)
+        offset = self._tar.add(member, data)
         entry = self.entries[self._name]
-        entry["members"][member] = [offset, len(data)]
+        entry["members"].append(member, offset, len(data))
         entry["samples"] += 1
+        self._seen.add(member)
         return member_ref(self._name, member)
 
     def close(self) -> dict[str, dict]:
@@ -164,19 +244,34 @@ def remove_members(folder: str | os.PathLike, entries: dict[str, dict],
             continue
         placed = {}
         with open(folder / name, "rb") as src, atomic_path(folder / name) as tmp:
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for member, offset, size in kept:
-                    src.seek(offset)
-                    placed[member] = [_append(tar, member, src.read(size)), size]
+            tar = TarAppender(open(tmp, "wb"))
+            for member, offset, size in kept:
+                src.seek(offset)
+                placed[member] = [tar.add(member, src.read(size)), size]
+            tar.close()
         entries[name] = {"samples": len(placed), "bytes": (folder / name).stat().st_size,
                          "members": placed}
 
 
 def write_index(folder: str | os.PathLike, shards: dict[str, dict]) -> None:
-    """Write the folder's index of ``shards`` (shard path -> entry), atomically."""
-    atomic_write_text(Path(folder) / INDEX_FILE, json.dumps(
-        {"format": FORMAT, "version": VERSION, "shards": dict(sorted(shards.items()))},
-        separators=(",", ":")))
+    """Write the folder's index of ``shards`` (shard path -> entry), atomically. It is
+    written as it is read, member by member (the bytes ``json.dumps`` would give, without
+    building the whole text)."""
+    with atomic_path(Path(folder) / INDEX_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(f'{{"format":{json.dumps(FORMAT)},"version":{VERSION},"shards":{{')
+        for i, (name, entry) in enumerate(sorted(shards.items())):
+            f.write(("," if i else "") + json.dumps(name) + ":{")
+            for j, (key, value) in enumerate(entry.items()):
+                f.write(("," if j else "") + json.dumps(key) + ":")
+                if key != "members":
+                    f.write(json.dumps(value, separators=(",", ":")))
+                    continue
+                f.write("{")
+                for k, (member, (offset, size)) in enumerate(value.items()):
+                    f.write(f'{"," if k else ""}{json.dumps(member)}:[{offset},{size}]')
+                f.write("}")
+            f.write("}")
+        f.write("}}")
 
 
 def parse_index(data: bytes, where: str) -> dict[str, dict]:
@@ -249,6 +344,46 @@ def read_member(folder: str | os.PathLike, ref: str, index: dict[str, dict] | No
     (one seek), or a plain file. Nothing outside ``folder`` is opened."""
     rel, offset, size = locate(folder, ref, index)
     return read_located(Path(folder) / rel, offset, size, split_ref(ref)[1] or "")
+
+
+class ShardReader:
+    """Read members of one folder's shards by their table references, as
+    :func:`read_member` does (the same checks), with each shard opened once: for a stage
+    that reads every photo of a folder in turn."""
+
+    def __init__(self, folder: str | os.PathLike, index: dict[str, dict] | None = None) -> None:
+        self.folder = Path(folder)
+        self.index = read_index(folder) if index is None else index
+        self._fds: dict[str, int] = {}
+
+    def read(self, ref: str) -> bytes:
+        rel, member = split_ref(ref)
+        fd = self._fds.get(rel)
+        if fd is None or member is None:
+            rel, offset, size = locate(self.folder, ref, self.index)
+            if size < 0:
+                return read_located(self.folder / rel, 0, -1)
+            fd = self._fds[rel] = os.open(self.folder / rel, os.O_RDONLY)
+        else:
+            where = self.index[rel]["members"].get(member)
+            if where is None:
+                raise ValueError(f"{self.folder}: {member!r} is not a member of shard {rel!r}")
+            offset, size = where
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ValueError(f"shard {self.folder / rel} is truncated at {member!r}")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Stored:

@@ -87,16 +87,14 @@ def calibrate_and_crop_stage(dataset_dir: Folder, out_dir: Folder, *, workers: i
         geometry = crop.CropGeometry(layout=p["layout"], overlap=p["overlap"],
                                      image_size=p["image_size"], window=p["window"],
                                      resize=p["resize"])
-        views = crop.calibrate_and_crop(dataset_dir, out_dir, geometry, lens, workers=workers,
-                                        cache_root=p["cache_root"], part=(shard, shards))
+        done = crop.calibrate_and_crop(dataset_dir, out_dir, geometry, lens, workers=workers,
+                                       cache_root=p["cache_root"], part=(shard, shards))
         if shards > 1:
             rec.update(shard=shard, shards=shards)
-        photos = int(views["image_id"].nunique())
-        rec.update(views=list(geometry.views), items_in=photos, items_out=len(views),
+        rec.update(views=list(geometry.views), items_in=done.photos, items_out=done.crops,
                    lens="identity" if lens.is_identity else "calibrated")
         if p["cache_root"]:
-            rec.update(cache={"hits": views.attrs["cache_hits"],
-                              "computed": photos - views.attrs["cache_hits"]})
+            rec.update(cache={"hits": done.cache_hits, "computed": done.photos - done.cache_hits})
     return rec
 
 
@@ -135,8 +133,8 @@ def augment_stage(views_dir: Folder, out_dir: Folder, **params) -> dict:
 
     config = aug.AugmentConfig(**stage_config("augment", params))
     with stage_record("augment", out_dir) as rec:
-        table = aug.augment(views_dir, out_dir, config)
-        rec.update(items_out=len(table), copies=config.copies, mode=config.mode)
+        written = aug.augment(views_dir, out_dir, config)
+        rec.update(items_out=written, copies=config.copies, mode=config.mode)
     return rec
 
 

@@ -20,11 +20,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
 from triview import shards, storage
+from triview.crop import decode_png
 
 #: The ``auto`` loader streams a split whose decoded crops would pass this many bytes.
 AUTO_STREAM_BYTES = 2 * 1024 ** 3
@@ -138,15 +138,12 @@ class ShardImages:
 
     def decode(self, i: int) -> np.ndarray:
         """Crop ``i`` as RGB uint8 (H, W, 3)."""
-        image = cv2.imdecode(np.frombuffer(self._read(i), np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"cannot decode the crop at byte {int(self.offset[i])} of "
-                             f"{self.files[self.file_of[i]]}")
+        where = f"the crop at byte {int(self.offset[i])} of {self.files[self.file_of[i]]}"
+        image = decode_png(self._read(i), where)
         if self.shape[2] and image.shape[:2] != tuple(self.shape[2:]):
-            raise ValueError(f"the crop at byte {int(self.offset[i])} of "
-                             f"{self.files[self.file_of[i]]} is {image.shape[0]}x{image.shape[1]}, "
+            raise ValueError(f"{where} is {image.shape[0]}x{image.shape[1]}, "
                              f"the others {self.shape[2]}x{self.shape[3]}")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, (int, np.integer)):
