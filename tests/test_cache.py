@@ -117,12 +117,16 @@ def test_a_damaged_entry_is_cropped_again_and_rewritten(tmp_path):
     assert _crop(data, tmp_path / "c", cache_root=str(cache))["cache"]["hits"] == 10  # the newer wins
 
 
-def test_a_damaged_pack_index_or_a_missing_shard_costs_only_reuse(tmp_path):
-    data = _photos(tmp_path / "photos", 6)
-    cache = tmp_path / "cache"
+def _cropped_once(tmp_path: Path, n: int) -> tuple[Path, Path, Path, Path]:
+    """``n`` photos cropped once into an empty cache: (photos, cache, its pack's shard and index)."""
+    data, cache = _photos(tmp_path / "photos", n), tmp_path / "cache"
     _crop(data, tmp_path / "a", cache_root=str(cache))
     shard, _ = _pack(cache)
-    index = shard.with_suffix(".json")
+    return data, cache, shard, shard.with_suffix(".json")
+
+
+def test_a_damaged_pack_index_or_a_missing_shard_costs_only_reuse(tmp_path):
+    data, cache, shard, index = _cropped_once(tmp_path, 6)
     index.write_text(index.read_text()[:-20])  # not JSON any more
     assert _crop(data, tmp_path / "b", cache_root=str(cache))["cache"] == {"hits": 0, "computed": 6}
     for old in cache.rglob("*.json"):  # every index left, its shard gone
@@ -134,11 +138,7 @@ def test_a_damaged_pack_index_or_a_missing_shard_costs_only_reuse(tmp_path):
 def test_a_pack_index_naming_a_shard_outside_its_folder_is_not_followed(tmp_path):
     import json
 
-    data = _photos(tmp_path / "photos", 6)
-    cache = tmp_path / "cache"
-    _crop(data, tmp_path / "a", cache_root=str(cache))
-    shard, _ = _pack(cache)
-    index = shard.with_suffix(".json")
+    data, cache, shard, index = _cropped_once(tmp_path, 6)
     outside = tmp_path / "elsewhere.tar"
     shard.rename(outside)
     for name in ("../../../elsewhere.tar", str(outside)):
@@ -382,3 +382,40 @@ def test_of_a_photo_in_two_packs_the_newer_is_read_and_the_older_when_it_is_dama
     shard.write_bytes(bytes(raw))
     with CropCache(str(tmp_path), recipe, views) as cache:
         assert cache.get(photo) == {v: b"old" + v.encode() for v in views}
+
+
+@pytest.mark.parametrize("span", [[-1, 10, 0], [0, 2 ** 40, 0], [0, 10, -5], ["0", 10, 0], [0, 10]])
+def test_a_pack_index_with_impossible_spans_is_not_used(tmp_path, span):
+    import json
+
+    from triview.cropcache import CropCache
+
+    recipe, views = {"lens": "identity"}, ("left", "center", "right")
+    photo = "cd" * 20
+    with CropCache(str(tmp_path), recipe, views) as cache:
+        cache.put(photo, {v: v.encode() * 50 for v in views})
+    (index,) = tmp_path.rglob("*.json")
+    spec = json.loads(index.read_text())
+    spec["entries"][photo][1] = span
+    index.write_text(json.dumps(spec))
+    with CropCache(str(tmp_path), recipe, views) as cache:
+        assert photo not in cache and cache.get(photo) is None
+
+
+def test_views_far_apart_in_a_pack_are_read_one_by_one(tmp_path):
+    import json
+
+    from triview.cropcache import CropCache
+
+    recipe, views = {"lens": "identity"}, ("left", "center", "right")
+    with CropCache(str(tmp_path), recipe, views) as cache:
+        for i in range(40):
+            cache.put(f"{i:040x}", {v: bytes([i]) * 3000 + v.encode() for v in views})
+    (index,) = tmp_path.rglob("*.json")
+    spec = json.loads(index.read_text())
+    first, last = f"{0:040x}", f"{39:040x}"
+    spec["entries"][first][2] = spec["entries"][last][2]  # its right view: the last photo's
+    index.write_text(json.dumps(spec))
+    with CropCache(str(tmp_path), recipe, views) as cache:
+        got = cache.get(first)
+    assert got["left"] == bytes([0]) * 3000 + b"left" and got["right"] == bytes([39]) * 3000 + b"right"

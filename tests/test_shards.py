@@ -259,6 +259,9 @@ def test_the_index_is_streamed_as_json_would_write_it(tmp_path):
                            "shards": dict(sorted(plain.items()))}, separators=(",", ":"))
     assert (tmp_path / shards.INDEX_FILE).read_text() == expected
     assert shards.read_index(tmp_path) == json.loads(expected)["shards"]
+    for name, entry in entries.items():  # the compact members look up like the index's dict
+        assert all(entry["members"][m] == where for m, where in plain[name]["members"].items())
+        assert "nope.png" not in entry["members"] and len(entry["members"]) == entry["samples"]
     shards.write_index(tmp_path / "again", plain)  # plain dicts (a parsed index) too
     assert (tmp_path / "again" / shards.INDEX_FILE).read_text() == expected
 

@@ -578,9 +578,9 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     writers = {(view, split): ShardWriter(out, f"{CROPS_DIR}/{view}/{split}", shard_bytes)
                for view in geometry.views for split in mf.SPLITS}
     with contextlib.ExitStack() as stack:
+        table = stack.enter_context(mf.views_writer(out))  # row by row; in place after the shards
         for writer in writers.values():
             stack.enter_context(writer)
-        table = stack.enter_context(mf.views_writer(out))  # written row by row
         cache, keys, cached = None, bytearray(), bytearray()  # a photo's digest: 20 bytes
         if cache_root:
             from triview.cropcache import CropCache, photo_digest

@@ -55,6 +55,7 @@ RECIPE_VERSION = 1
 CROPS_PREFIX = "crops"
 PACK_FORMAT = "triview-crop-pack"
 PACK_VERSION = 1
+_MAX_ENTRY = 1 << 30  # no crop PNG comes near this; an index that says more is damaged
 
 
 def recipe_digest(recipe: dict) -> str:
@@ -86,7 +87,9 @@ def parse_pack_index(data: bytes, views: tuple[str, ...]) -> tuple[str, dict[str
                 not shard.endswith(".tar") or not isinstance(entries, dict):
             return None
         for spans in entries.values():
-            if len(spans) != len(views) or any(len(span) != 3 for span in spans):
+            if len(spans) != len(views) or not all(
+                    len(span) == 3 and all(type(v) is int and v >= 0 for v in span)
+                    and span[1] <= _MAX_ENTRY and span[2] < 2 ** 32 for span in spans):
                 return None
         return shard, entries
     except Exception:  # noqa: BLE001  (a damaged index: its entries are computed again)
@@ -225,13 +228,18 @@ class CropCache:
             return None
         start = min(offset for offset, _, _ in spans)
         end = max(offset + size for offset, size, _ in spans)
-        block = os.pread(fd, end - start, start)  # the views lie together: one read
-        pngs = {}
-        for view, (offset, size, crc) in zip(self.views, spans):
-            data = block[offset - start:offset - start + size]
-            if len(data) != size or zlib.crc32(data) != crc:
-                return None  # damaged: computed again, and the new entry replaces it
-            pngs[view] = data
+        together = end - start <= sum(size for _, size, _ in spans) + 1024 * len(spans)
+        try:
+            block = os.pread(fd, end - start, start) if together else b""  # the views: one read
+            pngs = {}
+            for view, (offset, size, crc) in zip(self.views, spans):
+                data = block[offset - start:offset - start + size] if together else \
+                    os.pread(fd, size, offset)
+                if len(data) != size or zlib.crc32(data) != crc:
+                    return None  # damaged: computed again, and the new entry replaces it
+                pngs[view] = data
+        except OSError:  # an offset the file cannot seek to: damaged
+            return None
         return pngs
 
     def put(self, photo: str, views: dict[str, bytes]) -> bool:

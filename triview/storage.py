@@ -261,30 +261,24 @@ class S3Store:
                                                     part_size=MULTIPART_PART_SIZE),
                     f"upload {path} to {uri}")
 
-    def get_bytes(self, uri: str) -> bytes:
+    def _get(self, uri: str, what: str, **span) -> bytes:
         loc = S3Uri.parse(uri)
 
         def fetch() -> bytes:
-            response = self.client.get_object(loc.bucket, loc.key)
+            response = self.client.get_object(loc.bucket, loc.key, **span)
             try:
                 return response.read()
             finally:
                 response.close()
                 response.release_conn()
-        return self._retry(fetch, f"download {uri}")
+        return self._retry(fetch, what)
+
+    def get_bytes(self, uri: str) -> bytes:
+        return self._get(uri, f"download {uri}")
 
     def get_range(self, uri: str, offset: int, length: int) -> bytes:
         """``length`` bytes of an object from ``offset`` (one ranged GET)."""
-        loc = S3Uri.parse(uri)
-
-        def fetch() -> bytes:
-            response = self.client.get_object(loc.bucket, loc.key, offset=offset, length=length)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-        return self._retry(fetch, f"download bytes {offset}+{length} of {uri}")
+        return self._get(uri, f"download bytes {offset}+{length} of {uri}", offset=offset, length=length)
 
     def download_file(self, uri: str, path: str | os.PathLike) -> None:
         """Download to a local path atomically (a temp file renamed on success)."""

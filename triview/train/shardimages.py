@@ -188,14 +188,12 @@ def concat(parts: list) -> "torch.Tensor | ShardImages":
     sizes = {tuple(p.shape[2:]) for p in parts if len(p)}
     if len(sizes) > 1:
         raise ValueError(f"crops of different sizes cannot be joined: {sorted(sizes)}")
-    files: list[str] = []
-    ids: dict[str, int] = {}
+    ids: dict[str, int] = {}  # each file once, numbered in order of first use
     file_of = []
     for part in parts:
         remap = np.array([ids.setdefault(f, len(ids)) for f in part.files] or [0], np.int32)
-        files = list(ids)
         file_of.append(remap[part.file_of] if len(part) else part.file_of)
-    return ShardImages(files, np.concatenate(file_of), np.concatenate([p.offset for p in parts]),
+    return ShardImages(list(ids), np.concatenate(file_of), np.concatenate([p.offset for p in parts]),
                        np.concatenate([p.size for p in parts]), next(iter(sizes), (0, 0)))
 
 
