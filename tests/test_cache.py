@@ -141,7 +141,8 @@ def test_a_pack_index_naming_a_shard_outside_its_folder_is_not_followed(tmp_path
     data, cache, shard, index = _cropped_once(tmp_path, 6)
     outside = tmp_path / "elsewhere.tar"
     shard.rename(outside)
-    for name in ("../../../elsewhere.tar", str(outside)):
+    (index.parent / "ab").mkdir()  # a folder beside the packs (an older cache's layout)
+    for name in ("../../../elsewhere.tar", str(outside), "ab/../../../../elsewhere.tar"):
         spec = json.loads(index.read_text())
         spec["shard"] = name
         index.write_text(json.dumps(spec))
@@ -402,8 +403,11 @@ def test_a_pack_index_with_impossible_spans_is_not_used(tmp_path, span):
         assert photo not in cache and cache.get(photo) is None
 
 
-def test_views_far_apart_in_a_pack_are_read_one_by_one(tmp_path):
+def test_views_far_apart_in_a_pack_are_read_one_by_one(tmp_path, monkeypatch):
     import json
+    import os
+
+    from triview import cropcache
 
     from triview.cropcache import CropCache
 
@@ -416,6 +420,9 @@ def test_views_far_apart_in_a_pack_are_read_one_by_one(tmp_path):
     first, last = f"{0:040x}", f"{39:040x}"
     spec["entries"][first][2] = spec["entries"][last][2]  # its right view: the last photo's
     index.write_text(json.dumps(spec))
+    reads, real = [], os.pread
+    monkeypatch.setattr(cropcache.os, "pread", lambda fd, n, at: reads.append(n) or real(fd, n, at))
     with CropCache(str(tmp_path), recipe, views) as cache:
         got = cache.get(first)
+    assert max(reads) < 4096  # not the 40 photos between them
     assert got["left"] == bytes([0]) * 3000 + b"left" and got["right"] == bytes([39]) * 3000 + b"right"
