@@ -3,6 +3,7 @@ artifact, and a scheduled re-run's crop stage on the grown set with the cache.
 
     python bench/scale.py --n 2000 --json bench/results_scale.json --stream-json bench/results_stream.json
     python bench/scale.py --n 250 --json /tmp/scale.json           # a quick look
+    python bench/scale.py --n 2000 --only-incremental --json bench/results_scale.json
 
 Photos: scikit-learn's digits under a random lens-like warp (rotation, scale, shear,
 shift), a random colour tint and background, and sensor noise, written as JPEG into class
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the run folders")
     ap.add_argument("--json")
     ap.add_argument("--stream-json", help="bench/stream.py's result, for stream_vs_memory")
+    ap.add_argument("--only-incremental", action="store_true",
+                    help="measure only the cached re-run, and update its keys in --json (the "
+                         "file of an earlier full run), with the commit it was measured on")
     args = ap.parse_args(argv)
 
     from triview.params import defaults, load_preset, pick
@@ -144,6 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     link_photos(root / "all", root / "small", args.n)
     link_photos(root / "all", root / "big", big)
     link_photos(root / "all", root / "grown", big + n_new)
+
+    if args.only_incremental:
+        first = crop_once(root / "big", root / "crop-first", str(root / "cache"))
+        again = crop_once(root / "grown", root / "crop-again", str(root / "cache"))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip()
+        update = {"incremental": {"photos_first": big, "photos_grown": big + n_new,
+                                  "crop_first_s": round(first, 2), "crop_grown_s": round(again, 2),
+                                  "measured_on": commit},
+                  "incremental_share": round(again / first, 3)}
+        print(json.dumps(update, indent=2))
+        if args.json:
+            result = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+            Path(args.json).write_text(json.dumps({**result, **update}, indent=2) + "\n")
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        return 0
 
     runs = {}
     for name, n in (("small", args.n), ("big", big)):

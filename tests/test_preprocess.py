@@ -400,3 +400,12 @@ def test_a_table_written_row_by_row_is_the_table_pandas_writes(tmp_path):
     assert not (tmp_path / "bad.csv").exists() and not list(tmp_path.glob(".*"))
     read = list(mf.iter_table(tmp_path / "rows.csv", mf.VIEW_COLUMNS))
     assert [r["image_id"] for r in read] == ["a1", "b\"2", "c3"] and read[1]["labels"] == ""
+    header = ",".join(mf.VIEW_COLUMNS) + "\n"
+    (tmp_path / "short.csv").write_text(header + "z9,left,z.png,ant,ant,s9,val\n\n")  # no `augmented`
+    (short,) = mf.iter_table(tmp_path / "short.csv", mf.VIEW_COLUMNS)
+    assert short["split"] == "val" and short["augmented"] == ""
+    (tmp_path / "nosplit.csv").write_text(header + "z9,left,z.png\n")
+    with pytest.raises(mf.ManifestError, match="unknown split"):
+        list(mf.iter_table(tmp_path / "nosplit.csv", mf.VIEW_COLUMNS))
+    with pytest.raises(mf.ManifestError, match="missing columns"):
+        list(mf.iter_table(tmp_path / "short.csv", mf.IMAGE_COLUMNS))

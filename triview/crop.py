@@ -566,8 +566,11 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} of {shards}: expected 0 <= shard < shards")
     manifest = src / mf.MANIFEST_FILE
-    photos = sum(1 for _ in mf.iter_table(manifest, mf.IMAGE_COLUMNS))
-    start, stop = shard * photos // shards, (shard + 1) * photos // shards
+    photos = None  # counted first only where it is needed before the lookup counts them
+    if shards > 1 or not cache_root:
+        photos = sum(1 for _ in mf.iter_table(manifest, mf.IMAGE_COLUMNS))
+    start, stop = (shard * photos // shards, (shard + 1) * photos // shards) if photos is not None \
+        else (0, None)
 
     def rows():  # this part's manifest rows, read as they are used: the table is never held
         return itertools.islice(mf.iter_table(manifest, mf.IMAGE_COLUMNS), start, stop)
@@ -591,6 +594,8 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
                 key = photo_digest(reader.read(rec["path"]), _is_jpeg(rec["path"]))
                 keys += bytes.fromhex(key)
                 cached.append(key in cache)
+            if stop is None:
+                photos = stop = len(cached)
         tasks = ((str(src), rec["path"]) for i, rec in enumerate(rows()) if not (cache and cached[i]))
         if workers > 1 and stop - start - sum(cached) >= 200:
             # forkserver: forking a parent whose OpenCV/OpenMP threads are running can deadlock

@@ -122,6 +122,9 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, columns: tuple[str, .
     atomic_write_text(path, df[list(columns) + extra].to_csv(index=False))
 
 
+_PLAIN = {str, int}  # values written as they are
+
+
 class TableWriter:
     """Write a manifest table row by row, atomically (the file appears when the block ends
     without an error): the bytes :func:`write_table` writes for the same rows, without
@@ -139,7 +142,7 @@ class TableWriter:
         return self
 
     def row(self, values) -> None:
-        if not all(type(v) is str for v in values):  # a value from pandas: None/NaN is ""
+        if not _PLAIN.issuperset(map(type, values)):  # a value from pandas: None/NaN is ""
             values = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in values]
         if len(values) != len(self.columns):
             raise ManifestError(f"{self.path}: a row of {len(values)} values for {len(self.columns)} columns")
@@ -165,14 +168,20 @@ def iter_table(path: str | os.PathLike, columns: tuple[str, ...]):
     """The rows of a manifest table one at a time (dicts of strings; an empty field is ""),
     checked as :func:`read_table` checks them: for a caller that must not hold the table."""
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        reader = csv.reader(f)
+        header = next(reader, [])
+        missing = [c for c in columns if c not in header]
         if missing:
             raise ManifestError(f"{path} is missing columns {missing}")
-        for row in reader:
-            if "split" in row and row["split"] not in SPLITS:
-                raise ManifestError(f"{path} has unknown split names {[row['split']]}; expected {SPLITS}")
-            yield row
+        split = header.index("split") if "split" in header else None
+        for values in reader:
+            if not values:  # a blank line
+                continue
+            if len(values) < len(header):
+                values += [""] * (len(header) - len(values))
+            if split is not None and values[split] not in SPLITS:
+                raise ManifestError(f"{path} has unknown split names {[values[split]]}; expected {SPLITS}")
+            yield dict(zip(header, values))
 
 
 def write_manifest(df: pd.DataFrame, folder: str | os.PathLike) -> Path:
