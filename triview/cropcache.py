@@ -27,8 +27,9 @@ time, so they sort in writing order, and a later pack's entry for a photo wins.
 
 Safety: a changed parameter, lens or library never meets an old entry (another folder),
 and an old recipe's folder can be deleted as a whole. Every read is checked against its
-CRC-32: a damaged entry (a flipped byte, a truncated shard) is not used but computed again,
-and the new entry, in a newer pack, replaces it. A cache that cannot be read or written (a
+CRC-32: a damaged entry (a flipped byte, a truncated shard) is not used; an older entry of
+the photo is read instead, or the photo is computed again and its new entry, in a newer
+pack, replaces it. A cache that cannot be read or written (a
 storage error) is turned off for the rest of the process with one warning: the run never
 fails because of its cache. Shards and indexes are written atomically (a local rename, or
 one S3 PUT each), so concurrent runs may share one cache.
@@ -105,13 +106,10 @@ class _PackWriter:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10 ** 9))
         self.name = f"{stamp}.{now % 10 ** 9:09d}-{secrets.token_hex(6)}"
         self.shard = storage.join(folder, f"{self.name}.tar")
-        if storage.is_s3(folder):
-            self.tmp = Path(tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tar", dir=scratch)[1])
-        else:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tar", dir=folder)
-            os.close(fd)
-            self.tmp = Path(tmp)
+        # locally the shard is written beside its place and renamed into it (storage.atomic_path)
+        self._place = None if storage.is_s3(folder) else storage.atomic_path(self.shard)
+        self.tmp = self._place.__enter__() if self._place is not None else \
+            Path(tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tar", dir=scratch)[1])
         self.tar = TarAppender(open(self.tmp, "wb", buffering=1 << 20))
         self.entries: dict[str, list[list[int]]] = {}
 
@@ -122,12 +120,12 @@ class _PackWriter:
     def publish(self, folder: str, views: tuple[str, ...]) -> None:
         """Close the shard, move it into place, then write its index."""
         self.tar.close()
-        if storage.is_s3(self.shard):
+        if self._place is None:
             storage.default_store().upload_file(self.tmp, self.shard)
             self.tmp.unlink()
         else:
-            os.chmod(self.tmp, 0o644)
-            os.replace(self.tmp, self.shard)
+            self._place, place = None, self._place
+            place.__exit__(None, None, None)
         storage.atomic_write_bytes(storage.join(folder, f"{self.name}.json"), json.dumps(
             {"format": PACK_FORMAT, "version": PACK_VERSION, "shard": f"{self.name}.tar",
              "views": list(views), "entries": self.entries}, separators=(",", ":")).encode())
@@ -135,6 +133,7 @@ class _PackWriter:
     def discard(self) -> None:
         self.tar.close()
         self.tmp.unlink(missing_ok=True)
+        self._place = None
 
     @property
     def size(self) -> int:
