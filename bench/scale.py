@@ -4,6 +4,7 @@ artifact, and a scheduled re-run's crop stage on the grown set with the cache.
     python bench/scale.py --n 2000 --json bench/results_scale.json --stream-json bench/results_stream.json
     python bench/scale.py --n 250 --json /tmp/scale.json           # a quick look
     python bench/scale.py --n 2000 --only-incremental --json bench/results_scale.json
+    python bench/scale.py --n 2000 --only-incremental --source photos --json bench/results_scale.json
 
 Photos: scikit-learn's digits under a random lens-like warp (rotation, scale, shear,
 shift), a random colour tint and background, and sensor noise, written as JPEG into class
@@ -17,7 +18,9 @@ the files its artifact folder holds (what KFP's launcher uploads as objects).
 Then the incremental check: calibrate-and-crop on the 8N set with an empty cache (it fills
 the cache), and on the 8N set plus 5 % new photos with that cache. The digits preset
 fine-tunes its branches, so it has no frozen-feature pass; bench/incremental.py measures
-the feature pass's reuse on photos with the photo defaults.
+the feature pass's reuse on photos with the photo defaults. ``--source photos`` measures the
+same re-run on photo-sized photos (real photos of ../shared/data/hymenoptera under the same
+kind of random transforms, cropped with the photo defaults) as ``incremental_photos``.
 
 JSON: ``n``, ``factor``, per-size stage seconds / peak RSS / output files, ``time_ratio``
 (DAG wall time 8N / N), ``rss_ratio`` per stage and ``rss_ratio_max``, ``objects`` per
@@ -45,10 +48,36 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _make_chunk(args: tuple[str, int, int, int]) -> int:
+PHOTOS = REPO.parent / "shared" / "data" / "hymenoptera"
+
+
+def _make_photo(folder: str, i: int, sources: list[Path]) -> None:
+    """Photo ``i``: one of ``sources`` (real photos, at their own size) under a random
+    rotation, scale, shear and shift, a colour cast and sensor noise."""
+    rng = np.random.default_rng(1_000_003 * i + 29)
+    src = sources[int(rng.integers(len(sources)))]
+    img = cv2.imread(str(src), cv2.IMREAD_COLOR).astype(np.float32)
+    h, w = img.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-12, 12), rng.uniform(1.0, 1.2))
+    m[0, 1] += rng.uniform(-0.08, 0.08)
+    m[:, 2] += rng.uniform(-0.05, 0.05, 2) * (w, h)
+    img = cv2.warpAffine(img, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+    img = img * rng.uniform(0.8, 1.2, 3)[None, None] + rng.normal(0, 4, img.shape)
+    path = Path(folder) / src.parent.name / f"photo_{i:07d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.clip(img, 0, 255).astype(np.uint8),
+                [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(85, 96))])
+
+
+def _make_chunk(args: tuple[str, int, int, int, str]) -> int:
     from sklearn.datasets import load_digits
 
-    folder, start, stop, side = args
+    folder, start, stop, side, source = args
+    if source == "photos":
+        sources = sorted(p for p in PHOTOS.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+        for i in range(start, stop):
+            _make_photo(folder, i, sources)
+        return stop - start
     digits = load_digits()
     for i in range(start, stop):
         rng = np.random.default_rng(1_000_003 * i + 17)
@@ -71,10 +100,10 @@ def _make_chunk(args: tuple[str, int, int, int]) -> int:
     return stop - start
 
 
-def generate(folder: Path, start: int, stop: int, side: int = 64) -> None:
+def generate(folder: Path, start: int, stop: int, side: int = 64, source: str = "digits") -> None:
     step = 1000
     with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
-        list(pool.map(_make_chunk, [(str(folder), s, min(stop, s + step), side)
+        list(pool.map(_make_chunk, [(str(folder), s, min(stop, s + step), side, source)
                                     for s in range(start, stop, step)]))
 
 
@@ -132,18 +161,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-incremental", action="store_true",
                     help="measure only the cached re-run, and update its keys in --json (the "
                          "file of an earlier full run), with the commit it was measured on")
+    ap.add_argument("--source", choices=("digits", "photos"), default="digits",
+                    help="with --only-incremental: 'photos' generates the photos from "
+                         "../shared/data/hymenoptera (photo-sized, cropped with the photo "
+                         "defaults) and writes the key incremental_photos")
     args = ap.parse_args(argv)
+    if args.source == "photos" and not args.only_incremental:
+        ap.error("--source photos is for --only-incremental (the whole DAG runs on digits)")
+    if args.source == "photos" and not PHOTOS.is_dir():
+        ap.error(f"{PHOTOS} is not here")
 
     from triview.params import defaults, load_preset, pick
 
-    values = {**defaults(), **load_preset("digits")}
+    values = {**defaults(), **(load_preset("digits") if args.source == "digits" else {})}
     CROP.update(pick("calibrate-and-crop", values))
     INGEST.update(pick("ingest", values))
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
     big, n_new = args.n * args.factor, int(round(args.n * args.factor * args.new))
     start = time.perf_counter()
-    generate(root / "all", 0, big + n_new)
+    generate(root / "all", 0, big + n_new, source=args.source)
     print(f"generated {big + n_new} photos in {time.perf_counter() - start:.0f} s", flush=True)
     link_photos(root / "all", root / "small", args.n)
     link_photos(root / "all", root / "big", big)
@@ -154,10 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         again = crop_once(root / "grown", root / "crop-again", str(root / "cache"))
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True).stdout.strip()
-        update = {"incremental": {"photos_first": big, "photos_grown": big + n_new,
-                                  "crop_first_s": round(first, 2), "crop_grown_s": round(again, 2),
-                                  "measured_on": commit},
-                  "incremental_share": round(again / first, 3)}
+        figures = {"photos_first": big, "photos_grown": big + n_new, "crop_first_s": round(first, 2),
+                   "crop_grown_s": round(again, 2), "measured_on": commit}
+        if args.source == "digits":
+            update = {"incremental": figures, "incremental_share": round(again / first, 3)}
+        else:  # a second figure beside the digits one, on photo-sized photos
+            update = {"incremental_photos": {**figures, "source": str(PHOTOS.relative_to(REPO.parent)),
+                                             "image_size": CROP["image_size"], "layout": CROP["layout"],
+                                             "incremental_share": round(again / first, 3)}}
         print(json.dumps(update, indent=2))
         if args.json:
             result = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}

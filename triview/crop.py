@@ -10,6 +10,7 @@ import contextlib
 import io
 import itertools
 import json
+import multiprocessing
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -508,6 +509,24 @@ def _crop_chunk(tasks: list[tuple[str, str]]) -> list[dict[str, bytes]]:
     return [_crop_task(t) for t in tasks]
 
 
+_POOL_MIN = 200  # photos to crop: fewer are cropped in-process (a pool's start costs more)
+
+
+def _pool_context():
+    """The crop pool's multiprocessing context, its server started now (a no-op when it
+    runs). forkserver, because forking a parent whose OpenCV/OpenMP threads are running
+    can deadlock; the server preloads this module, so each worker forks from a process that
+    has imported OpenCV and NumPy instead of importing them itself, and a server started
+    early (the cache lookup starts it at its 200th miss) does that import while the parent
+    reads on."""
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    forkserver.ensure_running()
+    return context
+
+
 def bounded_map(pool, fn, items, chunk: int, window: int):
     """``fn`` over ``items`` (any iterable) in chunks on ``pool``, yielding each item's
     result in order, with at most ``window`` chunks in flight: the crops that wait for the
@@ -554,8 +573,6 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
     (a fan-out over shards, merged by :func:`collect_parts`).
     Also writes ``classes.json`` and ``geometry.json`` (crop geometry and lens).
     """
-    import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
     from triview import manifest as mf
@@ -590,18 +607,21 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
 
             cache = stack.enter_context(CropCache(cache_root, crop_recipe(lens, geometry), geometry.views))
             reader = stack.enter_context(ShardReader(src))
+            misses = 0
             for rec in rows():
                 key = photo_digest(reader.read(rec["path"]), _is_jpeg(rec["path"]))
                 keys += bytes.fromhex(key)
                 cached.append(key in cache)
+                misses += not cached[-1]
+                if misses == _POOL_MIN and workers > 1:  # a pool will crop the misses: its
+                    _pool_context()                      # server starts (and loads) now
             if stop is None:
                 photos = stop = len(cached)
         tasks = ((str(src), rec["path"]) for i, rec in enumerate(rows()) if not (cache and cached[i]))
-        if workers > 1 and stop - start - sum(cached) >= 200:
-            # forkserver: forking a parent whose OpenCV/OpenMP threads are running can deadlock
+        if workers > 1 and stop - start - sum(cached) >= _POOL_MIN:
             pool = stack.enter_context(ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("forkserver"),
-                initializer=_init_worker, initargs=(lens, geometry)))
+                workers, mp_context=_pool_context(), initializer=_init_worker,
+                initargs=(lens, geometry)))
             results = bounded_map(pool, _crop_chunk, tasks, chunk=64, window=2 * workers)
         else:
             _init_worker(lens, geometry)

@@ -211,7 +211,10 @@ class CropCache:
         found = None if self.off else self._index().get(photo)
         if found is None:
             return None
-        for number, spans in [found, *self._older.get(photo, ())]:
+        pngs = self._read(*found)
+        if pngs is not None or self.off or photo not in self._older:
+            return pngs
+        for number, spans in self._older[photo]:
             pngs = self._read(number, spans)
             if pngs is not None or self.off:
                 return pngs
@@ -225,9 +228,10 @@ class CropCache:
         except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
             self._give_up("read", storage.join(self.folder, self._shards[number]), exc)
             return None
-        start = min(offset for offset, _, _ in spans)
-        end = max(offset + size for offset, size, _ in spans)
-        together = end - start <= sum(size for _, size, _ in spans) + 1024 * len(spans)
+        start, end, total = spans[0][0], 0, 0
+        for offset, size, _ in spans:
+            start, end, total = min(start, offset), max(end, offset + size), total + size
+        together = end - start <= total + 1024 * len(spans)
         try:
             block = os.pread(fd, end - start, start) if together else b""  # the views: one read
             pngs = {}

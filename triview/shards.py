@@ -46,6 +46,7 @@ SHARD_BYTES = 256 * 1024 * 1024  # a shard closes before it would pass this size
 SEPARATOR = "#"
 _BLOCK = 512
 _BUFFER = 1 << 20  # a shard is written in writes of about this size, not one per member
+_ZEROS = bytes(_BLOCK)
 
 
 def _closed_size(offset: int, size: int) -> int:
@@ -83,7 +84,8 @@ def _tarfile_header(member: str, size: int) -> bytes:
 
 
 _TEMPLATE = _tarfile_header("x", 0)  # the fields every member shares, as this tarfile writes them
-_TEMPLATE_SUM = sum(_TEMPLATE[100:124]) + sum(_TEMPLATE[136:148]) + 8 * ord(" ") + sum(_TEMPLATE[156:])
+_MODE_TO_SIZE, _MTIME, _TYPE_TO_END = _TEMPLATE[100:124], _TEMPLATE[136:148], _TEMPLATE[156:]
+_TEMPLATE_SUM = sum(_MODE_TO_SIZE) + sum(_MTIME) + 8 * ord(" ") + sum(_TYPE_TO_END)
 
 
 def _header(member: str, size: int) -> bytes:
@@ -96,8 +98,7 @@ def _header(member: str, size: int) -> bytes:
         return _tarfile_header(member, size)
     digits = b"%011o\0" % size
     checksum = b"%06o\0 " % (_TEMPLATE_SUM + sum(name) + sum(digits))  # the sum with its field blank
-    return b"".join((name.ljust(100, b"\0"), _TEMPLATE[100:124], digits, _TEMPLATE[136:148],
-                     checksum, _TEMPLATE[156:]))
+    return b"".join((name.ljust(100, b"\0"), _MODE_TO_SIZE, digits, _MTIME, checksum, _TYPE_TO_END))
 
 
 class TarAppender:
@@ -109,11 +110,11 @@ class TarAppender:
         self.file, self.offset = file, 0
 
     def add(self, member: str, data: bytes) -> int:
-        header = _header(member, len(data))
-        pad = -len(data) % _BLOCK
-        self.file.write(b"".join((header, data, b"\0" * pad)))
+        size = len(data)
+        header, pad = _header(member, size), -size % _BLOCK
+        self.file.write(b"".join((header, data, _ZEROS[:pad])))
         start = self.offset + len(header)
-        self.offset = start + len(data) + pad
+        self.offset = start + size + pad
         return start
 
     def close(self) -> None:
@@ -180,7 +181,7 @@ class ShardWriter:
         self._ctx = atomic_path(self.folder / self._name)
         tmp = self._ctx.__enter__()
         self._tar = TarAppender(open(tmp, "wb", buffering=_BUFFER))
-        self.entries[self._name] = {"samples": 0, "bytes": 0, "members": Members()}
+        self._entry = self.entries[self._name] = {"samples": 0, "bytes": 0, "members": Members()}
 
     def _finish(self, error: BaseException | None = None) -> None:
         if self._tar is None:
@@ -199,17 +200,16 @@ class ShardWriter:
             raise ValueError(f"shard member name {member!r}: no '/', '#' or leading '.'")
         if member in self._seen:
             raise ValueError(f"{member!r} written twice to {self.prefix}/")
-        if self._tar is not None and self.entries[self._name]["samples"] and \
+        if self._tar is not None and self._entry["samples"] and \
                 _closed_size(self._tar.offset, len(data)) > self.max_bytes:
             self._finish()
         if self._tar is None:
             self._open()
-        offset = self._tar.add(member, data)
-        entry = self.entries[self._name]
-        entry["members"].append(member, offset, len(data))
+        entry = self._entry
+        entry["members"].append(member, self._tar.add(member, data), len(data))
         entry["samples"] += 1
         self._seen.add(member)
-        return member_ref(self._name, member)
+        return f"{self._name}{SEPARATOR}{member}"
 
     def close(self) -> dict[str, dict]:
         self._finish()
