@@ -138,12 +138,18 @@ def run_dag(data: Path, out: Path) -> dict:
 
 
 def crop_once(data: Path, work: Path, cache: str) -> float:
-    from triview.stages import calibrate_and_crop_stage, ingest_stage
+    """Ingest ``data``, then calibrate-and-crop it with ``cache``, in a process of its own
+    as in the DAG (one process per task; its pool's server is its own); the crop stage's
+    seconds as its ``stage.json`` records them."""
+    from triview.stages import ingest_stage
 
     ingest_stage(str(data), work / "ingest", plot=False, **INGEST)
-    start = time.perf_counter()
-    calibrate_and_crop_stage(work / "ingest", work / "views", **{**CROP, "cache_root": cache})
-    return time.perf_counter() - start
+    code = ("import json, sys; from triview.stages import calibrate_and_crop_stage; "
+            "calibrate_and_crop_stage(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))")
+    subprocess.run([sys.executable, "-c", code, str(work / "ingest"), str(work / "views"),
+                    json.dumps({**CROP, "cache_root": cache})], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    return json.loads((work / "views" / "stage.json").read_text())["seconds"]
 
 
 CROP, INGEST = {}, {}  # the digits preset's parameters of those stages, filled in main()

@@ -409,3 +409,19 @@ def test_a_table_written_row_by_row_is_the_table_pandas_writes(tmp_path):
         list(mf.iter_table(tmp_path / "nosplit.csv", mf.VIEW_COLUMNS))
     with pytest.raises(mf.ManifestError, match="missing columns"):
         list(mf.iter_table(tmp_path / "short.csv", mf.IMAGE_COLUMNS))
+
+
+def test_streaming_a_table_does_not_load_pandas(tmp_path):
+    """A stage that reads and writes its tables row by row (calibrate-and-crop, augment) never
+    imports pandas: its import is about a quarter of a second of every such task."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from triview import augment, crop, cropcache, manifest as mf\n"
+            "with mf.TableWriter(sys.argv[1], mf.VIEW_COLUMNS) as w:\n"
+            "    w.row(('a', 'left', 'a.png', 'x', 'x', 's', 'train', 0))\n"
+            "assert [r['image_id'] for r in mf.iter_table(sys.argv[1], mf.VIEW_COLUMNS)] == ['a']\n"
+            "print('pandas' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.csv")], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "False"

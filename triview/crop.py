@@ -607,17 +607,20 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
 
             cache = stack.enter_context(CropCache(cache_root, crop_recipe(lens, geometry), geometry.views))
             reader = stack.enter_context(ShardReader(src))
-            misses = 0
+            missed = []  # the references of the photos to crop (not a table: one string each)
             for rec in rows():
                 key = photo_digest(reader.read(rec["path"]), _is_jpeg(rec["path"]))
                 keys += bytes.fromhex(key)
                 cached.append(key in cache)
-                misses += not cached[-1]
-                if misses == _POOL_MIN and workers > 1:  # a pool will crop the misses: its
-                    _pool_context()                      # server starts (and loads) now
+                if not cached[-1]:
+                    missed.append(rec["path"])
+                    if len(missed) == _POOL_MIN and workers > 1:  # a pool will crop them: its
+                        _pool_context()                           # server starts (and loads) now
             if stop is None:
                 photos = stop = len(cached)
-        tasks = ((str(src), rec["path"]) for i, rec in enumerate(rows()) if not (cache and cached[i]))
+            tasks = ((str(src), ref) for ref in missed)
+        else:
+            tasks = ((str(src), rec["path"]) for rec in rows())
         if workers > 1 and stop - start - sum(cached) >= _POOL_MIN:
             pool = stack.enter_context(ProcessPoolExecutor(
                 workers, mp_context=_pool_context(), initializer=_init_worker,

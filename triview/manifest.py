@@ -12,9 +12,12 @@ import math
 import os
 from pathlib import Path
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from triview.storage import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:  # pandas where a table is read whole: a stage that streams rows never loads it
+    import pandas as pd
 
 SPLITS = ("train", "val", "test")
 
@@ -159,6 +162,8 @@ class TableWriter:
 
 def read_table(path: str | os.PathLike, columns: tuple[str, ...]) -> pd.DataFrame:
     """Read a manifest table and check it against the contract."""
+    import pandas as pd
+
     df = pd.read_csv(path, dtype={"image_id": str, "source_id": str, "label": str, "labels": str,
                                   "sha256": str})
     return _check(df, columns, str(path))
