@@ -47,6 +47,7 @@ SEPARATOR = "#"
 _BLOCK = 512
 _BUFFER = 1 << 20  # a shard is written in writes of about this size, not one per member
 _ZEROS = bytes(_BLOCK)
+_JOIN_BELOW = 16 * 1024
 
 
 def _closed_size(offset: int, size: int) -> int:
@@ -109,10 +110,15 @@ class TarAppender:
     def __init__(self, file) -> None:
         self.file, self.offset = file, 0
 
-    def add(self, member: str, data: bytes) -> int:
+    def add(self, member: str, data: bytes | memoryview) -> int:
         size = len(data)
         header, pad = _header(member, size), -size % _BLOCK
-        self.file.write(b"".join((header, data, _ZEROS[:pad])))
+        if size < _JOIN_BELOW:  # small: one write (the call costs more than the copy)
+            self.file.write(b"".join((header, data, _ZEROS[:pad])))
+        else:  # large: written as it is, not copied into a joined block first
+            self.file.write(header)
+            self.file.write(data)
+            self.file.write(_ZEROS[:pad])
         start = self.offset + len(header)
         self.offset = start + size + pad
         return start
