@@ -603,14 +603,14 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
             stack.enter_context(writer)
         cache, keys, cached = None, bytearray(), bytearray()  # a photo's digest: 20 bytes
         if cache_root:
-            from triview.cropcache import CropCache, photo_digest
+            from triview.cropcache import CropCache, photo_key
 
             cache = stack.enter_context(CropCache(cache_root, crop_recipe(lens, geometry), geometry.views))
             reader = stack.enter_context(ShardReader(src))
             missed = []  # the references of the photos to crop (not a table: one string each)
             for rec in rows():
-                key = photo_digest(reader.read(rec["path"]), _is_jpeg(rec["path"]))
-                keys += bytes.fromhex(key)
+                key = photo_key(reader.read(rec["path"]), _is_jpeg(rec["path"]))
+                keys += key
                 cached.append(key in cache)
                 if not cached[-1]:
                     missed.append(rec["path"])
@@ -629,8 +629,9 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
         else:
             _init_worker(lens, geometry)
             results = map(_crop_task, tasks)
+        by_split = {split: [(view, writers[view, split]) for view in geometry.views] for split in mf.SPLITS}
         for i, rec in enumerate(rows()):
-            key = keys[20 * i:20 * i + 20].hex()
+            key = bytes(keys[20 * i:20 * i + 20])
             pngs = cache.get(key) if cache and cached[i] else None
             if pngs is not None:
                 hits += 1
@@ -642,10 +643,11 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
                     pngs = next(results)
                 if cache is not None:
                     cache.put(key, pngs)
-            for view in geometry.views:
-                ref = writers[view, rec["split"]].add(f"{rec['image_id']}.png", pngs[view])
-                table.row((rec["image_id"], view, ref, rec["label"], rec["labels"], rec["source_id"],
-                           rec["split"], 0))
+            image_id, split = rec["image_id"], rec["split"]
+            member = f"{image_id}.png"
+            for view, writer in by_split[split]:
+                table.row((image_id, view, writer.add(member, pngs[view]), rec["label"], rec["labels"],
+                           rec["source_id"], split, 0))
     write_index(out, {name: entry for w in writers.values() for name, entry in w.entries.items()})
     mf.write_classes(mf.read_classes(src), out)
     atomic_write_text(out / GEOMETRY_FILE, json.dumps(

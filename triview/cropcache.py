@@ -73,11 +73,21 @@ def recipe_digest(recipe: dict) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def photo_digest(data: bytes, jpeg: bool) -> str:
-    """The digest of a stored photo's bytes and how they are decoded."""
+def photo_key(data: bytes, jpeg: bool) -> bytes:
+    """The digest (20 bytes) of a stored photo's bytes and how they are decoded."""
     digest = hashlib.sha256(b"jpeg\0" if jpeg else b"other\0")  # SHA-256: hardware-assisted on
     digest.update(data)                                          # most CPUs, twice blake2b's speed
-    return digest.hexdigest()[:40]
+    return digest.digest()[:20]
+
+
+def photo_digest(data: bytes, jpeg: bool) -> str:
+    """:func:`photo_key` as the 40 hex digits that name a photo in a pack."""
+    return photo_key(data, jpeg).hex()
+
+
+def _key(photo: str | bytes) -> bytes:
+    """A photo's key as its 20 bytes (it may come as its hex digits)."""
+    return photo if isinstance(photo, bytes) else bytes.fromhex(photo)
 
 
 def parse_pack_index(data: bytes, views: tuple[str, ...]) -> tuple[str, list[bytes], array] | None:
@@ -209,8 +219,8 @@ class CropCache:
                 self._where = {}
         return self._where
 
-    def __contains__(self, photo: str) -> bool:
-        return not self.off and bytes.fromhex(photo) in self._index()
+    def __contains__(self, photo: str | bytes) -> bool:
+        return not self.off and _key(photo) in self._index()
 
     def _fd(self, number: int) -> int:
         """An open descriptor of pack ``number``'s shard (downloaded first from S3)."""
@@ -224,11 +234,11 @@ class CropCache:
             self._local[number] = os.open(path, os.O_RDONLY)
         return self._local[number]
 
-    def get(self, photo: str) -> dict[str, bytes | memoryview] | None:
+    def get(self, photo: str | bytes) -> dict[str, bytes | memoryview] | None:
         """The views' PNG bytes of a photo digest (bytes-like: views of one read), or None
         (absent, damaged or unreadable).
         Of a photo in several packs the newest entry is read, an older one when it is damaged."""
-        key = bytes.fromhex(photo)
+        key = _key(photo)
         found = None if self.off else self._index().get(key)
         if found is None:
             return None
@@ -272,7 +282,7 @@ class CropCache:
             return None
         return pngs
 
-    def put(self, photo: str, views: dict[str, bytes]) -> bool:
+    def put(self, photo: str | bytes, views: dict[str, bytes]) -> bool:
         """Add a photo's view PNGs to this run's pack; False when the cache cannot be written."""
         if self.off:
             return False
@@ -282,7 +292,7 @@ class CropCache:
                 self._publish()
             if self._writer is None:
                 self._writer = _PackWriter(self.folder, self._scratch_dir())
-            self._writer.add(photo, self.views, views)
+            self._writer.add(photo if isinstance(photo, str) else photo.hex(), self.views, views)
         except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
             self._give_up("write", self.folder, exc)
             return False
