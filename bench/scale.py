@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --only-incremental: measure the pair this many times (each from an "
                          "empty cache); incremental_share is the median")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat is at least 1")
     if args.source == "photos" and not args.only_incremental:
         ap.error("--source photos is for --only-incremental (the whole DAG runs on digits)")
     if args.source == "photos" and not PHOTOS.is_dir():

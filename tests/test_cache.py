@@ -45,7 +45,14 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_run_on_grown_data_crops_only_its_new_photos_and_matches_an_uncached_run(tmp_path):
+@pytest.mark.parametrize("held", [1 << 16, 2])
+def test_a_run_on_grown_data_crops_only_its_new_photos_and_matches_an_uncached_run(tmp_path, monkeypatch,
+                                                                                   held):
+    """``held``: how many misses' references the lookup keeps; past it (2 here, a first run at
+    scale) the misses are read again from the manifest, to the same crops."""
+    import triview.crop
+
+    monkeypatch.setattr(triview.crop, "_MISSES_HELD", held)
     data = _photos(tmp_path / "photos", 60)
     cache = str(tmp_path / "cache")
     first = _crop(data, tmp_path / "r1", cache_root=cache)
@@ -408,6 +415,24 @@ def test_of_a_photo_in_two_packs_the_newer_is_read_and_the_older_when_it_is_dama
     shard.write_bytes(bytes(raw))
     with CropCache(str(tmp_path), recipe, views) as cache:
         assert cache.get(photo) == {v: b"old" + v.encode() for v in views}
+
+
+def test_a_photo_key_is_its_20_bytes_as_bytes_or_hex(tmp_path):
+    """A key of another length would spoil its pack's whole index: put refuses it."""
+    from triview.cropcache import CropCache, photo_digest, photo_key
+
+    views = ("left", "right")
+    key = photo_key(b"photo", True)
+    assert len(key) == 20 and photo_digest(b"photo", True) == key.hex()
+    with CropCache(str(tmp_path), {"lens": "identity"}, views) as cache:
+        for bad in ("ab" * 19, "zz" * 20, key + b"!", b""):
+            with pytest.raises(ValueError):
+                cache.put(bad, {v: b"png" for v in views})
+        assert cache.put(key, {v: v.encode() for v in views})
+    assert len(list(tmp_path.rglob("*.json"))) == 1
+    with CropCache(str(tmp_path), {"lens": "identity"}, views) as cache:
+        assert key in cache and key.hex() in cache and bytearray(key) in cache
+        assert cache.get(key) == cache.get(key.hex()) == {v: v.encode() for v in views}
 
 
 @pytest.mark.parametrize("span", [[-1, 10, 0], [0, 2 ** 40, 0], [0, 10, -5], ["0", 10, 0], [0, 10],

@@ -510,6 +510,8 @@ def _crop_chunk(tasks: list[tuple[str, str]]) -> list[dict[str, bytes]]:
 
 
 _POOL_MIN = 200  # photos to crop: fewer are cropped in-process (a pool's start costs more)
+_MISSES_HELD = 1 << 16  # the cache's misses whose references the lookup keeps for the pool;
+                        # past that (a first run) the manifest is read again for them
 
 
 def _pool_context():
@@ -522,7 +524,8 @@ def _pool_context():
     from multiprocessing import forkserver
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])
+    preload = getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", ["__main__"])
+    context.set_forkserver_preload(list(dict.fromkeys([*preload, __name__])))  # added to, not replaced
     forkserver.ensure_running()
     return context
 
@@ -601,26 +604,31 @@ def calibrate_and_crop(dataset_dir: str | Path, out_dir: str | Path, geometry: C
         table = stack.enter_context(mf.views_writer(out))  # row by row; in place after the shards
         for writer in writers.values():
             stack.enter_context(writer)
-        cache, keys, cached = None, bytearray(), bytearray()  # a photo's digest: 20 bytes
+        cache, keys, cached, missed = None, bytearray(), bytearray(), None  # a digest: 20 bytes
         if cache_root:
             from triview.cropcache import CropCache, photo_key
 
             cache = stack.enter_context(CropCache(cache_root, crop_recipe(lens, geometry), geometry.views))
             reader = stack.enter_context(ShardReader(src))
-            missed = []  # the references of the photos to crop (not a table: one string each)
+            missed, misses = [], 0  # the misses' references, while they are few
             for rec in rows():
                 key = photo_key(reader.read(rec["path"]), _is_jpeg(rec["path"]))
                 keys += key
                 cached.append(key in cache)
                 if not cached[-1]:
-                    missed.append(rec["path"])
-                    if len(missed) == _POOL_MIN and workers > 1:  # a pool will crop them: its
-                        _pool_context()                           # server starts (and loads) now
+                    misses += 1
+                    if misses > _MISSES_HELD:
+                        missed = None
+                    if missed is not None:
+                        missed.append(rec["path"])
+                    if misses == _POOL_MIN and workers > 1:  # a pool will crop them: its
+                        _pool_context()                      # server starts (and loads) now
             if stop is None:
                 photos = stop = len(cached)
+        if missed is not None:
             tasks = ((str(src), ref) for ref in missed)
-        else:
-            tasks = ((str(src), rec["path"]) for rec in rows())
+        else:  # every photo, or the misses read again from the manifest
+            tasks = ((str(src), rec["path"]) for i, rec in enumerate(rows()) if not (cache and cached[i]))
         if workers > 1 and stop - start - sum(cached) >= _POOL_MIN:
             pool = stack.enter_context(ProcessPoolExecutor(
                 workers, mp_context=_pool_context(), initializer=_init_worker,

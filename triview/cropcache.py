@@ -86,8 +86,12 @@ def photo_digest(data: bytes, jpeg: bool) -> str:
 
 
 def _key(photo: str | bytes) -> bytes:
-    """A photo's key as its 20 bytes (it may come as its hex digits)."""
-    return photo if isinstance(photo, bytes) else bytes.fromhex(photo)
+    """A photo's key as its 20 bytes (it may come as its hex digits); a ValueError for
+    anything else (a pack index with such a key would be refused whole)."""
+    key = bytes.fromhex(photo) if isinstance(photo, str) else bytes(photo)
+    if len(key) != 20:
+        raise ValueError(f"a photo key is 20 bytes (40 hex digits), not {photo!r}")
+    return key
 
 
 def parse_pack_index(data: bytes, views: tuple[str, ...]) -> tuple[str, list[bytes], array] | None:
@@ -283,7 +287,9 @@ class CropCache:
         return pngs
 
     def put(self, photo: str | bytes, views: dict[str, bytes]) -> bool:
-        """Add a photo's view PNGs to this run's pack; False when the cache cannot be written."""
+        """Add a photo's view PNGs to this run's pack; False when the cache cannot be written
+        (a key that is not 20 bytes is a ValueError: it would spoil its pack's index)."""
+        name = _key(photo).hex()
         if self.off:
             return False
         try:
@@ -292,7 +298,7 @@ class CropCache:
                 self._publish()
             if self._writer is None:
                 self._writer = _PackWriter(self.folder, self._scratch_dir())
-            self._writer.add(photo if isinstance(photo, str) else photo.hex(), self.views, views)
+            self._writer.add(name, self.views, views)
         except Exception as exc:  # noqa: BLE001  (the run never fails because of its cache)
             self._give_up("write", self.folder, exc)
             return False
