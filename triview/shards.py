@@ -215,7 +215,7 @@ class ShardWriter:
         entry["members"].append(member, self._tar.add(member, data), len(data))
         entry["samples"] += 1
         self._seen.add(member)
-        return f"{self._name}{SEPARATOR}{member}"
+        return member_ref(self._name, member)
 
     def close(self) -> dict[str, dict]:
         self._finish()
